@@ -1,0 +1,525 @@
+//! Wire types shared by the services, the typed clients, the CLI and the tests.
+//!
+//! Values that come from outside (ids, topics, money, request ids) are parsed
+//! once, at the edge, into types whose constructors validate: a handler only
+//! ever sees valid values, and bad input is a 4xx before anything changes.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Largest book id accepted. Ids are positive and fit SQLite's signed integer.
+pub const MAX_BOOK_ID: u64 = i64::MAX as u64;
+/// Largest stock a book may hold.
+pub const MAX_STOCK: u64 = 1_000_000_000;
+/// Largest price, in cents (ten million of currency units).
+pub const MAX_COST_CENTS: u64 = 1_000_000_000;
+/// Longest accepted `Idempotency-Key` / request id.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+/// Longest accepted topic slug.
+pub const MAX_TOPIC_LEN: usize = 128;
+
+/// Why a value from outside was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ParseError(pub String);
+
+/// A book id: a positive integer no larger than [`MAX_BOOK_ID`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "u64", into = "u64")]
+pub struct BookId(u64);
+
+impl BookId {
+    pub fn new(id: u64) -> Result<Self, ParseError> {
+        if id == 0 || id > MAX_BOOK_ID {
+            return Err(ParseError(format!(
+                "book id must be a positive integer no larger than {MAX_BOOK_ID}"
+            )));
+        }
+        Ok(Self(id))
+    }
+
+    /// Parses a path segment: digits only (no sign, no spaces, no leading `+`).
+    pub fn parse(s: &str) -> Result<Self, ParseError> {
+        if s.is_empty() || s.len() > 20 || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(ParseError(format!(
+                "book id must be a positive integer, got {:?}",
+                truncate(s, 40)
+            )));
+        }
+        let n: u64 = s
+            .parse()
+            .map_err(|_| ParseError("book id is too large".to_string()))?;
+        Self::new(n)
+    }
+
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl TryFrom<u64> for BookId {
+    type Error = ParseError;
+    fn try_from(v: u64) -> Result<Self, ParseError> {
+        Self::new(v)
+    }
+}
+
+impl From<BookId> for u64 {
+    fn from(v: BookId) -> u64 {
+        v.0
+    }
+}
+
+impl fmt::Display for BookId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A topic slug: lower case ASCII letters and digits, words joined by `-`.
+/// `distributed-systems` is the slug of "distributed systems".
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct TopicSlug(String);
+
+impl TopicSlug {
+    pub fn parse(s: &str) -> Result<Self, ParseError> {
+        let ok = !s.is_empty()
+            && s.len() <= MAX_TOPIC_LEN
+            && s.split('-').all(|w| {
+                !w.is_empty()
+                    && w
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            });
+        if !ok {
+            return Err(ParseError(format!(
+                "topic must be lower-case words joined by '-', like distributed-systems; got {:?}",
+                truncate(s, 40)
+            )));
+        }
+        Ok(Self(s.to_string()))
+    }
+
+    /// The slug of a topic's display name: "Distributed  Systems" → `distributed-systems`.
+    /// Characters other than ASCII letters and digits separate words.
+    pub fn of_name(name: &str) -> Result<Self, ParseError> {
+        let words: Vec<String> = name
+            .split(|c: char| !c.is_ascii_alphanumeric())
+            .filter(|w| !w.is_empty())
+            .map(|w| w.to_ascii_lowercase())
+            .collect();
+        Self::parse(&words.join("-"))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for TopicSlug {
+    type Error = ParseError;
+    fn try_from(v: String) -> Result<Self, ParseError> {
+        Self::parse(&v)
+    }
+}
+
+impl From<TopicSlug> for String {
+    fn from(v: TopicSlug) -> String {
+        v.0
+    }
+}
+
+impl fmt::Display for TopicSlug {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An amount of money, held in cents; on the wire a JSON number (`1000.0`),
+/// as the original answered. At most two decimals, never negative.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[serde(try_from = "f64", into = "f64")]
+pub struct Money(u64);
+
+impl Money {
+    pub fn from_cents(cents: u64) -> Result<Self, ParseError> {
+        if cents > MAX_COST_CENTS {
+            return Err(ParseError(format!(
+                "cost must be at most {}",
+                MAX_COST_CENTS / 100
+            )));
+        }
+        Ok(Self(cents))
+    }
+
+    pub fn cents(self) -> u64 {
+        self.0
+    }
+}
+
+impl TryFrom<f64> for Money {
+    type Error = ParseError;
+    fn try_from(v: f64) -> Result<Self, ParseError> {
+        if !v.is_finite() || v < 0.0 || v > (MAX_COST_CENTS / 100) as f64 {
+            return Err(ParseError(format!(
+                "cost must be a number between 0 and {}",
+                MAX_COST_CENTS / 100
+            )));
+        }
+        let cents = (v * 100.0).round();
+        if (v * 100.0 - cents).abs() > 1e-6 {
+            return Err(ParseError("cost may have at most two decimals".to_string()));
+        }
+        Self::from_cents(cents as u64)
+    }
+}
+
+impl From<Money> for f64 {
+    fn from(v: Money) -> f64 {
+        v.0 as f64 / 100.0
+    }
+}
+
+/// A request id: the identity of one client write, applied at most once.
+/// Printable ASCII without spaces, 1..=[`MAX_REQUEST_ID_LEN`] bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct RequestId(String);
+
+impl RequestId {
+    pub fn parse(s: &str) -> Result<Self, ParseError> {
+        if s.is_empty()
+            || s.len() > MAX_REQUEST_ID_LEN
+            || !s.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(ParseError(format!(
+                "request id / Idempotency-Key must be 1 to {MAX_REQUEST_ID_LEN} printable ASCII characters without spaces"
+            )));
+        }
+        Ok(Self(s.to_string()))
+    }
+
+    /// The request id of a client's `Idempotency-Key`: the same key gives the
+    /// same id at every frontend, so a retry survives a frontend restart.
+    pub fn from_idempotency_key(key: &str) -> Result<Self, ParseError> {
+        Self::parse(key)?;
+        Self::parse(&format!("k:{key}"))
+    }
+
+    /// A fresh id for a write that came without a key.
+    pub fn mint() -> Self {
+        Self(format!("r:{}", uuid::Uuid::new_v4().simple()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for RequestId {
+    type Error = ParseError;
+    fn try_from(v: String) -> Result<Self, ParseError> {
+        Self::parse(&v)
+    }
+}
+
+impl From<RequestId> for String {
+    fn from(v: RequestId) -> String {
+        v.0
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The position of a committed write: the primary's epoch and the log's
+/// sequence number. Ordered lexicographically; every read answer and every
+/// write answer carries one, so caches and readers can tell old from new.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+pub struct Version {
+    pub epoch: u64,
+    pub seq: u64,
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.epoch, self.seq)
+    }
+}
+
+impl std::str::FromStr for Version {
+    type Err = ParseError;
+    fn from_str(s: &str) -> Result<Self, ParseError> {
+        let bad = || ParseError(format!("version must look like EPOCH.SEQ, got {:?}", truncate(s, 40)));
+        let (e, q) = s.split_once('.').ok_or_else(bad)?;
+        let digits = |x: &str| !x.is_empty() && x.len() <= 20 && x.bytes().all(|b| b.is_ascii_digit());
+        if !digits(e) || !digits(q) {
+            return Err(bad());
+        }
+        Ok(Version {
+            epoch: e.parse().map_err(|_| bad())?,
+            seq: q.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+/// A book as the catalog holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Book {
+    pub id: BookId,
+    pub title: String,
+    pub topic: String,
+    pub cost: Money,
+    pub stock: u64,
+}
+
+/// `GET /lookup/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LookupResponse {
+    pub id: BookId,
+    pub title: String,
+    pub topic: String,
+    pub cost: Money,
+    pub stock: u64,
+    /// The replica state this answer was read from.
+    pub version: Version,
+}
+
+impl LookupResponse {
+    pub fn new(book: &Book, version: Version) -> Self {
+        Self {
+            id: book.id,
+            title: book.title.clone(),
+            topic: book.topic.clone(),
+            cost: book.cost,
+            stock: book.stock,
+            version,
+        }
+    }
+}
+
+/// `GET /search/{topic}`: title → id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SearchResponse {
+    pub items: std::collections::BTreeMap<String, BookId>,
+}
+
+/// `POST /buy/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuyResponse {
+    pub message: String,
+    pub order_id: u64,
+    pub book_id: BookId,
+    pub title: String,
+    pub price: Money,
+    /// The commit version of this purchase.
+    pub version: Version,
+}
+
+/// Every error answer: `{"message": "..."}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub message: String,
+}
+
+/// `GET /healthcheck`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    pub message: String,
+}
+
+// ---------------------------------------------------------------- internal
+
+/// What a catalog write does. Ops enter the catalog's log; every replica
+/// applies them in log order, so a buy's stock check and decrement are one
+/// step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum CatalogOp {
+    Buy { book_id: BookId },
+    Update {
+        book_id: BookId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stock: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cost: Option<Money>,
+    },
+}
+
+impl CatalogOp {
+    pub fn book_id(&self) -> BookId {
+        match self {
+            CatalogOp::Buy { book_id } | CatalogOp::Update { book_id, .. } => *book_id,
+        }
+    }
+}
+
+/// A write sent to the catalog primary (by an order replica or an admin).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogWrite {
+    pub request_id: RequestId,
+    #[serde(flatten)]
+    pub op: CatalogOp,
+}
+
+/// The result of applying a write, stored with its request id so a retry
+/// gets the first answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    Bought { book_id: BookId, title: String, price: Money, order_id: u64 },
+    OutOfStock { book_id: BookId, title: String },
+    Updated { book: Book },
+}
+
+/// The catalog's answer to a write: the outcome and the version it committed at.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteResult {
+    pub outcome: Outcome,
+    pub version: Version,
+}
+
+/// `PUT /catalog/update` body (the original's route): `id` or `book_id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateRequest {
+    #[serde(alias = "book_id")]
+    pub id: BookId,
+    #[serde(default)]
+    pub stock: Option<u64>,
+    #[serde(default)]
+    pub cost: Option<Money>,
+    #[serde(default)]
+    pub request_id: Option<RequestId>,
+}
+
+/// Order service internal buy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrderBuyRequest {
+    pub book_id: BookId,
+    pub request_id: RequestId,
+}
+
+/// One row of an order replica's log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderRecord {
+    /// Position in this replica's log (for paging).
+    pub seq: u64,
+    pub order_id: Option<u64>,
+    pub request_id: RequestId,
+    pub book_id: BookId,
+    pub title: String,
+    pub price: Money,
+    /// RFC 3339, UTC.
+    pub time: String,
+    /// `bought` or `out_of_stock`.
+    pub outcome: String,
+    pub version: Version,
+}
+
+/// `GET /log`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderLogPage {
+    pub orders: Vec<OrderRecord>,
+    /// Pass as `before` to get the next (older) page; absent on the last page.
+    pub next_before: Option<u64>,
+}
+
+/// Cache invalidations pushed by the catalog primary to a frontend, in one
+/// ordered stream per frontend (`seq` counts batches within `epoch`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InvalidationBatch {
+    pub epoch: u64,
+    pub seq: u64,
+    pub items: Vec<Invalidation>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Invalidation {
+    pub book_id: BookId,
+    pub version: Version,
+}
+
+/// A frontend asks the catalog primary for a cache lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseRequest {
+    pub frontend: String,
+}
+
+/// The primary grants a cache lease: the frontend may serve cached reads for
+/// `lease_ms`, counted from when it *sent* the request. `next_seq` is the seq
+/// the next invalidation batch to this frontend will carry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseGrant {
+    pub epoch: u64,
+    pub next_seq: u64,
+    pub lease_ms: u64,
+    pub version: Version,
+}
+
+/// A catalog replica's view of itself, for `pygmy status` and the frontend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub name: String,
+    pub role: String,
+    pub process_id: u64,
+    pub epoch: u64,
+    pub primary: Option<String>,
+    pub applied: Version,
+    pub in_view: bool,
+    pub view: Vec<String>,
+}
+
+pub(crate) fn truncate(s: &str, max: usize) -> String {
+    s.chars().take(max).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn book_ids_are_positive_integers() {
+        assert_eq!(BookId::parse("7").unwrap().get(), 7);
+        for bad in ["0", "-1", "+1", "abc", "", " 1", "1.0", "99999999999999999999", "9223372036854775808"] {
+            assert!(BookId::parse(bad).is_err(), "{bad}");
+        }
+        assert!(BookId::parse("9223372036854775807").is_ok());
+    }
+
+    #[test]
+    fn topic_slugs_are_lower_case_words() {
+        assert_eq!(TopicSlug::of_name("distributed systems").unwrap().as_str(), "distributed-systems");
+        assert_eq!(TopicSlug::of_name("Graduate  School").unwrap().as_str(), "graduate-school");
+        for bad in ["", "-a", "a-", "a--b", "A", "a b", "a/b", "..", "é"] {
+            assert!(TopicSlug::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn money_has_at_most_two_decimals() {
+        assert_eq!(Money::try_from(1000.0).unwrap().cents(), 100_000);
+        assert_eq!(Money::try_from(0.1).unwrap().cents(), 10);
+        assert!(Money::try_from(0.001).is_err());
+        assert!(Money::try_from(-1.0).is_err());
+        assert!(Money::try_from(f64::NAN).is_err());
+        assert!(Money::try_from(1e300).is_err());
+    }
+
+    #[test]
+    fn versions_order_by_epoch_then_seq() {
+        let a = Version { epoch: 1, seq: 100 };
+        let b = Version { epoch: 2, seq: 1 };
+        assert!(a < b);
+        assert_eq!("2.1".parse::<Version>().unwrap(), b);
+        assert!("2".parse::<Version>().is_err());
+        assert!("a.1".parse::<Version>().is_err());
+    }
+}

@@ -1,0 +1,165 @@
+//! Choosing a replica: round-robin over the healthy ones (health is probed in
+//! the background, never before a request), and retrying the same request on
+//! another replica when one fails, within a time budget that outlasts a
+//! failover.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::client::ClientError;
+
+pub struct Member<C> {
+    pub name: String,
+    pub client: C,
+    healthy: AtomicBool,
+}
+
+impl<C> Member<C> {
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+}
+
+/// How a pool picks the first replica to try.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pick {
+    /// Spread requests: the next healthy replica in turn.
+    RoundRobin,
+    /// Stick to the replica that answered last (the primary), follow redirects.
+    Sticky,
+}
+
+pub struct Pool<C> {
+    what: &'static str,
+    members: Vec<Member<C>>,
+    next: AtomicUsize,
+    pick: Pick,
+    budget: Duration,
+}
+
+impl<C: Clone + Send + Sync + 'static> Pool<C> {
+    pub fn new(what: &'static str, members: Vec<(String, C)>, pick: Pick, budget: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            what,
+            members: members
+                .into_iter()
+                .map(|(name, client)| Member { name, client, healthy: AtomicBool::new(true) })
+                .collect(),
+            next: AtomicUsize::new(0),
+            pick,
+            budget,
+        })
+    }
+
+    pub fn members(&self) -> &[Member<C>] {
+        &self.members
+    }
+
+    /// The order to try the members in this time: healthy ones first.
+    fn order(&self) -> Vec<usize> {
+        let n = self.members.len();
+        let start = match self.pick {
+            Pick::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed),
+            Pick::Sticky => self.next.load(Ordering::Relaxed),
+        } % n.max(1);
+        let ring = (0..n).map(|k| (start + k) % n);
+        let (mut up, down): (Vec<usize>, Vec<usize>) = ring.partition(|&i| self.members[i].is_healthy());
+        up.extend(down);
+        up
+    }
+
+    fn set_health(&self, i: usize, healthy: bool, why: &str) {
+        let m = &self.members[i];
+        if m.healthy.swap(healthy, Ordering::Relaxed) != healthy {
+            if healthy {
+                tracing::info!(replica = %m.name, "{} {} is available again", self.what, m.name);
+            } else {
+                tracing::info!(replica = %m.name, "{} {} not available ({why})", self.what, m.name);
+            }
+        }
+    }
+
+    /// Calls `f` on one replica after another until one answers, an answer
+    /// is final (not retryable), or the budget runs out.
+    pub async fn call<T, F, Fut>(&self, f: F) -> Result<T, ClientError>
+    where
+        F: Fn(C) -> Fut,
+        Fut: Future<Output = Result<T, ClientError>>,
+    {
+        let deadline = Instant::now() + self.budget;
+        let mut backoff = Duration::from_millis(5);
+        let mut redirect: Option<usize> = None;
+        loop {
+            let mut last = None;
+            let order = self.order();
+            let mut tries = redirect.take().into_iter().chain(order).peekable();
+            while let Some(i) = tries.next() {
+                let m = &self.members[i];
+                match f(m.client.clone()).await {
+                    Ok(v) => {
+                        if self.pick == Pick::Sticky {
+                            self.next.store(i, Ordering::Relaxed);
+                        }
+                        self.set_health(i, true, "");
+                        return Ok(v);
+                    }
+                    Err(e) if !e.is_retryable() => return Err(e),
+                    Err(e) => {
+                        if let ClientError::Status { primary: Some(p), .. } = &e
+                            && let Some(j) = self.members.iter().position(|m| &m.name == p)
+                            && j != i
+                        {
+                            redirect = Some(j);
+                        }
+                        if matches!(e, ClientError::Unreachable { .. }) {
+                            self.set_health(i, false, &e.to_string());
+                        }
+                        let next = redirect.or_else(|| tries.peek().copied());
+                        tracing::debug!(error = %e, "{} {} failed; next {:?}", self.what, m.name, next.map(|j| &self.members[j].name));
+                        last = Some(e);
+                        if Instant::now() >= deadline {
+                            break;
+                        }
+                        if redirect.is_some() {
+                            break;
+                        }
+                    }
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(last.unwrap_or_else(|| ClientError::Unreachable {
+                    url: self.what.to_string(),
+                    detail: "no replica configured".into(),
+                }));
+            }
+            tokio::time::sleep(backoff.min(deadline - now)).await;
+            backoff = (backoff * 2).min(Duration::from_millis(200));
+        }
+    }
+
+    /// Probes every member every `interval` in the background.
+    pub fn spawn_probe<F, Fut>(self: &Arc<Self>, interval: Duration, probe: F)
+    where
+        F: Fn(C) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = bool> + Send + 'static,
+    {
+        let pool = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(pool) = pool.upgrade() else { return };
+                for i in 0..pool.members.len() {
+                    let ok = probe(pool.members[i].client.clone()).await;
+                    pool.set_health(i, ok, "health check failed");
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,180 @@
+//! Cache leases and invalidations, the catalog primary's side (DESIGN.md §4).
+//!
+//! A frontend serves cached reads only while it holds a cache lease. It asks
+//! the primary for one and counts it from when it *sent* the request; the
+//! primary counts it from when it granted it, which is later, so the primary
+//! never believes a lease over that the frontend still uses.
+//!
+//! After a write commits, and before its client is answered, the primary
+//! invalidates the book at every frontend holding a lease. Each frontend has
+//! one pusher task, so its invalidations travel in order, batched, with a
+//! sequence number per batch. When a push fails, the primary withholds new
+//! leases from that frontend and waits until the lease it granted has surely
+//! run out; the frontend, finding its lease lapsed, flushes its cache before
+//! it serves from it again. So a write is answered only once every frontend
+//! either dropped the old value or stopped serving from cache — and a dead
+//! frontend delays writes by at most one lease.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::api::{Invalidation, InvalidationBatch, LeaseGrant, Version};
+use crate::client::FrontendClient;
+
+#[derive(Debug, Default)]
+struct LinkState {
+    /// When the lease last granted to this frontend has surely run out.
+    lease_expiry: Option<Instant>,
+    /// No lease is granted before this instant (a push failed).
+    withheld_until: Option<Instant>,
+    /// Seq of the next batch pushed.
+    next_seq: u64,
+}
+
+struct Pending {
+    item: Invalidation,
+    done: oneshot::Sender<()>,
+}
+
+struct Link {
+    name: String,
+    state: Mutex<LinkState>,
+    queue: mpsc::UnboundedSender<Pending>,
+}
+
+/// The set of frontends a catalog primary keeps caches coherent at.
+pub struct Invalidator {
+    links: Vec<Arc<Link>>,
+    lease: Duration,
+    epoch: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    #[error("unknown frontend {0:?}")]
+    UnknownFrontend(String),
+    #[error("cache lease withheld for {0} ms: this frontend missed invalidations and must let its cache lapse")]
+    Withheld(u64),
+}
+
+impl Invalidator {
+    pub fn new(frontends: Vec<(String, FrontendClient)>, lease: Duration, epoch: u64) -> Self {
+        let links = frontends
+            .into_iter()
+            .map(|(name, client)| {
+                let (queue, rx) = mpsc::unbounded_channel();
+                // The previous primary may have granted a lease just before it
+                // stopped: treat every frontend as leased until that one surely ran out.
+                let state = LinkState { lease_expiry: Some(Instant::now() + lease), ..LinkState::default() };
+                let link = Arc::new(Link { name, state: Mutex::new(state), queue });
+                tokio::spawn(push_loop(link.clone(), client, rx, epoch));
+                link
+            })
+            .collect();
+        Self { links, lease, epoch }
+    }
+
+    /// Grants `frontend` a cache lease, unless it missed invalidations that
+    /// the primary is still waiting out.
+    pub fn grant(&self, frontend: &str, version: Version) -> Result<LeaseGrant, LeaseError> {
+        let link = self
+            .links
+            .iter()
+            .find(|l| l.name == frontend)
+            .ok_or_else(|| LeaseError::UnknownFrontend(frontend.to_string()))?;
+        let now = Instant::now();
+        let mut st = link.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(until) = st.withheld_until {
+            if until > now {
+                return Err(LeaseError::Withheld((until - now).as_millis() as u64 + 1));
+            }
+            st.withheld_until = None;
+        }
+        let expiry = now + self.lease;
+        st.lease_expiry = Some(st.lease_expiry.map_or(expiry, |e| e.max(expiry)));
+        Ok(LeaseGrant {
+            epoch: self.epoch,
+            next_seq: st.next_seq,
+            lease_ms: self.lease.as_millis() as u64,
+            version,
+        })
+    }
+
+    /// Invalidates `item` at every frontend; returns once each one has it or
+    /// has surely stopped serving from its cache.
+    pub async fn invalidate(&self, item: Invalidation) {
+        let mut waits = Vec::with_capacity(self.links.len());
+        for link in &self.links {
+            let (done, rx) = oneshot::channel();
+            if link.queue.send(Pending { item, done }).is_ok() {
+                waits.push(rx);
+            }
+        }
+        for w in waits {
+            let _ = w.await;
+        }
+    }
+}
+
+async fn push_loop(
+    link: Arc<Link>,
+    client: FrontendClient,
+    mut rx: mpsc::UnboundedReceiver<Pending>,
+    epoch: u64,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < 1024 {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let now = Instant::now();
+        let (expiry, seq) = {
+            let mut st = link.state.lock().unwrap_or_else(|p| p.into_inner());
+            match st.lease_expiry {
+                Some(e) if e > now => {
+                    let seq = st.next_seq;
+                    st.next_seq += 1;
+                    (e, seq)
+                }
+                // No lease out: the frontend is not serving from its cache.
+                _ => {
+                    drop(st);
+                    finish(batch);
+                    continue;
+                }
+            }
+        };
+        let msg = InvalidationBatch { epoch, seq, items: batch.iter().map(|p| p.item).collect() };
+        let delivered = matches!(
+            tokio::time::timeout_at(expiry, client.invalidate(&msg)).await,
+            Ok(Ok(_))
+        );
+        if !delivered {
+            let until = {
+                let mut st = link.state.lock().unwrap_or_else(|p| p.into_inner());
+                let until = st.lease_expiry.unwrap_or(expiry).max(expiry);
+                st.withheld_until = Some(until);
+                until
+            };
+            tracing::info!(
+                frontend = %link.name,
+                wait_ms = until.saturating_duration_since(Instant::now()).as_millis() as u64,
+                "frontend not reachable for cache invalidation; waiting out its cache lease"
+            );
+            tokio::time::sleep_until(until).await;
+        }
+        finish(batch);
+    }
+}
+
+fn finish(batch: Vec<Pending>) {
+    for p in batch {
+        let _ = p.done.send(());
+    }
+}

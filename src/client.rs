@@ -1,0 +1,254 @@
+//! Typed clients of the three services, used by the services themselves,
+//! the CLI, the bench and the tests. Connections are pooled and kept alive;
+//! every call has a timeout.
+
+use std::time::Duration;
+
+use reqwest::Method;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::api::*;
+
+/// Header a catalog replica that is not the primary sets to name the one it follows.
+pub const PRIMARY_HEADER: &str = "x-pygmy-primary";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Not reached, or no answer in time: try another replica.
+    #[error("cannot reach {url}: {detail}")]
+    Unreachable { url: String, detail: String },
+    /// An answer with an error status.
+    #[error("{url} answered {status}: {message}")]
+    Status {
+        url: String,
+        status: u16,
+        message: String,
+        /// The primary named by a replica that is not it.
+        primary: Option<String>,
+    },
+    /// An answer we cannot read.
+    #[error("bad answer from {url}: {detail}")]
+    Decode { url: String, detail: String },
+}
+
+impl ClientError {
+    /// Whether the same request may succeed on another replica (or later).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ClientError::Unreachable { .. } | ClientError::Decode { .. } => true,
+            ClientError::Status { status, .. } => {
+                *status >= 500 || *status == 421 || *status == 408 || *status == 429
+            }
+        }
+    }
+
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// One pooled HTTP client with the cluster token (if any) and a per-call timeout.
+#[derive(Clone, Debug)]
+pub struct Http {
+    client: reqwest::Client,
+    token: Option<String>,
+}
+
+impl Http {
+    pub fn new(token: Option<String>, timeout: Duration) -> Self {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_millis(500)))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(64)
+            .tcp_nodelay(true)
+            .no_proxy()
+            .build()
+            .expect("the HTTP client builds with static settings");
+        Self { client, token }
+    }
+
+    pub async fn call<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        url: String,
+        body: Option<&B>,
+        headers: &[(&str, &str)],
+    ) -> Result<T, ClientError> {
+        let mut req = self.client.request(method, &url);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let res = req.send().await.map_err(|e| ClientError::Unreachable {
+            url: url.clone(),
+            detail: error_chain(&e),
+        })?;
+        let status = res.status();
+        let primary = res
+            .headers()
+            .get(PRIMARY_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let bytes = res.bytes().await.map_err(|e| ClientError::Unreachable {
+            url: url.clone(),
+            detail: error_chain(&e),
+        })?;
+        if !status.is_success() {
+            let message = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|b| b.message)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).chars().take(200).collect());
+            return Err(ClientError::Status { url, status: status.as_u16(), message, primary });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode { url, detail: e.to_string() })
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, url: String) -> Result<T, ClientError> {
+        self.call::<(), T>(Method::GET, url, None, &[]).await
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// A catalog replica (internal routes: token required).
+#[derive(Clone, Debug)]
+pub struct CatalogClient {
+    pub base: String,
+    http: Http,
+}
+
+impl CatalogClient {
+    pub fn new(base: impl Into<String>, http: Http) -> Self {
+        Self { base: base.into(), http }
+    }
+
+    /// Reads a book from this replica's state, at least at version `min`.
+    pub async fn lookup(&self, id: BookId, min: Option<Version>) -> Result<LookupResponse, ClientError> {
+        let url = match min {
+            Some(v) => format!("{}/lookup/{id}?min_version={v}", self.base),
+            None => format!("{}/lookup/{id}", self.base),
+        };
+        self.http.get(url).await
+    }
+
+    pub async fn search(&self, topic: &TopicSlug) -> Result<SearchResponse, ClientError> {
+        self.http.get(format!("{}/search/{topic}", self.base)).await
+    }
+
+    /// Sends a write to this replica (the primary applies it; others name the primary).
+    pub async fn write(&self, w: &CatalogWrite) -> Result<WriteResult, ClientError> {
+        self.http
+            .call(Method::POST, format!("{}/internal/write", self.base), Some(w), &[])
+            .await
+    }
+
+    /// The original's admin route.
+    pub async fn update(&self, u: &UpdateRequest) -> Result<WriteResult, ClientError> {
+        self.http
+            .call(Method::PUT, format!("{}/catalog/update", self.base), Some(u), &[])
+            .await
+    }
+
+    pub async fn cache_lease(&self, frontend: &str) -> Result<LeaseGrant, ClientError> {
+        let body = LeaseRequest { frontend: frontend.to_string() };
+        self.http
+            .call(Method::POST, format!("{}/internal/cache-lease", self.base), Some(&body), &[])
+            .await
+    }
+
+    pub async fn status(&self) -> Result<NodeStatus, ClientError> {
+        self.http.get(format!("{}/internal/status", self.base)).await
+    }
+
+    pub async fn health(&self) -> Result<Health, ClientError> {
+        self.http.get(format!("{}/healthcheck", self.base)).await
+    }
+}
+
+/// An order replica (internal routes: token required).
+#[derive(Clone, Debug)]
+pub struct OrderClient {
+    pub base: String,
+    http: Http,
+}
+
+impl OrderClient {
+    pub fn new(base: impl Into<String>, http: Http) -> Self {
+        Self { base: base.into(), http }
+    }
+
+    pub async fn buy(&self, req: &OrderBuyRequest) -> Result<WriteResult, ClientError> {
+        self.http
+            .call(Method::POST, format!("{}/internal/buy", self.base), Some(req), &[])
+            .await
+    }
+
+    pub async fn log(&self, limit: u32, before: Option<u64>) -> Result<OrderLogPage, ClientError> {
+        let url = match before {
+            Some(b) => format!("{}/log?limit={limit}&before={b}", self.base),
+            None => format!("{}/log?limit={limit}", self.base),
+        };
+        self.http.get(url).await
+    }
+
+    pub async fn health(&self) -> Result<Health, ClientError> {
+        self.http.get(format!("{}/healthcheck", self.base)).await
+    }
+}
+
+/// The public frontend.
+#[derive(Clone, Debug)]
+pub struct FrontendClient {
+    pub base: String,
+    http: Http,
+}
+
+impl FrontendClient {
+    pub fn new(base: impl Into<String>, http: Http) -> Self {
+        Self { base: base.into(), http }
+    }
+
+    pub async fn search(&self, topic: &str) -> Result<SearchResponse, ClientError> {
+        self.http.get(format!("{}/search/{topic}", self.base)).await
+    }
+
+    pub async fn lookup(&self, id: &str) -> Result<LookupResponse, ClientError> {
+        self.http.get(format!("{}/lookup/{id}", self.base)).await
+    }
+
+    pub async fn buy(&self, id: &str, idempotency_key: Option<&str>) -> Result<BuyResponse, ClientError> {
+        let headers: Vec<(&str, &str)> = idempotency_key.map(|k| ("idempotency-key", k)).into_iter().collect();
+        self.http
+            .call::<(), BuyResponse>(Method::POST, format!("{}/buy/{id}", self.base), None, &headers)
+            .await
+    }
+
+    /// Pushes cache invalidations (the catalog primary's call; token required).
+    pub async fn invalidate(&self, batch: &InvalidationBatch) -> Result<serde_json::Value, ClientError> {
+        self.http
+            .call(Method::POST, format!("{}/internal/invalidate", self.base), Some(batch), &[])
+            .await
+    }
+
+    pub async fn health(&self) -> Result<Health, ClientError> {
+        self.http.get(format!("{}/healthcheck", self.base)).await
+    }
+}

@@ -1,0 +1,359 @@
+//! The frontend's read cache (DESIGN.md §4).
+//!
+//! * Bounded: at most `capacity` entries, oldest inserted evicted first.
+//! * No stale fill: every value carries the version it was read at; an
+//!   invalidation raises the book's *floor*, and a fill below the floor is
+//!   refused. Reads after an invalidation ask replicas for at least the floor.
+//! * Served only under a cache lease from the catalog primary. When the
+//!   lease lapses, the epoch changes, or the invalidation stream shows a gap,
+//!   everything cached is dropped, and fills that started before are refused
+//!   (the generation changed).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::api::{BookId, InvalidationBatch, LeaseGrant, LookupResponse, SearchResponse, TopicSlug, Version};
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Key {
+    Book(BookId),
+    Topic(TopicSlug),
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    books: HashMap<BookId, Arc<LookupResponse>>,
+    topics: HashMap<TopicSlug, Arc<SearchResponse>>,
+    /// Insertion order, for eviction; may hold keys already removed.
+    fifo: VecDeque<Key>,
+    /// Lowest version a fill of the book may carry.
+    floors: HashMap<BookId, Version>,
+    /// Lowest version any fill may carry.
+    floor_all: Version,
+    /// Bumped by every flush; a fill from an older generation is refused.
+    generation: u64,
+    lease_until: Option<Instant>,
+    epoch: Option<u64>,
+    /// Seq of the next invalidation batch expected from the primary.
+    expected_seq: u64,
+}
+
+impl Inner {
+    fn flush(&mut self, why: &str) {
+        if !self.books.is_empty() || !self.topics.is_empty() {
+            tracing::info!(entries = self.books.len() + self.topics.len(), "cache flushed: {why}");
+        }
+        self.books.clear();
+        self.topics.clear();
+        self.fifo.clear();
+        self.generation += 1;
+    }
+
+    fn lease_valid(&self, now: Instant) -> bool {
+        self.lease_until.is_some_and(|u| now < u)
+    }
+
+    fn floor(&self, id: BookId) -> Version {
+        self.floors.get(&id).copied().unwrap_or_default().max(self.floor_all)
+    }
+
+    fn raise_floor(&mut self, id: BookId, v: Version) {
+        let f = self.floors.entry(id).or_default();
+        *f = (*f).max(v);
+        self.books.remove(&id);
+    }
+
+    fn make_room(&mut self, capacity: usize) {
+        while self.books.len() + self.topics.len() >= capacity {
+            let Some(k) = self.fifo.pop_front() else { break };
+            match k {
+                Key::Book(id) => self.books.remove(&id).map(|_| ()),
+                Key::Topic(t) => self.topics.remove(&t).map(|_| ()),
+            };
+        }
+        if self.fifo.len() > 2 * capacity.max(16) {
+            let (books, topics) = (&self.books, &self.topics);
+            self.fifo.retain(|k| match k {
+                Key::Book(id) => books.contains_key(id),
+                Key::Topic(t) => topics.contains_key(t),
+            });
+        }
+    }
+}
+
+/// Proof that a read started in a given cache generation.
+#[derive(Debug, Clone, Copy)]
+pub struct Ticket {
+    generation: u64,
+    /// The version the read must be at least at.
+    pub min_version: Option<Version>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheStats {
+    pub enabled: bool,
+    pub hits: u64,
+    pub misses: u64,
+    pub entries: usize,
+    pub lease_valid: bool,
+    pub epoch: Option<u64>,
+    pub flushes: u64,
+}
+
+pub struct Cache {
+    enabled: bool,
+    capacity: usize,
+    inner: Mutex<Inner>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+impl Cache {
+    pub fn new(enabled: bool, capacity: usize) -> Self {
+        Self {
+            enabled,
+            capacity: capacity.max(1),
+            inner: Mutex::default(),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn count(&self, hit: bool) {
+        if hit {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("pygmy_cache_hits_total").increment(1);
+        } else {
+            self.misses.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("pygmy_cache_misses_total").increment(1);
+        }
+    }
+
+    pub fn lookup(&self, id: BookId) -> Option<Arc<LookupResponse>> {
+        if !self.enabled {
+            return None;
+        }
+        let v = {
+            let inner = self.lock();
+            if inner.lease_valid(Instant::now()) { inner.books.get(&id).cloned() } else { None }
+        };
+        self.count(v.is_some());
+        v
+    }
+
+    pub fn search(&self, topic: &TopicSlug) -> Option<Arc<SearchResponse>> {
+        if !self.enabled {
+            return None;
+        }
+        let v = {
+            let inner = self.lock();
+            if inner.lease_valid(Instant::now()) { inner.topics.get(topic).cloned() } else { None }
+        };
+        self.count(v.is_some());
+        v
+    }
+
+    /// Call before reading a book from a replica.
+    pub fn ticket(&self, id: Option<BookId>) -> Ticket {
+        let inner = self.lock();
+        let min = id.map(|id| inner.floor(id)).filter(|v| *v > Version::default());
+        Ticket { generation: inner.generation, min_version: min }
+    }
+
+    /// Caches a book read with `ticket`, unless something newer was announced since.
+    pub fn fill_book(&self, ticket: Ticket, value: Arc<LookupResponse>) -> bool {
+        if !self.enabled {
+            return false;
+        }
+        let mut inner = self.lock();
+        if ticket.generation != inner.generation
+            || !inner.lease_valid(Instant::now())
+            || value.version < inner.floor(value.id)
+        {
+            return false;
+        }
+        inner.make_room(self.capacity);
+        inner.fifo.push_back(Key::Book(value.id));
+        inner.books.insert(value.id, value);
+        true
+    }
+
+    pub fn fill_topic(&self, ticket: Ticket, topic: TopicSlug, value: Arc<SearchResponse>) -> bool {
+        if !self.enabled {
+            return false;
+        }
+        let mut inner = self.lock();
+        if ticket.generation != inner.generation || !inner.lease_valid(Instant::now()) {
+            return false;
+        }
+        inner.make_room(self.capacity);
+        inner.fifo.push_back(Key::Topic(topic.clone()));
+        inner.topics.insert(topic, value);
+        true
+    }
+
+    /// A batch from the primary's invalidation stream.
+    pub fn invalidate(&self, batch: &InvalidationBatch) {
+        let mut inner = self.lock();
+        match inner.epoch {
+            Some(e) if batch.epoch < e => {}
+            Some(e) if batch.epoch == e => {
+                if batch.seq > inner.expected_seq {
+                    inner.flush("gap in the invalidation stream");
+                }
+                inner.expected_seq = inner.expected_seq.max(batch.seq + 1);
+            }
+            _ => {
+                inner.flush("new catalog epoch");
+                inner.epoch = Some(batch.epoch);
+                inner.expected_seq = batch.seq + 1;
+            }
+        }
+        for it in &batch.items {
+            inner.raise_floor(it.book_id, it.version);
+        }
+    }
+
+    /// This frontend saw a write commit at `version` (read your writes).
+    pub fn note_write(&self, id: BookId, version: Version) {
+        self.lock().raise_floor(id, version);
+    }
+
+    /// The primary granted a lease requested at `sent_at`.
+    pub fn renew(&self, sent_at: Instant, grant: &LeaseGrant) {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        let new_epoch = inner.epoch != Some(grant.epoch);
+        if new_epoch && inner.epoch.is_some_and(|e| e > grant.epoch) {
+            return; // a deposed primary's grant
+        }
+        let flush = if !inner.lease_valid(now) {
+            Some("cache lease had lapsed")
+        } else if new_epoch {
+            Some("new catalog epoch")
+        } else {
+            None
+        };
+        if let Some(why) = flush {
+            // Invalidations may have been missed: nothing older than what the
+            // primary had committed when it granted this lease may be cached.
+            inner.flush(why);
+            inner.floor_all = inner.floor_all.max(grant.version);
+        }
+        if new_epoch {
+            inner.expected_seq = grant.next_seq;
+        } else {
+            inner.expected_seq = inner.expected_seq.max(grant.next_seq);
+        }
+        inner.epoch = Some(grant.epoch);
+        inner.lease_until = Some(sent_at + Duration::from_millis(grant.lease_ms));
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let inner = self.lock();
+        CacheStats {
+            enabled: self.enabled,
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            entries: inner.books.len() + inner.topics.len(),
+            lease_valid: inner.lease_valid(Instant::now()),
+            epoch: inner.epoch,
+            flushes: inner.generation,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{Invalidation, Money};
+
+    fn book(id: u64, stock: u64, v: Version) -> Arc<LookupResponse> {
+        Arc::new(LookupResponse {
+            id: BookId::new(id).unwrap(),
+            title: "t".into(),
+            topic: "x".into(),
+            cost: Money::from_cents(1).unwrap(),
+            stock,
+            version: v,
+        })
+    }
+
+    fn v(epoch: u64, seq: u64) -> Version {
+        Version { epoch, seq }
+    }
+
+    fn leased() -> Cache {
+        let c = Cache::new(true, 100);
+        c.renew(Instant::now(), &LeaseGrant { epoch: 1, next_seq: 0, lease_ms: 60_000, version: v(1, 0) });
+        c
+    }
+
+    #[test]
+    fn a_fill_older_than_an_invalidation_is_refused() {
+        let c = leased();
+        let id = BookId::new(1).unwrap();
+        let t = c.ticket(Some(id));
+        c.invalidate(&InvalidationBatch { epoch: 1, seq: 0, items: vec![Invalidation { book_id: id, version: v(1, 5) }] });
+        assert!(!c.fill_book(t, book(1, 10, v(1, 4))), "stale fill accepted");
+        assert_eq!(c.ticket(Some(id)).min_version, Some(v(1, 5)));
+        assert!(c.fill_book(c.ticket(Some(id)), book(1, 9, v(1, 5))));
+        assert_eq!(c.lookup(id).unwrap().stock, 9);
+    }
+
+    #[test]
+    fn nothing_is_served_without_a_lease() {
+        let c = Cache::new(true, 100);
+        let id = BookId::new(1).unwrap();
+        assert!(!c.fill_book(c.ticket(Some(id)), book(1, 10, v(1, 1))));
+        c.renew(Instant::now() - Duration::from_millis(50), &LeaseGrant { epoch: 1, next_seq: 0, lease_ms: 10, version: v(1, 1) });
+        assert!(!c.fill_book(c.ticket(Some(id)), book(1, 10, v(1, 1))), "expired lease");
+    }
+
+    #[test]
+    fn a_gap_in_the_stream_flushes() {
+        let c = leased();
+        let id = BookId::new(2).unwrap();
+        assert!(c.fill_book(c.ticket(Some(id)), book(2, 10, v(1, 1))));
+        c.invalidate(&InvalidationBatch { epoch: 1, seq: 0, items: vec![] });
+        assert!(c.lookup(id).is_some());
+        c.invalidate(&InvalidationBatch { epoch: 1, seq: 2, items: vec![] });
+        assert!(c.lookup(id).is_none(), "gap must flush");
+    }
+
+    #[test]
+    fn a_new_epoch_flushes_and_refuses_older_fills() {
+        let c = leased();
+        let id = BookId::new(3).unwrap();
+        let t = c.ticket(Some(id));
+        assert!(c.fill_book(t, book(3, 10, v(1, 1))));
+        let t = c.ticket(Some(id));
+        c.renew(Instant::now(), &LeaseGrant { epoch: 2, next_seq: 0, lease_ms: 60_000, version: v(2, 1) });
+        assert!(c.lookup(id).is_none());
+        assert!(!c.fill_book(t, book(3, 10, v(1, 1))), "fill from before the flush");
+    }
+
+    #[test]
+    fn the_cache_is_bounded() {
+        let c = Cache::new(true, 10);
+        c.renew(Instant::now(), &LeaseGrant { epoch: 1, next_seq: 0, lease_ms: 60_000, version: v(1, 0) });
+        for i in 1..=100 {
+            c.fill_book(c.ticket(None), book(i, 1, v(1, 1)));
+        }
+        assert!(c.stats().entries <= 10);
+        assert!(c.lookup(BookId::new(100).unwrap()).is_some(), "newest stays");
+    }
+}

@@ -1,0 +1,214 @@
+//! The frontend: the store's only public service. `search`, `lookup` and
+//! `buy`, a read cache kept coherent by the catalog primary ([`cache`]),
+//! round-robin over healthy replicas with the same request retried on
+//! another replica when one fails.
+
+pub mod cache;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tokio::net::TcpListener;
+
+use crate::NodeError;
+use crate::api::*;
+use crate::balance::{Pick, Pool};
+use crate::client::{CatalogClient, Http, OrderClient};
+use crate::config::{ClusterConfig, Role};
+use crate::http::{self as h, ApiError, JsonBody, Segment};
+
+use cache::{Cache, CacheStats};
+
+struct Frontend {
+    cache: Cache,
+    /// Reads: round-robin over catalog replicas.
+    catalog: Arc<Pool<CatalogClient>>,
+    /// Buys: round-robin over order replicas.
+    orders: Arc<Pool<OrderClient>>,
+}
+
+type Shared = Arc<Frontend>;
+
+/// Options of a frontend beyond the cluster file.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    pub no_cache: bool,
+}
+
+/// Runs frontend node `name` on `listener` until `shutdown` resolves.
+pub async fn run(
+    listener: TcpListener,
+    cfg: ClusterConfig,
+    name: &str,
+    opts: Options,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError> {
+    cfg.node(name).ok_or_else(|| NodeError::Config(format!("no node {name}")))?;
+    let t = &cfg.timing;
+    let http = Http::new(Some(cfg.token.clone()), Duration::from_millis(t.call_timeout_ms));
+    let budget = Duration::from_millis(t.retry_budget_ms);
+    let catalogs: Vec<(String, CatalogClient)> = cfg
+        .nodes_of(Role::Catalog)
+        .map(|n| (n.name.clone(), CatalogClient::new(n.base_url(), http.clone())))
+        .collect();
+    let catalog = Pool::new("catalog", catalogs.clone(), Pick::RoundRobin, budget);
+    let orders = Pool::new(
+        "order",
+        cfg.nodes_of(Role::Order)
+            .map(|n| (n.name.clone(), OrderClient::new(n.base_url(), http.clone())))
+            .collect(),
+        Pick::RoundRobin,
+        budget,
+    );
+    let probe = Duration::from_millis(t.health_interval_ms);
+    catalog.spawn_probe(probe, |c: CatalogClient| async move { c.health().await.is_ok() });
+    orders.spawn_probe(probe, |o: OrderClient| async move { o.health().await.is_ok() });
+    let fe: Shared = Arc::new(Frontend {
+        cache: Cache::new(!opts.no_cache, cfg.limits.cache_entries),
+        catalog,
+        orders,
+    });
+    if !opts.no_cache {
+        let lease = Duration::from_millis(t.cache_lease_ms);
+        let primary = Pool::new("catalog", catalogs, Pick::Sticky, lease / 2);
+        tokio::spawn(renew_lease(Arc::downgrade(&fe), primary, name.to_string(), lease));
+    }
+    let public = Router::new()
+        .route("/search/{topic}", get(search))
+        .route("/lookup/{id}", get(lookup))
+        .route("/buy/{id}", post(buy));
+    let internal = Router::new()
+        .route("/internal/invalidate", post(invalidate))
+        .route("/internal/cache", get(cache_stats));
+    let app = public.merge(h::internal(internal, &cfg.token)).with_state(fe);
+    let app = h::finish(app, &cfg.limits);
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        cache = if opts.no_cache { "off" } else { "on" },
+        "frontend {name} serving"
+    );
+    h::serve(listener, app, shutdown).await?;
+    tracing::info!("frontend {name} stopped");
+    Ok(())
+}
+
+/// Keeps the cache lease alive: asks the primary every quarter lease.
+async fn renew_lease(fe: std::sync::Weak<Frontend>, primary: Arc<Pool<CatalogClient>>, name: String, lease: Duration) {
+    let mut tick = tokio::time::interval(lease / 4);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        let Some(fe) = fe.upgrade() else { return };
+        let sent = Instant::now();
+        match primary.call(|c| {
+            let name = name.clone();
+            async move { c.cache_lease(&name).await }
+        })
+        .await
+        {
+            Ok(grant) => {
+                if failing {
+                    tracing::info!(epoch = grant.epoch, "cache lease renewed by the catalog primary");
+                }
+                failing = false;
+                fe.cache.renew(sent, &grant);
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::info!(error = %e, "cache lease not renewed; serving reads from replicas only");
+                }
+                failing = true;
+            }
+        }
+    }
+}
+
+async fn search(State(fe): State<Shared>, Segment(topic): Segment) -> Result<Json<Arc<SearchResponse>>, ApiError> {
+    let topic = TopicSlug::parse(&topic)?;
+    if let Some(hit) = fe.cache.search(&topic) {
+        return Ok(Json(hit));
+    }
+    let ticket = fe.cache.ticket(None);
+    let res = Arc::new(
+        fe.catalog
+            .call(|c| {
+                let topic = topic.clone();
+                async move { c.search(&topic).await }
+            })
+            .await?,
+    );
+    fe.cache.fill_topic(ticket, topic, res.clone());
+    Ok(Json(res))
+}
+
+async fn lookup(State(fe): State<Shared>, Segment(id): Segment) -> Result<Json<Arc<LookupResponse>>, ApiError> {
+    let id = BookId::parse(&id)?;
+    if let Some(hit) = fe.cache.lookup(id) {
+        return Ok(Json(hit));
+    }
+    let ticket = fe.cache.ticket(Some(id));
+    let min = ticket.min_version;
+    let res = Arc::new(fe.catalog.call(|c| async move { c.lookup(id, min).await }).await?);
+    fe.cache.fill_book(ticket, res.clone());
+    Ok(Json(res))
+}
+
+fn request_id(headers: &HeaderMap) -> Result<RequestId, ApiError> {
+    let mut keys = headers.get_all("idempotency-key").iter();
+    match (keys.next(), keys.next()) {
+        (None, _) => Ok(RequestId::mint()),
+        (Some(_), Some(_)) => Err(ApiError::bad_request("give at most one Idempotency-Key header")),
+        (Some(k), None) => {
+            let k = k
+                .to_str()
+                .map_err(|_| ApiError::bad_request("Idempotency-Key must be printable ASCII"))?;
+            Ok(RequestId::from_idempotency_key(k)?)
+        }
+    }
+}
+
+async fn buy(State(fe): State<Shared>, headers: HeaderMap, Segment(id): Segment) -> Result<Json<BuyResponse>, ApiError> {
+    let id = BookId::parse(&id)?;
+    let request_id = request_id(&headers)?;
+    let req = OrderBuyRequest { book_id: id, request_id };
+    let result = fe.orders.call(|o| {
+        let req = req.clone();
+        async move { o.buy(&req).await }
+    })
+    .await?;
+    match result.outcome {
+        Outcome::Bought { book_id, title, price, order_id } if book_id == id => {
+            fe.cache.note_write(id, result.version);
+            Ok(Json(BuyResponse {
+                message: format!("successfully purchased the book {title}"),
+                order_id,
+                book_id,
+                title,
+                price,
+                version: result.version,
+            }))
+        }
+        Outcome::OutOfStock { book_id, title } if book_id == id => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("the book {title} is out of stock"),
+        )),
+        _ => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "this Idempotency-Key was already used for a different request",
+        )),
+    }
+}
+
+async fn invalidate(State(fe): State<Shared>, JsonBody(batch): JsonBody<InvalidationBatch>) -> Json<Health> {
+    fe.cache.invalidate(&batch);
+    Json(Health { message: "OK".into() })
+}
+
+async fn cache_stats(State(fe): State<Shared>) -> Json<CacheStats> {
+    Json(fe.cache.stats())
+}

@@ -1,0 +1,173 @@
+//! An order replica's durable log of the orders it handled (SQLite, WAL,
+//! fsync on commit, group commit).
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::api::*;
+use crate::storage::{self, Identity, StorageError};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS orders (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    request_id TEXT NOT NULL UNIQUE,
+    order_id INTEGER,
+    book_id INTEGER NOT NULL,
+    title TEXT NOT NULL,
+    price_cents INTEGER NOT NULL,
+    time TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    vseq INTEGER NOT NULL,
+    result TEXT NOT NULL
+);
+";
+
+struct Job {
+    request_id: RequestId,
+    result: WriteResult,
+    reply: oneshot::Sender<Result<(), String>>,
+}
+
+pub struct OrderStore {
+    writer: mpsc::Sender<Job>,
+    reader: Arc<Mutex<Connection>>,
+    pub identity: Identity,
+}
+
+impl OrderStore {
+    pub fn open(dir: &Path, cluster_id: &str, node: &str) -> Result<Self, StorageError> {
+        let conn = storage::open(dir, "orders.sqlite")?;
+        let identity = storage::claim(&conn, dir, cluster_id, node)?;
+        conn.execute_batch(SCHEMA)?;
+        let reader = storage::open(dir, "orders.sqlite")?;
+        let writer = storage::spawn_writer(node, conn, commit);
+        Ok(Self { writer, reader: Arc::new(Mutex::new(reader)), identity })
+    }
+
+    /// The answer this replica gave `request_id` before, if any.
+    pub async fn get(&self, request_id: &RequestId) -> Result<Option<WriteResult>, String> {
+        let reader = self.reader.clone();
+        let rid = request_id.as_str().to_string();
+        tokio::task::spawn_blocking(move || {
+            let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
+            let json: Option<String> = conn
+                .prepare_cached("SELECT result FROM orders WHERE request_id = ?1")
+                .and_then(|mut q| q.query_row([rid], |r| r.get(0)).optional())
+                .map_err(|e| e.to_string())?;
+            json.map(|j| serde_json::from_str(&j).map_err(|e| e.to_string())).transpose()
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    /// Records an order durably; returns after the commit.
+    pub async fn record(&self, request_id: RequestId, result: WriteResult) -> Result<(), String> {
+        let (reply, rx) = oneshot::channel();
+        self.writer
+            .send(Job { request_id, result, reply })
+            .await
+            .map_err(|_| "the order log writer has stopped".to_string())?;
+        rx.await.map_err(|_| "the order log writer has stopped".to_string())?
+    }
+
+    /// Newest first; `before` is a `seq` from an earlier page.
+    pub async fn page(&self, limit: u32, before: Option<u64>) -> Result<OrderLogPage, String> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
+            let before = before.map_or(i64::MAX, |b| b.min(i64::MAX as u64) as i64);
+            let mut q = conn
+                .prepare_cached(
+                    "SELECT seq, order_id, request_id, book_id, title, price_cents, time, outcome, epoch, vseq
+                     FROM orders WHERE seq < ?1 ORDER BY seq DESC LIMIT ?2",
+                )
+                .map_err(|e| e.to_string())?;
+            let rows = q
+                .query_map(params![before, limit as i64 + 1], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, Option<i64>>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, String>(4)?,
+                        r.get::<_, i64>(5)?,
+                        r.get::<_, String>(6)?,
+                        r.get::<_, String>(7)?,
+                        r.get::<_, i64>(8)?,
+                        r.get::<_, i64>(9)?,
+                    ))
+                })
+                .map_err(|e| e.to_string())?;
+            let mut orders = Vec::new();
+            for row in rows {
+                let (seq, order_id, rid, book, title, price, time, outcome, epoch, vseq) = row.map_err(|e| e.to_string())?;
+                orders.push(OrderRecord {
+                    seq: seq as u64,
+                    order_id: order_id.map(|o| o as u64),
+                    request_id: RequestId::parse(&rid).map_err(|e| e.0)?,
+                    book_id: BookId::new(book as u64).map_err(|e| e.0)?,
+                    title,
+                    price: Money::from_cents(price as u64).map_err(|e| e.0)?,
+                    time,
+                    outcome,
+                    version: Version { epoch: epoch as u64, seq: vseq as u64 },
+                });
+            }
+            let next_before = if orders.len() > limit as usize {
+                orders.truncate(limit as usize);
+                orders.last().map(|o| o.seq)
+            } else {
+                None
+            };
+            Ok(OrderLogPage { orders, next_before })
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+}
+
+fn commit(conn: &mut Connection, batch: Vec<Job>) {
+    let res = (|| -> rusqlite::Result<()> {
+        let tx = conn.transaction()?;
+        {
+            let mut ins = tx.prepare_cached(
+                "INSERT OR IGNORE INTO orders (request_id, order_id, book_id, title, price_cents, time, outcome, epoch, vseq, result)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )?;
+            let now = storage::now_rfc3339();
+            for j in &batch {
+                let (order_id, book_id, title, price, outcome) = match &j.result.outcome {
+                    Outcome::Bought { book_id, title, price, order_id } => {
+                        (Some(*order_id as i64), *book_id, title.as_str(), price.cents(), "bought")
+                    }
+                    Outcome::OutOfStock { book_id, title } => (None, *book_id, title.as_str(), 0, "out_of_stock"),
+                    Outcome::Updated { book } => (None, book.id, book.title.as_str(), book.cost.cents(), "updated"),
+                };
+                ins.execute(params![
+                    j.request_id.as_str(),
+                    order_id,
+                    book_id.get() as i64,
+                    title,
+                    price as i64,
+                    now,
+                    outcome,
+                    j.result.version.epoch as i64,
+                    j.result.version.seq as i64,
+                    serde_json::to_string(&j.result).expect("wire types serialise"),
+                ])?;
+            }
+        }
+        tx.commit()
+    })();
+    let answer = res.map_err(|e| format!("order log commit failed: {e}"));
+    if let Err(e) = &answer {
+        tracing::error!("{e}");
+    }
+    for j in batch {
+        let _ = j.reply.send(answer.clone());
+    }
+}
