@@ -1,0 +1,247 @@
+//! Real processes on loopback: `TestCluster::start` writes a cluster file for
+//! a fresh data directory, starts every node as a `pygmy serve` process on
+//! its own loopback address, waits until each is healthy, and hands out
+//! typed clients. Nodes can be killed (SIGKILL), stopped (SIGTERM) and
+//! restarted. Everything is stopped when the cluster is dropped.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use pygmy::api::*;
+use pygmy::client::{CatalogClient, FrontendClient, Http, OrderClient};
+use pygmy::config::{ClusterConfig, Role};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_pygmy");
+
+static CLUSTERS: AtomicU32 = AtomicU32::new(0);
+
+/// A loopback IP no other test process uses (127.0.0.0/8 is all loopback),
+/// so each test cluster can keep the store's usual ports.
+pub fn unique_host() -> String {
+    let pid = std::process::id();
+    let n = CLUSTERS.fetch_add(1, Ordering::Relaxed);
+    format!("127.{}.{}.{}", 20 + pid % 200, (pid / 200) % 250, 1 + n % 250)
+}
+
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("pygmy-test-{tag}-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Polls `cond` until it holds; panics with `what` after `timeout`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting until {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub struct Options {
+    pub catalogs: u64,
+    pub no_cache: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { catalogs: 1, no_cache: false }
+    }
+}
+
+pub struct TestCluster {
+    pub dir: PathBuf,
+    pub config_path: PathBuf,
+    pub cfg: ClusterConfig,
+    pub no_cache: bool,
+    procs: HashMap<String, Child>,
+    /// Carries the cluster token (harmless on public routes).
+    pub http: Http,
+}
+
+impl TestCluster {
+    pub async fn start(opts: Options) -> Self {
+        let dir = temp_dir("cluster");
+        let mut cfg = ClusterConfig::local(&unique_host(), opts.catalogs);
+        cfg.timing.health_interval_ms = 100;
+        let config_path = dir.join("cluster.toml");
+        cfg.save(&config_path).unwrap();
+        let cfg = ClusterConfig::load(&config_path).unwrap();
+        let http = Http::new(Some(cfg.token.clone()), Duration::from_secs(20));
+        let mut c = Self { dir, config_path, cfg, no_cache: opts.no_cache, procs: HashMap::new(), http };
+        let names: Vec<String> = c.cfg.nodes.iter().map(|n| n.name.clone()).collect();
+        for n in &names {
+            c.spawn(n);
+        }
+        for n in &names {
+            c.wait_healthy(n).await;
+        }
+        if !opts.no_cache {
+            c.wait_cache_lease().await;
+        }
+        c
+    }
+
+    fn spawn(&mut self, name: &str) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{name}.log")))
+            .unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve").arg("--config").arg(&self.config_path).arg(name);
+        if self.no_cache && name == "frontend" {
+            cmd.arg("--no-cache");
+        }
+        if std::env::var_os("TEST_LOG").is_some() {
+            cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit());
+        } else {
+            cmd.stdout(log.try_clone().unwrap()).stderr(log);
+        }
+        let child = cmd.stdin(Stdio::null()).spawn().expect("pygmy starts");
+        self.procs.insert(name.to_string(), child);
+    }
+
+    pub fn url(&self, name: &str) -> String {
+        self.cfg.node(name).unwrap().base_url()
+    }
+
+    pub fn frontend(&self) -> FrontendClient {
+        FrontendClient::new(self.url("frontend"), self.http.clone())
+    }
+
+    pub fn catalog(&self, name: &str) -> CatalogClient {
+        CatalogClient::new(self.url(name), self.http.clone())
+    }
+
+    pub fn order(&self, name: &str) -> OrderClient {
+        OrderClient::new(self.url(name), self.http.clone())
+    }
+
+    pub fn names(&self, role: Role) -> Vec<String> {
+        self.cfg.nodes_of(role).map(|n| n.name.clone()).collect()
+    }
+
+    pub async fn wait_healthy(&self, name: &str) {
+        let c = FrontendClient::new(self.url(name), self.http.clone());
+        wait_until(&format!("{name} is healthy"), Duration::from_secs(30), || {
+            let c = c.clone();
+            async move { c.health().await.is_ok() }
+        })
+        .await;
+    }
+
+    /// Waits until the frontend holds a cache lease from the catalog primary.
+    pub async fn wait_cache_lease(&self) {
+        let http = self.http.clone();
+        let url = format!("{}/internal/cache", self.url("frontend"));
+        wait_until("the frontend holds a cache lease", Duration::from_secs(30), || {
+            let (http, url) = (http.clone(), url.clone());
+            async move {
+                http.get::<serde_json::Value>(url)
+                    .await
+                    .is_ok_and(|s| s["lease_valid"] == serde_json::Value::Bool(true))
+            }
+        })
+        .await;
+    }
+
+    pub async fn cache_stats(&self) -> serde_json::Value {
+        self.http.get(format!("{}/internal/cache", self.url("frontend"))).await.unwrap()
+    }
+
+    /// SIGKILL, and wait until the process is gone.
+    pub fn kill9(&mut self, name: &str) {
+        let mut child = self.procs.remove(name).expect("node is running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// SIGTERM; returns whether it exited successfully.
+    pub fn stop(&mut self, name: &str) -> bool {
+        let mut child = self.procs.remove(name).expect("node is running");
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        child.wait().unwrap().success()
+    }
+
+    pub async fn restart(&mut self, name: &str) {
+        self.spawn(name);
+        self.wait_healthy(name).await;
+    }
+
+    pub fn pid(&self, name: &str) -> u32 {
+        self.procs[name].id()
+    }
+
+    /// Every book as the catalog primary holds it.
+    pub async fn books(&self) -> Vec<LookupResponse> {
+        let c = self.catalog("catalog-1");
+        let mut out = Vec::new();
+        for id in 1..=7 {
+            out.push(c.lookup(BookId::new(id).unwrap(), None).await.unwrap());
+        }
+        out
+    }
+
+    pub async fn stock(&self, id: u64) -> u64 {
+        self.catalog("catalog-1").lookup(BookId::new(id).unwrap(), None).await.unwrap().stock
+    }
+
+    pub async fn set_stock(&self, id: u64, stock: u64) {
+        self.catalog("catalog-1")
+            .update(&UpdateRequest { id: BookId::new(id).unwrap(), stock: Some(stock), cost: None, request_id: None })
+            .await
+            .unwrap();
+    }
+
+    /// Total orders in every order replica's log.
+    pub async fn order_log_len(&self) -> usize {
+        let mut n = 0;
+        for name in self.names(Role::Order) {
+            if !self.procs.contains_key(&name) {
+                continue;
+            }
+            let mut before = None;
+            loop {
+                let page = self.order(&name).log(1000, before).await.unwrap();
+                n += page.orders.len();
+                match page.next_before {
+                    Some(b) => before = Some(b),
+                    None => break,
+                }
+            }
+        }
+        n
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for (_, mut c) in self.procs.drain() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("test cluster logs kept in {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! The store end to end, with real processes on loopback.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::{Options, TestCluster};
+use pygmy::api::*;
+use pygmy::client::ClientError;
+
+fn status(e: ClientError) -> u16 {
+    e.status().unwrap_or_else(|| panic!("expected an HTTP error status, got {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_flows_search_lookup_buy_and_see_the_new_stock_through_the_cache() {
+    let c = TestCluster::start(Options::default()).await;
+    let fe = c.frontend();
+
+    let ds = fe.search("distributed-systems").await.unwrap();
+    let gs = fe.search("graduate-school").await.unwrap();
+    assert_eq!(ds.items.len(), 4, "{ds:?}");
+    assert_eq!(gs.items.len(), 3, "{gs:?}");
+    assert_eq!(ds.items["RPCs for Dummies."].get(), 2);
+    assert_eq!(gs.items["Spring in Pioneer Valley."].get(), 7);
+    assert!(fe.search("cooking").await.unwrap().items.is_empty(), "unknown topic: 200, no items");
+
+    let book = fe.lookup("1").await.unwrap();
+    assert_eq!(book.title, "How to get a good grade in 677 in 20 minutes a day.");
+    assert_eq!(book.stock, 1000);
+    assert_eq!(f64::from(book.cost), 1000.0);
+
+    // The second lookup is a cache hit.
+    let hits = c.cache_stats().await["hits"].as_u64().unwrap();
+    assert_eq!(fe.lookup("1").await.unwrap().stock, 1000);
+    assert_eq!(c.cache_stats().await["hits"].as_u64().unwrap(), hits + 1, "second lookup must hit the cache");
+
+    let bought = fe.buy("1", None).await.unwrap();
+    assert_eq!(bought.message, "successfully purchased the book How to get a good grade in 677 in 20 minutes a day.");
+    assert_eq!(bought.book_id.get(), 1);
+
+    // At once, through the cache: the entry was invalidated before the buy answered.
+    assert_eq!(fe.lookup("1").await.unwrap().stock, 999);
+    assert_eq!(fe.lookup("1").await.unwrap().stock, 999);
+    assert_eq!(c.stock(1).await, 999);
+
+    // The order is in one order replica's log.
+    assert_eq!(c.order_log_len().await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_its_4xx_and_changes_nothing() {
+    let c = TestCluster::start(Options::default()).await;
+    let fe = c.frontend();
+    let before = c.books().await;
+
+    for id in ["abc", "0", "-1", "1.5", "99999999999999999999999", "%20", "1%2F2"] {
+        assert_eq!(status(fe.lookup(id).await.unwrap_err()), 400, "lookup {id}");
+        assert_eq!(status(fe.buy(id, None).await.unwrap_err()), 400, "buy {id}");
+    }
+    assert_eq!(status(fe.lookup("4242").await.unwrap_err()), 404);
+    assert_eq!(status(fe.buy("4242", None).await.unwrap_err()), 404);
+    assert_eq!(status(fe.search("Bad%20Topic").await.unwrap_err()), 400);
+    assert_eq!(status(fe.search("a--b").await.unwrap_err()), 400);
+    assert!(fe.search("no-such-topic").await.unwrap().items.is_empty());
+    assert_eq!(status(fe.buy("1", Some("has space")).await.unwrap_err()), 400);
+
+    let raw = reqwest::Client::new();
+    let fe_url = c.url("frontend");
+    let cat = c.url("catalog-1");
+    let order = c.url("order-1");
+
+    // Internal routes without or with a wrong token: 401.
+    let update = serde_json::json!({"id": 1, "stock": 0});
+    for token in [None, Some("wrong-token-wrong-token")] {
+        let mut reqs = vec![
+            raw.put(format!("{cat}/catalog/update")).json(&update),
+            raw.post(format!("{cat}/internal/write")).json(&serde_json::json!({"request_id": "x", "op": "buy", "book_id": 1})),
+            raw.get(format!("{cat}/lookup/1")),
+            raw.post(format!("{order}/internal/buy")).json(&serde_json::json!({"book_id": 1, "request_id": "x"})),
+            raw.get(format!("{order}/log")),
+            raw.post(format!("{fe_url}/internal/invalidate"))
+                .json(&serde_json::json!({"epoch": 99, "seq": 0, "items": []})),
+        ];
+        for r in reqs.drain(..) {
+            let r = match token {
+                Some(t) => r.bearer_auth(t),
+                None => r,
+            };
+            let res = r.send().await.unwrap();
+            assert_eq!(res.status().as_u16(), 401, "{:?}", res.url());
+        }
+    }
+
+    // Oversized and malformed bodies on the admin route, with the token.
+    let auth = format!("Bearer {}", c.cfg.token);
+    let huge = format!("{{\"id\": 1, \"stock\": 0, \"pad\": \"{}\"}}", "x".repeat(1 << 20));
+    // The server answers 413 as soon as it knows, and closes the connection:
+    // the client sees either that answer or the connection closed while it
+    // was still sending.
+    match raw
+        .put(format!("{cat}/catalog/update"))
+        .header("authorization", &auth)
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .await
+    {
+        Ok(res) => assert_eq!(res.status().as_u16(), 413),
+        Err(e) => assert!(e.is_request() && !e.is_timeout(), "oversized body: {e:?}"),
+    }
+    for body in ["{", "[]", "{\"id\": 0, \"stock\": 1}", "{\"id\": 1, \"stock\": -1}", "{\"id\": 1}", "{\"id\": 1, \"cost\": 0.001}", "{\"id\": 1, \"stock\": 1, \"evil\": 1}"] {
+        let res = raw
+            .put(format!("{cat}/catalog/update"))
+            .header("authorization", &auth)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status().as_u16(), 400, "{body}");
+        let msg: ErrorBody = res.json().await.unwrap();
+        assert!(!msg.message.is_empty());
+    }
+    let res = raw
+        .put(format!("{cat}/catalog/update"))
+        .header("authorization", &auth)
+        .body("{\"id\": 1, \"stock\": 0}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 415, "missing content type");
+    let res = raw.delete(format!("{fe_url}/buy/1")).send().await.unwrap();
+    assert_eq!(res.status().as_u16(), 405);
+
+    assert_eq!(c.books().await.into_iter().map(|b| (b.id, b.stock, b.cost)).collect::<Vec<_>>(),
+        before.into_iter().map(|b| (b.id, b.stock, b.cost)).collect::<Vec<_>>(), "bad input changed the store");
+    assert_eq!(c.order_log_len().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_buys_of_a_book_with_stock_ten_sell_exactly_ten() {
+    let c = TestCluster::start(Options::default()).await;
+    c.set_stock(3, 10).await;
+    let fe = c.frontend();
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let fe = fe.clone();
+            tokio::spawn(async move { fe.buy("3", None).await })
+        })
+        .collect();
+    let mut sold = 0;
+    let mut out_of_stock = 0;
+    let mut orders = HashSet::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(b) => {
+                sold += 1;
+                assert!(orders.insert(b.order_id), "order id {} given twice", b.order_id);
+            }
+            Err(e) => {
+                assert_eq!(status(e), 409);
+                out_of_stock += 1;
+            }
+        }
+    }
+    assert_eq!((sold, out_of_stock), (10, 40));
+    assert_eq!(c.stock(3).await, 0);
+    assert_eq!(fe.lookup("3").await.unwrap().stock, 0);
+    assert_eq!(status(fe.buy("3", None).await.unwrap_err()), 409);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_replica_killed_during_a_stream_of_buys_is_invisible_to_clients() {
+    let mut c = TestCluster::start(Options::default()).await;
+    let fe = c.frontend();
+    let start = c.stock(5).await;
+    let streams: Vec<_> = (0..4)
+        .map(|_| {
+            let fe = fe.clone();
+            tokio::spawn(async move {
+                let mut ids = Vec::new();
+                for _ in 0..60 {
+                    let b = fe.buy("5", None).await.expect("no client-visible error");
+                    ids.push(b.order_id);
+                }
+                ids
+            })
+        })
+        .collect();
+    // Kill order-2 once buys are flowing through it.
+    let o2 = c.order("order-2");
+    common::wait_until("order-2 has handled buys", Duration::from_secs(30), || {
+        let o2 = o2.clone();
+        async move { o2.log(1, None).await.is_ok_and(|p| !p.orders.is_empty()) }
+    })
+    .await;
+    c.kill9("order-2");
+    let mut all = HashSet::new();
+    for s in streams {
+        for id in s.await.unwrap() {
+            assert!(all.insert(id), "order id {id} twice");
+        }
+    }
+    assert_eq!(all.len(), 240);
+    assert_eq!(c.stock(5).await, start - 240, "every acknowledged buy applied exactly once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buy_retried_with_the_same_idempotency_key_buys_once_even_after_a_frontend_restart() {
+    let mut c = TestCluster::start(Options::default()).await;
+    let start = c.stock(2).await;
+    let first = c.frontend().buy("2", Some("order-abc-123")).await.unwrap();
+    let again = c.frontend().buy("2", Some("order-abc-123")).await.unwrap();
+    assert_eq!(first, again);
+    assert_eq!(c.stock(2).await, start - 1);
+
+    assert!(c.stop("frontend"), "frontend stops cleanly on SIGTERM");
+    c.restart("frontend").await;
+    let after_restart = c.frontend().buy("2", Some("order-abc-123")).await.unwrap();
+    assert_eq!(after_restart.order_id, first.order_id);
+    assert_eq!(c.stock(2).await, start - 1, "the retry bought nothing more");
+
+    // The same key for another book is refused, and buys nothing.
+    assert_eq!(status(c.frontend().buy("3", Some("order-abc-123")).await.unwrap_err()), 409);
+    // A different key buys again.
+    c.frontend().buy("2", Some("order-abc-124")).await.unwrap();
+    assert_eq!(c.stock(2).await, start - 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_racing_a_buy_never_leaves_a_stale_stock_cached() {
+    let c = TestCluster::start(Options::default()).await;
+    let fe = c.frontend();
+    for round in 0..150 {
+        // The buy before makes the racing lookup a miss that fills the cache.
+        let (a, b) = tokio::join!(fe.lookup("4"), fe.buy("4", None));
+        a.unwrap();
+        b.unwrap();
+        let truth = c.stock(4).await;
+        let seen = fe.lookup("4").await.unwrap().stock;
+        assert_eq!(seen, truth, "round {round}: cache serves stock {seen}, the catalog has {truth}");
+    }
+    let stats = c.cache_stats().await;
+    assert!(stats["hits"].as_u64().unwrap() > 0, "the cache was in use: {stats}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_without_cache_serves_every_read_from_the_catalog() {
+    let c = TestCluster::start(Options { no_cache: true, ..Options::default() }).await;
+    let fe = c.frontend();
+    for _ in 0..3 {
+        assert_eq!(fe.lookup("6").await.unwrap().stock, 1000);
+    }
+    fe.buy("6", None).await.unwrap();
+    assert_eq!(fe.lookup("6").await.unwrap().stock, 999);
+    let stats = c.cache_stats().await;
+    assert_eq!(stats["enabled"], false);
+    assert_eq!(stats["hits"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_survive_a_restart_of_every_node() {
+    let mut c = TestCluster::start(Options::default()).await;
+    c.frontend().buy("7", None).await.unwrap();
+    c.set_stock(6, 0).await;
+    let names: Vec<String> = c.cfg.nodes.iter().map(|n| n.name.clone()).collect();
+    for n in &names {
+        c.kill9(n);
+    }
+    for n in &names {
+        c.restart(n).await;
+    }
+    assert_eq!(c.stock(7).await, 999);
+    assert_eq!(c.stock(6).await, 0);
+    assert_eq!(c.order_log_len().await, 1);
+    assert_eq!(status(c.frontend().buy("6", None).await.unwrap_err()), 409);
+}
