@@ -105,6 +105,8 @@ impl Default for Timing {
 pub struct Limits {
     pub max_body_bytes: usize,
     pub request_timeout_ms: u64,
+    /// Time a client gets to send a request's head (line and headers).
+    pub head_timeout_ms: u64,
     pub max_in_flight: usize,
     /// Frontend cache capacity, in entries.
     pub cache_entries: usize,
@@ -115,6 +117,7 @@ impl Default for Limits {
         Self {
             max_body_bytes: 64 * 1024,
             request_timeout_ms: 15_000,
+            head_timeout_ms: 10_000,
             max_in_flight: 4_096,
             cache_entries: 100_000,
         }
@@ -324,7 +327,7 @@ impl ClusterConfig {
             return bad("need heartbeat_ms < lease_ms <= election_timeout_ms".into());
         }
         let l = &self.limits;
-        if l.max_body_bytes == 0 || l.request_timeout_ms == 0 || l.max_in_flight == 0 {
+        if l.max_body_bytes == 0 || l.request_timeout_ms == 0 || l.head_timeout_ms == 0 || l.max_in_flight == 0 {
             return bad("limits must be positive".into());
         }
         Ok(())

@@ -63,8 +63,10 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// `Json<T>` whose rejections are JSON errors with honest codes
-/// (400 malformed, 415 wrong content type, 413 too large, 422 wrong shape → 400).
+/// A JSON object body. Rejections are JSON errors with honest codes: 415
+/// without `Content-Type: application/json`, 413 too large, 400 anything
+/// else — including a JSON array where an object is expected (serde would
+/// otherwise read `[1, 2]` as a struct's fields in order).
 pub struct JsonBody<T>(pub T);
 
 impl<S, T> FromRequest<S> for JsonBody<T>
@@ -75,16 +77,30 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(JsonBody(v)),
-            Err(rej) => {
-                let status = match rej.status() {
-                    StatusCode::UNPROCESSABLE_ENTITY => StatusCode::BAD_REQUEST,
-                    s => s,
-                };
-                Err(ApiError::new(status, rej.body_text()))
-            }
+        let mut types = req.headers().get_all(header::CONTENT_TYPE).iter();
+        let json = match (types.next(), types.next()) {
+            (Some(t), None) => t
+                .to_str()
+                .ok()
+                .and_then(|t| t.split(';').next())
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json")),
+            _ => false,
+        };
+        if !json {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "expected one Content-Type: application/json header",
+            ));
         }
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|rej| ApiError::new(rej.status(), rej.body_text()))?;
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(ApiError::bad_request("the body must be a JSON object"));
+        }
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
     }
 }
 
@@ -172,6 +188,18 @@ async fn record_metrics(req: Request, next: Next) -> Response {
     res
 }
 
+/// Refuses requests with conflicting Host headers. (Conflicting framing —
+/// two Content-Lengths, a Transfer-Encoding that does not end in chunked —
+/// is refused by hyper's parser; Transfer-Encoding with Content-Length is
+/// resolved by it as RFC 9112 §6.3 says, Content-Length dropped.)
+async fn reject_ambiguous(req: Request, next: Next) -> Response {
+    let h = req.headers();
+    if h.get_all(header::HOST).iter().count() > 1 {
+        return ApiError::bad_request("more than one Host header").into_response();
+    }
+    next.run(req).await
+}
+
 async fn overloaded(err: BoxError) -> ApiError {
     if err.is::<tower::load_shed::error::Overloaded>() {
         ApiError::unavailable("overloaded, retry shortly")
@@ -187,6 +215,7 @@ pub fn finish(router: Router, limits: &Limits) -> Router {
         .route("/metrics", get(metrics_route))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(reject_ambiguous))
         .layer(middleware::from_fn(record_metrics))
         .layer(axum::extract::DefaultBodyLimit::max(limits.max_body_bytes))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
@@ -201,13 +230,59 @@ pub fn finish(router: Router, limits: &Limits) -> Router {
         )
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves, then drains in-flight requests.
+/// Most bytes of a request's head (request line and headers); more is 431.
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// Time in-flight requests get to finish once shutdown begins.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Serves `app` on `listener` until `shutdown` resolves; then stops
+/// accepting, lets in-flight requests finish (up to [`DRAIN_TIMEOUT`]) and
+/// returns. Request heads are limited in size and in time (slow clients
+/// cannot hold a connection open by trickling headers).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
+    limits: &Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::server::graceful::GracefulShutdown;
+    use hyper_util::service::TowerToHyperService;
+
+    let graceful = GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(limits.head_timeout_ms))
+        .max_buf_size(MAX_HEAD_BYTES)
+        .keep_alive(true);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
+        tracing::warn!("some connections were still busy after {DRAIN_TIMEOUT:?}; closing them");
+    }
+    Ok(())
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

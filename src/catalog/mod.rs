@@ -89,7 +89,7 @@ pub async fn run(
     let state: Shared = Arc::new(Catalog { name: name.to_string(), process_id: node.process_id, store, invalidator });
     let app = h::finish(router(state, &cfg.token), &cfg.limits);
     tracing::info!(addr = %listener.local_addr()?, "catalog {name} serving (primary)");
-    h::serve(listener, app, shutdown).await?;
+    h::serve(listener, app, &cfg.limits, shutdown).await?;
     tracing::info!("catalog {name} stopped");
     Ok(())
 }

@@ -91,7 +91,7 @@ pub async fn run(
         cache = if opts.no_cache { "off" } else { "on" },
         "frontend {name} serving"
     );
-    h::serve(listener, app, shutdown).await?;
+    h::serve(listener, app, &cfg.limits, shutdown).await?;
     tracing::info!("frontend {name} stopped");
     Ok(())
 }

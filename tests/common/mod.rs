@@ -56,11 +56,13 @@ where
 pub struct Options {
     pub catalogs: u64,
     pub no_cache: bool,
+    /// Changes to the cluster file before the nodes start.
+    pub tweak: fn(&mut ClusterConfig),
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { catalogs: 1, no_cache: false }
+        Self { catalogs: 1, no_cache: false, tweak: |_| {} }
     }
 }
 
@@ -79,6 +81,7 @@ impl TestCluster {
         let dir = temp_dir("cluster");
         let mut cfg = ClusterConfig::local(&unique_host(), opts.catalogs);
         cfg.timing.health_interval_ms = 100;
+        (opts.tweak)(&mut cfg);
         let config_path = dir.join("cluster.toml");
         cfg.save(&config_path).unwrap();
         let cfg = ClusterConfig::load(&config_path).unwrap();

@@ -1,0 +1,158 @@
+//! Hostile requests against every service: each gets a 4xx (405, 413, 431
+//! included) or has its connection closed — never a 5xx, never a hang — and
+//! the store's state is the same afterwards.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Options, TestCluster};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Sends raw bytes; returns the answer's status, or None if the server
+/// closed the connection without one.
+async fn raw(addr: &str, bytes: &[u8]) -> Option<u16> {
+    let mut s = TcpStream::connect(addr).await.expect("connects");
+    if s.write_all(bytes).await.is_err() {
+        return None;
+    }
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    buf.extend_from_slice(&chunk[..n]);
+                    if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the server neither answered nor closed: {}", String::from_utf8_lossy(bytes));
+    let head = String::from_utf8_lossy(&buf);
+    head.strip_prefix("HTTP/1.1 ").and_then(|r| r.get(..3)).and_then(|c| c.parse().ok())
+}
+
+fn req(method: &str, path: &str, headers: &[&str], body: &str) -> Vec<u8> {
+    let mut s = format!("{method} {path} HTTP/1.1\r\nHost: x\r\n");
+    for h in headers {
+        s.push_str(h);
+        s.push_str("\r\n");
+    }
+    if !body.is_empty() {
+        s.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    s.push_str("Connection: close\r\n\r\n");
+    s.push_str(body);
+    s.into_bytes()
+}
+
+fn assert_4xx(what: &str, status: Option<u16>) {
+    if let Some(s) = status {
+        assert!((400..500).contains(&s), "{what}: answered {s}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_requests_get_4xx_and_change_nothing() {
+    let c = TestCluster::start(Options {
+        tweak: |cfg| {
+            cfg.limits.request_timeout_ms = 1_000;
+            cfg.limits.head_timeout_ms = 1_000;
+        },
+        ..Options::default()
+    })
+    .await;
+    let books = c.books().await;
+    let auth = format!("Authorization: Bearer {}", c.cfg.token);
+    let json = "Content-Type: application/json";
+
+    for node in ["frontend", "order-1", "catalog-1"] {
+        let addr = c.cfg.node(node).unwrap().addr.clone();
+        let mut cases: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut add = |name: &str, bytes: Vec<u8>| cases.push((format!("{node}: {name}"), bytes));
+        let a = auth.as_str();
+        for path in [
+            "/lookup/%00", "/lookup/1e3", "/lookup/0x10", "/lookup/99999999999999999999999999999999999",
+            "/lookup/", "/lookup/1/2", "/lookup/..%2F..%2Fetc%2Fpasswd", "/../buy/1", "/%2e%2e/buy/1",
+            "//lookup//1", "/search/..", "/search/%FF%FE", "/search/a%20b", "/buy/-1", "/buy/1.0",
+            // Query arguments of internal routes (the public routes take none and ignore them).
+            "/lookup/1?min_version=abc", "/lookup/1?min_version=1.99999999999999999999999",
+            "/log?limit=0", "/log?limit=abc", "/log?before=-1",
+        ] {
+            if node == "frontend" && path.starts_with("/lookup/1?") {
+                continue;
+            }
+            add(&format!("GET {path}"), req("GET", path, &[a], ""));
+            add(&format!("POST {path}"), req("POST", path, &[a], ""));
+        }
+        for (m, p) in [("GET", "/buy/1"), ("PUT", "/lookup/1"), ("POST", "/catalog/update"), ("DELETE", "/internal/write"), ("PATCH", "/internal/buy"), ("GET", "/internal/invalidate")] {
+            add(&format!("{m} {p}"), req(m, p, &[a], ""));
+        }
+        for (p, m) in [("/catalog/update", "PUT"), ("/internal/write", "POST"), ("/internal/buy", "POST"), ("/internal/invalidate", "POST"), ("/internal/cache-lease", "POST")] {
+            for body in ["{", "null", "[1,2]", "{\"id\": \"1\"}", "{\"book_id\": 1e400}", "\u{0}\u{1}", "{\"id\": 1, \"stock\": 18446744073709551616}", "{\"request_id\": \"\", \"op\": \"buy\", \"book_id\": 1}", "{\"request_id\": \"a b\", \"book_id\": 1}", "{\"frontend\": 7}"] {
+                add(&format!("{m} {p} {body:?}"), req(m, p, &[a, json], body));
+            }
+            add(&format!("{m} {p} text/plain"), req(m, p, &[a, "Content-Type: text/plain"], "{\"id\": 1, \"stock\": 0}"));
+            add(&format!("{m} {p} two content types"), req(m, p, &[a, json, "Content-Type: text/xml"], "{\"id\": 1, \"stock\": 0}"));
+            add(&format!("{m} {p} no token"), req(m, p, &[json], "{\"id\": 1, \"stock\": 0}"));
+            add(&format!("{m} {p} two tokens"), req(m, p, &[a, "Authorization: Bearer nope-nope-nope-nope", json], "{\"id\": 1, \"stock\": 0}"));
+            add(&format!("{m} {p} basic auth"), req(m, p, &["Authorization: Basic YTpi", json], "{\"id\": 1, \"stock\": 0}"));
+            let big = format!("{{\"id\": 1, \"stock\": 0, \"x\": \"{}\"}}", "a".repeat(200_000));
+            add(&format!("{m} {p} oversized"), req(m, p, &[a, json], &big));
+        }
+        add("conflicting content-length", b"POST /buy/1 HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 5\r\n\r\nhello".to_vec());
+        add("transfer-encoding not chunked", b"POST /buy/1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nhello".to_vec());
+        add("two hosts", b"POST /buy/1 HTTP/1.1\r\nHost: x\r\nHost: y\r\nContent-Length: 0\r\n\r\n".to_vec());
+        add("two idempotency keys", req("POST", "/buy/1", &["Idempotency-Key: a", "Idempotency-Key: b"], ""));
+        add("bad idempotency key", req("POST", "/buy/1", &["Idempotency-Key: \u{7f}x"], ""));
+        add("long idempotency key", req("POST", "/buy/1", &[&format!("Idempotency-Key: {}", "k".repeat(500))], ""));
+        add("huge header", req("GET", "/lookup/1", &[&format!("X-Junk: {}", "j".repeat(64 * 1024))], ""));
+        let many: Vec<String> = (0..200).map(|i| format!("X-H{i}: v")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        add("too many headers", req("GET", "/lookup/1", &many, ""));
+        add("huge path", req("GET", &format!("/lookup/{}", "1".repeat(100_000)), &[], ""));
+        add("garbage", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n".to_vec());
+        add("bad version", b"GET /lookup/1 HTTP/9.9\r\nHost: x\r\n\r\n".to_vec());
+        add("bad request line", b"GET\r\n\r\n".to_vec());
+
+        for (name, bytes) in &cases {
+            assert_4xx(name, raw(&addr, bytes).await);
+        }
+
+        // Slow clients: a head trickled in, and a body that never arrives.
+        let mut s = TcpStream::connect(&addr).await.unwrap();
+        s.write_all(b"GET /lookup/1 HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        let mut buf = [0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf))
+            .await
+            .expect("a slow head is cut off")
+            .unwrap_or(0);
+        assert_4xx(&format!("{node}: slow head"), std::str::from_utf8(&buf[..n]).ok().and_then(|h| h.get(9..12)).and_then(|c| c.parse().ok()));
+        let mut s = TcpStream::connect(&addr).await.unwrap();
+        let head = format!("PUT /catalog/update HTTP/1.1\r\nHost: x\r\n{auth}\r\n{json}\r\nContent-Length: 1000\r\n\r\n{{\"id\":");
+        s.write_all(head.as_bytes()).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf))
+            .await
+            .expect("a slow body is cut off")
+            .unwrap_or(0);
+        let status = std::str::from_utf8(&buf[..n]).ok().and_then(|h| h.get(9..12)).and_then(|c| c.parse::<u16>().ok());
+        assert_4xx(&format!("{node}: slow body"), status);
+
+        // And the node still serves.
+        let ok = raw(&addr, &req("GET", "/healthcheck", &[], "")).await;
+        assert_eq!(ok, Some(200), "{node} still healthy");
+    }
+
+    assert_eq!(
+        c.books().await.into_iter().map(|b| (b.id, b.stock, b.cost)).collect::<Vec<_>>(),
+        books.into_iter().map(|b| (b.id, b.stock, b.cost)).collect::<Vec<_>>(),
+        "hostile requests changed the store"
+    );
+    assert_eq!(c.order_log_len().await, 0);
+}
