@@ -14,8 +14,10 @@ pub const MAX_BOOK_ID: u64 = i64::MAX as u64;
 pub const MAX_STOCK: u64 = 1_000_000_000;
 /// Largest price, in cents (ten million of currency units).
 pub const MAX_COST_CENTS: u64 = 1_000_000_000;
-/// Longest accepted `Idempotency-Key` / request id.
-pub const MAX_REQUEST_ID_LEN: usize = 128;
+/// Longest accepted `Idempotency-Key`.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 128;
+/// Longest request id (a key plus a short prefix).
+pub const MAX_REQUEST_ID_LEN: usize = 160;
 /// Longest accepted topic slug.
 pub const MAX_TOPIC_LEN: usize = 128;
 
@@ -184,6 +186,7 @@ impl From<Money> for f64 {
 
 /// A request id: the identity of one client write, applied at most once.
 /// Printable ASCII without spaces, 1..=[`MAX_REQUEST_ID_LEN`] bytes.
+/// Ids from clients' keys start `k:`, minted ones `r:`, admin ones `u:`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct RequestId(String);
@@ -195,7 +198,7 @@ impl RequestId {
             || !s.bytes().all(|b| b.is_ascii_graphic())
         {
             return Err(ParseError(format!(
-                "request id / Idempotency-Key must be 1 to {MAX_REQUEST_ID_LEN} printable ASCII characters without spaces"
+                "request id must be 1 to {MAX_REQUEST_ID_LEN} printable ASCII characters without spaces"
             )));
         }
         Ok(Self(s.to_string()))
@@ -204,7 +207,11 @@ impl RequestId {
     /// The request id of a client's `Idempotency-Key`: the same key gives the
     /// same id at every frontend, so a retry survives a frontend restart.
     pub fn from_idempotency_key(key: &str) -> Result<Self, ParseError> {
-        Self::parse(key)?;
+        if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN || !key.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ParseError(format!(
+                "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} printable ASCII characters without spaces"
+            )));
+        }
         Self::parse(&format!("k:{key}"))
     }
 
@@ -240,7 +247,7 @@ impl fmt::Display for RequestId {
 /// The position of a committed write: the primary's epoch and the log's
 /// sequence number. Ordered lexicographically; every read answer and every
 /// write answer carries one, so caches and readers can tell old from new.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Version {
     pub epoch: u64,
     pub seq: u64,
@@ -279,11 +286,13 @@ pub struct Book {
 }
 
 /// `GET /lookup/{id}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LookupResponse {
+    #[schema(value_type = u64, minimum = 1)]
     pub id: BookId,
     pub title: String,
     pub topic: String,
+    #[schema(value_type = f64, minimum = 0)]
     pub cost: Money,
     pub stock: u64,
     /// The replica state this answer was read from.
@@ -304,31 +313,34 @@ impl LookupResponse {
 }
 
 /// `GET /search/{topic}`: title → id.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SearchResponse {
+    #[schema(value_type = std::collections::BTreeMap<String, u64>)]
     pub items: std::collections::BTreeMap<String, BookId>,
 }
 
 /// `POST /buy/{id}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BuyResponse {
     pub message: String,
     pub order_id: u64,
+    #[schema(value_type = u64, minimum = 1)]
     pub book_id: BookId,
     pub title: String,
+    #[schema(value_type = f64, minimum = 0)]
     pub price: Money,
     /// The commit version of this purchase.
     pub version: Version,
 }
 
 /// Every error answer: `{"message": "..."}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     pub message: String,
 }
 
 /// `GET /healthcheck`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Health {
     pub message: String,
 }

@@ -150,7 +150,9 @@ pub fn metrics_handle() -> Option<&'static PrometheusHandle> {
         .as_ref()
 }
 
-async fn healthcheck() -> Json<Health> {
+/// Liveness, on every service.
+#[utoipa::path(get, path = "/healthcheck", tag = "operations", responses((status = 200, description = "The service is up", body = Health)))]
+pub async fn healthcheck() -> Json<Health> {
     Json(Health { message: "OK".into() })
 }
 

@@ -4,6 +4,7 @@
 //! another replica when one fails.
 
 pub mod cache;
+pub mod openapi;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -80,7 +81,8 @@ pub async fn run(
     let public = Router::new()
         .route("/search/{topic}", get(search))
         .route("/lookup/{id}", get(lookup))
-        .route("/buy/{id}", post(buy));
+        .route("/buy/{id}", post(buy))
+        .route("/openapi.json", get(openapi::serve));
     let internal = Router::new()
         .route("/internal/invalidate", post(invalidate))
         .route("/internal/cache", get(cache_stats));
@@ -128,6 +130,18 @@ async fn renew_lease(fe: std::sync::Weak<Frontend>, primary: Arc<Pool<CatalogCli
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/search/{topic}",
+    tag = "store",
+    summary = "Books of a topic",
+    params(("topic" = String, Path, description = "The topic's slug: lower-case words joined by '-'", pattern = r"^[a-z0-9]+(-[a-z0-9]+)*$", max_length = 128, example = "distributed-systems")),
+    responses(
+        (status = 200, description = "Title → id of every book of the topic (none for an unknown topic)", body = SearchResponse),
+        (status = 400, description = "Not a topic slug", body = ErrorBody),
+        (status = 503, description = "No catalog replica could answer in time", body = ErrorBody),
+    )
+)]
 async fn search(State(fe): State<Shared>, Segment(topic): Segment) -> Result<Json<Arc<SearchResponse>>, ApiError> {
     let topic = TopicSlug::parse(&topic)?;
     if let Some(hit) = fe.cache.search(&topic) {
@@ -146,6 +160,19 @@ async fn search(State(fe): State<Shared>, Segment(topic): Segment) -> Result<Jso
     Ok(Json(res))
 }
 
+#[utoipa::path(
+    get,
+    path = "/lookup/{id}",
+    tag = "store",
+    summary = "One book, with its stock and cost",
+    params(("id" = u64, Path, description = "The book's id", minimum = 1, maximum = 9223372036854775807_u64, example = 1)),
+    responses(
+        (status = 200, description = "The book", body = LookupResponse),
+        (status = 400, description = "The id is not a positive integer", body = ErrorBody),
+        (status = 404, description = "No such book", body = ErrorBody),
+        (status = 503, description = "No catalog replica could answer in time", body = ErrorBody),
+    )
+)]
 async fn lookup(State(fe): State<Shared>, Segment(id): Segment) -> Result<Json<Arc<LookupResponse>>, ApiError> {
     let id = BookId::parse(&id)?;
     if let Some(hit) = fe.cache.lookup(id) {
@@ -172,6 +199,23 @@ fn request_id(headers: &HeaderMap) -> Result<RequestId, ApiError> {
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/buy/{id}",
+    tag = "store",
+    summary = "Buy one copy of a book",
+    params(
+        ("id" = u64, Path, description = "The book's id", minimum = 1, maximum = 9223372036854775807_u64, example = 1),
+        ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key get the first answer and buy nothing more", min_length = 1, max_length = 128, pattern = r"^[!-~]+$"),
+    ),
+    responses(
+        (status = 200, description = "Bought", body = BuyResponse),
+        (status = 400, description = "The id or the Idempotency-Key is malformed", body = ErrorBody),
+        (status = 404, description = "No such book", body = ErrorBody),
+        (status = 409, description = "Out of stock, or the Idempotency-Key was used for another request", body = ErrorBody),
+        (status = 503, description = "No replica could complete the purchase in time; retry with the same Idempotency-Key", body = ErrorBody),
+    )
+)]
 async fn buy(State(fe): State<Shared>, headers: HeaderMap, Segment(id): Segment) -> Result<Json<BuyResponse>, ApiError> {
     let id = BookId::parse(&id)?;
     let request_id = request_id(&headers)?;

@@ -1,0 +1,32 @@
+//! The public API's OpenAPI document, generated from the handlers and wire
+//! types, served at `GET /openapi.json`.
+
+use std::sync::OnceLock;
+
+use axum::http::header;
+use axum::response::IntoResponse;
+use utoipa::OpenApi;
+
+use crate::api::{BuyResponse, ErrorBody, Health, LookupResponse, SearchResponse, Version};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "pygmy",
+        description = "Pygmy.com, the world's smallest bookstore: search, lookup and buy. Errors are {\"message\": ...} with an honest status code.",
+    ),
+    paths(super::search, super::lookup, super::buy, crate::http::healthcheck),
+    components(schemas(SearchResponse, LookupResponse, BuyResponse, ErrorBody, Health, Version)),
+    tags((name = "store", description = "The bookstore"), (name = "operations", description = "Operating the store"))
+)]
+pub struct ApiDoc;
+
+/// The document as JSON (built once).
+pub fn json() -> &'static str {
+    static DOC: OnceLock<String> = OnceLock::new();
+    DOC.get_or_init(|| ApiDoc::openapi().to_pretty_json().expect("the OpenAPI document serialises"))
+}
+
+pub async fn serve() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], json())
+}
