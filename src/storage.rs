@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::Connection;
 use tokio::sync::mpsc;
 
 /// Most writes committed by one transaction.
@@ -71,50 +71,63 @@ pub fn open(dir: &Path, file: &str) -> Result<Connection, StorageError> {
     Ok(conn)
 }
 
-/// Checks (or, for a new directory, records) who owns it.
-pub fn claim(conn: &Connection, dir: &Path, cluster_id: &str, node: &str) -> Result<Identity, StorageError> {
-    conn.execute_batch(
-        "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
-    )?;
-    let get = |k: &str| -> Result<Option<String>, rusqlite::Error> {
-        conn.query_row("SELECT value FROM meta WHERE key = ?1", [k], |r| r.get(0))
-            .optional()
-    };
-    match (get("cluster_id")?, get("node")?, get("incarnation")?) {
-        (Some(c), Some(n), Some(i)) => {
-            if c != cluster_id || n != node {
+/// The file in every data directory that names its owner.
+pub const IDENTITY_FILE: &str = "identity.json";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct IdentityFile {
+    cluster_id: String,
+    node: String,
+    incarnation: u64,
+}
+
+/// Checks (or, for a new directory, records) who owns `dir`. A directory
+/// with data but no identity, or an identity of another cluster or node,
+/// is refused: serving it would serve wrong data.
+pub fn claim(dir: &Path, data_file: &str, cluster_id: &str, node: &str) -> Result<Identity, StorageError> {
+    let path = dir.join(IDENTITY_FILE);
+    let corrupt = |why: String| StorageError::Invalid(format!("data directory {} is corrupt: {why}", dir.display()));
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let id: IdentityFile = serde_json::from_slice(&bytes).map_err(|e| corrupt(format!("{IDENTITY_FILE}: {e}")))?;
+            if id.cluster_id != cluster_id || id.node != node {
                 return Err(StorageError::WrongOwner {
                     path: dir.to_path_buf(),
-                    found_cluster: c,
-                    found_node: n,
+                    found_cluster: id.cluster_id,
+                    found_node: id.node,
                     cluster: cluster_id.to_string(),
                     node: node.to_string(),
                 });
             }
-            let incarnation = i.parse().map_err(|_| StorageError::Corrupt {
-                path: dir.to_path_buf(),
-                source: rusqlite::Error::InvalidQuery,
-            })?;
-            Ok(Identity { cluster_id: c, node: n, incarnation, fresh: false })
+            Ok(Identity { cluster_id: id.cluster_id, node: id.node, incarnation: id.incarnation, fresh: false })
         }
-        (None, None, None) => {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if dir.join(data_file).exists() {
+                return Err(corrupt(format!("it holds {data_file} but no {IDENTITY_FILE}")));
+            }
+            std::fs::create_dir_all(dir).map_err(|source| StorageError::CreateDir { path: dir.to_path_buf(), source })?;
             let incarnation = uuid::Uuid::new_v4().as_u64_pair().0 >> 1;
-            conn.execute(
-                "INSERT INTO meta (key, value) VALUES ('cluster_id', ?1), ('node', ?2), ('incarnation', ?3)",
-                params![cluster_id, node, incarnation.to_string()],
-            )?;
-            Ok(Identity {
-                cluster_id: cluster_id.to_string(),
-                node: node.to_string(),
-                incarnation,
-                fresh: true,
-            })
+            let id = IdentityFile { cluster_id: cluster_id.to_string(), node: node.to_string(), incarnation };
+            write_durably(&path, &serde_json::to_vec_pretty(&id).expect("identity serialises"))
+                .map_err(|source| StorageError::CreateDir { path: path.clone(), source })?;
+            Ok(Identity { cluster_id: id.cluster_id, node: id.node, incarnation, fresh: true })
         }
-        _ => Err(StorageError::Corrupt {
-            path: dir.to_path_buf(),
-            source: rusqlite::Error::InvalidQuery,
-        }),
+        Err(e) => Err(corrupt(format!("cannot read {IDENTITY_FILE}: {e}"))),
     }
+}
+
+/// Writes a file via a temporary and a rename, fsyncing both and the folder.
+pub fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(parent) = path.parent() {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// Starts the thread that owns `conn` for writing: it takes every job
@@ -190,15 +203,16 @@ mod tests {
     #[test]
     fn a_data_dir_refuses_another_cluster_or_node() {
         let dir = std::env::temp_dir().join(format!("pygmy-claim-{}", uuid::Uuid::new_v4().simple()));
-        let conn = open(&dir, "t.sqlite").unwrap();
-        let first = claim(&conn, &dir, "c1", "catalog-1").unwrap();
+        let first = claim(&dir, "t.sqlite", "c1", "catalog-1").unwrap();
         assert!(first.fresh);
-        let again = claim(&conn, &dir, "c1", "catalog-1").unwrap();
+        let again = claim(&dir, "t.sqlite", "c1", "catalog-1").unwrap();
         assert_eq!(again.incarnation, first.incarnation);
         assert!(!again.fresh);
-        assert!(matches!(claim(&conn, &dir, "c2", "catalog-1"), Err(StorageError::WrongOwner { .. })));
-        assert!(matches!(claim(&conn, &dir, "c1", "catalog-2"), Err(StorageError::WrongOwner { .. })));
-        drop(conn);
+        assert!(matches!(claim(&dir, "t.sqlite", "c2", "catalog-1"), Err(StorageError::WrongOwner { .. })));
+        assert!(matches!(claim(&dir, "t.sqlite", "c1", "catalog-2"), Err(StorageError::WrongOwner { .. })));
+        std::fs::remove_file(dir.join(IDENTITY_FILE)).unwrap();
+        std::fs::write(dir.join("t.sqlite"), b"data").unwrap();
+        assert!(matches!(claim(&dir, "t.sqlite", "c1", "catalog-1"), Err(StorageError::Invalid(_))), "data without identity");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

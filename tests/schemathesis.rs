@@ -44,6 +44,7 @@ async fn schemathesis_finds_every_answer_documented_and_no_server_error() {
         Command::new(st)
             .args(["run", &url, "--checks", "all", "--max-examples", "100", "--seed", "20261124", "--no-color"])
             .env("SCHEMATHESIS_TELEMETRY", "false")
+            .current_dir(env!("CARGO_TARGET_TMPDIR"))
             .output()
             .expect("schemathesis runs")
     })

@@ -63,6 +63,7 @@ pub struct CatalogStore {
 }
 
 const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS books (
     id INTEGER PRIMARY KEY,
     title TEXT NOT NULL,
@@ -84,8 +85,8 @@ CREATE TABLE IF NOT EXISTS log (
 impl CatalogStore {
     /// Opens (or creates and seeds) the store in `dir`.
     pub fn open(dir: &Path, cluster_id: &str, node: &str, seed: impl FnOnce() -> Result<Vec<Book>, String>) -> Result<Self, StorageError> {
+        let identity = storage::claim(dir, "catalog.sqlite", cluster_id, node)?;
         let conn = storage::open(dir, "catalog.sqlite")?;
-        let identity = storage::claim(&conn, dir, cluster_id, node)?;
         conn.execute_batch(SCHEMA)?;
         let empty: bool = conn.query_row("SELECT NOT EXISTS (SELECT 1 FROM books)", [], |r| r.get(0))?;
         if empty {

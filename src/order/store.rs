@@ -40,8 +40,8 @@ pub struct OrderStore {
 
 impl OrderStore {
     pub fn open(dir: &Path, cluster_id: &str, node: &str) -> Result<Self, StorageError> {
+        let identity = storage::claim(dir, "orders.sqlite", cluster_id, node)?;
         let conn = storage::open(dir, "orders.sqlite")?;
-        let identity = storage::claim(&conn, dir, cluster_id, node)?;
         conn.execute_batch(SCHEMA)?;
         let reader = storage::open(dir, "orders.sqlite")?;
         let writer = storage::spawn_writer(node, conn, commit);

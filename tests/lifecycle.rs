@@ -1,0 +1,149 @@
+//! Nodes starting and stopping: a data directory that is corrupt or belongs
+//! to someone else is refused; SIGTERM drains in-flight requests, and no
+//! acknowledged buy is lost or applied twice.
+
+mod common;
+
+use std::collections::HashSet;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::{Options, TestCluster};
+use pygmy::config::ClusterConfig;
+
+/// Runs `pygmy serve` for `node` and expects it to refuse to start with a
+/// message containing `needle`.
+fn refuses(cfg_path: &std::path::Path, node: &str, needle: &str) {
+    let out = Command::new(common::BIN)
+        .args(["serve", "--config", cfg_path.to_str().unwrap(), node])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{node} started on a bad data directory");
+    assert!(err.contains(needle), "{node}: expected {needle:?} in:\n{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_refuses_a_data_directory_that_is_corrupt_or_not_its_own() {
+    let mut c = TestCluster::start(Options::default()).await;
+    c.frontend().buy("1", None).await.unwrap();
+    c.stop("catalog-1");
+    c.stop("order-1");
+
+    // Another cluster's file pointing at the same folders.
+    let mut other = c.cfg.clone();
+    other.cluster_id = "another-cluster".into();
+    other.base_dir = c.dir.clone();
+    let other_path = c.dir.join("other.toml");
+    other.save(&other_path).unwrap();
+    refuses(&other_path, "catalog-1", "belongs to cluster");
+    refuses(&other_path, "order-1", "belongs to cluster");
+
+    // This cluster, but catalog-1 pointed at order-1's folder.
+    let mut swapped = c.cfg.clone();
+    for n in &mut swapped.nodes {
+        if n.name == "catalog-1" {
+            n.data_dir = Some("order-1".into());
+        }
+    }
+    let swapped_path = c.dir.join("swapped.toml");
+    swapped.save(&swapped_path).unwrap();
+    refuses(&swapped_path, "catalog-1", "node order-1");
+
+    // A corrupt database file.
+    let db = c.dir.join("catalog-1").join("catalog.sqlite");
+    let mut bytes = std::fs::read(&db).unwrap();
+    for b in bytes.iter_mut().take(4096) {
+        *b = 0xA5;
+    }
+    std::fs::write(&db, &bytes).unwrap();
+    let _ = std::fs::remove_file(c.dir.join("catalog-1").join("catalog.sqlite-wal"));
+    refuses(&c.config_path, "catalog-1", "corrupt");
+
+    // Data without its identity file.
+    std::fs::remove_file(c.dir.join("order-1").join("identity.json")).unwrap();
+    refuses(&c.config_path, "order-1", "corrupt");
+
+    // The untouched ones still start.
+    let cfg = ClusterConfig::load(&c.config_path).unwrap();
+    assert!(cfg.node("order-2").is_some());
+    c.stop("order-2");
+    c.restart("order-2").await;
+}
+
+/// Buys with unique Idempotency-Keys, each retried until it succeeds, while
+/// `node` is stopped with SIGTERM and started again. Every key must be
+/// acknowledged once, with one order id, and the stock must drop by exactly
+/// the number of keys.
+async fn buys_survive_sigterm_of(node: &str) {
+    let mut c = TestCluster::start(Options::default()).await;
+    let start = c.stock(1).await;
+    let fe = c.frontend();
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|client| {
+            let fe = fe.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut orders = Vec::new();
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) || i < 20 {
+                    let key = format!("c{client}-{i}");
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+                    loop {
+                        match fe.buy("1", Some(&key)).await {
+                            Ok(b) => {
+                                orders.push((key.clone(), b.order_id));
+                                break;
+                            }
+                            Err(e) => {
+                                assert!(tokio::time::Instant::now() < deadline, "{key} never succeeded: {e}");
+                                assert!(e.is_retryable(), "{key}: final error {e}");
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                        }
+                    }
+                    i += 1;
+                }
+                orders
+            })
+        })
+        .collect();
+    common::wait_until("buys are flowing", Duration::from_secs(30), || {
+        let c = c.catalog("catalog-1");
+        async move { c.lookup(pygmy::api::BookId::new(1).unwrap(), None).await.is_ok_and(|b| b.stock + 10 <= start) }
+    })
+    .await;
+    assert!(c.stop(node), "{node} exits cleanly on SIGTERM");
+    c.restart(node).await;
+    if node == "catalog-1" || node == "frontend" {
+        c.wait_cache_lease().await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut keys = HashSet::new();
+    let mut ids = HashSet::new();
+    for t in clients {
+        for (key, id) in t.await.unwrap() {
+            assert!(keys.insert(key.clone()), "{key} acknowledged twice");
+            assert!(ids.insert(id), "order id {id} given to two keys");
+        }
+    }
+    assert_eq!(c.stock(1).await, start - keys.len() as u64, "stopping {node}: every acknowledged buy applied exactly once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_to_the_frontend_loses_no_buy_and_applies_none_twice() {
+    buys_survive_sigterm_of("frontend").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_to_an_order_replica_loses_no_buy_and_applies_none_twice() {
+    buys_survive_sigterm_of("order-2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_to_the_catalog_loses_no_buy_and_applies_none_twice() {
+    buys_survive_sigterm_of("catalog-1").await;
+}
