@@ -476,17 +476,31 @@ pub struct LeaseGrant {
     pub version: Version,
 }
 
-/// A catalog replica's view of itself, for `pygmy status` and the frontend.
+/// A catalog replica's view of itself, for `pygmy status` and the tests.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeStatus {
     pub name: String,
+    /// `primary`, `backup`, `candidate`, `learner`, or `starting`.
     pub role: String,
     pub process_id: u64,
     pub epoch: u64,
+    /// The primary this replica follows (itself when primary).
     pub primary: Option<String>,
+    /// The last applied entry.
     pub applied: Version,
+    /// The last committed entry this replica knows of.
+    pub commit: Version,
+    /// Primary: the view it keeps; backup: whether it holds a lease (serves reads).
     pub in_view: bool,
+    /// The primary's view: itself and the backups in sync (empty on a backup).
     pub view: Vec<String>,
+}
+
+/// A batch of replication messages from one replica.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplicationBatch {
+    pub from: u64,
+    pub messages: Vec<crate::replication::Message>,
 }
 
 pub(crate) fn truncate(s: &str, max: usize) -> String {

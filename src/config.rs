@@ -83,6 +83,9 @@ pub struct Timing {
     pub lease_ms: u64,
     /// Election timeout (without a heartbeat).
     pub election_timeout_ms: u64,
+    /// A recovered higher-id catalog replica takes primaryship back after
+    /// staying healthy in the view this long.
+    pub takeover_after_ms: u64,
 }
 
 impl Default for Timing {
@@ -94,7 +97,8 @@ impl Default for Timing {
             cache_lease_ms: 1_000,
             heartbeat_ms: 50,
             lease_ms: 500,
-            election_timeout_ms: 600,
+            election_timeout_ms: 500,
+            takeover_after_ms: 2_000,
         }
     }
 }

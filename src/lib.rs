@@ -32,6 +32,7 @@ pub mod config;
 pub mod frontend;
 pub mod http;
 pub mod order;
+pub mod replication;
 pub mod storage;
 pub mod telemetry;
 

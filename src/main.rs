@@ -94,7 +94,7 @@ fn main() -> anyhow::Result<()> {
                         d
                     }
                 };
-                pygmy::cluster::up(pygmy::cluster::UpOptions { data_dir, host, no_cache, catalogs: 1 }).await
+                pygmy::cluster::up(pygmy::cluster::UpOptions { data_dir, host, no_cache, catalogs: 3 }).await
             }
             Cmd::Serve { config, name, listen, no_cache } => {
                 pygmy::telemetry::init(Some(&name));

@@ -106,7 +106,13 @@ pub fn claim(dir: &Path, data_file: &str, cluster_id: &str, node: &str) -> Resul
                 return Err(corrupt(format!("it holds {data_file} but no {IDENTITY_FILE}")));
             }
             std::fs::create_dir_all(dir).map_err(|source| StorageError::CreateDir { path: dir.to_path_buf(), source })?;
-            let incarnation = uuid::Uuid::new_v4().as_u64_pair().0 >> 1;
+            // Grows with every directory created (wall-clock microseconds), as
+            // the replication core requires of incarnations.
+            let incarnation = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_micros() as u64)
+                .unwrap_or(1)
+                .max(1);
             let id = IdentityFile { cluster_id: cluster_id.to_string(), node: node.to_string(), incarnation };
             write_durably(&path, &serde_json::to_vec_pretty(&id).expect("identity serialises"))
                 .map_err(|source| StorageError::CreateDir { path: path.clone(), source })?;

@@ -86,7 +86,7 @@ async fn up_writes_the_cluster_file_runs_the_store_keeps_its_state_and_stops_cle
     let cfg = ClusterConfig::parse(&text).unwrap();
     assert!(text.lines().any(|l| l.starts_with("token = ")), "token is a top-level key");
     let names: Vec<&str> = cfg.nodes.iter().map(|n| n.name.as_str()).collect();
-    for n in ["frontend", "order-1", "order-2", "order-3", "catalog-1"] {
+    for n in ["frontend", "order-1", "order-2", "order-3", "catalog-1", "catalog-2", "catalog-3"] {
         assert!(names.contains(&n), "{n} in {names:?}");
     }
     assert!(cfg.nodes.iter().any(|n| n.addr == format!("{host}:5004")));
@@ -98,7 +98,7 @@ async fn up_writes_the_cluster_file_runs_the_store_keeps_its_state_and_stops_cle
 
     up.sigterm();
     let line = up.expect("stopped —");
-    assert!(line.contains("5 of 5 processes exited cleanly"), "{line}");
+    assert!(line.contains("7 of 7 processes exited cleanly"), "{line}");
     assert!(up.child.wait().unwrap().success());
     assert!(fe.health().await.is_err(), "the frontend is gone");
     for port in 5001..=5007 {

@@ -41,7 +41,7 @@ struct Pending {
 
 struct Link {
     name: String,
-    state: Mutex<LinkState>,
+    state: Arc<Mutex<LinkState>>,
     queue: mpsc::UnboundedSender<Pending>,
 }
 
@@ -61,17 +61,19 @@ pub enum LeaseError {
 }
 
 impl Invalidator {
-    pub fn new(frontends: Vec<(String, FrontendClient)>, lease: Duration, epoch: u64) -> Self {
+    /// `assumed`: how long every frontend is treated as holding a lease
+    /// from an earlier primary.
+    pub fn new(frontends: Vec<(String, FrontendClient)>, lease: Duration, assumed: Duration, epoch: u64) -> Self {
         let links = frontends
             .into_iter()
             .map(|(name, client)| {
                 let (queue, rx) = mpsc::unbounded_channel();
                 // The previous primary may have granted a lease just before it
                 // stopped: treat every frontend as leased until that one surely ran out.
-                let state = LinkState { lease_expiry: Some(Instant::now() + lease), ..LinkState::default() };
-                let link = Arc::new(Link { name, state: Mutex::new(state), queue });
-                tokio::spawn(push_loop(link.clone(), client, rx, epoch));
-                link
+                let state = LinkState { lease_expiry: Some(Instant::now() + assumed), ..LinkState::default() };
+                let state = Arc::new(Mutex::new(state));
+                tokio::spawn(push_loop(name.clone(), state.clone(), client, rx, epoch));
+                Arc::new(Link { name, state, queue })
             })
             .collect();
         Self { links, lease, epoch }
@@ -119,8 +121,10 @@ impl Invalidator {
     }
 }
 
+/// Ends when the invalidator (the only holder of the queue's sender) is dropped.
 async fn push_loop(
-    link: Arc<Link>,
+    name: String,
+    state: Arc<Mutex<LinkState>>,
     client: FrontendClient,
     mut rx: mpsc::UnboundedReceiver<Pending>,
     epoch: u64,
@@ -135,7 +139,7 @@ async fn push_loop(
         }
         let now = Instant::now();
         let (expiry, seq) = {
-            let mut st = link.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
             match st.lease_expiry {
                 Some(e) if e > now => {
                     let seq = st.next_seq;
@@ -157,13 +161,13 @@ async fn push_loop(
         );
         if !delivered {
             let until = {
-                let mut st = link.state.lock().unwrap_or_else(|p| p.into_inner());
+                let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
                 let until = st.lease_expiry.unwrap_or(expiry).max(expiry);
                 st.withheld_until = Some(until);
                 until
             };
             tracing::info!(
-                frontend = %link.name,
+                frontend = %name,
                 wait_ms = until.saturating_duration_since(Instant::now()).as_millis() as u64,
                 "frontend not reachable for cache invalidation; waiting out its cache lease"
             );

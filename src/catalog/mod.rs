@@ -1,44 +1,42 @@
-//! The catalog service: the books, their stock and price.
+//! The catalog service: the books, their stock and price, replicated over
+//! the catalog replicas (primary-backup; see [`crate::replication`]).
 //!
 //! Reads (`/lookup`, `/search`, per replica, token required) are served from
-//! the replica's applied state, gated by [`CatalogStore::wait_for`] so a
-//! reader can ask for at least the version of a write it saw. Writes (`buy`
-//! from the order service, the admin's `PUT /catalog/update`) take one
-//! path: the primary's log ([`store`]), then cache invalidation at every
-//! frontend ([`invalidation`]), then the answer.
+//! the replica's applied state while the core says it may serve reads (a
+//! lease), and only once it has applied the version a reader asks for.
+//! Writes (`buy` from the order service, the admin's `PUT /catalog/update`)
+//! take one path: the primary's log, committed on every member of its view,
+//! applied, then cache invalidation at every frontend, then the answer. A
+//! replica that is not the primary answers 421 and names the primary.
 
+pub mod driver;
 pub mod invalidation;
 pub mod seed;
 pub mod store;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::NodeError;
 use crate::api::*;
-use crate::client::{FrontendClient, Http};
+use crate::client::{FrontendClient, Http, PRIMARY_HEADER};
 use crate::config::{ClusterConfig, Role};
 use crate::http::{self as h, ApiError, JsonBody, QueryArgs, Segment};
-use crate::NodeError;
+use crate::replication::{self, Message, NodeId, ReadGate, Replica};
 
+use driver::{Clock, Driver, Gate, Input, Shared, WriteError};
 use invalidation::{Invalidator, LeaseError};
-use store::{CatalogError, CatalogStore};
-
-impl From<CatalogError> for ApiError {
-    fn from(e: CatalogError) -> Self {
-        let status = match &e {
-            CatalogError::UnknownBook(_) => StatusCode::NOT_FOUND,
-            CatalogError::NotYet { .. } | CatalogError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
-        };
-        ApiError::new(status, e.to_string())
-    }
-}
+use store::Db;
 
 impl From<LeaseError> for ApiError {
     fn from(e: LeaseError) -> Self {
@@ -50,14 +48,50 @@ impl From<LeaseError> for ApiError {
     }
 }
 
+/// Most replication bytes in one request (a snapshot of a large catalog).
+const MAX_REPLICATION_BODY: usize = 1 << 30;
+
 struct Catalog {
     name: String,
     process_id: u64,
-    store: CatalogStore,
-    invalidator: Invalidator,
+    shared: Arc<Shared>,
+    /// Set once the driver runs (after the start-up decision).
+    inputs: RwLock<Option<std::sync::mpsc::SyncSender<Input>>>,
+    invalidator: RwLock<Option<(u64, Arc<Invalidator>)>>,
+    names: HashMap<NodeId, String>,
 }
 
-type Shared = Arc<Catalog>;
+type Shared_ = Arc<Catalog>;
+
+impl Catalog {
+    fn send(&self, input: Input) -> Result<(), ApiError> {
+        let guard = self.inputs.read().unwrap_or_else(|p| p.into_inner());
+        let tx = guard.as_ref().ok_or_else(|| ApiError::unavailable("this replica is still starting"))?;
+        tx.try_send(input).map_err(|_| ApiError::unavailable("this replica is overloaded, retry shortly"))
+    }
+
+    fn name_of(&self, id: NodeId) -> String {
+        self.names.get(&id).cloned().unwrap_or_else(|| id.to_string())
+    }
+
+    fn not_primary(&self, primary: Option<NodeId>) -> Response {
+        match primary.filter(|p| *p != self.process_id) {
+            Some(p) => {
+                let name = self.name_of(p);
+                let mut res = ApiError::new(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    format!("{} is not the primary; {name} is", self.name),
+                )
+                .into_response();
+                if let Ok(v) = HeaderValue::from_str(&name) {
+                    res.headers_mut().insert(PRIMARY_HEADER, v);
+                }
+                res
+            }
+            None => ApiError::unavailable(format!("{} is not the primary and knows of none yet", self.name)).into_response(),
+        }
+    }
+}
 
 /// Runs catalog node `name` on `listener` until `shutdown` resolves.
 pub async fn run(
@@ -68,40 +102,198 @@ pub async fn run(
 ) -> Result<(), NodeError> {
     let node = cfg.node(name).ok_or_else(|| NodeError::Config(format!("no node {name}")))?.clone();
     let dir = cfg.data_dir(&node).ok_or_else(|| NodeError::Config(format!("{name} has no data_dir")))?;
+    let identity = crate::storage::claim(&dir, "catalog.sqlite", &cfg.cluster_id, name)?;
     let catalog_file = cfg.catalog_file();
-    let store = CatalogStore::open(&dir, &cfg.cluster_id, name, || match &catalog_file {
+    let db = Db::open(&dir, || match &catalog_file {
         Some(f) => seed::load_books(f),
         None => Ok(seed::default_books()),
     })?;
+    let state = db.load_state().map_err(crate::storage::StorageError::from)?;
     tracing::info!(
         data_dir = %dir.display(),
-        incarnation = store.identity.incarnation,
-        version = %store.version(),
+        incarnation = identity.incarnation,
+        applied = %state.version,
         "catalog store open{}",
-        if store.identity.fresh { " (new data directory, seeded)" } else { "" }
+        if identity.fresh { " (new data directory)" } else { "" }
     );
+    let peers: Vec<_> = cfg.nodes_of(Role::Catalog).filter(|n| n.name != name).cloned().collect();
+    let names: HashMap<NodeId, String> =
+        cfg.nodes_of(Role::Catalog).map(|n| (n.process_id, n.name.clone())).collect();
+    let clock = Clock::new();
+    let (gate_tx, _) = watch::channel(Gate::default());
+    let (applied_tx, _) = watch::channel(state.version);
+    let shared = Arc::new(Shared { state: RwLock::new(Arc::new(state.clone())), gate: gate_tx, applied: applied_tx, clock });
+    let catalog = Arc::new(Catalog {
+        name: name.to_string(),
+        process_id: node.process_id,
+        shared: shared.clone(),
+        inputs: RwLock::new(None),
+        invalidator: RwLock::new(None),
+        names: names.clone(),
+    });
+
     let http = Http::new(Some(cfg.token.clone()), Duration::from_millis(cfg.timing.call_timeout_ms));
-    let frontends = cfg
+    let app = h::finish(router(catalog.clone(), &cfg.token), &cfg.limits);
+    tracing::info!(addr = %listener.local_addr()?, "catalog {name} serving");
+    let server = tokio::spawn(h::serve(listener, app, cfg.limits.clone(), shutdown));
+
+    // Start the replication driver: decide first whether a blank disk is a
+    // member of a brand-new cluster (every reachable peer blank too) or a
+    // replaced disk (rejoins as a non-voting learner until caught up).
+    let mut db = db;
+    let blank = db.is_blank().map_err(crate::storage::StorageError::from)?;
+    if blank {
+        let voter = new_cluster(&peers, &http).await;
+        if voter {
+            db.bootstrap(&replication::HardState { incarnation: identity.incarnation, ..Default::default() })
+                .map_err(crate::storage::StorageError::from)?;
+            tracing::info!("first start of a new cluster: joining as a voting member");
+        } else {
+            tracing::info!("new data directory in a running cluster: joining as a learner until caught up");
+        }
+    }
+    let persisted = db.load_persisted().map_err(crate::storage::StorageError::from)?;
+    let t = &cfg.timing;
+    let mut rcfg = replication::Config::new(
+        node.process_id,
+        identity.incarnation,
+        cfg.nodes_of(Role::Catalog).map(|n| n.process_id).collect(),
+        uuid::Uuid::new_v4().as_u64_pair().0,
+    );
+    rcfg.heartbeat_ms = t.heartbeat_ms;
+    rcfg.lease_ms = t.lease_ms;
+    rcfg.election_timeout_ms = t.election_timeout_ms;
+    rcfg.takeover_after_ms = t.takeover_after_ms;
+    let drift = rcfg.drift_margin;
+    let replica = Replica::new(rcfg, &persisted, clock.now_ms());
+    let (inputs_tx, inputs_rx) = std::sync::mpsc::sync_channel(100_000);
+    let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
+    tokio::spawn(transport(node.process_id, outbox_rx, peers.clone(), http.clone(), t.call_timeout_ms));
+    let tick = Duration::from_millis((t.heartbeat_ms / 5).clamp(1, 10));
+    let driver = Driver::new(replica, db, state, shared.clone(), inputs_rx, outbox_tx, names, tick);
+    std::thread::Builder::new()
+        .name(format!("{name}-driver"))
+        .spawn(move || driver.run())
+        .map_err(NodeError::Io)?;
+    *catalog.inputs.write().unwrap_or_else(|p| p.into_inner()) = Some(inputs_tx);
+
+    let frontends: Vec<(String, FrontendClient)> = cfg
         .nodes_of(Role::Frontend)
         .map(|n| (n.name.clone(), FrontendClient::new(n.base_url(), http.clone())))
         .collect();
-    let invalidator = Invalidator::new(frontends, Duration::from_millis(cfg.timing.cache_lease_ms), store.epoch);
-    let state: Shared = Arc::new(Catalog { name: name.to_string(), process_id: node.process_id, store, invalidator });
-    let app = h::finish(router(state, &cfg.token), &cfg.limits);
-    tracing::info!(addr = %listener.local_addr()?, "catalog {name} serving (primary)");
-    h::serve(listener, app, &cfg.limits, shutdown).await?;
+    let cache_lease = Duration::from_millis(t.cache_lease_ms);
+    tokio::spawn(manage_invalidator(Arc::downgrade(&catalog), frontends, cache_lease, drift));
+
+    let res = server.await.map_err(|e| NodeError::Config(format!("server task failed: {e}")))?;
+    // Stop the driver: drop the only sender of its inputs.
+    catalog.inputs.write().unwrap_or_else(|p| p.into_inner()).take();
+    res?;
     tracing::info!("catalog {name} stopped");
     Ok(())
 }
 
-fn router(state: Shared, token: &str) -> Router {
+/// Whether this blank replica is part of a cluster's first start: every
+/// peer that answers is blank as well (epoch 0), and enough answer to make
+/// a majority with us. Any peer with history makes us a learner.
+async fn new_cluster(peers: &[crate::config::NodeConfig], http: &Http) -> bool {
+    let needed = (peers.len() + 1) / 2 + 1 - 1;
+    loop {
+        let mut blank = 0;
+        for p in peers {
+            match crate::client::CatalogClient::new(p.base_url(), http.clone()).status().await {
+                Ok(s) if s.epoch > 0 || s.commit.seq > 0 => return false,
+                Ok(_) => blank += 1,
+                Err(_) => {}
+            }
+        }
+        if blank >= needed {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Sends the core's messages: one task per peer, each sending what has
+/// queued up as one batch. Lost messages are fine (the core retries).
+async fn transport(
+    me: NodeId,
+    mut outbox: mpsc::UnboundedReceiver<(NodeId, Message)>,
+    peers: Vec<crate::config::NodeConfig>,
+    http: Http,
+    timeout_ms: u64,
+) {
+    let mut queues: HashMap<NodeId, mpsc::UnboundedSender<Message>> = HashMap::new();
+    for p in peers {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
+        queues.insert(p.process_id, tx);
+        let http = http.clone();
+        let url = format!("{}/internal/replication", p.base_url());
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut messages = vec![first];
+                while messages.len() < 1024 {
+                    match rx.try_recv() {
+                        Ok(m) => messages.push(m),
+                        Err(_) => break,
+                    }
+                }
+                let batch = ReplicationBatch { from: me, messages };
+                let call = http.call::<_, serde_json::Value>(reqwest::Method::POST, url.clone(), Some(&batch), &[]);
+                let _ = tokio::time::timeout(Duration::from_millis(timeout_ms), call).await;
+            }
+        });
+    }
+    while let Some((to, msg)) = outbox.recv().await {
+        if let Some(q) = queues.get(&to) {
+            let _ = q.send(msg);
+        }
+    }
+}
+
+/// Keeps an invalidator while this replica is a ready primary, a new one
+/// for each epoch: it starts by assuming every frontend holds a cache lease
+/// from the previous primary, for as long as such a lease can last.
+async fn manage_invalidator(
+    catalog: std::sync::Weak<Catalog>,
+    frontends: Vec<(String, FrontendClient)>,
+    lease: Duration,
+    drift: f64,
+) {
+    let Some(c) = catalog.upgrade() else { return };
+    let mut gate = c.shared.gate.subscribe();
+    drop(c);
+    loop {
+        let g = *gate.borrow_and_update();
+        let Some(c) = catalog.upgrade() else { return };
+        {
+            let mut inv = c.invalidator.write().unwrap_or_else(|p| p.into_inner());
+            let current = inv.as_ref().map(|(e, _)| *e);
+            if g.primary_ready && current != Some(g.epoch) {
+                let assumed = lease.mul_f64(1.0 + drift);
+                *inv = Some((g.epoch, Arc::new(Invalidator::new(frontends.clone(), lease, assumed, g.epoch))));
+            } else if !g.primary_ready && g.role != Some(replication::Role::Primary) {
+                *inv = None;
+            }
+        }
+        drop(c);
+        if gate.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+fn router(state: Shared_, token: &str) -> Router {
     let internal = Router::new()
         .route("/lookup/{id}", get(lookup))
         .route("/search/{topic}", get(search))
         .route("/internal/write", post(write))
         .route("/catalog/update", put(update))
         .route("/internal/cache-lease", post(cache_lease))
-        .route("/internal/status", get(status));
+        .route("/internal/status", get(status))
+        .route(
+            "/internal/replication",
+            post(replication_in).layer(axum::extract::DefaultBodyLimit::max(MAX_REPLICATION_BODY)),
+        );
     h::internal(internal, token).with_state(state)
 }
 
@@ -111,76 +303,151 @@ struct LookupArgs {
     min_version: Option<String>,
 }
 
+/// Waits until this replica may serve a read at least at `min`.
+async fn read_gate(c: &Catalog, min: Version) -> Result<Arc<store::State>, ApiError> {
+    let mut applied = c.shared.applied.subscribe();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
+    loop {
+        match c.shared.read_gate(min) {
+            ReadGate::Serve => return Ok(c.shared.state()),
+            ReadGate::Refuse => {
+                return Err(ApiError::unavailable(format!("{} may not serve reads now (no lease)", c.name)));
+            }
+            ReadGate::NotYet => {
+                if tokio::time::timeout_at(deadline, applied.changed()).await.is_err() {
+                    return Err(ApiError::unavailable(format!(
+                        "{} has not yet applied version {min} (it is at {})",
+                        c.name,
+                        *c.shared.applied.borrow()
+                    )));
+                }
+            }
+        }
+    }
+}
+
 async fn lookup(
-    State(c): State<Shared>,
+    State(c): State<Shared_>,
     Segment(id): Segment,
     QueryArgs(args): QueryArgs<LookupArgs>,
 ) -> Result<Json<LookupResponse>, ApiError> {
     let id = BookId::parse(&id)?;
-    if let Some(v) = args.min_version {
-        let min: Version = v.parse()?;
-        c.store.wait_for(min, Duration::from_millis(500)).await?;
-    }
-    Ok(Json(c.store.lookup(id)?))
+    let min = match args.min_version {
+        Some(v) => v.parse()?,
+        None => Version::default(),
+    };
+    let state = read_gate(&c, min).await?;
+    state.lookup(id).map(Json).ok_or_else(|| ApiError::not_found(format!("no book with id {id}")))
 }
 
-async fn search(State(c): State<Shared>, Segment(topic): Segment) -> Result<Json<SearchResponse>, ApiError> {
+async fn search(State(c): State<Shared_>, Segment(topic): Segment) -> Result<Json<SearchResponse>, ApiError> {
     let topic = TopicSlug::parse(&topic)?;
-    Ok(Json(c.store.search(&topic)))
+    let state = read_gate(&c, Version::default()).await?;
+    Ok(Json(state.search(&topic)))
 }
 
-/// The one write path: log (durable), then invalidate caches, then answer.
-/// A retried request id gets its first answer, and its invalidation again.
-async fn apply(c: &Catalog, write: CatalogWrite) -> Result<WriteResult, ApiError> {
-    let id = write.op.book_id();
-    if !c.store.contains(id) {
-        return Err(CatalogError::UnknownBook(id).into());
-    }
-    let request_id = write.request_id.clone();
-    let result = c.store.write(write).await?;
+/// The one write path: the replicated log (committed on the view, applied),
+/// then cache invalidation at every frontend, then the answer. A retried
+/// request id gets its first answer, and its invalidation again.
+async fn apply(c: &Catalog, write: CatalogWrite) -> Result<Json<WriteResult>, Response> {
+    let (reply, rx) = oneshot::channel();
+    c.send(Input::Write { write, reply }).map_err(IntoResponse::into_response)?;
+    let result = match rx.await {
+        Ok(Ok(r)) => r,
+        Ok(Err(WriteError::NotPrimary { primary })) => return Err(c.not_primary(primary)),
+        Ok(Err(WriteError::UnknownBook(id))) => return Err(ApiError::not_found(format!("no book with id {id}")).into_response()),
+        Ok(Err(WriteError::Unavailable(why))) => return Err(ApiError::unavailable(why).into_response()),
+        Err(_) => return Err(ApiError::unavailable("this replica is stopping").into_response()),
+    };
     if !matches!(result.outcome, Outcome::OutOfStock { .. }) {
         let book_id = match &result.outcome {
             Outcome::Bought { book_id, .. } | Outcome::OutOfStock { book_id, .. } => *book_id,
             Outcome::Updated { book } => book.id,
         };
-        c.invalidator.invalidate(Invalidation { book_id, version: result.version }).await;
+        let inv = c.invalidator.read().unwrap_or_else(|p| p.into_inner()).as_ref().map(|(_, i)| i.clone());
+        match inv {
+            Some(inv) => inv.invalidate(Invalidation { book_id, version: result.version }).await,
+            // Committed, but no longer primary: the next primary answers the
+            // retry (same request id) and invalidates then.
+            None => return Err(ApiError::unavailable("primaryship changed; retry with the same request id").into_response()),
+        }
     }
-    tracing::debug!(%request_id, version = %result.version, "write applied");
-    Ok(result)
+    Ok(Json(result))
 }
 
-async fn write(State(c): State<Shared>, JsonBody(w): JsonBody<CatalogWrite>) -> Result<Json<WriteResult>, ApiError> {
-    Ok(Json(apply(&c, w).await?))
+async fn write(State(c): State<Shared_>, JsonBody(w): JsonBody<CatalogWrite>) -> Result<Json<WriteResult>, Response> {
+    apply(&c, w).await
 }
 
-async fn update(State(c): State<Shared>, JsonBody(u): JsonBody<UpdateRequest>) -> Result<Json<WriteResult>, ApiError> {
+async fn update(State(c): State<Shared_>, JsonBody(u): JsonBody<UpdateRequest>) -> Result<Json<WriteResult>, Response> {
     if u.stock.is_none() && u.cost.is_none() {
-        return Err(ApiError::bad_request("nothing to update: give stock and/or cost"));
+        return Err(ApiError::bad_request("nothing to update: give stock and/or cost").into_response());
     }
     if u.stock.is_some_and(|s| s > MAX_STOCK) {
-        return Err(ApiError::bad_request(format!("stock must be at most {MAX_STOCK}")));
+        return Err(ApiError::bad_request(format!("stock must be at most {MAX_STOCK}")).into_response());
     }
     let request_id = match u.request_id {
         Some(r) => r,
-        None => RequestId::parse(&format!("u:{}", uuid::Uuid::new_v4().simple()))?,
+        None => RequestId::parse(&format!("u:{}", uuid::Uuid::new_v4().simple())).map_err(|e| ApiError::from(e).into_response())?,
     };
     let w = CatalogWrite { request_id, op: CatalogOp::Update { book_id: u.id, stock: u.stock, cost: u.cost } };
-    Ok(Json(apply(&c, w).await?))
+    apply(&c, w).await
 }
 
-async fn cache_lease(State(c): State<Shared>, JsonBody(r): JsonBody<LeaseRequest>) -> Result<Json<LeaseGrant>, ApiError> {
-    Ok(Json(c.invalidator.grant(&r.frontend, c.store.version())?))
+async fn cache_lease(State(c): State<Shared_>, JsonBody(r): JsonBody<LeaseRequest>) -> Result<Json<LeaseGrant>, Response> {
+    let g = *c.shared.gate.borrow();
+    let inv = c.invalidator.read().unwrap_or_else(|p| p.into_inner()).clone();
+    match inv {
+        Some((epoch, inv)) if g.primary_ready && g.epoch == epoch && c.shared.read_gate(Version::default()) == ReadGate::Serve => {
+            let version = *c.shared.applied.borrow();
+            inv.grant(&r.frontend, version).map(Json).map_err(|e| ApiError::from(e).into_response())
+        }
+        _ => Err(c.not_primary(g.primary)),
+    }
 }
 
-async fn status(State(c): State<Shared>) -> Json<NodeStatus> {
-    Json(NodeStatus {
+async fn status(State(c): State<Shared_>) -> Result<Json<NodeStatus>, ApiError> {
+    let (reply, rx) = oneshot::channel();
+    if c.send(Input::Status { reply }).is_err() {
+        // Still deciding how to start: report a blank replica.
+        return Ok(Json(NodeStatus {
+            name: c.name.clone(),
+            role: "starting".into(),
+            process_id: c.process_id,
+            epoch: 0,
+            primary: None,
+            applied: *c.shared.applied.borrow(),
+            commit: Version::default(),
+            in_view: false,
+            view: vec![],
+        }));
+    }
+    let s = rx.await.map_err(|_| ApiError::unavailable("this replica is stopping"))?;
+    let role = match s.role {
+        _ if s.learner => "learner",
+        replication::Role::Primary => "primary",
+        replication::Role::Follower => "backup",
+        replication::Role::PreCandidate | replication::Role::Candidate => "candidate",
+    };
+    Ok(Json(NodeStatus {
         name: c.name.clone(),
-        role: "primary".into(),
+        role: role.into(),
         process_id: c.process_id,
-        epoch: c.store.epoch,
-        primary: Some(c.name.clone()),
-        applied: c.store.version(),
-        in_view: true,
-        view: vec![c.name.clone()],
-    })
+        epoch: s.epoch,
+        primary: s.primary.map(|p| c.name_of(p)),
+        applied: store::to_api(s.applied),
+        commit: store::to_api(s.commit),
+        in_view: c.shared.read_gate(Version::default()) != ReadGate::Refuse,
+        view: s.view.iter().map(|p| c.name_of(*p)).collect(),
+    }))
+}
+
+async fn replication_in(State(c): State<Shared_>, JsonBody(batch): JsonBody<ReplicationBatch>) -> Result<Json<Health>, ApiError> {
+    if !c.names.contains_key(&batch.from) || batch.from == c.process_id {
+        return Err(ApiError::bad_request(format!("unknown sender {}", batch.from)));
+    }
+    for msg in batch.messages {
+        c.send(Input::Net { from: batch.from, msg })?;
+    }
+    Ok(Json(Health { message: "OK".into() }))
 }

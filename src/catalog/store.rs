@@ -1,39 +1,37 @@
-//! The catalog's state: books in SQLite (WAL, fsync on commit) and a copy in
-//! memory that reads are served from. Every write goes through one path:
-//! the writer thread applies ops in log order — the stock check and the
-//! decrement of a buy are one step there — records each op with its request
-//! id and outcome in the log (so a request id is applied at most once),
-//! commits the batch durably, and only then publishes the new state and
-//! answers.
+//! A catalog replica's disk: SQLite (WAL, fsync on every commit) holding
+//! both the replication core's durable state and the state machine.
+//!
+//! * `rlog`      — the replicated log (may hold an uncommitted suffix; the
+//!   core says when to truncate it);
+//! * `meta`      — the core's hard state, the applied version;
+//! * `snapshot`  — the latest snapshot (the log before it is compacted);
+//! * `books`     — the state machine: every book with its stock and cost;
+//! * `applied`   — every applied request id with its outcome: exactly once
+//!   is part of the replicated, durable state.
+//!
+//! [`Db::handle`] persists one `Ready` of the core and applies its committed
+//! entries in ONE transaction — one fsync for everything the core produced
+//! since the last one (group commit). The in-memory copy of the books that
+//! reads are served from is updated only after that commit.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
-use tokio::sync::{mpsc, oneshot, watch};
+use serde::{Deserialize, Serialize};
 
 use crate::api::*;
-use crate::storage::{self, Identity, StorageError};
-
-#[derive(Debug, thiserror::Error)]
-pub enum CatalogError {
-    #[error("no book with id {0}")]
-    UnknownBook(BookId),
-    #[error("this replica has not yet applied version {wanted} (it is at {at})")]
-    NotYet { wanted: Version, at: Version },
-    #[error("{0}")]
-    Storage(String),
-}
+use crate::replication::{self, Entry, EntryKind, HardState, Snapshot};
+use crate::storage::{self, StorageError};
 
 /// The state reads are served from. Invariant: it is exactly the committed
-/// content of the database at `version`.
-#[derive(Debug, Default)]
+/// content of `books` at `version`.
+#[derive(Debug, Default, Clone)]
 pub struct State {
     pub books: HashMap<BookId, Book>,
     /// topic slug → title → id
     pub topics: HashMap<String, BTreeMap<String, BookId>>,
+    /// The last applied entry.
     pub version: Version,
 }
 
@@ -47,19 +45,14 @@ impl State {
         }
         self.books.insert(book.id, book);
     }
-}
 
-struct Job {
-    write: CatalogWrite,
-    reply: oneshot::Sender<Result<WriteResult, CatalogError>>,
-}
+    pub fn lookup(&self, id: BookId) -> Option<LookupResponse> {
+        self.books.get(&id).map(|b| LookupResponse::new(b, self.version))
+    }
 
-pub struct CatalogStore {
-    state: Arc<RwLock<State>>,
-    writer: mpsc::Sender<Job>,
-    applied: watch::Receiver<Version>,
-    pub identity: Identity,
-    pub epoch: u64,
+    pub fn search(&self, topic: &TopicSlug) -> SearchResponse {
+        SearchResponse { items: self.topics.get(topic.as_str()).cloned().unwrap_or_default() }
+    }
 }
 
 const SCHEMA: &str = "
@@ -71,254 +64,360 @@ CREATE TABLE IF NOT EXISTS books (
     cost_cents INTEGER NOT NULL CHECK (cost_cents >= 0),
     stock INTEGER NOT NULL CHECK (stock >= 0)
 );
--- Every applied write, in order. request_id is unique: the set of applied
--- request ids, with each one's outcome, is part of the durable state.
-CREATE TABLE IF NOT EXISTS log (
+CREATE TABLE IF NOT EXISTS applied (
+    request_id TEXT PRIMARY KEY,
+    epoch INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    outcome TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rlog (
     seq INTEGER PRIMARY KEY,
     epoch INTEGER NOT NULL,
-    request_id TEXT NOT NULL UNIQUE,
-    op TEXT NOT NULL,
-    outcome TEXT NOT NULL
+    request_id TEXT NOT NULL,
+    op TEXT
+);
+CREATE TABLE IF NOT EXISTS snapshot (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    epoch INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    data BLOB NOT NULL
 );
 ";
 
-impl CatalogStore {
+/// What the core reads back at start-up.
+#[derive(Debug, Default)]
+pub struct Persisted {
+    pub hard_state: HardState,
+    pub snapshot: Option<Snapshot>,
+    pub entries: Vec<Entry>,
+}
+
+impl replication::Storage for Persisted {
+    fn hard_state(&self) -> HardState {
+        self.hard_state.clone()
+    }
+    fn snapshot(&self) -> Option<Snapshot> {
+        self.snapshot.clone()
+    }
+    fn entries(&self) -> Vec<Entry> {
+        self.entries.clone()
+    }
+}
+
+/// One committed entry as applied: its outcome, when it was an operation.
+#[derive(Debug)]
+pub struct AppliedEntry {
+    pub version: Version,
+    pub request_id: String,
+    /// `None` for an epoch start, or an op on an unknown book.
+    pub outcome: Option<Outcome>,
+}
+
+/// The state machine's content, as a snapshot carries it.
+#[derive(Serialize, Deserialize)]
+struct SnapshotData {
+    books: Vec<Book>,
+    /// request id, version, outcome
+    applied: Vec<(String, Version, Outcome)>,
+}
+
+pub struct Db {
+    conn: Connection,
+}
+
+fn to_json(v: &impl Serialize) -> String {
+    serde_json::to_string(v).expect("wire types serialise")
+}
+
+fn corrupt(what: impl std::fmt::Display) -> rusqlite::Error {
+    rusqlite::Error::ToSqlConversionFailure(format!("corrupt catalog data: {what}").into())
+}
+
+fn version_of(epoch: i64, seq: i64) -> Version {
+    Version { epoch: epoch as u64, seq: seq as u64 }
+}
+
+impl Db {
     /// Opens (or creates and seeds) the store in `dir`.
-    pub fn open(dir: &Path, cluster_id: &str, node: &str, seed: impl FnOnce() -> Result<Vec<Book>, String>) -> Result<Self, StorageError> {
-        let identity = storage::claim(dir, "catalog.sqlite", cluster_id, node)?;
+    pub fn open(dir: &Path, seed: impl FnOnce() -> Result<Vec<Book>, String>) -> Result<Self, StorageError> {
         let conn = storage::open(dir, "catalog.sqlite")?;
         conn.execute_batch(SCHEMA)?;
         let empty: bool = conn.query_row("SELECT NOT EXISTS (SELECT 1 FROM books)", [], |r| r.get(0))?;
         if empty {
             let books = seed().map_err(StorageError::Invalid)?;
             let tx = conn.unchecked_transaction()?;
-            {
-                let mut ins = tx.prepare("INSERT INTO books (id, title, topic, cost_cents, stock) VALUES (?1, ?2, ?3, ?4, ?5)")?;
-                for b in &books {
-                    ins.execute(params![b.id.get() as i64, b.title, b.topic, b.cost.cents() as i64, b.stock as i64])?;
-                }
-            }
+            insert_books(&tx, &books)?;
             tx.commit()?;
         }
-        // A single replica starts a new epoch at every start: caches and
-        // readers can tell its new writes from everything before.
-        let epoch: u64 = conn
-            .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| r.get::<_, String>(0))
-            .optional()?
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-            + 1;
-        conn.execute(
-            "INSERT INTO meta (key, value) VALUES ('epoch', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            [epoch.to_string()],
+        Ok(Self { conn })
+    }
+
+    fn meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> rusqlite::Result<Option<T>> {
+        let v: Option<String> = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?;
+        v.map(|v| serde_json::from_str(&v).map_err(corrupt)).transpose()
+    }
+
+    /// Whether the core never persisted anything here.
+    pub fn is_blank(&self) -> rusqlite::Result<bool> {
+        Ok(self.meta::<HardState>("hard_state")?.is_none())
+    }
+
+    /// Records the hard state of a member of a brand-new cluster.
+    pub fn bootstrap(&mut self, hs: &HardState) -> rusqlite::Result<()> {
+        self.conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('hard_state', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [to_json(hs)],
         )?;
+        Ok(())
+    }
+
+    pub fn load_state(&self) -> rusqlite::Result<State> {
         let mut state = State::default();
-        {
-            let mut q = conn.prepare("SELECT id, title, topic, cost_cents, stock FROM books")?;
-            let rows = q.query_map([], read_book)?;
-            for b in rows {
-                state.insert(b?);
+        let mut q = self.conn.prepare("SELECT id, title, topic, cost_cents, stock FROM books")?;
+        for b in q.query_map([], read_book)? {
+            state.insert(b?);
+        }
+        state.version = self.meta("applied")?.unwrap_or_default();
+        Ok(state)
+    }
+
+    pub fn load_persisted(&self) -> rusqlite::Result<Persisted> {
+        let hard_state = self.meta("hard_state")?.unwrap_or_default();
+        let snapshot = self
+            .conn
+            .query_row("SELECT epoch, seq, data FROM snapshot WHERE id = 1", [], |r| {
+                Ok(Snapshot { version: to_core(version_of(r.get(0)?, r.get(1)?)), data: r.get(2)? })
+            })
+            .optional()?;
+        let mut entries = Vec::new();
+        let mut q = self.conn.prepare("SELECT seq, epoch, request_id, op FROM rlog ORDER BY seq")?;
+        let rows = q.query_map([], |r| {
+            let op: Option<String> = r.get(3)?;
+            Ok(Entry {
+                version: to_core(version_of(r.get(1)?, r.get(0)?)),
+                request_id: r.get(2)?,
+                kind: match op {
+                    Some(op) => EntryKind::Op(op.into_bytes()),
+                    None => EntryKind::EpochStart,
+                },
+            })
+        })?;
+        for e in rows {
+            entries.push(e?);
+        }
+        Ok(Persisted { hard_state, snapshot, entries })
+    }
+
+    /// The answer a request id got, if it was applied.
+    pub fn applied_result(&self, request_id: &str) -> rusqlite::Result<Option<WriteResult>> {
+        let row: Option<(String, i64, i64)> = self
+            .conn
+            .prepare_cached("SELECT outcome, epoch, seq FROM applied WHERE request_id = ?1")?
+            .query_row([request_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()?;
+        row.map(|(o, e, s)| {
+            Ok(WriteResult { outcome: serde_json::from_str(&o).map_err(corrupt)?, version: version_of(e, s) })
+        })
+        .transpose()
+    }
+
+    /// Persists a `Ready` and applies its committed entries, in one
+    /// transaction; then brings `state` up to date. Entries at or below the
+    /// applied version (handed out again after a restart) are skipped.
+    pub fn handle(&mut self, rd: &replication::Ready, state: &mut State) -> rusqlite::Result<Vec<AppliedEntry>> {
+        let tx = self.conn.transaction()?;
+        let mut reload = false;
+        if let Some(snap) = &rd.snapshot_to_install {
+            install_snapshot(&tx, snap)?;
+            reload = true;
+        }
+        if let Some(hs) = &rd.hard_state {
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('hard_state', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [to_json(hs)],
+            )?;
+        }
+        if let Some(t) = rd.truncate_after {
+            tx.execute("DELETE FROM rlog WHERE seq > ?1", [t as i64])?;
+        }
+        if !rd.entries.is_empty() {
+            let mut ins = tx.prepare_cached("INSERT OR REPLACE INTO rlog (seq, epoch, request_id, op) VALUES (?1, ?2, ?3, ?4)")?;
+            for e in &rd.entries {
+                let op = match &e.kind {
+                    EntryKind::Op(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
+                    EntryKind::EpochStart => None,
+                };
+                ins.execute(params![e.version.seq as i64, e.version.epoch as i64, e.request_id, op])?;
             }
         }
-        let (last_epoch, last_seq): (u64, u64) = conn.query_row(
-            "SELECT COALESCE(MAX(epoch), 0), COALESCE(MAX(seq), 0) FROM log",
-            [],
-            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
-        )?;
-        state.version = Version { epoch: last_epoch, seq: last_seq };
-        let (applied_tx, applied) = watch::channel(state.version);
-        let state = Arc::new(RwLock::new(state));
-        let mut writer = Writer {
-            state: state.clone(),
-            applied: applied_tx,
-            next_seq: last_seq + 1,
-            epoch,
+        let mut applied = Vec::new();
+        let mut changed: HashMap<BookId, Book> = HashMap::new();
+        let mut version = if reload {
+            rd.snapshot_to_install.as_ref().map(|s| to_api(s.version)).unwrap_or_default()
+        } else {
+            state.version
         };
-        let writer = storage::spawn_writer(node, conn, move |conn, batch| writer.commit(conn, batch));
-        Ok(Self { state, writer, applied, identity, epoch })
-    }
-
-    /// Applies a write through the log; answers once it is durable and visible.
-    pub async fn write(&self, write: CatalogWrite) -> Result<WriteResult, CatalogError> {
-        let (reply, rx) = oneshot::channel();
-        self.writer
-            .send(Job { write, reply })
-            .await
-            .map_err(|_| CatalogError::Storage("the writer has stopped".into()))?;
-        rx.await
-            .map_err(|_| CatalogError::Storage("the writer has stopped".into()))?
-    }
-
-    /// The version this replica has applied.
-    pub fn version(&self) -> Version {
-        *self.applied.borrow()
-    }
-
-    /// Waits (briefly) until the state is at least at `min`.
-    pub async fn wait_for(&self, min: Version, patience: Duration) -> Result<(), CatalogError> {
-        let mut rx = self.applied.clone();
-        let at = *rx.borrow();
-        if at >= min {
-            return Ok(());
+        for e in &rd.committed {
+            if e.version.seq <= version.seq {
+                continue;
+            }
+            let v = to_api(e.version);
+            let outcome = match &e.kind {
+                EntryKind::EpochStart => None,
+                EntryKind::Op(bytes) => apply_op(&tx, state, &mut changed, &e.request_id, bytes, v, reload)?,
+            };
+            version = v;
+            applied.push(AppliedEntry { version: v, request_id: e.request_id.clone(), outcome });
         }
-        match tokio::time::timeout(patience, rx.wait_for(|v| *v >= min)).await {
-            Ok(Ok(_)) => Ok(()),
-            _ => Err(CatalogError::NotYet { wanted: min, at: *self.applied.borrow() }),
+        if version != state.version || reload {
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('applied', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [to_json(&version)],
+            )?;
         }
+        tx.commit()?;
+        if reload {
+            *state = self.load_state()?;
+        } else {
+            for (id, b) in changed {
+                state.books.insert(id, b);
+            }
+            state.version = version;
+        }
+        Ok(applied)
     }
 
-    pub fn lookup(&self, id: BookId) -> Result<LookupResponse, CatalogError> {
-        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
-        state
-            .books
-            .get(&id)
-            .map(|b| LookupResponse::new(b, state.version))
-            .ok_or(CatalogError::UnknownBook(id))
+    /// The state machine at its applied version, as snapshot bytes.
+    pub fn snapshot_bytes(&self, state: &State) -> rusqlite::Result<Vec<u8>> {
+        let mut q = self.conn.prepare("SELECT request_id, epoch, seq, outcome FROM applied")?;
+        let mut applied = Vec::new();
+        for row in q.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get::<_, String>(3)?)))? {
+            let (id, e, s, o) = row?;
+            applied.push((id, version_of(e, s), serde_json::from_str(&o).map_err(corrupt)?));
+        }
+        let mut books: Vec<Book> = state.books.values().cloned().collect();
+        books.sort_by_key(|b| b.id);
+        Ok(serde_json::to_vec(&SnapshotData { books, applied }).expect("snapshot serialises"))
     }
 
-    pub fn search(&self, topic: &TopicSlug) -> SearchResponse {
-        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
-        SearchResponse { items: state.topics.get(topic.as_str()).cloned().unwrap_or_default() }
-    }
-
-    pub fn contains(&self, id: BookId) -> bool {
-        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
-        state.books.contains_key(&id)
+    /// Stores a snapshot taken at `version` and drops the log it covers.
+    pub fn store_snapshot(&mut self, snap: &Snapshot) -> rusqlite::Result<()> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT OR REPLACE INTO snapshot (id, epoch, seq, data) VALUES (1, ?1, ?2, ?3)",
+            params![snap.version.epoch as i64, snap.version.seq as i64, snap.data],
+        )?;
+        tx.execute("DELETE FROM rlog WHERE seq <= ?1", [snap.version.seq as i64])?;
+        tx.commit()
     }
 }
 
+pub fn to_api(v: replication::Version) -> Version {
+    Version { epoch: v.epoch, seq: v.seq }
+}
+
+pub fn to_core(v: Version) -> replication::Version {
+    replication::Version { epoch: v.epoch, seq: v.seq }
+}
+
+fn insert_books(tx: &Transaction<'_>, books: &[Book]) -> rusqlite::Result<()> {
+    let mut ins = tx.prepare("INSERT INTO books (id, title, topic, cost_cents, stock) VALUES (?1, ?2, ?3, ?4, ?5)")?;
+    for b in books {
+        ins.execute(params![b.id.get() as i64, b.title, b.topic, b.cost.cents() as i64, b.stock as i64])?;
+    }
+    Ok(())
+}
+
+fn install_snapshot(tx: &Transaction<'_>, snap: &Snapshot) -> rusqlite::Result<()> {
+    let data: SnapshotData = serde_json::from_slice(&snap.data).map_err(corrupt)?;
+    tx.execute("DELETE FROM books", [])?;
+    tx.execute("DELETE FROM applied", [])?;
+    tx.execute("DELETE FROM rlog", [])?;
+    insert_books(tx, &data.books)?;
+    let mut ins = tx.prepare("INSERT INTO applied (request_id, epoch, seq, outcome) VALUES (?1, ?2, ?3, ?4)")?;
+    for (id, v, o) in &data.applied {
+        ins.execute(params![id, v.epoch as i64, v.seq as i64, to_json(o)])?;
+    }
+    tx.execute(
+        "INSERT OR REPLACE INTO snapshot (id, epoch, seq, data) VALUES (1, ?1, ?2, ?3)",
+        params![snap.version.epoch as i64, snap.version.seq as i64, snap.data],
+    )?;
+    Ok(())
+}
+
+/// Applies one operation: the state machine. Deterministic, so every
+/// replica computes the same outcome; a request id applied before returns
+/// its stored outcome and changes nothing; a buy checks and decrements the
+/// stock in one step.
+fn apply_op(
+    tx: &Transaction<'_>,
+    state: &State,
+    changed: &mut HashMap<BookId, Book>,
+    request_id: &str,
+    bytes: &[u8],
+    version: Version,
+    reloaded: bool,
+) -> rusqlite::Result<Option<Outcome>> {
+    let stored: Option<String> = tx
+        .prepare_cached("SELECT outcome FROM applied WHERE request_id = ?1")?
+        .query_row([request_id], |r| r.get(0))
+        .optional()?;
+    if let Some(o) = stored {
+        return Ok(Some(serde_json::from_str(&o).map_err(corrupt)?));
+    }
+    let Ok(op) = serde_json::from_slice::<CatalogOp>(bytes) else {
+        return Ok(None);
+    };
+    let id = op.book_id();
+    let current = match changed.get(&id) {
+        Some(b) => Some(b.clone()),
+        None if reloaded => tx
+            .prepare_cached("SELECT id, title, topic, cost_cents, stock FROM books WHERE id = ?1")?
+            .query_row([id.get() as i64], read_book)
+            .optional()?,
+        None => state.books.get(&id).cloned(),
+    };
+    let Some(mut book) = current else {
+        return Ok(None);
+    };
+    let outcome = match op {
+        CatalogOp::Buy { .. } if book.stock > 0 => {
+            book.stock -= 1;
+            Outcome::Bought { book_id: id, title: book.title.clone(), price: book.cost, order_id: version.seq }
+        }
+        CatalogOp::Buy { .. } => Outcome::OutOfStock { book_id: id, title: book.title.clone() },
+        CatalogOp::Update { stock, cost, .. } => {
+            if let Some(s) = stock {
+                book.stock = s;
+            }
+            if let Some(c) = cost {
+                book.cost = c;
+            }
+            Outcome::Updated { book: book.clone() }
+        }
+    };
+    if !matches!(outcome, Outcome::OutOfStock { .. }) {
+        tx.prepare_cached("UPDATE books SET stock = ?1, cost_cents = ?2 WHERE id = ?3")?
+            .execute(params![book.stock as i64, book.cost.cents() as i64, id.get() as i64])?;
+        changed.insert(id, book);
+    }
+    tx.prepare_cached("INSERT INTO applied (request_id, epoch, seq, outcome) VALUES (?1, ?2, ?3, ?4)")?
+        .execute(params![request_id, version.epoch as i64, version.seq as i64, to_json(&outcome)])?;
+    Ok(Some(outcome))
+}
+
 fn read_book(r: &rusqlite::Row<'_>) -> rusqlite::Result<Book> {
-    let bad = |i, what: &str| rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Integer, what.into());
     let id: i64 = r.get(0)?;
     let cost: i64 = r.get(3)?;
     let stock: i64 = r.get(4)?;
     Ok(Book {
-        id: BookId::new(id as u64).map_err(|e| bad(0, &e.0))?,
+        id: BookId::new(id as u64).map_err(|e| corrupt(e.0))?,
         title: r.get(1)?,
         topic: r.get(2)?,
-        cost: Money::from_cents(cost as u64).map_err(|e| bad(3, &e.0))?,
-        stock: u64::try_from(stock).map_err(|_| bad(4, "negative stock"))?,
+        cost: Money::from_cents(cost as u64).map_err(|e| corrupt(e.0))?,
+        stock: u64::try_from(stock).map_err(|_| corrupt("negative stock"))?,
     })
-}
-
-/// The writer thread's state.
-struct Writer {
-    state: Arc<RwLock<State>>,
-    applied: watch::Sender<Version>,
-    /// The seq the next logged op gets.
-    next_seq: u64,
-    epoch: u64,
-}
-
-impl Writer {
-    fn commit(&mut self, conn: &mut Connection, batch: Vec<Job>) {
-        let start_seq = self.next_seq;
-        let mut overlay: HashMap<BookId, Book> = HashMap::new();
-        let mut fresh: HashMap<RequestId, WriteResult> = HashMap::new();
-        let outcome = (|| -> rusqlite::Result<Vec<Result<WriteResult, CatalogError>>> {
-            let tx = conn.transaction()?;
-            let mut results = Vec::with_capacity(batch.len());
-            {
-                let shared = self.state.clone();
-                let state = shared.read().unwrap_or_else(|p| p.into_inner());
-                for job in &batch {
-                    results.push(self.apply(&tx, &state, &mut overlay, &mut fresh, &job.write)?);
-                }
-            }
-            tx.commit()?;
-            Ok(results)
-        })();
-        match outcome {
-            Ok(results) => {
-                if !overlay.is_empty() || self.next_seq != start_seq {
-                    let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
-                    for (id, book) in overlay {
-                        state.books.insert(id, book);
-                    }
-                    state.version = Version { epoch: self.epoch, seq: self.next_seq - 1 };
-                    let v = state.version;
-                    drop(state);
-                    self.applied.send_replace(v);
-                }
-                for (job, r) in batch.into_iter().zip(results) {
-                    let _ = job.reply.send(r);
-                }
-            }
-            Err(e) => {
-                self.next_seq = start_seq;
-                tracing::error!(error = %e, "catalog commit failed; {} writes refused", batch.len());
-                for job in batch {
-                    let _ = job.reply.send(Err(CatalogError::Storage(format!("commit failed: {e}"))));
-                }
-            }
-        }
-    }
-
-    /// Applies one op inside the batch's transaction. The inner `Err` is an
-    /// answer to the client (unknown book); the outer one aborts the batch.
-    fn apply(
-        &mut self,
-        tx: &Transaction<'_>,
-        state: &State,
-        overlay: &mut HashMap<BookId, Book>,
-        fresh: &mut HashMap<RequestId, WriteResult>,
-        write: &CatalogWrite,
-    ) -> rusqlite::Result<Result<WriteResult, CatalogError>> {
-        if let Some(r) = fresh.get(&write.request_id) {
-            return Ok(Ok(r.clone()));
-        }
-        let stored: Option<(String, i64, i64)> = tx
-            .prepare_cached("SELECT outcome, epoch, seq FROM log WHERE request_id = ?1")?
-            .query_row([write.request_id.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .optional()?;
-        if let Some((outcome, epoch, seq)) = stored {
-            let outcome: Outcome = serde_json::from_str(&outcome)
-                .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-            let version = Version { epoch: epoch as u64, seq: seq as u64 };
-            return Ok(Ok(WriteResult { outcome, version }));
-        }
-        let id = write.op.book_id();
-        let Some(mut book) = overlay.get(&id).or_else(|| state.books.get(&id)).cloned() else {
-            return Ok(Err(CatalogError::UnknownBook(id)));
-        };
-        let seq = self.next_seq;
-        let version = Version { epoch: self.epoch, seq };
-        let outcome = match &write.op {
-            CatalogOp::Buy { .. } if book.stock > 0 => {
-                book.stock -= 1;
-                Outcome::Bought { book_id: id, title: book.title.clone(), price: book.cost, order_id: seq }
-            }
-            CatalogOp::Buy { .. } => Outcome::OutOfStock { book_id: id, title: book.title.clone() },
-            CatalogOp::Update { stock, cost, .. } => {
-                if let Some(s) = stock {
-                    book.stock = *s;
-                }
-                if let Some(c) = cost {
-                    book.cost = *c;
-                }
-                Outcome::Updated { book: book.clone() }
-            }
-        };
-        if !matches!(outcome, Outcome::OutOfStock { .. }) {
-            tx.prepare_cached("UPDATE books SET stock = ?1, cost_cents = ?2 WHERE id = ?3")?
-                .execute(params![book.stock as i64, book.cost.cents() as i64, id.get() as i64])?;
-            overlay.insert(id, book);
-        }
-        tx.prepare_cached("INSERT INTO log (seq, epoch, request_id, op, outcome) VALUES (?1, ?2, ?3, ?4, ?5)")?
-            .execute(params![
-                seq as i64,
-                self.epoch as i64,
-                write.request_id.as_str(),
-                to_json(&write.op),
-                to_json(&outcome)
-            ])?;
-        self.next_seq += 1;
-        let result = WriteResult { outcome, version };
-        fresh.insert(write.request_id.clone(), result.clone());
-        Ok(Ok(result))
-    }
-}
-
-fn to_json(v: &impl serde::Serialize) -> String {
-    serde_json::to_string(v).expect("wire types serialise")
 }

@@ -93,7 +93,7 @@ pub async fn run(
         cache = if opts.no_cache { "off" } else { "on" },
         "frontend {name} serving"
     );
-    h::serve(listener, app, &cfg.limits, shutdown).await?;
+    h::serve(listener, app, cfg.limits.clone(), shutdown).await?;
     tracing::info!("frontend {name} stopped");
     Ok(())
 }

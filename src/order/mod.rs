@@ -56,7 +56,7 @@ pub async fn run(
         .route("/log", get(log));
     let app = h::finish(h::internal(routes, &cfg.token).with_state(state), &cfg.limits);
     tracing::info!(addr = %listener.local_addr()?, data_dir = %dir.display(), "order {name} serving");
-    h::serve(listener, app, &cfg.limits, shutdown).await?;
+    h::serve(listener, app, cfg.limits.clone(), shutdown).await?;
     tracing::info!("order {name} stopped");
     Ok(())
 }

@@ -62,7 +62,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Self { catalogs: 1, no_cache: false, tweak: |_| {} }
+        Self { catalogs: 3, no_cache: false, tweak: |_| {} }
     }
 }
 
@@ -193,25 +193,75 @@ impl TestCluster {
         self.procs[name].id()
     }
 
+    /// Whether `name`'s process is running (as far as this harness knows).
+    pub fn is_running(&self, name: &str) -> bool {
+        self.procs.contains_key(name)
+    }
+
+    /// The catalog replica that is primary and serves, waiting for one.
+    pub async fn primary(&self) -> String {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            for name in self.names(Role::Catalog) {
+                if !self.is_running(&name) {
+                    continue;
+                }
+                let c = self.catalog(&name);
+                if let Ok(s) = c.status().await
+                    && s.role == "primary"
+                    && c.lookup(BookId::new(1).unwrap(), None).await.is_ok()
+                {
+                    return name;
+                }
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no catalog primary within 30 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Calls `f` until it succeeds (30 s at most).
+    pub async fn retry<T, F, Fut>(&self, what: &str, mut f: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, pygmy::client::ClientError>>,
+    {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match f().await {
+                Ok(v) => return v,
+                Err(e) => {
+                    assert!(tokio::time::Instant::now() < deadline, "{what}: still failing after 30 s: {e}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    }
+
+    /// A book as the catalog primary holds it.
+    pub async fn book(&self, id: u64) -> LookupResponse {
+        let p = self.primary().await;
+        let c = self.catalog(&p);
+        self.retry("read from the primary", || c.lookup(BookId::new(id).unwrap(), None)).await
+    }
+
     /// Every book as the catalog primary holds it.
     pub async fn books(&self) -> Vec<LookupResponse> {
-        let c = self.catalog("catalog-1");
         let mut out = Vec::new();
         for id in 1..=7 {
-            out.push(c.lookup(BookId::new(id).unwrap(), None).await.unwrap());
+            out.push(self.book(id).await);
         }
         out
     }
 
     pub async fn stock(&self, id: u64) -> u64 {
-        self.catalog("catalog-1").lookup(BookId::new(id).unwrap(), None).await.unwrap().stock
+        self.book(id).await.stock
     }
 
     pub async fn set_stock(&self, id: u64, stock: u64) {
-        self.catalog("catalog-1")
-            .update(&UpdateRequest { id: BookId::new(id).unwrap(), stock: Some(stock), cost: None, request_id: None })
-            .await
-            .unwrap();
+        let p = self.primary().await;
+        let c = self.catalog(&p);
+        let u = UpdateRequest { id: BookId::new(id).unwrap(), stock: Some(stock), cost: None, request_id: None };
+        self.retry("update at the primary", || c.update(&u)).await;
     }
 
     /// Total orders in every order replica's log.

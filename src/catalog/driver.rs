@@ -1,0 +1,368 @@
+//! The thin driver of a catalog replica: one OS thread owns the replication
+//! core ([`Replica`]) and the disk ([`Db`]). It feeds the core ticks,
+//! messages and writes; persists what the core asks (before sending
+//! anything that depends on it); sends the core's messages; applies
+//! committed entries; answers the writes they complete; and publishes what
+//! readers need (the applied state and how long this replica may serve
+//! reads) so reads never wait for the thread.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::store::{self, Db, State};
+use crate::api::*;
+use crate::replication::{self, Message, NodeId, ProposeError, ReadGate, Replica, Role};
+
+/// Why a write was not done.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WriteError {
+    #[error("no book with id {0}")]
+    UnknownBook(BookId),
+    #[error("this replica is not the primary")]
+    NotPrimary { primary: Option<NodeId> },
+    /// Retry, with the same request id (here later, or at another replica).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+pub enum Input {
+    Net { from: NodeId, msg: Message },
+    Write { write: CatalogWrite, reply: oneshot::Sender<Result<WriteResult, WriteError>> },
+    Status { reply: oneshot::Sender<replication::Status> },
+}
+
+/// What readers see, published by the driver after every step.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Gate {
+    /// Reads may be served until this instant (driver clock, ms); `None`: not now.
+    pub serve_until: Option<u64>,
+    pub role: Option<Role>,
+    pub epoch: u64,
+    pub primary: Option<NodeId>,
+    /// This replica is a primary that may answer writes (epoch start
+    /// committed, old leases run out).
+    pub primary_ready: bool,
+}
+
+/// The driver's clock: milliseconds since the process started it.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock(Instant);
+
+impl Clock {
+    pub fn new() -> Self {
+        Clock(Instant::now())
+    }
+    pub fn now_ms(&self) -> u64 {
+        self.0.elapsed().as_millis() as u64
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Shared between the driver thread and the HTTP handlers.
+pub struct Shared {
+    pub state: RwLock<Arc<State>>,
+    pub gate: watch::Sender<Gate>,
+    pub applied: watch::Sender<Version>,
+    pub clock: Clock,
+}
+
+impl Shared {
+    pub fn state(&self) -> Arc<State> {
+        self.state.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// May this replica serve a read at least at `min` now?
+    pub fn read_gate(&self, min: Version) -> ReadGate {
+        let g = *self.gate.borrow();
+        match g.serve_until {
+            Some(until) if self.clock.now_ms() < until => {
+                if self.applied.borrow().seq >= min.seq { ReadGate::Serve } else { ReadGate::NotYet }
+            }
+            _ => ReadGate::Refuse,
+        }
+    }
+}
+
+struct Waiter {
+    request_id: String,
+    reply: oneshot::Sender<Result<WriteResult, WriteError>>,
+}
+
+pub struct Driver {
+    replica: Replica,
+    db: Db,
+    state: State,
+    shared: Arc<Shared>,
+    inputs: std::sync::mpsc::Receiver<Input>,
+    outbox: mpsc::UnboundedSender<(NodeId, Message)>,
+    /// Writes proposed here, by the seq their entry got.
+    pending: HashMap<u64, Vec<Waiter>>,
+    /// Request ids in flight → their seq, so a retry joins the first proposal.
+    in_flight: HashMap<String, u64>,
+    names: HashMap<NodeId, String>,
+    tick: Duration,
+    last_status: Option<replication::Status>,
+}
+
+impl Driver {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        replica: Replica,
+        db: Db,
+        state: State,
+        shared: Arc<Shared>,
+        inputs: std::sync::mpsc::Receiver<Input>,
+        outbox: mpsc::UnboundedSender<(NodeId, Message)>,
+        names: HashMap<NodeId, String>,
+        tick: Duration,
+    ) -> Self {
+        Self {
+            replica,
+            db,
+            state,
+            shared,
+            inputs,
+            outbox,
+            pending: HashMap::new(),
+            in_flight: HashMap::new(),
+            names,
+            tick,
+            last_status: None,
+        }
+    }
+
+    fn name(&self, id: NodeId) -> String {
+        self.names.get(&id).cloned().unwrap_or_else(|| format!("replica {id}"))
+    }
+
+    /// Runs until every sender of inputs is gone.
+    pub fn run(mut self) {
+        let mut next_tick = Instant::now();
+        loop {
+            let timeout = next_tick.saturating_duration_since(Instant::now());
+            match self.inputs.recv_timeout(timeout) {
+                Ok(input) => {
+                    self.input(input);
+                    // Take everything already waiting: one fsync for all of it.
+                    for _ in 0..4096 {
+                        match self.inputs.try_recv() {
+                            Ok(i) => self.input(i),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+            if Instant::now() >= next_tick {
+                self.replica.tick(self.shared.clock.now_ms());
+                next_tick = Instant::now() + self.tick;
+            }
+            if let Err(e) = self.advance() {
+                // The disk failed: nothing more can be made durable. Stop
+                // rather than acknowledge what is not on disk.
+                tracing::error!(error = %e, "catalog storage failed; stopping this replica");
+                std::process::exit(70);
+            }
+        }
+    }
+
+    fn input(&mut self, input: Input) {
+        let now = self.shared.clock.now_ms();
+        match input {
+            Input::Net { from, msg } => self.replica.step(now, from, msg),
+            Input::Status { reply } => {
+                let _ = reply.send(self.replica.status());
+            }
+            Input::Write { write, reply } => self.write(now, write, reply),
+        }
+    }
+
+    fn write(&mut self, now: u64, write: CatalogWrite, reply: oneshot::Sender<Result<WriteResult, WriteError>>) {
+        let id = write.op.book_id();
+        if !self.state.books.contains_key(&id) {
+            let _ = reply.send(Err(WriteError::UnknownBook(id)));
+            return;
+        }
+        let rid = write.request_id.as_str().to_string();
+        if self.replica.role() != Role::Primary {
+            let _ = reply.send(Err(WriteError::NotPrimary { primary: self.replica.status().primary }));
+            return;
+        }
+        if self.replica.is_primary_ready() {
+            match self.db.applied_result(&rid) {
+                Ok(Some(first)) => {
+                    let _ = reply.send(Ok(first));
+                    return;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let _ = reply.send(Err(WriteError::Unavailable(format!("storage: {e}"))));
+                    return;
+                }
+            }
+        }
+        if let Some(seq) = self.in_flight.get(&rid) {
+            self.pending.entry(*seq).or_default().push(Waiter { request_id: rid, reply });
+            return;
+        }
+        let op = serde_json::to_vec(&write.op).expect("ops serialise");
+        match self.replica.propose(now, rid.clone(), op) {
+            Ok(v) => {
+                self.in_flight.insert(rid.clone(), v.seq);
+                self.pending.entry(v.seq).or_default().push(Waiter { request_id: rid, reply });
+            }
+            Err(ProposeError::NotPrimary { primary }) => {
+                let _ = reply.send(Err(WriteError::NotPrimary { primary }));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(WriteError::Unavailable(e.to_string())));
+            }
+        }
+    }
+
+    /// Persist, send, apply, answer, publish.
+    fn advance(&mut self) -> rusqlite::Result<()> {
+        let rd = self.replica.ready();
+        if !rd.is_empty() {
+            if let Some(s) = &rd.snapshot_to_install {
+                tracing::info!(version = %store::to_api(s.version), bytes = s.data.len(), "sync received: installing the primary's snapshot");
+            }
+            let applied = self.db.handle(&rd, &mut self.state)?;
+            for (to, msg) in rd.messages {
+                if let Message::InstallSnapshot { .. } = &msg {
+                    tracing::info!(to = %self.name(to), "sync sent: snapshot to a replica too far behind");
+                }
+                let _ = self.outbox.send((to, msg));
+            }
+            if !applied.is_empty() || rd.snapshot_to_install.is_some() {
+                self.publish_state();
+            }
+            for a in applied {
+                self.answer(a);
+            }
+            if rd.need_snapshot {
+                let bytes = self.db.snapshot_bytes(&self.state)?;
+                let v = store::to_core(self.state.version);
+                if self.replica.snapshot_taken(v, bytes.clone()) {
+                    self.db.store_snapshot(&replication::Snapshot { version: v, data: bytes })?;
+                }
+            }
+        }
+        if self.replica.role() != Role::Primary && !self.pending.is_empty() {
+            let primary = self.replica.status().primary;
+            for (_, ws) in self.pending.drain() {
+                for w in ws {
+                    let _ = w.reply.send(Err(WriteError::NotPrimary { primary }));
+                }
+            }
+            self.in_flight.clear();
+        }
+        self.publish_gate();
+        self.log_changes();
+        Ok(())
+    }
+
+    fn answer(&mut self, a: store::AppliedEntry) {
+        let Some(waiters) = self.pending.remove(&a.version.seq) else { return };
+        self.in_flight.retain(|_, s| *s != a.version.seq);
+        for w in waiters {
+            let r = match (&a.outcome, w.request_id == a.request_id) {
+                (Some(o), true) => Ok(WriteResult { outcome: o.clone(), version: a.version }),
+                // The entry this write had was replaced in a view change.
+                _ => Err(WriteError::Unavailable("the write was superseded; retry with the same request id".into())),
+            };
+            let _ = w.reply.send(r);
+        }
+    }
+
+    fn publish_state(&self) {
+        *self.shared.state.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(self.state.clone());
+        self.shared.applied.send_replace(self.state.version);
+    }
+
+    fn publish_gate(&self) {
+        let now = self.shared.clock.now_ms();
+        let st = self.replica.status();
+        let gate = Gate {
+            serve_until: serve_until(&self.replica, now, self.replica.config().lease_ms),
+            role: Some(st.role),
+            epoch: st.epoch,
+            primary: st.primary,
+            primary_ready: self.replica.is_primary_ready(),
+        };
+        self.shared.gate.send_if_modified(|g| {
+            let changed = *g != gate;
+            *g = gate;
+            changed
+        });
+    }
+
+    /// One readable line per fault-tolerance event.
+    fn log_changes(&mut self) {
+        let now = self.replica.status();
+        let Some(before) = self.last_status.replace(now.clone()) else {
+            tracing::info!(epoch = now.epoch, role = ?now.role, learner = now.learner, "replica started");
+            return;
+        };
+        if now.epoch != before.epoch && now.role == Role::Candidate {
+            tracing::info!(epoch = now.epoch, "election started for epoch {}", now.epoch);
+        }
+        if now.role != before.role || now.primary != before.primary {
+            match (now.role, now.primary) {
+                (Role::Primary, _) => tracing::info!(epoch = now.epoch, "election won: primary for epoch {}", now.epoch),
+                (_, Some(p)) if Some(p) != before.primary => {
+                    tracing::info!(epoch = now.epoch, primary = %self.name(p), "following primary {} in epoch {}", self.name(p), now.epoch)
+                }
+                (_, None) if before.primary.is_some() => tracing::info!(epoch = now.epoch, "primary {} lost; no primary known", before.primary.map(|p| self.name(p)).unwrap_or_default()),
+                _ => {}
+            }
+        }
+        if now.view != before.view && now.role == Role::Primary {
+            let names: Vec<String> = now.view.iter().map(|i| self.name(*i)).collect();
+            for gone in before.view.iter().filter(|i| !now.view.contains(i)) {
+                tracing::info!(replica = %self.name(*gone), "peer {} detected down or lagging: dropped from the view", self.name(*gone));
+            }
+            tracing::info!(epoch = now.epoch, view = ?names, "new view announced: {}", names.join(", "));
+        }
+        if now.learner != before.learner && !now.learner {
+            tracing::info!("caught up: this replica (new data directory) is a voter again");
+        }
+        if now.transferring_to != before.transferring_to
+            && let Some(t) = now.transferring_to
+        {
+            tracing::info!(to = %self.name(t), "takeover: handing primaryship to recovered higher-id replica {}", self.name(t));
+        }
+    }
+}
+
+/// The last instant (driver clock) up to which the core would serve reads,
+/// if it would serve one now. The core only says yes/no for an instant; its
+/// answer is "yes" on one interval, so a binary search finds the end.
+fn serve_until(r: &Replica, now: u64, lease_ms: u64) -> Option<u64> {
+    let v0 = replication::Version::default();
+    if r.read_gate(now, v0) != ReadGate::Serve {
+        return None;
+    }
+    let (mut lo, mut hi) = (now, now + 4 * lease_ms.max(1));
+    if r.read_gate(hi, v0) == ReadGate::Serve {
+        return Some(hi);
+    }
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if r.read_gate(mid, v0) == ReadGate::Serve {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Some(hi)
+}

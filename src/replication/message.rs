@@ -1,0 +1,167 @@
+//! Wire types: log entries, snapshots and the messages replicas exchange.
+//!
+//! Everything here is `Serialize + Deserialize`; the driver sends messages as
+//! JSON. Every message carries the sender's `epoch` and `inc` (incarnation):
+//! [`crate::replication::Replica::step`] rejects stale ones in one place.
+
+use serde::{Deserialize, Serialize};
+
+/// Position of a committed write: the epoch of the primary that created the
+/// entry and its global log index. Ordered lexicographically.
+#[derive(
+    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize, Default,
+)]
+pub struct Version {
+    pub epoch: u64,
+    pub seq: u64,
+}
+
+impl Version {
+    pub const fn new(epoch: u64, seq: u64) -> Self {
+        Version { epoch, seq }
+    }
+}
+
+/// What a log entry carries. The core never interprets `Op` bytes.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum EntryKind {
+    /// An operation for the driver's state machine.
+    Op(Vec<u8>),
+    /// Written by a new primary before it answers anything; commits every
+    /// entry it inherited.
+    EpochStart,
+}
+
+/// One log entry.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Entry {
+    /// `epoch` = epoch of the primary that created it; `seq` = log index
+    /// (1-based, contiguous).
+    pub version: Version,
+    /// The client's request id (exactly-once is enforced at apply time by the
+    /// driver's state machine, which remembers applied ids and their results).
+    pub request_id: String,
+    pub kind: EntryKind,
+}
+
+/// A snapshot of the driver's state machine after applying every entry up to
+/// and including `version` (opaque bytes, produced and consumed by the driver;
+/// it must contain the applied request ids with their results).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub version: Version,
+    pub data: Vec<u8>,
+}
+
+/// A timestamp a backup put in a reply, echoed back by the primary. `boot`
+/// identifies the backup's process life (its monotonic clock restarts with
+/// the process), `at` is the backup's clock when it sent the reply.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Echo {
+    pub boot: u64,
+    pub at: u64,
+}
+
+/// Messages between replicas. `epoch` is the sender's current epoch (for a
+/// `PreVote`, the epoch it would leave), `inc` the sender's incarnation.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum Message {
+    /// "Would you vote for me in `epoch + 1`?" Changes nothing at the receiver.
+    PreVote {
+        epoch: u64,
+        inc: u64,
+        log_epoch: u64,
+        last_seq: u64,
+    },
+    /// `epoch` = the epoch the pre-vote was asked in (when granted), else the
+    /// voter's epoch.
+    PreVoteReply {
+        epoch: u64,
+        inc: u64,
+        granted: bool,
+    },
+    /// A candidate for `epoch` asks for a vote. `transfer` = the primary of
+    /// `epoch - 1` handed over to this candidate (voters skip the lease check).
+    Vote {
+        epoch: u64,
+        inc: u64,
+        log_epoch: u64,
+        last_seq: u64,
+        transfer: bool,
+    },
+    /// `lease_wait_ms`: how long, from the voter's point of view, a lease
+    /// granted by an earlier primary may still run (with the drift margin).
+    VoteReply {
+        epoch: u64,
+        inc: u64,
+        granted: bool,
+        lease_wait_ms: u64,
+    },
+    /// Entries (possibly none: a heartbeat) after `prev`, the commit index,
+    /// and a lease grant of `lease_ms` counted from `echo.at` on the
+    /// receiver's clock (0 = no lease).
+    Append {
+        epoch: u64,
+        inc: u64,
+        prev: Version,
+        entries: Vec<Entry>,
+        commit: u64,
+        /// primary's clock when sent; echoed in the reply
+        sent_at: u64,
+        echo: Option<Echo>,
+        lease_ms: u64,
+    },
+    /// `ok`: the log matched `prev`; `match_seq` is then durable and equal to
+    /// the primary's log. On `!ok`, `last_seq` hints where to resume.
+    AppendReply {
+        epoch: u64,
+        inc: u64,
+        ok: bool,
+        match_seq: u64,
+        last_seq: u64,
+        learner: bool,
+        sent_at_echo: u64,
+        echo: Echo,
+    },
+    /// Catch-up for a backup too far behind: the primary's latest snapshot.
+    InstallSnapshot {
+        epoch: u64,
+        inc: u64,
+        snapshot: Snapshot,
+        commit: u64,
+        sent_at: u64,
+    },
+    /// Leadership transfer: the primary of `epoch` tells the receiver to start
+    /// an election now.
+    TimeoutNow { epoch: u64, inc: u64 },
+}
+
+impl Message {
+    /// The sender's epoch.
+    pub fn epoch(&self) -> u64 {
+        match self {
+            Message::PreVote { epoch, .. }
+            | Message::PreVoteReply { epoch, .. }
+            | Message::Vote { epoch, .. }
+            | Message::VoteReply { epoch, .. }
+            | Message::Append { epoch, .. }
+            | Message::AppendReply { epoch, .. }
+            | Message::InstallSnapshot { epoch, .. }
+            | Message::TimeoutNow { epoch, .. } => *epoch,
+        }
+    }
+
+    /// The sender's incarnation.
+    pub fn inc(&self) -> u64 {
+        match self {
+            Message::PreVote { inc, .. }
+            | Message::PreVoteReply { inc, .. }
+            | Message::Vote { inc, .. }
+            | Message::VoteReply { inc, .. }
+            | Message::Append { inc, .. }
+            | Message::AppendReply { inc, .. }
+            | Message::InstallSnapshot { inc, .. }
+            | Message::TimeoutNow { inc, .. } => *inc,
+        }
+    }
+}

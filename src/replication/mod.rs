@@ -1,0 +1,326 @@
+//! The catalog's replication core: a sans-IO primary-backup protocol.
+//!
+//! [`Replica`] is a value with synchronous methods only. Time arrives as
+//! `now_ms` arguments (a monotonic clock of the calling process), randomness
+//! from a seed in [`Config`], messages through [`Replica::step`], client
+//! writes through [`Replica::propose`]; everything it wants done comes out of
+//! [`Replica::ready`]. The same code runs under the real driver (HTTP + SQLite)
+//! and under the deterministic simulator in `tests/simulation.rs`.
+//!
+//! # The protocol in one page
+//!
+//! Viewstamped Replication (Revisited) with the original system's rule
+//! "highest process id is primary", Raft's votes and log matching, and
+//! PacificA-style leases.
+//!
+//! * **Epochs and votes.** A candidate first asks for a *pre-vote* (which
+//!   changes nothing anywhere), then for votes in `epoch + 1`. A replica
+//!   grants at most one vote per epoch and the driver persists
+//!   `(epoch, voted_for)` before the reply is sent (it is in the same
+//!   `Ready`, and the contract persists before sending). Every message of an
+//!   older epoch is rejected in one place ([`Replica::step`]), answered only
+//!   with our epoch so the sender catches up: a deposed primary cannot commit.
+//!   A replica that heard from a live primary within the lease grants
+//!   nothing (neither pre-votes nor votes), so a partitioned replica cannot
+//!   disrupt a healthy view.
+//! * **Highest id preferred.** Election timeouts are ordered by id (each
+//!   replica waits `2 × heartbeat` more per higher-id replica), a voter
+//!   that granted a pre-vote to a higher-id candidate refuses lower-id ones
+//!   for one election timeout, and a voter refuses a lower-id candidate
+//!   whose log is not ahead of its own (and campaigns itself instead). A
+//!   primary hands over to a higher-id replica that stayed in its view for
+//!   `takeover_after_ms` (a leadership transfer), so a recovered higher-id
+//!   replica takes primaryship back only after it proved healthy: a
+//!   flapping replica never qualifies.
+//! * **Whose state wins.** Logs are compared by `(log_epoch, last seq)`:
+//!   `log_epoch` is the epoch of the primary whose log this replica last
+//!   installed (its whole log is a prefix of that primary's log), not the
+//!   highest epoch seen. A new primary's log is by definition its own
+//!   (`log_epoch = epoch`); it appends an `EpochStart` entry and answers
+//!   nothing (no writes, no reads, no retried requests) before that entry
+//!   commits, which commits everything it inherited.
+//! * **View and commit.** The primary grants a lease to each backup that is
+//!   caught up and acknowledging (the *view*). An entry commits when every
+//!   backup that holds (or may still hold) a lease has it durably *and* a
+//!   majority of all replicas has it durably, and only in the entry's own
+//!   epoch (inherited entries commit with the `EpochStart`). A backup that
+//!   stops acknowledging for `lease/4`, or lags by more than `lease/4` on an
+//!   entry, gets no more leases and stops being required once the last lease
+//!   it was granted surely ran out. Without a majority acknowledging within
+//!   the lease the primary refuses writes ([`ProposeError::NoQuorum`]).
+//! * **Log matching.** Appends carry the `(epoch, seq)` of the preceding
+//!   entry; a backup whose log does not match rejects and the primary backs
+//!   off. A conflicting suffix is truncated, and when a backup first installs
+//!   the log of a new primary it drops whatever lies beyond what that primary
+//!   sent (beyond its commit): an uncommitted suffix never survives a view
+//!   change. Only committed entries are handed out for applying. A backup
+//!   too far behind receives the primary's latest snapshot.
+//! * **Leases (why they are safe with bounded clock drift).** Clocks are
+//!   monotonic and per process; they are never compared across machines,
+//!   only durations are, and durations may differ by a rate up to
+//!   `drift_margin`.
+//!   - *Primary lease*: the primary counts from its own send time `T` of a
+//!     heartbeat acknowledged by a majority; it serves reads until
+//!     `T + lease`. Every acknowledging voter received that heartbeat after
+//!     `T`, so its "last contact with a primary" is later than `T`.
+//!   - *Backup lease*: each reply carries the backup's own clock `S`
+//!     (tagged with a per-process boot id); the primary echoes the latest `S`
+//!     in the next append together with a grant of
+//!     `min(lease, primary's remaining lease)`. The primary sent that append
+//!     after it received the reply, i.e. after `S`, so a backup serving until
+//!     `S + grant` stops before the primary's lease ends and before
+//!     `send time + lease`. The primary stops requiring a backup only
+//!     `lease × (1 + drift)` after the last append that granted it a lease.
+//!     (Counting from the backup's *receive* time would be unsafe: a delayed
+//!     heartbeat would stretch the lease past what the primary assumes.)
+//!   - *New primary*: each vote reports how long, on the voter's clock, an
+//!     earlier primary may still hold a lease (`last contact + lease × (1 +
+//!     drift) − now`); the candidate waits that long from when it *received*
+//!     the vote (later than when it was sent) before accepting writes or
+//!     serving reads. Any majority of voters overlaps the old primary's lease
+//!     majority, and a voter's epoch only grows, so it acknowledged the old
+//!     primary before it voted. A restarted replica assumes it heard from a
+//!     primary at its restart.
+//! * **Versioned reads.** Every commit has a version `(epoch, seq)`;
+//!   [`Replica::read_gate`] answers Serve only with a lease and once the
+//!   asked version is applied, NotYet when only the version is missing.
+//! * **Disk identity.** A replica whose persisted incarnation differs from
+//!   its configured one (a new or restored disk) is a learner: it neither
+//!   votes nor campaigns nor serves reads until it caught up with a primary's
+//!   commit index; it then counts as having voted for that primary in that
+//!   epoch. Incarnations must grow each time a data dir is created; messages
+//!   from an older incarnation than one already seen are ignored, and a
+//!   primary forgets everything a peer acknowledged under an older one.
+//! * **Exactly once** is a property of the log and of apply: every entry
+//!   carries its request id, and the driver's state machine applies an id at
+//!   most once (returning the stored result to a retry).
+//!
+//! # Driving the core (the contract)
+//!
+//! ```text
+//! let mut r = Replica::new(config, &storage, now());
+//! loop {
+//!     match next_event() {
+//!         Tick            => r.tick(now()),                // every few ms
+//!         Net(from, msg)  => r.step(now(), from, msg),
+//!         Write(id, op)   => match r.propose(now(), id, op) {
+//!             Ok(version) => remember (version -> client),
+//!             Err(e)      => answer the client (503 / redirect / retry),
+//!         },
+//!     }
+//!     let rd = r.ready();
+//!     // 1. persist durably, in this order: snapshot_to_install (replaces
+//!     //    the log and the state machine), hard_state, truncate_after
+//!     //    (delete entries with seq > it), entries (append/overwrite)
+//!     // 2. only then send rd.messages (loss, duplication, reordering and
+//!     //    delay are all fine)
+//!     // 3. apply rd.committed in order (skip seq <= your applied seq), then
+//!     //    answer the clients whose versions are now applied
+//!     // 4. if rd.need_snapshot: serialize the state machine at its applied
+//!     //    version v, persist it, call r.snapshot_taken(v, bytes), then you
+//!     //    may drop log entries <= v.seq
+//! }
+//! ```
+//! A read asks [`Replica::read_gate`] after applying. A primary answers a
+//! retried request id from its applied table only when
+//! [`Replica::is_primary_ready`]. After a restart, committed entries are
+//! handed out again from the snapshot on: a driver whose state machine is
+//! durable skips those it already applied.
+
+mod message;
+mod replica;
+mod storage;
+
+#[cfg(test)]
+mod tests;
+
+pub use message::{Echo, Entry, EntryKind, Message, Snapshot, Version};
+pub use replica::Replica;
+pub use storage::{HardState, MemStorage, SplitMix64, Storage};
+
+use serde::{Deserialize, Serialize};
+
+/// The process id of a replica; the highest live one is preferred as primary.
+pub type NodeId = u64;
+
+/// Switches that disable one safety mechanism each, so the simulator can show
+/// that it finds the resulting violations. All `false` in production.
+#[doc(hidden)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnsafeSwitches {
+    /// Grant votes without persisting `(epoch, voted_for)`.
+    pub vote_not_persisted: bool,
+    /// Accept messages of an older epoch as if current.
+    pub accept_stale_epoch: bool,
+    /// Compare logs by the highest epoch seen instead of `log_epoch`.
+    pub compare_by_seen_epoch: bool,
+    /// Keep conflicting / unmatched suffixes instead of truncating them.
+    pub no_truncate: bool,
+    /// A new primary does not wait for the old leases to run out.
+    pub no_lease_wait: bool,
+    /// Backups serve reads without a lease.
+    pub backup_reads_without_lease: bool,
+    /// The read gate ignores the asked minimum version.
+    pub reads_ignore_version: bool,
+    /// Incarnations are ignored: a new disk votes at once, old acks count.
+    pub ignore_incarnation: bool,
+}
+
+/// Settings of one replica. Durations are in milliseconds of the driver's
+/// monotonic clock.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    /// This replica's process id; must be in `replicas`.
+    pub id: NodeId,
+    /// Identity of this replica's data dir; must grow whenever a data dir is
+    /// created anew (new or restored disk).
+    pub incarnation: u64,
+    /// All replica ids of the cluster (fixed membership).
+    pub replicas: Vec<NodeId>,
+    /// Primary sends appends/heartbeats this often. Default 50.
+    pub heartbeat_ms: u64,
+    /// Lease length. Default 500.
+    pub lease_ms: u64,
+    /// A follower that heard nothing from a primary for this long (plus its
+    /// id-ordered delay) starts a pre-vote. Default 500 (= lease).
+    pub election_timeout_ms: u64,
+    /// Bound on the relative rate difference of clocks. Default 0.1.
+    pub drift_margin: f64,
+    /// A higher-id backup continuously in the view this long takes
+    /// primaryship back. Default 2000 (4 leases).
+    pub takeover_after_ms: u64,
+    /// Most entries per append message. Default 256.
+    pub max_batch: usize,
+    /// Ask the driver for a snapshot when this many applied entries are not
+    /// yet compacted. Default 10 000.
+    pub snapshot_threshold: u64,
+    /// Seed of the core's PRNG. Must differ at every process start.
+    pub seed: u64,
+    #[doc(hidden)]
+    pub unsafe_switches: UnsafeSwitches,
+}
+
+impl Config {
+    /// Defaults for a replica `id` of `replicas`.
+    pub fn new(id: NodeId, incarnation: u64, replicas: Vec<NodeId>, seed: u64) -> Self {
+        Config {
+            id,
+            incarnation,
+            replicas,
+            heartbeat_ms: 50,
+            lease_ms: 500,
+            election_timeout_ms: 500,
+            drift_margin: 0.1,
+            takeover_after_ms: 2000,
+            max_batch: 256,
+            snapshot_threshold: 10_000,
+            seed,
+            unsafe_switches: UnsafeSwitches::default(),
+        }
+    }
+
+    /// `lease × (1 + drift_margin)`: how long a lease may run on another
+    /// clock.
+    pub fn safe_lease_ms(&self) -> u64 {
+        (self.lease_ms as f64 * (1.0 + self.drift_margin)).ceil() as u64
+    }
+}
+
+/// Why a write was refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ProposeError {
+    /// Ask `primary` (when known) instead.
+    NotPrimary { primary: Option<NodeId> },
+    /// No majority reachable: answer 503.
+    NoQuorum,
+    /// Leadership transfer under way: retry with the same request id.
+    TransferInProgress,
+    /// New primary not ready yet (epoch start not committed or old leases
+    /// not yet expired): retry with the same request id.
+    NotReady,
+}
+
+impl std::fmt::Display for ProposeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProposeError::NotPrimary { primary: Some(p) } => write!(f, "not primary (try {p})"),
+            ProposeError::NotPrimary { primary: None } => write!(f, "not primary (none known)"),
+            ProposeError::NoQuorum => write!(f, "no majority of replicas reachable"),
+            ProposeError::TransferInProgress => write!(f, "leadership transfer in progress"),
+            ProposeError::NotReady => write!(f, "primary not ready yet"),
+        }
+    }
+}
+
+impl std::error::Error for ProposeError {}
+
+/// Answer of [`Replica::read_gate`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReadGate {
+    /// Read the applied state now.
+    Serve,
+    /// In sync, but the asked version is not applied yet: retry or ask
+    /// another replica.
+    NotYet,
+    /// No lease / not in sync: this replica may not serve reads (503).
+    Refuse,
+}
+
+/// A replica's role.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    Follower,
+    PreCandidate,
+    Candidate,
+    Primary,
+}
+
+/// Snapshot of a replica's state, for `pygmy status` and tests.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub id: NodeId,
+    pub role: Role,
+    pub learner: bool,
+    pub epoch: u64,
+    pub primary: Option<NodeId>,
+    pub log_epoch: u64,
+    pub last: Version,
+    pub commit: Version,
+    pub applied: Version,
+    /// The primary and the backups it currently grants leases to (empty on
+    /// a backup).
+    pub view: Vec<NodeId>,
+    pub transferring_to: Option<NodeId>,
+}
+
+/// Everything the driver must do after an input, in the order of the
+/// contract (see the module docs).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Ready {
+    /// Replace the log and the state machine with this snapshot.
+    pub snapshot_to_install: Option<Snapshot>,
+    /// Persist (before sending anything).
+    pub hard_state: Option<HardState>,
+    /// Delete persisted entries with `seq >` this.
+    pub truncate_after: Option<u64>,
+    /// Append (overwriting any entry with the same seq), durably.
+    pub entries: Vec<Entry>,
+    /// Send after persisting.
+    pub messages: Vec<(NodeId, Message)>,
+    /// Apply in order after persisting.
+    pub committed: Vec<Entry>,
+    /// Take a snapshot and call `Replica::snapshot_taken`.
+    pub need_snapshot: bool,
+}
+
+impl Ready {
+    pub fn is_empty(&self) -> bool {
+        self.snapshot_to_install.is_none()
+            && self.hard_state.is_none()
+            && self.truncate_after.is_none()
+            && self.entries.is_empty()
+            && self.messages.is_empty()
+            && self.committed.is_empty()
+            && !self.need_snapshot
+    }
+}

@@ -1,0 +1,139 @@
+//! Durable state: what a replica reads back when it restarts.
+//!
+//! The core never writes to disk itself: it hands the driver what to persist
+//! in [`crate::replication::Ready`], and reads it back through [`Storage`] in
+//! [`crate::replication::Replica::new`]. [`MemStorage`] is the in-memory
+//! implementation used by the simulator (and a reference for a real one).
+
+use serde::{Deserialize, Serialize};
+
+use super::message::{Entry, Snapshot, Version};
+use super::{NodeId, Ready};
+
+/// State that must be on disk before any message that depends on it is sent.
+#[derive(Clone, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
+pub struct HardState {
+    /// Highest epoch this replica has seen. Never decreases.
+    pub epoch: u64,
+    /// The candidate this replica voted for in `epoch` (at most one).
+    pub voted_for: Option<NodeId>,
+    /// Epoch of the primary whose log this replica last installed: the whole
+    /// log is a prefix of that primary's log. `log_epoch <= epoch`.
+    pub log_epoch: u64,
+    /// Highest committed entry known. Never decreases; `commit.seq <=` last
+    /// log index (or the snapshot's).
+    pub commit: Version,
+    /// The incarnation (data-dir identity) this state belongs to. A replica
+    /// whose configured incarnation differs starts as a non-voting learner.
+    pub incarnation: u64,
+}
+
+/// What the core reads at start-up. Implementations must return what the
+/// driver persisted from every `Ready` handled so far.
+pub trait Storage {
+    fn hard_state(&self) -> HardState;
+    /// The latest snapshot, if any (entries up to its version are compacted).
+    fn snapshot(&self) -> Option<Snapshot>;
+    /// Every log entry after the snapshot, in order, contiguous.
+    fn entries(&self) -> Vec<Entry>;
+}
+
+/// In-memory storage. `MemStorage::bootstrap(inc)` is the disk of a member of
+/// a brand-new cluster (a voter from the start); `MemStorage::default()` is a
+/// blank disk, whose replica joins as a learner.
+#[derive(Clone, Debug, Default)]
+pub struct MemStorage {
+    pub hard_state: HardState,
+    pub snapshot: Option<Snapshot>,
+    /// Entries after `snapshot`, contiguous.
+    pub entries: Vec<Entry>,
+}
+
+impl MemStorage {
+    /// The disk of a replica that is part of the cluster's first
+    /// configuration (all replicas start with empty logs, as voters).
+    pub fn bootstrap(incarnation: u64) -> Self {
+        MemStorage {
+            hard_state: HardState {
+                incarnation,
+                ..HardState::default()
+            },
+            ..MemStorage::default()
+        }
+    }
+
+    fn base_seq(&self) -> u64 {
+        self.snapshot.as_ref().map_or(0, |s| s.version.seq)
+    }
+
+    /// Persist what a `Ready` asks for, in the order the contract requires:
+    /// snapshot, hard state, truncation, entries.
+    pub fn persist(&mut self, ready: &Ready) {
+        if let Some(snap) = &ready.snapshot_to_install {
+            self.snapshot = Some(snap.clone());
+            self.entries.clear();
+        }
+        if let Some(hs) = &ready.hard_state {
+            self.hard_state = hs.clone();
+        }
+        if let Some(t) = ready.truncate_after {
+            let keep = t.saturating_sub(self.base_seq()) as usize;
+            self.entries.truncate(keep);
+        }
+        for e in &ready.entries {
+            let idx = e.version.seq.saturating_sub(self.base_seq() + 1) as usize;
+            if e.version.seq <= self.base_seq() {
+                continue;
+            }
+            self.entries.truncate(idx);
+            self.entries.push(e.clone());
+        }
+    }
+
+    /// The driver took a snapshot (see `Replica::snapshot_taken`): store it
+    /// and drop the entries it covers.
+    pub fn compact(&mut self, snapshot: Snapshot) {
+        let base = self.base_seq();
+        if snapshot.version.seq <= base {
+            return;
+        }
+        let drop = (snapshot.version.seq - base) as usize;
+        self.entries.drain(..drop.min(self.entries.len()));
+        self.snapshot = Some(snapshot);
+    }
+}
+
+impl Storage for MemStorage {
+    fn hard_state(&self) -> HardState {
+        self.hard_state.clone()
+    }
+    fn snapshot(&self) -> Option<Snapshot> {
+        self.snapshot.clone()
+    }
+    fn entries(&self) -> Vec<Entry> {
+        self.entries.clone()
+    }
+}
+
+/// Tiny deterministic PRNG (splitmix64): the core's only source of
+/// randomness, seeded by the driver.
+#[derive(Clone, Debug)]
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `0..n` (0 when `n == 0`).
+    pub fn below(&mut self, n: u64) -> u64 {
+        if n == 0 { 0 } else { self.next_u64() % n }
+    }
+    /// True with probability `p`.
+    pub fn chance(&mut self, p: f64) -> bool {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 > 1.0 - p
+    }
+}

@@ -1,0 +1,417 @@
+//! Unit tests of the core, named after the rule they check (quoted from
+//! DESIGN.md §3). The randomized checks live in `tests/simulation.rs`.
+
+use super::*;
+
+/// A tiny synchronous network: every message is delivered at once unless
+/// the link is cut.
+struct Net {
+    nodes: Vec<Replica>,
+    disks: Vec<MemStorage>,
+    up: Vec<bool>,
+    cut: Vec<(NodeId, NodeId)>,
+    now: u64,
+    applied: Vec<Vec<Entry>>,
+}
+
+impl Net {
+    fn new(n: u64) -> Net {
+        let ids: Vec<NodeId> = (1..=n).collect();
+        let disks: Vec<MemStorage> = ids.iter().map(|_| MemStorage::bootstrap(1)).collect();
+        let nodes = ids
+            .iter()
+            .map(|&id| Replica::new(Config::new(id, 1, ids.clone(), id * 7), &disks[0], 0))
+            .collect();
+        Net {
+            nodes,
+            disks,
+            up: vec![true; n as usize],
+            cut: Vec::new(),
+            now: 0,
+            applied: vec![Vec::new(); n as usize],
+        }
+    }
+
+    fn pump(&mut self) {
+        for _ in 0..1000 {
+            let mut msgs = Vec::new();
+            for i in 0..self.nodes.len() {
+                if !self.up[i] {
+                    continue;
+                }
+                let rd = self.nodes[i].ready();
+                self.disks[i].persist(&rd);
+                self.applied[i].extend(rd.committed.iter().cloned());
+                for (to, m) in rd.messages {
+                    msgs.push((i as NodeId + 1, to, m));
+                }
+            }
+            if msgs.is_empty() {
+                return;
+            }
+            for (from, to, m) in msgs {
+                let t = (to - 1) as usize;
+                if t < self.nodes.len() && self.up[t] && !self.cut.contains(&(from, to)) {
+                    self.nodes[t].step(self.now, from, m);
+                }
+            }
+        }
+    }
+
+    fn run(&mut self, ms: u64) {
+        let end = self.now + ms;
+        while self.now < end {
+            self.now += 5;
+            for i in 0..self.nodes.len() {
+                if self.up[i] {
+                    self.nodes[i].tick(self.now);
+                }
+            }
+            self.pump();
+        }
+    }
+
+    fn primary(&self) -> Option<usize> {
+        (0..self.nodes.len()).find(|&i| self.up[i] && self.nodes[i].is_primary_ready())
+    }
+
+    fn isolate(&mut self, id: NodeId) {
+        for other in 1..=self.nodes.len() as NodeId {
+            if other != id {
+                self.cut.push((id, other));
+                self.cut.push((other, id));
+            }
+        }
+    }
+
+    fn restart(&mut self, i: usize) {
+        let cfg = self.nodes[i].config().clone();
+        self.nodes[i] = Replica::new(cfg, &self.disks[i], self.now);
+        self.applied[i].clear();
+        self.up[i] = true;
+    }
+
+    fn write(&mut self, p: usize, rid: &str) -> Result<Version, ProposeError> {
+        let r = self.nodes[p].propose(self.now, rid.into(), vec![1]);
+        self.pump();
+        r
+    }
+}
+
+fn vote(epoch: u64, log_epoch: u64, last_seq: u64) -> Message {
+    Message::Vote {
+        epoch,
+        inc: 1,
+        log_epoch,
+        last_seq,
+        transfer: false,
+    }
+}
+
+fn granted(msgs: &[(NodeId, Message)], to: NodeId) -> bool {
+    msgs.iter().any(|(t, m)| *t == to && matches!(m, Message::VoteReply { granted: true, .. }))
+}
+
+fn fresh(id: NodeId, n: u64) -> Replica {
+    Replica::new(
+        Config::new(id, 1, (1..=n).collect(), 42),
+        &MemStorage::bootstrap(1),
+        0,
+    )
+}
+
+#[test]
+fn a_replica_grants_at_most_one_candidate_per_epoch() {
+    // "a replica grants at most one candidate per epoch"
+    let mut r = fresh(1, 3);
+    r.step(10_000, 2, vote(1, 0, 0));
+    assert!(granted(&r.ready().messages, 2));
+    r.step(10_001, 3, vote(1, 0, 0));
+    assert!(!granted(&r.ready().messages, 3));
+}
+
+#[test]
+fn the_vote_is_persisted_before_the_answer_is_sent() {
+    // "persists (epoch, candidate) before it answers": the hard state and
+    // the reply come out in the same Ready, and the driver persists first.
+    let mut r = fresh(1, 3);
+    r.step(10_000, 2, vote(1, 0, 0));
+    let rd = r.ready();
+    let hs = rd.hard_state.clone().expect("vote must be persisted");
+    assert_eq!((hs.epoch, hs.voted_for), (1, Some(2)));
+    assert!(granted(&rd.messages, 2));
+    // and it survives a restart
+    let mut disk = MemStorage::bootstrap(1);
+    disk.persist(&rd);
+    let mut r = Replica::new(Config::new(1, 1, vec![1, 2, 3], 43), &disk, 0);
+    r.step(10_000, 3, vote(1, 0, 0));
+    assert!(!granted(&r.ready().messages, 3));
+}
+
+#[test]
+fn messages_of_an_older_epoch_are_rejected() {
+    // "from then on it rejects every message of an older epoch (fencing: a
+    // deposed primary cannot commit)"
+    let mut r = fresh(1, 3);
+    r.step(10_000, 3, vote(5, 0, 0));
+    r.ready();
+    let entry = Entry {
+        version: Version::new(4, 1),
+        request_id: "x".into(),
+        kind: EntryKind::Op(vec![1]),
+    };
+    r.step(
+        10_001,
+        2,
+        Message::Append {
+            epoch: 4,
+            inc: 1,
+            prev: Version::default(),
+            entries: vec![entry],
+            commit: 1,
+            sent_at: 1,
+            echo: None,
+            lease_ms: 0,
+        },
+    );
+    let rd = r.ready();
+    assert!(rd.entries.is_empty() && rd.committed.is_empty());
+    assert!(matches!(
+        rd.messages[..],
+        [(2, Message::AppendReply { epoch: 5, ok: false, .. })]
+    ));
+}
+
+#[test]
+fn a_replica_in_lease_grants_nothing() {
+    // "A replica that has heard from a live primary within its lease grants
+    // nothing (pre-vote)"
+    let mut net = Net::new(3);
+    net.run(2000);
+    let p = net.primary().expect("a primary");
+    let backup = (p + 1) % 3;
+    let e = net.nodes[backup].epoch();
+    net.nodes[backup].step(net.now, 1 + ((p + 2) % 3) as NodeId, Message::PreVote {
+        epoch: e,
+        inc: 1,
+        log_epoch: e,
+        last_seq: 1000,
+    });
+    let rd = net.nodes[backup].ready();
+    assert!(rd
+        .messages
+        .iter()
+        .all(|(_, m)| matches!(m, Message::PreVoteReply { granted: false, .. })));
+    net.nodes[backup].step(net.now, 1 + ((p + 2) % 3) as NodeId, vote(e + 1, e, 1000));
+    assert_eq!(net.nodes[backup].epoch(), e, "a vote in lease does not even bump the epoch");
+}
+
+#[test]
+fn an_election_starts_by_itself_and_the_highest_id_wins() {
+    // "With no known primary (a full restart), an election starts by
+    // itself." "Among the candidates that can gather a majority, the highest
+    // process id is preferred"
+    for n in [3, 5] {
+        let mut net = Net::new(n);
+        net.run(2000);
+        assert_eq!(net.primary(), Some(n as usize - 1));
+    }
+}
+
+#[test]
+fn a_new_primary_answers_nothing_before_its_epoch_start_commits() {
+    // "The new primary installs the most advanced state of its majority,
+    // then commits an epoch-start entry on its view before it answers
+    // anything"
+    let mut r = fresh(3, 3);
+    r.tick(10_000);
+    r.ready();
+    r.step(10_001, 2, Message::PreVoteReply { epoch: 0, inc: 1, granted: true });
+    r.ready();
+    r.step(10_002, 2, Message::VoteReply { epoch: 1, inc: 1, granted: true, lease_wait_ms: 0 });
+    let rd = r.ready();
+    assert_eq!(r.role(), Role::Primary);
+    assert!(matches!(rd.entries[..], [Entry { kind: EntryKind::EpochStart, .. }]));
+    assert!(!r.is_primary_ready());
+    assert_eq!(r.propose(10_003, "a".into(), vec![]), Err(ProposeError::NotReady));
+    assert_eq!(r.read_gate(10_003, Version::default()), ReadGate::Refuse);
+    r.step(10_004, 2, Message::AppendReply {
+        epoch: 1,
+        inc: 1,
+        ok: true,
+        match_seq: 1,
+        last_seq: 1,
+        learner: false,
+        sent_at_echo: 10_002,
+        echo: Echo { boot: 5, at: 7 },
+    });
+    assert!(r.is_primary_ready());
+    assert_eq!(r.propose(10_005, "a".into(), vec![]), Ok(Version::new(1, 2)));
+}
+
+#[test]
+fn without_a_majority_the_primary_refuses_writes() {
+    // "without one the primary answers writes with 503 rather than diverge"
+    let mut net = Net::new(3);
+    net.run(2000);
+    let p = net.primary().unwrap();
+    assert!(net.write(p, "a").is_ok());
+    net.isolate(p as NodeId + 1);
+    net.run(600);
+    assert!(matches!(
+        net.write(p, "b"),
+        Err(ProposeError::NoQuorum | ProposeError::NotPrimary { .. })
+    ));
+}
+
+#[test]
+fn a_write_commits_only_when_every_view_member_has_it() {
+    // "A write commits when every member of the view has it durably"
+    let mut net = Net::new(3);
+    net.run(2000);
+    let p = net.primary().unwrap();
+    let v = net.write(p, "a").unwrap();
+    for i in 0..3 {
+        assert!(net.applied[i].iter().any(|e| e.version == v), "node {i}");
+    }
+}
+
+#[test]
+fn an_unmatched_suffix_is_truncated_on_catch_up() {
+    // "Catch-up resumes from the last (epoch, seq) that matches the primary's
+    // log and truncates everything after it"
+    let mut net = Net::new(3);
+    net.run(2000);
+    let p = net.primary().unwrap();
+    net.write(p, "a").unwrap();
+    net.isolate(p as NodeId + 1);
+    for k in 0..5 {
+        let _ = net.nodes[p].propose(net.now, format!("lost{k}"), vec![1]);
+    }
+    net.pump();
+    net.run(3000);
+    let q = net.primary().expect("a new primary");
+    assert_ne!(q, p);
+    net.write(q, "b").unwrap();
+    net.cut.clear();
+    net.run(3000);
+    let logs: Vec<Vec<String>> = net
+        .nodes
+        .iter()
+        .map(|r| r.log_entries().iter().map(|e| e.request_id.clone()).collect())
+        .collect();
+    assert!(logs.iter().all(|l| !l.iter().any(|id| id.starts_with("lost"))), "{logs:?}");
+    assert_eq!(logs[0], logs[1]);
+    assert_eq!(logs[1], logs[2]);
+}
+
+#[test]
+fn a_new_disk_is_a_learner_until_caught_up() {
+    // "A replica whose disk is new ... rejoins as a non-voting learner until
+    // it has caught up"
+    let mut r = Replica::new(Config::new(1, 9, vec![1, 2, 3], 1), &MemStorage::default(), 0);
+    assert!(r.is_learner());
+    r.step(10_000, 2, vote(1, 0, 0));
+    assert!(!granted(&r.ready().messages, 2));
+    r.tick(100_000);
+    assert!(r.ready().messages.is_empty(), "a learner never campaigns");
+    let mut net = Net::new(3);
+    net.run(2000);
+    let p = net.primary().unwrap();
+    let backup = (p + 1) % 3;
+    net.up[backup] = false;
+    net.disks[backup] = MemStorage::default();
+    let mut cfg = net.nodes[backup].config().clone();
+    cfg.incarnation = 2;
+    net.nodes[backup] = Replica::new(cfg, &net.disks[backup], net.now);
+    net.up[backup] = true;
+    assert!(net.nodes[backup].is_learner());
+    net.run(1000);
+    assert!(!net.nodes[backup].is_learner());
+}
+
+#[test]
+fn a_read_waits_for_the_asked_version() {
+    // "a replica answers only once it has applied it (or says 'not yet')"
+    let mut net = Net::new(3);
+    net.run(2000);
+    let p = net.primary().unwrap();
+    let v = net.write(p, "a").unwrap();
+    assert_eq!(net.nodes[p].read_gate(net.now, v), ReadGate::Serve);
+    let later = Version::new(v.epoch, v.seq + 5);
+    assert_eq!(net.nodes[p].read_gate(net.now, later), ReadGate::NotYet);
+    let backup = (p + 1) % 3;
+    net.run(100);
+    assert_eq!(net.nodes[backup].read_gate(net.now, v), ReadGate::Serve);
+    net.isolate(backup as NodeId + 1);
+    net.run(700);
+    assert_eq!(net.nodes[backup].read_gate(net.now, v), ReadGate::Refuse, "lease ran out");
+}
+
+#[test]
+fn a_recovered_higher_id_takes_primaryship_back_after_staying_healthy() {
+    // "If its id is higher than the primary's it takes primaryship back ...
+    // but only after it has stayed healthy for several lease periods"
+    let mut net = Net::new(3);
+    net.run(2000);
+    assert_eq!(net.primary(), Some(2));
+    net.up[2] = false;
+    net.run(2000);
+    assert_eq!(net.primary(), Some(1));
+    net.restart(2);
+    net.run(1000);
+    assert_eq!(net.primary(), Some(1), "not before takeover_after_ms");
+    net.run(4000);
+    assert_eq!(net.primary(), Some(2));
+}
+
+#[test]
+fn nonsense_messages_are_ignored_without_panicking() {
+    // "No input makes a service panic"
+    let mut r = fresh(1, 3);
+    let junk = Entry {
+        version: Version::new(u64::MAX, u64::MAX),
+        request_id: String::new(),
+        kind: EntryKind::EpochStart,
+    };
+    let msgs = vec![
+        Message::Append {
+            epoch: u64::MAX,
+            inc: u64::MAX,
+            prev: Version::new(u64::MAX, u64::MAX),
+            entries: vec![junk.clone(), junk],
+            commit: u64::MAX,
+            sent_at: u64::MAX,
+            echo: Some(Echo { boot: 0, at: u64::MAX }),
+            lease_ms: u64::MAX,
+        },
+        Message::AppendReply {
+            epoch: u64::MAX,
+            inc: u64::MAX,
+            ok: true,
+            match_seq: u64::MAX,
+            last_seq: u64::MAX,
+            learner: false,
+            sent_at_echo: u64::MAX,
+            echo: Echo { boot: 1, at: 1 },
+        },
+        Message::InstallSnapshot {
+            epoch: 0,
+            inc: 0,
+            snapshot: Snapshot {
+                version: Version::new(0, 0),
+                data: vec![],
+            },
+            commit: u64::MAX,
+            sent_at: 0,
+        },
+        Message::TimeoutNow { epoch: u64::MAX, inc: 0 },
+    ];
+    for m in msgs {
+        for from in [0, 1, 2, 99] {
+            r.step(1, from, m.clone());
+            r.tick(2);
+            let _ = r.ready();
+        }
+    }
+}
