@@ -74,14 +74,21 @@ impl Catalog {
         self.names.get(&id).cloned().unwrap_or_else(|| id.to_string())
     }
 
+    /// 421 naming the primary while this replica holds a lease from it;
+    /// 503 when it knows of no live primary (the last one only as a hint).
     fn not_primary(&self, primary: Option<NodeId>) -> Response {
         match primary.filter(|p| *p != self.process_id) {
             Some(p) => {
                 let name = self.name_of(p);
-                let mut res = ApiError::new(
-                    StatusCode::MISDIRECTED_REQUEST,
-                    format!("{} is not the primary; {name} is", self.name),
-                )
+                let live = self.shared.read_gate(Version::default()) != ReadGate::Refuse;
+                let mut res = if live {
+                    ApiError::new(StatusCode::MISDIRECTED_REQUEST, format!("{} is not the primary; {name} is", self.name))
+                } else {
+                    ApiError::unavailable(format!(
+                        "{} is not the primary and has lost contact with the last one ({name}); no majority reachable?",
+                        self.name
+                    ))
+                }
                 .into_response();
                 if let Ok(v) = HeaderValue::from_str(&name) {
                     res.headers_mut().insert(PRIMARY_HEADER, v);

@@ -57,13 +57,16 @@ pub async fn run(
         .map(|n| (n.name.clone(), CatalogClient::new(n.base_url(), http.clone())))
         .collect();
     let catalog = Pool::new("catalog", catalogs.clone(), Pick::RoundRobin, budget);
+    // An order replica may itself retry the catalog for a whole budget (a
+    // failover): give it that long before trying another.
+    let order_http = Http::new(Some(cfg.token.clone()), Duration::from_millis(t.retry_budget_ms + t.call_timeout_ms));
     let orders = Pool::new(
         "order",
         cfg.nodes_of(Role::Order)
-            .map(|n| (n.name.clone(), OrderClient::new(n.base_url(), http.clone())))
+            .map(|n| (n.name.clone(), OrderClient::new(n.base_url(), order_http.clone())))
             .collect(),
         Pick::RoundRobin,
-        budget,
+        budget * 2,
     );
     let probe = Duration::from_millis(t.health_interval_ms);
     catalog.spawn_probe(probe, |c: CatalogClient| async move { c.health().await.is_ok() });

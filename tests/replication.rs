@@ -1,0 +1,225 @@
+//! Catalog replication with real processes: kill -9 the primary or a
+//! backup during a stream of buys and reads; lose two of three replicas.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::{Options, TestCluster, wait_until};
+use pygmy::api::{BookId, CatalogOp, CatalogWrite, RequestId};
+use pygmy::client::FrontendClient;
+use tokio::task::JoinHandle;
+
+/// Clients buying book 1 and reading books 1..=7 through the frontend until
+/// told to stop. Any error is client-visible, and fails the test.
+struct Load {
+    stop: Arc<AtomicBool>,
+    acked: Arc<AtomicU64>,
+    buyers: Vec<JoinHandle<Vec<u64>>>,
+    readers: Vec<JoinHandle<u64>>,
+}
+
+impl Load {
+    fn start(fe: FrontendClient, buyers: usize, readers: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(AtomicU64::new(0));
+        let buyers = (0..buyers)
+            .map(|_| {
+                let (fe, stop, acked) = (fe.clone(), stop.clone(), acked.clone());
+                tokio::spawn(async move {
+                    let mut ids = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        let b = fe.buy("1", None).await.unwrap_or_else(|e| panic!("client-visible buy error: {e}"));
+                        ids.push(b.order_id);
+                        acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    ids
+                })
+            })
+            .collect();
+        let readers = (0..readers)
+            .map(|r| {
+                let (fe, stop) = (fe.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut n = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        let id = (n + r as u64) % 7 + 1;
+                        fe.lookup(&id.to_string()).await.unwrap_or_else(|e| panic!("client-visible lookup error: {e}"));
+                        if n % 5 == 0 {
+                            fe.search("graduate-school").await.unwrap_or_else(|e| panic!("client-visible search error: {e}"));
+                        }
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        Self { stop, acked, buyers, readers }
+    }
+
+    fn acked(&self) -> u64 {
+        self.acked.load(Ordering::Relaxed)
+    }
+
+    async fn wait_for_more(&self, n: u64) {
+        let target = self.acked() + n;
+        let acked = self.acked.clone();
+        wait_until(&format!("{n} more buys are acknowledged"), Duration::from_secs(30), || {
+            let acked = acked.clone();
+            async move { acked.load(Ordering::Relaxed) >= target }
+        })
+        .await;
+    }
+
+    /// Stops the clients; returns the order ids acknowledged.
+    async fn finish(self) -> Vec<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut ids = Vec::new();
+        for b in self.buyers {
+            ids.extend(b.await.unwrap());
+        }
+        for r in self.readers {
+            assert!(r.await.unwrap() > 0, "a reader read nothing");
+        }
+        ids
+    }
+}
+
+async fn role(c: &TestCluster, name: &str) -> Option<String> {
+    c.catalog(name).status().await.ok().map(|s| s.role)
+}
+
+/// Waits until every running catalog replica has applied the same version
+/// and holds the same stock of every book.
+async fn converged(c: &TestCluster) {
+    let names: Vec<String> = c.names(pygmy::config::Role::Catalog).into_iter().filter(|n| c.is_running(n)).collect();
+    let clients: Vec<_> = names.iter().map(|n| c.catalog(n)).collect();
+    wait_until("the catalog replicas converge", Duration::from_secs(30), || {
+        let clients = clients.clone();
+        async move {
+            let mut states = Vec::new();
+            for cl in &clients {
+                let Ok(s) = cl.status().await else { return false };
+                let mut stocks = Vec::new();
+                for id in 1..=7 {
+                    match cl.lookup(BookId::new(id).unwrap(), Some(s.applied)).await {
+                        Ok(b) => stocks.push((b.stock, b.cost)),
+                        Err(_) => return false,
+                    }
+                }
+                states.push((s.applied, stocks));
+            }
+            states.windows(2).all(|w| w[0] == w[1])
+        }
+    })
+    .await;
+}
+
+fn exactly_once(ids: &[u64]) -> usize {
+    let set: HashSet<u64> = ids.iter().copied().collect();
+    assert_eq!(set.len(), ids.len(), "an order id was acknowledged twice");
+    set.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_primary_during_buys_is_hidden_from_clients_and_it_takes_primaryship_back_when_it_returns() {
+    let mut c = TestCluster::start(Options::default()).await;
+    assert_eq!(c.primary().await, "catalog-3", "the highest process id is the first primary");
+    let start = c.stock(1).await;
+    let load = Load::start(c.frontend(), 4, 2);
+    load.wait_for_more(30).await;
+
+    c.kill9("catalog-3");
+    load.wait_for_more(30).await;
+    assert_eq!(c.primary().await, "catalog-2", "the next-highest replica serves writes");
+
+    c.restart("catalog-3").await;
+    wait_until("catalog-3 catches up and takes primaryship back", Duration::from_secs(30), || {
+        let c3 = c.catalog("catalog-3");
+        async move { c3.status().await.is_ok_and(|s| s.role == "primary") }
+    })
+    .await;
+    load.wait_for_more(30).await;
+    let ids = load.finish().await;
+
+    let n = exactly_once(&ids);
+    assert_eq!(c.stock(1).await, start - n as u64, "every acknowledged buy applied exactly once, none lost");
+    converged(&c).await;
+    assert_eq!(role(&c, "catalog-2").await.as_deref(), Some("backup"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_backup_during_buys_is_hidden_from_clients_and_it_catches_up_when_it_returns() {
+    let mut c = TestCluster::start(Options::default()).await;
+    let start = c.stock(1).await;
+    let load = Load::start(c.frontend(), 4, 2);
+    load.wait_for_more(30).await;
+
+    c.kill9("catalog-1");
+    load.wait_for_more(50).await;
+    assert_eq!(c.primary().await, "catalog-3", "a backup's crash does not move the primary");
+
+    c.restart("catalog-1").await;
+    load.wait_for_more(30).await;
+    let ids = load.finish().await;
+
+    let n = exactly_once(&ids);
+    assert_eq!(c.stock(1).await, start - n as u64);
+    converged(&c).await;
+    let s = c.catalog("catalog-3").status().await.unwrap();
+    wait_until("catalog-1 is back in the primary's view", Duration::from_secs(30), || {
+        let c3 = c.catalog("catalog-3");
+        async move { c3.status().await.is_ok_and(|s| s.view.contains(&"catalog-1".to_string())) }
+    })
+    .await;
+    assert_eq!(s.role, "primary");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_majority_writes_answer_503_reads_last_until_the_lease_and_all_resumes_when_one_returns() {
+    let mut c = TestCluster::start(Options {
+        // A lease long enough that "right after the crash" is surely within it.
+        tweak: |cfg| {
+            cfg.timing.lease_ms = 3_000;
+            cfg.timing.election_timeout_ms = 3_000;
+            cfg.timing.retry_budget_ms = 12_000;
+            cfg.timing.takeover_after_ms = 6_000;
+        },
+        ..Options::default()
+    })
+    .await;
+    c.frontend().buy("2", None).await.unwrap();
+    let before = c.stock(2).await;
+    let survivor = c.catalog("catalog-1");
+    // catalog-1 holds a lease from the primary.
+    wait_until("catalog-1 serves reads", Duration::from_secs(30), || {
+        let s = survivor.clone();
+        async move { s.lookup(BookId::new(2).unwrap(), None).await.is_ok() }
+    })
+    .await;
+
+    c.kill9("catalog-3");
+    c.kill9("catalog-2");
+    // Reads keep working while its lease lasts…
+    assert_eq!(survivor.lookup(BookId::new(2).unwrap(), None).await.unwrap().stock, before);
+    // …and stop once it has run out; writes never go through.
+    wait_until("catalog-1's lease runs out", Duration::from_secs(30), || {
+        let s = survivor.clone();
+        async move { s.lookup(BookId::new(2).unwrap(), None).await.is_err_and(|e| e.status() == Some(503)) }
+    })
+    .await;
+    let w = CatalogWrite { request_id: RequestId::parse("r:no-majority").unwrap(), op: CatalogOp::Buy { book_id: BookId::new(2).unwrap() } };
+    let err = survivor.write(&w).await.unwrap_err();
+    assert_eq!(err.status(), Some(503), "{err}");
+
+    // One replica returns: a majority again; writes and reads resume.
+    c.restart("catalog-2").await;
+    let bought = c.frontend().buy("2", Some("after-majority")).await.unwrap();
+    assert_eq!(bought.book_id.get(), 2);
+    assert_eq!(c.stock(2).await, before - 1, "the refused write did not happen");
+    c.restart("catalog-3").await;
+    converged(&c).await;
+}
