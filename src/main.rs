@@ -134,35 +134,40 @@ fn print<T: serde::Serialize>(r: Result<T, pygmy::client::ClientError>) -> anyho
 
 async fn status(cfg: ClusterConfig) -> anyhow::Result<()> {
     let http = Http::new(Some(cfg.token.clone()), Duration::from_secs(2));
-    println!("{:<12} {:<9} {:<10} {:>6} {:<12} {:>12} {:<8} reachable", "node", "role", "state", "epoch", "primary", "applied", "in view");
+    println!(
+        "{:<12} {:<9} {:<10} {:>6} {:<12} {:>12} {:>12} {:<8} reachable",
+        "node", "kind", "role", "epoch", "primary", "applied", "committed", "in view"
+    );
     for n in &cfg.nodes {
         let reach = FrontendClient::new(n.base_url(), http.clone()).health().await.is_ok();
-        if n.role == Role::Catalog && reach {
-            match CatalogClient::new(n.base_url(), http.clone()).status().await {
-                Ok(s) => println!(
-                    "{:<12} {:<9} {:<10} {:>6} {:<12} {:>12} {:<8} yes",
-                    n.name,
-                    n.role.to_string(),
-                    s.role,
-                    s.epoch,
-                    s.primary.unwrap_or_else(|| "-".into()),
-                    s.applied.to_string(),
-                    if s.in_view { "yes" } else { "no" }
-                ),
-                Err(e) => println!("{:<12} {:<9} status unavailable: {e}", n.name, n.role.to_string()),
-            }
-        } else {
+        let row = |role: &str, epoch: String, primary: &str, applied: String, commit: String, in_view: &str| {
             println!(
-                "{:<12} {:<9} {:<10} {:>6} {:<12} {:>12} {:<8} {}",
+                "{:<12} {:<9} {:<10} {:>6} {:<12} {:>12} {:>12} {:<8} {}",
                 n.name,
                 n.role.to_string(),
-                if reach { "up" } else { "down" },
-                "-",
-                "-",
-                "-",
-                "-",
+                role,
+                epoch,
+                primary,
+                applied,
+                commit,
+                in_view,
                 if reach { "yes" } else { "no" }
-            );
+            )
+        };
+        match (n.role, reach) {
+            (Role::Catalog, true) => match CatalogClient::new(n.base_url(), http.clone()).status().await {
+                Ok(s) => row(
+                    &s.role,
+                    s.epoch.to_string(),
+                    s.primary.as_deref().unwrap_or("-"),
+                    s.applied.to_string(),
+                    s.commit.to_string(),
+                    if s.in_view { "yes" } else { "no" },
+                ),
+                Err(e) => row(&format!("? ({e})"), "-".into(), "-", "-".into(), "-".into(), "-"),
+            },
+            (_, true) => row("up", "-".into(), "-", "-".into(), "-".into(), "-"),
+            (_, false) => row("down", "-".into(), "-", "-".into(), "-".into(), "-"),
         }
     }
     Ok(())

@@ -96,6 +96,32 @@ async fn up_writes_the_cluster_file_runs_the_store_keeps_its_state_and_stops_cle
     fe.buy("2", None).await.unwrap();
     assert_eq!(fe.lookup("2").await.unwrap().stock, 999);
 
+    // `pygmy status` shows every node; catalog-3 (highest id) is the primary
+    // and every replica has applied the buy.
+    let status = |path: std::path::PathBuf| {
+        let out = Command::new(common::BIN).args(["status", "--config", path.to_str().unwrap()]).output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let mut text = String::new();
+    for _ in 0..200 {
+        text = status(cfg_path.clone());
+        let applied: Vec<&str> = text.lines().filter(|l| l.starts_with("catalog")).map(|l| l.split_whitespace().nth(5).unwrap_or("")).collect();
+        if applied.len() == 3 && applied.iter().all(|a| *a == applied[0]) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let row = |name: &str| text.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} missing:\n{text}")).to_string();
+    assert!(row("catalog-3").contains(" primary "), "{text}");
+    for n in ["catalog-1", "catalog-2"] {
+        let r = row(n);
+        assert!(r.contains(" backup ") && r.contains("catalog-3") && r.ends_with("yes"), "{text}");
+    }
+    for n in ["frontend", "order-1", "order-2", "order-3"] {
+        assert!(row(n).contains(" up "), "{text}");
+    }
+
     up.sigterm();
     let line = up.expect("stopped —");
     assert!(line.contains("7 of 7 processes exited cleanly"), "{line}");

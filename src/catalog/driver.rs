@@ -110,6 +110,8 @@ pub struct Driver {
     names: HashMap<NodeId, String>,
     tick: Duration,
     last_status: Option<replication::Status>,
+    /// Following a new primary since this applied version: log when caught up.
+    syncing: Option<Version>,
 }
 
 impl Driver {
@@ -136,6 +138,7 @@ impl Driver {
             names,
             tick,
             last_status: None,
+            syncing: None,
         }
     }
 
@@ -320,7 +323,8 @@ impl Driver {
             match (now.role, now.primary) {
                 (Role::Primary, _) => tracing::info!(epoch = now.epoch, "election won: primary for epoch {}", now.epoch),
                 (_, Some(p)) if Some(p) != before.primary => {
-                    tracing::info!(epoch = now.epoch, primary = %self.name(p), "following primary {} in epoch {}", self.name(p), now.epoch)
+                    tracing::info!(epoch = now.epoch, primary = %self.name(p), "following primary {} in epoch {}", self.name(p), now.epoch);
+                    self.syncing = Some(store::to_api(now.applied));
                 }
                 (_, None) if before.primary.is_some() => tracing::info!(epoch = now.epoch, "primary {} lost; no primary known", before.primary.map(|p| self.name(p)).unwrap_or_default()),
                 _ => {}
@@ -332,6 +336,19 @@ impl Driver {
                 tracing::info!(replica = %self.name(*gone), "peer {} detected down or lagging: dropped from the view", self.name(*gone));
             }
             tracing::info!(epoch = now.epoch, view = ?names, "new view announced: {}", names.join(", "));
+        }
+        if let Some(from) = self.syncing
+            && now.role == Role::Follower
+            && now.applied >= now.commit
+            && now.commit.seq > 0
+        {
+            self.syncing = None;
+            let to = store::to_api(now.applied);
+            if to != from {
+                tracing::info!(from = %from, to = %to, "sync received from {}: applied {from} → {to}", now.primary.map(|p| self.name(p)).unwrap_or_default());
+            } else {
+                tracing::info!(at = %to, "in sync with {} at {to}", now.primary.map(|p| self.name(p)).unwrap_or_default());
+            }
         }
         if now.learner != before.learner && !now.learner {
             tracing::info!("caught up: this replica (new data directory) is a voter again");
