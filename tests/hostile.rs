@@ -156,3 +156,35 @@ async fn hostile_requests_get_4xx_and_change_nothing() {
     );
     assert_eq!(c.order_log_len().await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_shed_with_503_and_retry_after_and_the_rest_is_served() {
+    let c = TestCluster::start(Options {
+        tweak: |cfg| cfg.limits.max_in_flight = 2,
+        ..Options::default()
+    })
+    .await;
+    let before = c.stock(4).await;
+    let raw = reqwest::Client::new();
+    let url = format!("{}/buy/4", c.url("frontend"));
+    let tasks: Vec<_> = (0..40)
+        .map(|_| {
+            let (raw, url) = (raw.clone(), url.clone());
+            tokio::spawn(async move {
+                let res = raw.post(url).send().await.unwrap();
+                (res.status().as_u16(), res.headers().get("retry-after").is_some())
+            })
+        })
+        .collect();
+    let (mut ok, mut shed) = (0u64, 0u64);
+    for t in tasks {
+        match t.await.unwrap() {
+            (200, _) => ok += 1,
+            (503, true) => shed += 1,
+            other => panic!("neither served nor shed with Retry-After: {other:?}"),
+        }
+    }
+    assert!(shed > 0, "nothing was shed with 40 concurrent buys and a cap of 2");
+    assert!(ok > 0, "nothing was served");
+    assert_eq!(c.stock(4).await, before - ok, "exactly the served buys happened");
+}
