@@ -75,11 +75,7 @@ pub enum Message {
     },
     /// `epoch` = the epoch the pre-vote was asked in (when granted), else the
     /// voter's epoch.
-    PreVoteReply {
-        epoch: u64,
-        inc: u64,
-        granted: bool,
-    },
+    PreVoteReply { epoch: u64, inc: u64, granted: bool },
     /// A candidate for `epoch` asks for a vote. `transfer` = the primary of
     /// `epoch - 1` handed over to this candidate (voters skip the lease check).
     Vote {
@@ -164,4 +160,47 @@ impl Message {
             | Message::TimeoutNow { inc, .. } => *inc,
         }
     }
+
+    /// Whether every number in the message is one a real replica could send:
+    /// below [`SANE_LIMIT`] (so no arithmetic on it can overflow; `Echo::boot`
+    /// is an identifier, never computed with, and may be anything), and an
+    /// append's entries contiguous after `prev`, of no later epoch than the
+    /// message. [`crate::replication::Replica::step`] ignores anything else.
+    pub fn is_sane(&self) -> bool {
+        let ok = |n: u64| n < SANE_LIMIT;
+        let v_ok = |v: &Version| ok(v.epoch) && ok(v.seq);
+        match self {
+            Message::PreVote { epoch, inc, log_epoch, last_seq }
+            | Message::Vote { epoch, inc, log_epoch, last_seq, .. } => {
+                ok(*epoch) && ok(*inc) && ok(*log_epoch) && ok(*last_seq) && log_epoch <= epoch
+            }
+            Message::PreVoteReply { epoch, inc, .. } | Message::TimeoutNow { epoch, inc } => ok(*epoch) && ok(*inc),
+            Message::VoteReply { epoch, inc, lease_wait_ms, .. } => ok(*epoch) && ok(*inc) && ok(*lease_wait_ms),
+            Message::Append { epoch, inc, prev, entries, commit, sent_at, echo, lease_ms } => {
+                ok(*epoch)
+                    && ok(*inc)
+                    && v_ok(prev)
+                    && ok(*commit)
+                    && ok(*sent_at)
+                    && ok(*lease_ms)
+                    && echo.is_none_or(|e| ok(e.at))
+                    && prev.epoch <= *epoch
+                    && entries.iter().enumerate().all(|(i, e)| {
+                        v_ok(&e.version) && e.version.epoch <= *epoch && e.version.seq == prev.seq + 1 + i as u64
+                    })
+                    && entries.windows(2).all(|w| w[0].version.epoch <= w[1].version.epoch)
+                    && entries.first().is_none_or(|e| e.version.epoch >= prev.epoch)
+            }
+            Message::AppendReply { epoch, inc, match_seq, last_seq, sent_at_echo, echo, .. } => {
+                ok(*epoch) && ok(*inc) && ok(*match_seq) && ok(*last_seq) && ok(*sent_at_echo) && ok(echo.at)
+            }
+            Message::InstallSnapshot { epoch, inc, snapshot, commit, sent_at } => {
+                ok(*epoch) && ok(*inc) && v_ok(&snapshot.version) && ok(*commit) && ok(*sent_at) && snapshot.version.epoch <= *epoch
+            }
+        }
+    }
 }
+
+/// Numbers in messages stay below this (2^62): far beyond any real epoch,
+/// sequence number, incarnation or clock reading.
+pub const SANE_LIMIT: u64 = 1 << 62;

@@ -5,7 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use super::message::{Echo, Entry, EntryKind, Message, Snapshot, Version};
-use super::storage::{HardState, SplitMix64, Storage};
+use super::rng::SplitMix64;
+use super::storage::{HardState, Storage};
 use super::{Config, NodeId, ProposeError, ReadGate, Ready, Role, Status};
 
 /// The in-memory log: a snapshot point followed by contiguous entries.
@@ -260,7 +261,7 @@ impl Replica {
     pub fn step(&mut self, now_ms: u64, from: NodeId, msg: Message) {
         let now = now_ms.max(self.last_now);
         self.last_now = now;
-        if from == self.cfg.id || !self.cfg.replicas.contains(&from) {
+        if from == self.cfg.id || !self.cfg.replicas.contains(&from) || !msg.is_sane() {
             return;
         }
         // Disk identity: ignore older incarnations, forget what a peer
@@ -268,10 +269,11 @@ impl Replica {
         let ignore_inc = self.cfg.unsafe_switches.ignore_incarnation;
         let inc = msg.inc();
         let known = self.known_inc.get(&from).copied();
-        if let Some(k) = known {
-            if inc < k && !ignore_inc {
-                return;
-            }
+        if let Some(k) = known
+            && inc < k
+            && !ignore_inc
+        {
+            return;
         }
         if known.is_none_or(|k| inc > k) {
             self.known_inc.insert(from, inc);
@@ -299,7 +301,9 @@ impl Replica {
         if epoch > self.hs.epoch {
             match &msg {
                 Message::PreVote { .. } => {}
-                Message::Vote { transfer: false, .. } if self.in_lease(now) => return,
+                Message::Vote {
+                    transfer: false, ..
+                } if self.in_lease(now) => return,
                 _ => self.adopt_epoch(now, epoch),
             }
         }
@@ -349,7 +353,9 @@ impl Replica {
                 echo,
                 lease_ms,
                 ..
-            } => self.on_append(now, from, epoch, prev, entries, commit, sent_at, echo, lease_ms),
+            } => self.on_append(
+                now, from, epoch, prev, entries, commit, sent_at, echo, lease_ms,
+            ),
             Message::AppendReply {
                 ok,
                 match_seq,
@@ -462,12 +468,13 @@ impl Replica {
             ..Ready::default()
         };
         let mut hs = self.hs.clone();
-        if self.cfg.unsafe_switches.vote_not_persisted && hs.voted_for != Some(self.cfg.id) {
-            hs.voted_for = if self.persisted_hs.epoch == hs.epoch {
-                self.persisted_hs.voted_for
-            } else {
-                None
-            };
+        if self.cfg.unsafe_switches.vote_not_persisted
+            && hs.voted_for.is_some_and(|v| v != self.cfg.id)
+        {
+            // The broken variant keeps (epoch, voted_for) of a granted vote
+            // in memory only.
+            hs.epoch = self.persisted_hs.epoch;
+            hs.voted_for = self.persisted_hs.voted_for;
         }
         if hs != self.persisted_hs {
             rd.hard_state = Some(hs.clone());
@@ -495,7 +502,13 @@ impl Replica {
     pub fn read_gate(&self, now_ms: u64, min: Version) -> ReadGate {
         let sw = &self.cfg.unsafe_switches;
         let have = sw.reads_ignore_version || self.applied.seq >= min.seq;
-        let answer = |have: bool| if have { ReadGate::Serve } else { ReadGate::NotYet };
+        let answer = |have: bool| {
+            if have {
+                ReadGate::Serve
+            } else {
+                ReadGate::NotYet
+            }
+        };
         match self.role {
             Role::Primary => {
                 if self.is_primary_ready()
@@ -534,13 +547,18 @@ impl Replica {
     fn epoch_start_committed(&self) -> bool {
         self.role == Role::Primary
             && self.hs.commit.seq >= self.epoch_start_seq
-            && self.hs.commit.epoch == self.hs.epoch
+            && (self.hs.commit.epoch == self.hs.epoch || self.cfg.unsafe_switches.skip_epoch_start)
     }
 
     pub fn status(&self) -> Status {
         let view = if self.role == Role::Primary {
             std::iter::once(self.cfg.id)
-                .chain(self.peers.iter().filter(|(_, p)| p.in_view).map(|(id, _)| *id))
+                .chain(
+                    self.peers
+                        .iter()
+                        .filter(|(_, p)| p.in_view)
+                        .map(|(id, _)| *id),
+                )
                 .collect()
         } else {
             Vec::new()
@@ -623,7 +641,12 @@ impl Replica {
 
     /// Base timeout plus `2 × heartbeat` per higher-id replica, plus jitter.
     fn election_delay(&mut self) -> u64 {
-        let rank = self.cfg.replicas.iter().filter(|&&r| r > self.cfg.id).count() as u64;
+        let rank = self
+            .cfg
+            .replicas
+            .iter()
+            .filter(|&&r| r > self.cfg.id)
+            .count() as u64;
         self.cfg.election_timeout_ms
             + rank * 2 * self.cfg.heartbeat_ms
             + self.rng.below(self.cfg.heartbeat_ms.max(1))
@@ -709,14 +732,21 @@ impl Replica {
         self.msgs.push((to, reply));
     }
 
-    fn on_prevote(&mut self, now: u64, from: NodeId, epoch: u64, cand: (u64, u64), mine: (u64, u64)) {
+    fn on_prevote(
+        &mut self,
+        now: u64,
+        from: NodeId,
+        epoch: u64,
+        cand: (u64, u64),
+        mine: (u64, u64),
+    ) {
         let mut grant = !self.learner && cand >= mine && !self.in_lease(now);
-        if grant {
-            if let Some((h, until)) = self.deferred_to {
-                if h > from && now < until {
-                    grant = false;
-                }
-            }
+        if grant
+            && let Some((h, until)) = self.deferred_to
+            && h > from
+            && now < until
+        {
+            grant = false;
         }
         if grant && from < self.cfg.id && mine >= cand && self.role != Role::Candidate {
             // We are at least as advanced and preferred: lead ourselves.
@@ -849,16 +879,20 @@ impl Replica {
                 )
             })
             .collect();
-        let version = Version::new(self.hs.epoch, next);
-        self.epoch_start_seq = next;
-        self.append_local(
-            now,
-            Entry {
-                version,
-                request_id: format!("epoch-start-{}", self.hs.epoch),
-                kind: EntryKind::EpochStart,
-            },
-        );
+        if self.cfg.unsafe_switches.skip_epoch_start {
+            self.epoch_start_seq = 0;
+        } else {
+            let version = Version::new(self.hs.epoch, next);
+            self.epoch_start_seq = next;
+            self.append_local(
+                now,
+                Entry {
+                    version,
+                    request_id: format!("epoch-start-{}", self.hs.epoch),
+                    kind: EntryKind::EpochStart,
+                },
+            );
+        }
         self.last_heartbeat = now;
         let ids: Vec<NodeId> = self.peers.keys().copied().collect();
         for id in ids {
@@ -927,24 +961,22 @@ impl Replica {
         };
         p.next = p.next.clamp(p.matched + 1, last + 1);
         if p.next <= self.log.base.seq {
-            if let Some(snap) = &self.log.snapshot {
-                if heartbeat
-                    && p
-                        .snapshot_sent_at
-                        .is_none_or(|t| now >= t + 4 * self.cfg.heartbeat_ms)
-                {
-                    p.snapshot_sent_at = Some(now);
-                    self.msgs.push((
-                        id,
-                        Message::InstallSnapshot {
-                            epoch: self.hs.epoch,
-                            inc: self.cfg.incarnation,
-                            snapshot: snap.clone(),
-                            commit: self.hs.commit.seq,
-                            sent_at: now,
-                        },
-                    ));
-                }
+            if let Some(snap) = &self.log.snapshot
+                && heartbeat
+                && p.snapshot_sent_at
+                    .is_none_or(|t| now >= t + 4 * self.cfg.heartbeat_ms)
+            {
+                p.snapshot_sent_at = Some(now);
+                self.msgs.push((
+                    id,
+                    Message::InstallSnapshot {
+                        epoch: self.hs.epoch,
+                        inc: self.cfg.incarnation,
+                        snapshot: snap.clone(),
+                        commit: self.hs.commit.seq,
+                        sent_at: now,
+                    },
+                ));
             }
             return;
         }
@@ -999,6 +1031,7 @@ impl Replica {
         self.commit_broadcast = self.hs.commit.seq;
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn on_append_reply(
         &mut self,
         now: u64,
@@ -1018,7 +1051,10 @@ impl Replica {
             return;
         };
         if sent_at_echo <= now && sent_at_echo > 0 {
-            p.last_ack_sent_at = Some(p.last_ack_sent_at.map_or(sent_at_echo, |t| t.max(sent_at_echo)));
+            p.last_ack_sent_at = Some(
+                p.last_ack_sent_at
+                    .map_or(sent_at_echo, |t| t.max(sent_at_echo)),
+            );
         }
         let newer = match p.echo {
             Some(old) => old.boot != echo.boot || echo.at >= old.at,
@@ -1147,7 +1183,9 @@ impl Replica {
         let target = self
             .peers
             .iter()
-            .filter(|(id, p)| **id > me && p.in_view && !p.learner && now >= p.in_view_since + after)
+            .filter(|(id, p)| {
+                **id > me && p.in_view && !p.learner && now >= p.in_view_since + after
+            })
             .map(|(id, _)| *id)
             .max();
         if let Some(t) = target {
@@ -1273,18 +1311,18 @@ impl Replica {
         }
         self.sync_log_epoch();
         let new_commit = commit.min(matched).min(self.log.last_seq());
-        if new_commit > self.hs.commit.seq {
-            if let Some(v) = self.log.version_at(new_commit) {
-                self.hs.commit = v;
-            }
+        if new_commit > self.hs.commit.seq
+            && let Some(v) = self.log.version_at(new_commit)
+        {
+            self.hs.commit = v;
         }
-        if lease_ms > 0 {
-            if let Some(echo) = echo {
-                if echo.boot == self.boot && echo.at <= now {
-                    let until = echo.at.saturating_add(lease_ms.min(self.cfg.lease_ms));
-                    self.lease_until = self.lease_until.max(until);
-                }
-            }
+        if lease_ms > 0
+            && let Some(echo) = echo
+            && echo.boot == self.boot
+            && echo.at <= now
+        {
+            let until = echo.at.saturating_add(lease_ms.min(self.cfg.lease_ms));
+            self.lease_until = self.lease_until.max(until);
         }
         if self.learner && matched >= commit {
             self.learner = false;

@@ -17,8 +17,9 @@ pub struct HardState {
     pub epoch: u64,
     /// The candidate this replica voted for in `epoch` (at most one).
     pub voted_for: Option<NodeId>,
-    /// Epoch of the primary whose log this replica last installed: the whole
-    /// log is a prefix of that primary's log. `log_epoch <= epoch`.
+    /// Epoch of the primary whose log this replica last installed (through
+    /// that primary's `EpochStart`): the epoch of the last log entry (or of
+    /// the snapshot). `log_epoch <= epoch`.
     pub log_epoch: u64,
     /// Highest committed entry known. Never decreases; `commit.seq <=` last
     /// log index (or the snapshot's).
@@ -112,28 +113,5 @@ impl Storage for MemStorage {
     }
     fn entries(&self) -> Vec<Entry> {
         self.entries.clone()
-    }
-}
-
-/// Tiny deterministic PRNG (splitmix64): the core's only source of
-/// randomness, seeded by the driver.
-#[derive(Clone, Debug)]
-pub struct SplitMix64(pub u64);
-
-impl SplitMix64 {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in `0..n` (0 when `n == 0`).
-    pub fn below(&mut self, n: u64) -> u64 {
-        if n == 0 { 0 } else { self.next_u64() % n }
-    }
-    /// True with probability `p`.
-    pub fn chance(&mut self, p: f64) -> bool {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 > 1.0 - p
     }
 }

@@ -109,7 +109,8 @@ fn vote(epoch: u64, log_epoch: u64, last_seq: u64) -> Message {
 }
 
 fn granted(msgs: &[(NodeId, Message)], to: NodeId) -> bool {
-    msgs.iter().any(|(t, m)| *t == to && matches!(m, Message::VoteReply { granted: true, .. }))
+    msgs.iter()
+        .any(|(t, m)| *t == to && matches!(m, Message::VoteReply { granted: true, .. }))
 }
 
 fn fresh(id: NodeId, n: u64) -> Replica {
@@ -178,7 +179,14 @@ fn messages_of_an_older_epoch_are_rejected() {
     assert!(rd.entries.is_empty() && rd.committed.is_empty());
     assert!(matches!(
         rd.messages[..],
-        [(2, Message::AppendReply { epoch: 5, ok: false, .. })]
+        [(
+            2,
+            Message::AppendReply {
+                epoch: 5,
+                ok: false,
+                ..
+            }
+        )]
     ));
 }
 
@@ -191,19 +199,28 @@ fn a_replica_in_lease_grants_nothing() {
     let p = net.primary().expect("a primary");
     let backup = (p + 1) % 3;
     let e = net.nodes[backup].epoch();
-    net.nodes[backup].step(net.now, 1 + ((p + 2) % 3) as NodeId, Message::PreVote {
-        epoch: e,
-        inc: 1,
-        log_epoch: e,
-        last_seq: 1000,
-    });
+    net.nodes[backup].step(
+        net.now,
+        1 + ((p + 2) % 3) as NodeId,
+        Message::PreVote {
+            epoch: e,
+            inc: 1,
+            log_epoch: e,
+            last_seq: 1000,
+        },
+    );
     let rd = net.nodes[backup].ready();
-    assert!(rd
-        .messages
-        .iter()
-        .all(|(_, m)| matches!(m, Message::PreVoteReply { granted: false, .. })));
+    assert!(
+        rd.messages
+            .iter()
+            .all(|(_, m)| matches!(m, Message::PreVoteReply { granted: false, .. }))
+    );
     net.nodes[backup].step(net.now, 1 + ((p + 2) % 3) as NodeId, vote(e + 1, e, 1000));
-    assert_eq!(net.nodes[backup].epoch(), e, "a vote in lease does not even bump the epoch");
+    assert_eq!(
+        net.nodes[backup].epoch(),
+        e,
+        "a vote in lease does not even bump the epoch"
+    );
 }
 
 #[test]
@@ -226,27 +243,60 @@ fn a_new_primary_answers_nothing_before_its_epoch_start_commits() {
     let mut r = fresh(3, 3);
     r.tick(10_000);
     r.ready();
-    r.step(10_001, 2, Message::PreVoteReply { epoch: 0, inc: 1, granted: true });
+    r.step(
+        10_001,
+        2,
+        Message::PreVoteReply {
+            epoch: 0,
+            inc: 1,
+            granted: true,
+        },
+    );
     r.ready();
-    r.step(10_002, 2, Message::VoteReply { epoch: 1, inc: 1, granted: true, lease_wait_ms: 0 });
+    r.step(
+        10_002,
+        2,
+        Message::VoteReply {
+            epoch: 1,
+            inc: 1,
+            granted: true,
+            lease_wait_ms: 0,
+        },
+    );
     let rd = r.ready();
     assert_eq!(r.role(), Role::Primary);
-    assert!(matches!(rd.entries[..], [Entry { kind: EntryKind::EpochStart, .. }]));
+    assert!(matches!(
+        rd.entries[..],
+        [Entry {
+            kind: EntryKind::EpochStart,
+            ..
+        }]
+    ));
     assert!(!r.is_primary_ready());
-    assert_eq!(r.propose(10_003, "a".into(), vec![]), Err(ProposeError::NotReady));
+    assert_eq!(
+        r.propose(10_003, "a".into(), vec![]),
+        Err(ProposeError::NotReady)
+    );
     assert_eq!(r.read_gate(10_003, Version::default()), ReadGate::Refuse);
-    r.step(10_004, 2, Message::AppendReply {
-        epoch: 1,
-        inc: 1,
-        ok: true,
-        match_seq: 1,
-        last_seq: 1,
-        learner: false,
-        sent_at_echo: 10_002,
-        echo: Echo { boot: 5, at: 7 },
-    });
+    r.step(
+        10_004,
+        2,
+        Message::AppendReply {
+            epoch: 1,
+            inc: 1,
+            ok: true,
+            match_seq: 1,
+            last_seq: 1,
+            learner: false,
+            sent_at_echo: 10_002,
+            echo: Echo { boot: 5, at: 7 },
+        },
+    );
     assert!(r.is_primary_ready());
-    assert_eq!(r.propose(10_005, "a".into(), vec![]), Ok(Version::new(1, 2)));
+    assert_eq!(
+        r.propose(10_005, "a".into(), vec![]),
+        Ok(Version::new(1, 2))
+    );
 }
 
 #[test]
@@ -298,9 +348,18 @@ fn an_unmatched_suffix_is_truncated_on_catch_up() {
     let logs: Vec<Vec<String>> = net
         .nodes
         .iter()
-        .map(|r| r.log_entries().iter().map(|e| e.request_id.clone()).collect())
+        .map(|r| {
+            r.log_entries()
+                .iter()
+                .map(|e| e.request_id.clone())
+                .collect()
+        })
         .collect();
-    assert!(logs.iter().all(|l| !l.iter().any(|id| id.starts_with("lost"))), "{logs:?}");
+    assert!(
+        logs.iter()
+            .all(|l| !l.iter().any(|id| id.starts_with("lost"))),
+        "{logs:?}"
+    );
     assert_eq!(logs[0], logs[1]);
     assert_eq!(logs[1], logs[2]);
 }
@@ -309,7 +368,11 @@ fn an_unmatched_suffix_is_truncated_on_catch_up() {
 fn a_new_disk_is_a_learner_until_caught_up() {
     // "A replica whose disk is new ... rejoins as a non-voting learner until
     // it has caught up"
-    let mut r = Replica::new(Config::new(1, 9, vec![1, 2, 3], 1), &MemStorage::default(), 0);
+    let mut r = Replica::new(
+        Config::new(1, 9, vec![1, 2, 3], 1),
+        &MemStorage::default(),
+        0,
+    );
     assert!(r.is_learner());
     r.step(10_000, 2, vote(1, 0, 0));
     assert!(!granted(&r.ready().messages, 2));
@@ -345,7 +408,11 @@ fn a_read_waits_for_the_asked_version() {
     assert_eq!(net.nodes[backup].read_gate(net.now, v), ReadGate::Serve);
     net.isolate(backup as NodeId + 1);
     net.run(700);
-    assert_eq!(net.nodes[backup].read_gate(net.now, v), ReadGate::Refuse, "lease ran out");
+    assert_eq!(
+        net.nodes[backup].read_gate(net.now, v),
+        ReadGate::Refuse,
+        "lease ran out"
+    );
 }
 
 #[test]
@@ -382,7 +449,10 @@ fn nonsense_messages_are_ignored_without_panicking() {
             entries: vec![junk.clone(), junk],
             commit: u64::MAX,
             sent_at: u64::MAX,
-            echo: Some(Echo { boot: 0, at: u64::MAX }),
+            echo: Some(Echo {
+                boot: 0,
+                at: u64::MAX,
+            }),
             lease_ms: u64::MAX,
         },
         Message::AppendReply {
@@ -405,7 +475,10 @@ fn nonsense_messages_are_ignored_without_panicking() {
             commit: u64::MAX,
             sent_at: 0,
         },
-        Message::TimeoutNow { epoch: u64::MAX, inc: 0 },
+        Message::TimeoutNow {
+            epoch: u64::MAX,
+            inc: 0,
+        },
     ];
     for m in msgs {
         for from in [0, 1, 2, 99] {
@@ -414,4 +487,271 @@ fn nonsense_messages_are_ignored_without_panicking() {
             let _ = r.ready();
         }
     }
+}
+
+#[test]
+fn a_flapping_replica_does_not_keep_deposing_the_primary() {
+    // "A replica that flaps does not keep deposing the primary."
+    let mut net = Net::new(3);
+    net.run(2000);
+    net.up[2] = false;
+    net.run(2000);
+    assert_eq!(net.primary(), Some(1));
+    for _ in 0..8 {
+        net.restart(2);
+        net.run(800);
+        net.up[2] = false;
+        assert_eq!(net.primary(), Some(1));
+        net.run(100);
+    }
+}
+
+#[test]
+fn messages_round_trip_through_json() {
+    // "the driver will send them as JSON over HTTP"
+    let e = Entry {
+        version: Version::new(3, 9),
+        request_id: "r-1".into(),
+        kind: EntryKind::Op(vec![1, 2, 3]),
+    };
+    let msgs = vec![
+        Message::PreVote {
+            epoch: 1,
+            inc: 2,
+            log_epoch: 1,
+            last_seq: 4,
+        },
+        Message::PreVoteReply {
+            epoch: 1,
+            inc: 2,
+            granted: true,
+        },
+        vote(2, 1, 4),
+        Message::VoteReply {
+            epoch: 2,
+            inc: 2,
+            granted: true,
+            lease_wait_ms: 50,
+        },
+        Message::Append {
+            epoch: 3,
+            inc: 1,
+            prev: Version::new(3, 8),
+            entries: vec![e],
+            commit: 8,
+            sent_at: 100,
+            echo: Some(Echo { boot: 7, at: 99 }),
+            lease_ms: 500,
+        },
+        Message::AppendReply {
+            epoch: 3,
+            inc: 1,
+            ok: true,
+            match_seq: 9,
+            last_seq: 9,
+            learner: false,
+            sent_at_echo: 100,
+            echo: Echo { boot: 7, at: 101 },
+        },
+        Message::InstallSnapshot {
+            epoch: 3,
+            inc: 1,
+            snapshot: Snapshot {
+                version: Version::new(3, 8),
+                data: b"state".to_vec(),
+            },
+            commit: 8,
+            sent_at: 5,
+        },
+        Message::TimeoutNow { epoch: 3, inc: 1 },
+    ];
+    for m in msgs {
+        let json = serde_json::to_string(&m).unwrap();
+        let back: Message = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, m);
+    }
+}
+
+#[test]
+fn random_garbage_never_panics() {
+    // "No panics on any message content: a message that makes no sense is
+    // ignored."
+    let mut rng = SplitMix64(7);
+    let mut pick = |rng: &mut SplitMix64| match rng.below(4) {
+        0 => 0,
+        1 => u64::MAX - rng.below(3),
+        2 => rng.below(10),
+        _ => rng.next_u64(),
+    };
+    for node in 0..20u64 {
+        let mut r = fresh(1 + node % 3, 3);
+        for step in 0..300u64 {
+            let v = |rng: &mut SplitMix64, p: &mut dyn FnMut(&mut SplitMix64) -> u64| {
+                Version::new(p(rng), p(rng))
+            };
+            let m = match rng.below(8) {
+                0 => Message::PreVote {
+                    epoch: pick(&mut rng),
+                    inc: pick(&mut rng),
+                    log_epoch: pick(&mut rng),
+                    last_seq: pick(&mut rng),
+                },
+                1 => Message::PreVoteReply {
+                    epoch: pick(&mut rng),
+                    inc: pick(&mut rng),
+                    granted: rng.chance(0.5),
+                },
+                2 => Message::Vote {
+                    epoch: pick(&mut rng),
+                    inc: pick(&mut rng),
+                    log_epoch: pick(&mut rng),
+                    last_seq: pick(&mut rng),
+                    transfer: rng.chance(0.5),
+                },
+                3 => Message::VoteReply {
+                    epoch: pick(&mut rng),
+                    inc: pick(&mut rng),
+                    granted: rng.chance(0.5),
+                    lease_wait_ms: pick(&mut rng),
+                },
+                4 => {
+                    let prev = v(&mut rng, &mut pick);
+                    let n = rng.below(3);
+                    let entries = (0..n)
+                        .map(|i| Entry {
+                            version: Version::new(pick(&mut rng), prev.seq.wrapping_add(1 + i)),
+                            request_id: String::new(),
+                            kind: EntryKind::EpochStart,
+                        })
+                        .collect();
+                    Message::Append {
+                        epoch: pick(&mut rng),
+                        inc: pick(&mut rng),
+                        prev,
+                        entries,
+                        commit: pick(&mut rng),
+                        sent_at: pick(&mut rng),
+                        echo: Some(Echo {
+                            boot: pick(&mut rng),
+                            at: pick(&mut rng),
+                        }),
+                        lease_ms: pick(&mut rng),
+                    }
+                }
+                5 => Message::AppendReply {
+                    epoch: pick(&mut rng),
+                    inc: pick(&mut rng),
+                    ok: rng.chance(0.5),
+                    match_seq: pick(&mut rng),
+                    last_seq: pick(&mut rng),
+                    learner: rng.chance(0.5),
+                    sent_at_echo: pick(&mut rng),
+                    echo: Echo {
+                        boot: pick(&mut rng),
+                        at: pick(&mut rng),
+                    },
+                },
+                6 => Message::InstallSnapshot {
+                    epoch: pick(&mut rng),
+                    inc: pick(&mut rng),
+                    snapshot: Snapshot {
+                        version: v(&mut rng, &mut pick),
+                        data: vec![],
+                    },
+                    commit: pick(&mut rng),
+                    sent_at: pick(&mut rng),
+                },
+                _ => Message::TimeoutNow {
+                    epoch: pick(&mut rng),
+                    inc: pick(&mut rng),
+                },
+            };
+            let now = 1000 + step * 10;
+            r.step(now, 1 + rng.below(3), m);
+            r.tick(now + 5);
+            let _ = r.propose(now + 6, "x".into(), vec![]);
+            let _ = r.read_gate(now + 7, v(&mut rng, &mut pick));
+            let _ = r.ready();
+            let _ = r.status();
+        }
+    }
+}
+
+#[test]
+fn a_primary_crash_costs_less_than_a_second_of_writes() {
+    // Timing defaults: "fail over fast (under a second without a successful
+    // write)".
+    let mut net = Net::new(3);
+    net.run(2000);
+    let p = net.primary().unwrap();
+    net.write(p, "before").unwrap();
+    let crashed_at = net.now;
+    net.up[p] = false;
+    let mut k = 0;
+    loop {
+        net.run(10);
+        k += 1;
+        if let Some(q) = net.primary() {
+            let rid = format!("after{k}");
+            if let Ok(v) = net.write(q, &rid) {
+                net.run(10);
+                if net.applied[q].iter().any(|e| e.version == v) {
+                    break;
+                }
+            }
+        }
+        assert!(net.now - crashed_at < 1000, "no write for a second");
+    }
+    eprintln!("failover took {} ms", net.now - crashed_at);
+}
+
+#[test]
+fn a_dead_backup_stalls_writes_only_until_its_lease_surely_ran_out() {
+    // "A backup that lags ... is dropped from the view like a dead one,
+    // after its lease."
+    let mut net = Net::new(3);
+    net.run(2000);
+    let p = net.primary().unwrap();
+    let b = (p + 1) % 3;
+    let v = net.write(p, "w0").unwrap();
+    net.run(10);
+    assert!(net.applied[p].iter().any(|e| e.version == v));
+    net.up[b] = false;
+    let crashed_at = net.now;
+    let mut pending = Vec::new();
+    for k in 1..200 {
+        if let Ok(v) = net.write(p, &format!("w{k}")) {
+            pending.push(v);
+        }
+        net.run(10);
+        if net.applied[p].iter().any(|e| pending.contains(&e.version)) {
+            let stall = net.now - crashed_at;
+            eprintln!("a dead backup stalled commits for {stall} ms");
+            let cfg = net.nodes[p].config();
+            assert!(stall <= cfg.lease_ms / 4 + cfg.safe_lease_ms() + 2 * cfg.heartbeat_ms);
+            assert!(stall >= cfg.lease_ms, "not before its lease ran out");
+            return;
+        }
+    }
+    panic!("writes never committed again");
+}
+
+#[test]
+fn after_a_full_restart_an_election_starts_by_itself_and_nothing_is_lost() {
+    // "With no known primary (a full restart), an election starts by itself."
+    let mut net = Net::new(3);
+    net.run(2000);
+    let p = net.primary().unwrap();
+    let v = net.write(p, "kept").unwrap();
+    net.run(100);
+    for i in 0..3 {
+        net.restart(i);
+    }
+    net.run(3000);
+    let q = net.primary().expect("a primary after the restart");
+    assert!(
+        net.applied[q]
+            .iter()
+            .any(|e| e.version == v && e.request_id == "kept")
+    );
 }

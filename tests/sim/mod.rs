@@ -1,0 +1,1337 @@
+//! A seeded, deterministic simulator for the replication core.
+//!
+//! It steps several `Replica`s over an in-memory network that loses,
+//! duplicates, delays and reorders messages, partitions links (also one
+//! way), crashes and restarts nodes (also between persisting and sending),
+//! replaces disks, and skews clocks (rates within ±4 %, below the 10 % drift
+//! margin). Clients buy books from a bookstore state machine and retry with
+//! the same request id; others read through the read gate.
+//!
+//! Checked as the run goes: at most one primary per epoch; two replicas
+//! never commit different entries at the same seq; entries are applied in
+//! order without gaps; an acknowledged write is the committed entry at its
+//! seq; the same request id is always answered with the same result and
+//! version (exactly once); stock never negative and sold == stock decrease
+//! (no oversell); a versioned read let through by the gate shows the
+//! client's last acknowledged write (read your writes); an unversioned read
+//! at the primary shows every write answered so far, one at a backup every
+//! write answered more than `lease × 1.1` ago (leases).
+//! At the end, after healing: some write was acknowledged after the heal
+//! (liveness); all replicas converge to identical state and log; every
+//! acknowledged write is in every replica's state; successful request ids
+//! == books sold.
+#![allow(dead_code)]
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+
+use pygmy::replication::{
+    Config, Entry, EntryKind, MemStorage, NodeId, ProposeError, ReadGate, Replica, Role, Snapshot,
+    SplitMix64, UnsafeSwitches, Version,
+};
+use serde::{Deserialize, Serialize};
+
+// ----------------------------------------------------------------------
+// Options
+// ----------------------------------------------------------------------
+
+/// What a schedule may do. Weights are relative.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub nodes: usize,
+    pub clients: usize,
+    pub books: usize,
+    pub stock: i64,
+    pub chaos_ms: u64,
+    /// After the chaos: everything healed, clients keep writing this long.
+    pub quiet_ms: u64,
+    pub switches: UnsafeSwitches,
+    /// Bookstore model bug: check stock at propose time against the local
+    /// applied state and decrement at apply without re-checking.
+    pub check_at_propose: bool,
+    /// Disk replacement allowed even when the disk holds entries that the
+    /// other replicas do not all have.
+    pub relaxed_disk_policy: bool,
+    pub fault_every_ms: (u64, u64),
+    pub w_crash: u32,
+    pub w_restart: u32,
+    pub w_partition: u32,
+    pub w_heal: u32,
+    pub w_net: u32,
+    pub w_disk: u32,
+    /// Probability that a crash happens between persisting and sending.
+    pub crash_mid_ready: f64,
+    pub read_every_ms: u64,
+    pub snapshot_threshold: u64,
+    pub check_liveness: bool,
+    /// Weights of the partition kinds: primary alone, any node alone,
+    /// majority/minority split, one-way link, deaf primary (nothing reaches
+    /// it, its messages go out).
+    pub partition_kinds: [u32; 5],
+    /// Longest "long" message delay.
+    pub long_delay_max_ms: u64,
+    /// Overrides of the core's timing (lease, heartbeat, election timeout).
+    pub timing: Option<(u64, u64, u64)>,
+}
+
+impl Options {
+    pub fn new(nodes: usize) -> Self {
+        Options {
+            nodes,
+            clients: 3,
+            books: 2,
+            stock: 40,
+            chaos_ms: 2000,
+            quiet_ms: 2500,
+            switches: UnsafeSwitches::default(),
+            check_at_propose: false,
+            relaxed_disk_policy: false,
+            fault_every_ms: (80, 400),
+            w_crash: 3,
+            w_restart: 4,
+            w_partition: 3,
+            w_heal: 2,
+            w_net: 2,
+            w_disk: 1,
+            crash_mid_ready: 0.3,
+            read_every_ms: 20,
+            snapshot_threshold: 48,
+            check_liveness: true,
+            partition_kinds: [1, 1, 1, 1, 1],
+            long_delay_max_ms: 600,
+            timing: None,
+        }
+    }
+}
+
+impl Options {
+    /// A fault mix chosen by the seed: balanced, crash-heavy (frequent
+    /// crashes and restarts, short gaps), or network-heavy (partitions,
+    /// loss, long delays).
+    pub fn varied(nodes: usize, seed: u64) -> Self {
+        let mut o = Options::new(nodes);
+        if nodes > 3 {
+            o.clients = 4;
+        }
+        match seed % 3 {
+            0 => {}
+            1 => {
+                o.w_crash = 8;
+                o.w_restart = 8;
+                o.w_net = 6;
+                o.w_disk = 3;
+                o.partition_kinds = [4, 1, 0, 2, 1];
+                o.crash_mid_ready = 0.1;
+                o.fault_every_ms = (30, 300);
+                o.chaos_ms = 2600;
+            }
+            _ => {
+                o.w_crash = 1;
+                o.w_partition = 6;
+                o.w_net = 4;
+                o.long_delay_max_ms = 900;
+                o.fault_every_ms = (50, 250);
+            }
+        }
+        o
+    }
+}
+
+pub fn config(id: NodeId, inc: u64, n: usize, seed: u64, opts: &Options) -> Config {
+    let mut c = Config::new(id, inc, (1..=n as u64).collect(), seed);
+    c.snapshot_threshold = opts.snapshot_threshold;
+    c.max_batch = 32;
+    c.unsafe_switches = opts.switches.clone();
+    if let Some((lease, hb, election)) = opts.timing {
+        c.lease_ms = lease;
+        c.heartbeat_ms = hb;
+        c.election_timeout_ms = election;
+    }
+    c
+}
+
+// ----------------------------------------------------------------------
+// The bookstore state machine (lives in the driver)
+// ----------------------------------------------------------------------
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Store {
+    pub stock: Vec<i64>,
+    pub sold: Vec<u64>,
+    /// request id -> (bought?, version of the entry that applied it)
+    pub applied: FastMap<String, (bool, Version)>,
+    pub last: Version,
+}
+
+impl Store {
+    fn new(books: usize, stock: i64) -> Self {
+        Store {
+            stock: vec![stock; books],
+            sold: vec![0; books],
+            applied: FastMap::default(),
+            last: Version::default(),
+        }
+    }
+}
+
+// ----------------------------------------------------------------------
+// Events
+// ----------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+enum Reply {
+    Ack {
+        rid: String,
+        ok: bool,
+        version: Version,
+    },
+    Redirect {
+        rid: String,
+        to: usize,
+    },
+    Retry {
+        rid: String,
+    },
+}
+
+#[derive(Debug)]
+enum Ev {
+    Tick(usize),
+    Deliver {
+        to: usize,
+        from: usize,
+        msg: Box<pygmy::replication::Message>,
+    },
+    Request {
+        client: usize,
+        node: usize,
+        rid: String,
+        book: usize,
+    },
+    Answer {
+        client: usize,
+        reply: Reply,
+    },
+    Timeout {
+        client: usize,
+        rid: String,
+        attempt: u64,
+    },
+    Next {
+        client: usize,
+    },
+    Read {
+        client: usize,
+    },
+    Fault,
+    EndChaos,
+}
+
+struct Item {
+    t: u64,
+    seq: u64,
+    ev: Ev,
+}
+impl PartialEq for Item {
+    fn eq(&self, o: &Self) -> bool {
+        (self.t, self.seq) == (o.t, o.seq)
+    }
+}
+impl Eq for Item {}
+impl PartialOrd for Item {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Item {
+    fn cmp(&self, o: &Self) -> Ordering {
+        (o.t, o.seq).cmp(&(self.t, self.seq))
+    }
+}
+
+// ----------------------------------------------------------------------
+// Nodes and clients
+// ----------------------------------------------------------------------
+
+struct Node {
+    id: NodeId,
+    up: bool,
+    r: Option<Replica>,
+    disk: MemStorage,
+    inc: u64,
+    store: Store,
+    boot_t: u64,
+    clock_off: u64,
+    rate: f64,
+    /// seq -> (client, rid) awaiting commit
+    pending: BTreeMap<u64, (usize, String)>,
+    crash_armed: bool,
+}
+
+impl Node {
+    fn local(&self, t: u64) -> u64 {
+        self.clock_off + ((t - self.boot_t) as f64 * self.rate) as u64
+    }
+}
+
+struct Client {
+    rid: Option<(String, usize)>,
+    n: u64,
+    attempt: u64,
+    target: usize,
+    last_ack: Version,
+    last_rid: Option<String>,
+}
+
+// ----------------------------------------------------------------------
+// Checker
+// ----------------------------------------------------------------------
+
+#[derive(Default)]
+struct Checker {
+    /// seq -> the committed entry's (version, request id), as first seen.
+    committed: FastMap<u64, (Version, String)>,
+    /// epoch -> the node that was primary in it.
+    primaries: FastMap<u64, NodeId>,
+    /// request id -> (bought?, version) as first answered to a client.
+    acked: FastMap<String, (bool, Version)>,
+    /// (time, highest seq answered so far), monotone.
+    answered: Vec<(u64, u64)>,
+}
+
+impl Checker {
+    fn answered_before(&self, t: u64) -> u64 {
+        let i = self.answered.partition_point(|(at, _)| *at < t);
+        if i == 0 { 0 } else { self.answered[i - 1].1 }
+    }
+}
+
+/// What a run reports.
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    pub snapshots_installed: usize,
+    pub disks_replaced: usize,
+    pub crashes: usize,
+    pub acked: usize,
+    pub reads_served: usize,
+    pub primaries: usize,
+    pub events: u64,
+}
+
+pub struct Sim {
+    seed: u64,
+    rng: SplitMix64,
+    t: u64,
+    seq: u64,
+    queue: BinaryHeap<Item>,
+    nodes: Vec<Node>,
+    clients: Vec<Client>,
+    /// blocked[from][to]
+    blocked: Vec<Vec<bool>>,
+    loss: f64,
+    dup: f64,
+    long_delay: f64,
+    chaos: bool,
+    heal_t: u64,
+    acked_after_heal: bool,
+    next_inc: u64,
+    ck: Checker,
+    opts: Options,
+    stats: Stats,
+}
+
+type R<T> = Result<T, String>;
+
+/// FNV-1a: a fast, deterministic hasher for the simulator's maps.
+#[derive(Default, Clone, Copy)]
+pub struct Fnv(u64);
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for b in bytes {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x100_0000_01b3);
+        }
+        self.0 = h;
+    }
+}
+pub type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<Fnv>>;
+
+/// How often each node's clock ticks the core.
+const TICK_MS: u64 = 20;
+
+impl Sim {
+    pub fn new(seed: u64, opts: Options) -> Self {
+        let mut rng = SplitMix64(seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ 0xA076_1D64_78BD_642F);
+        let n = opts.nodes;
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let inc = 1;
+            let disk = MemStorage::bootstrap(inc);
+            let rate = 0.96 + rng.below(81) as f64 / 1000.0;
+            let off = rng.below(1_000_000);
+            let cfg = config(i as u64 + 1, inc, n, rng.next_u64(), &opts);
+            let r = Replica::new(cfg, &disk, off);
+            nodes.push(Node {
+                id: i as u64 + 1,
+                up: true,
+                r: Some(r),
+                disk,
+                inc,
+                store: Store::new(opts.books, opts.stock),
+                boot_t: 0,
+                clock_off: off,
+                rate,
+                pending: BTreeMap::new(),
+                crash_armed: false,
+            });
+        }
+        let clients = (0..opts.clients)
+            .map(|_| Client {
+                rid: None,
+                n: 0,
+                attempt: 0,
+                target: 0,
+                last_ack: Version::default(),
+                last_rid: None,
+            })
+            .collect();
+        let mut sim = Sim {
+            seed,
+            rng,
+            t: 0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            nodes,
+            clients,
+            blocked: vec![vec![false; n]; n],
+            loss: 0.0,
+            dup: 0.0,
+            long_delay: 0.0,
+            chaos: true,
+            heal_t: 0,
+            acked_after_heal: false,
+            next_inc: 2,
+            ck: Checker::default(),
+            opts,
+            stats: Stats::default(),
+        };
+        for i in 0..n {
+            let ph = sim.rng.below(10);
+            sim.at(ph, Ev::Tick(i));
+        }
+        for c in 0..sim.clients.len() {
+            let d = 50 + sim.rng.below(100);
+            sim.at(d, Ev::Next { client: c });
+            let d = sim.rng.below(50);
+            sim.at(d, Ev::Read { client: c });
+        }
+        let d = sim.fault_gap();
+        sim.at(d, Ev::Fault);
+        let chaos = sim.opts.chaos_ms;
+        sim.at(chaos, Ev::EndChaos);
+        sim
+    }
+
+    fn at(&mut self, delay: u64, ev: Ev) {
+        self.seq += 1;
+        self.queue.push(Item {
+            t: self.t + delay,
+            seq: self.seq,
+            ev,
+        });
+    }
+
+    fn fault_gap(&mut self) -> u64 {
+        let (a, b) = self.opts.fault_every_ms;
+        a + self.rng.below(b - a + 1)
+    }
+
+    fn fail(&self, what: String) -> String {
+        format!("seed {} at t={}ms: {}", self.seed, self.t, what)
+    }
+
+    /// Run the schedule: chaos, heal, quiet, convergence.
+    pub fn run(mut self) -> R<Stats> {
+        let end = self.opts.chaos_ms + self.opts.quiet_ms;
+        while let Some(item) = self.queue.pop() {
+            if item.t > end {
+                break;
+            }
+            self.t = item.t;
+            self.stats.events += 1;
+            if self.stats.events > 3_000_000 {
+                let mut h: BTreeMap<String, usize> = BTreeMap::new();
+                for it in self.queue.iter().take(100000) {
+                    let k = format!("{:?}", it.ev).chars().take(60).collect::<String>();
+                    *h.entry(k).or_default() += 1;
+                }
+                let mut v: Vec<_> = h.into_iter().collect();
+                v.sort_by_key(|x| std::cmp::Reverse(x.1));
+                v.truncate(10);
+                return Err(self.fail(format!(
+                    "event storm: {} queued; {:?}",
+                    self.queue.len(),
+                    v
+                )));
+            }
+            self.handle(item.ev)?;
+        }
+        self.t = end;
+        if self.opts.check_liveness && !self.acked_after_heal {
+            let dump = self.dump();
+            return Err(self.fail(format!(
+                "liveness: no write acknowledged after the faults healed\n  {dump}"
+            )));
+        }
+        self.converge()?;
+        Ok(self.stats)
+    }
+
+    fn handle(&mut self, ev: Ev) -> R<()> {
+        match ev {
+            Ev::Tick(i) => {
+                if self.nodes[i].up {
+                    let now = self.nodes[i].local(self.t);
+                    self.nodes[i].r.as_mut().unwrap().tick(now);
+                    self.process(i)?;
+                }
+                self.at(TICK_MS, Ev::Tick(i));
+            }
+            Ev::Deliver { to, from, msg } => {
+                if self.nodes[to].up && !self.blocked[from][to] {
+                    let now = self.nodes[to].local(self.t);
+                    let from_id = self.nodes[from].id;
+                    self.nodes[to].r.as_mut().unwrap().step(now, from_id, *msg);
+                    self.process(to)?;
+                }
+            }
+            Ev::Request {
+                client,
+                node,
+                rid,
+                book,
+            } => self.on_request(client, node, rid, book)?,
+            Ev::Answer { client, reply } => self.on_answer(client, reply)?,
+            Ev::Timeout {
+                client,
+                rid,
+                attempt,
+            } => {
+                let c = &self.clients[client];
+                if c.attempt == attempt && c.rid.as_ref().is_some_and(|(r, _)| *r == rid) {
+                    let target = self.rng.below(self.nodes.len() as u64) as usize;
+                    self.clients[client].target = target;
+                    self.send_request(client);
+                }
+            }
+            Ev::Next { client } => {
+                let stop_writes = self.t + 900 > self.opts.chaos_ms + self.opts.quiet_ms;
+                if stop_writes {
+                    return Ok(());
+                }
+                let c = &mut self.clients[client];
+                c.n += 1;
+                let rid = format!("c{client}-{}", c.n);
+                let book = self.rng.below(self.opts.books as u64) as usize;
+                self.clients[client].rid = Some((rid, book));
+                self.send_request(client);
+            }
+            Ev::Read { client } => {
+                self.on_read(client)?;
+                let d = 1 + self.rng.below(self.opts.read_every_ms * 2);
+                self.at(d, Ev::Read { client });
+            }
+            Ev::Fault => {
+                if self.chaos {
+                    self.fault()?;
+                    self.trace(&format!(
+                        "fault; blocked {:?} loss {} dup {} long {}",
+                        self.blocked, self.loss, self.dup, self.long_delay
+                    ));
+                    let d = self.fault_gap();
+                    self.at(d, Ev::Fault);
+                }
+            }
+            Ev::EndChaos => {
+                self.heal_all()?;
+                self.trace("healed");
+            }
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------
+    // Driver: persist, send, apply
+    // ------------------------------------------------------------------
+
+    fn process(&mut self, i: usize) -> R<()> {
+        let rd = {
+            let node = &mut self.nodes[i];
+            let r = node.r.as_mut().unwrap();
+            let rd = r.ready();
+            node.disk.persist(&rd);
+            rd
+        };
+        if let Some(r) = &self.nodes[i].r
+            && r.role() == Role::Primary
+        {
+            let (e, id) = (r.epoch(), self.nodes[i].id);
+            if let Some(other) = self.ck.primaries.insert(e, id)
+                && other != id
+            {
+                return Err(self.fail(format!("two primaries in epoch {e}: {other} and {id}")));
+            }
+        }
+        if self.nodes[i].crash_armed && (!rd.messages.is_empty() || !rd.committed.is_empty()) {
+            // Crash between persisting and sending.
+            self.crash(i);
+            return Ok(());
+        }
+        for (to, msg) in rd.messages {
+            let to = (to - 1) as usize;
+            if to < self.nodes.len() {
+                self.send(i, to, msg);
+            }
+        }
+        if let Some(snap) = rd.snapshot_to_install {
+            self.stats.snapshots_installed += 1;
+            let store: Store = serde_json::from_slice(&snap.data)
+                .map_err(|e| self.fail(format!("bad snapshot: {e}")))?;
+            self.nodes[i].store = store;
+            self.nodes[i].pending.clear();
+        }
+        for e in rd.committed {
+            self.apply(i, e)?;
+        }
+        if rd.need_snapshot {
+            let node = &mut self.nodes[i];
+            let v = node.store.last;
+            let data = serde_json::to_vec(&node.store).unwrap();
+            if node.r.as_mut().unwrap().snapshot_taken(v, data.clone()) {
+                node.disk.compact(Snapshot { version: v, data });
+            }
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, from: usize, to: usize, msg: pygmy::replication::Message) {
+        if self.blocked[from][to] || self.rng.chance(self.loss) {
+            return;
+        }
+        let msg = Box::new(msg);
+        if self.rng.chance(self.dup) {
+            let d = self.delay();
+            self.at(
+                d,
+                Ev::Deliver {
+                    to,
+                    from,
+                    msg: msg.clone(),
+                },
+            );
+        }
+        let d = self.delay();
+        self.at(d, Ev::Deliver { to, from, msg });
+    }
+
+    fn delay(&mut self) -> u64 {
+        if self.rng.chance(self.long_delay) {
+            20 + self.rng.below(self.opts.long_delay_max_ms)
+        } else {
+            1 + self.rng.below(4)
+        }
+    }
+
+    fn apply(&mut self, i: usize, e: Entry) -> R<()> {
+        let seq = e.version.seq;
+        if seq <= self.nodes[i].store.last.seq {
+            return Ok(()); // replay after restart: already in the snapshot
+        }
+        if seq != self.nodes[i].store.last.seq + 1 {
+            return Err(self.fail(format!(
+                "node {} applies seq {seq} after {}",
+                i + 1,
+                self.nodes[i].store.last.seq
+            )));
+        }
+        // Two replicas never commit different entries at the same seq.
+        match self.ck.committed.get(&seq) {
+            Some((v, rid)) if *v != e.version || *rid != e.request_id => {
+                return Err(self.fail(format!(
+                    "divergence at seq {seq}: node {} commits {:?} {}, earlier {:?} {}",
+                    i + 1,
+                    e.version,
+                    e.request_id,
+                    v,
+                    rid
+                )));
+            }
+            Some(_) => {}
+            None => {
+                self.ck
+                    .committed
+                    .insert(seq, (e.version, e.request_id.clone()));
+            }
+        }
+        let initial = self.opts.stock;
+        let node = &mut self.nodes[i];
+        let st = &mut node.store;
+        st.last = e.version;
+        if let EntryKind::Op(op) = &e.kind {
+            let book = op.first().copied().unwrap_or(0) as usize % st.stock.len();
+            let unchecked = op.len() > 1;
+            if !st.applied.contains_key(&e.request_id) {
+                let ok = if unchecked || st.stock[book] > 0 {
+                    st.stock[book] -= 1;
+                    st.sold[book] += 1;
+                    true
+                } else {
+                    false
+                };
+                st.applied.insert(e.request_id.clone(), (ok, e.version));
+            }
+            if st.stock[book] < 0 || (initial - st.stock[book]) as u64 != st.sold[book] {
+                let msg = format!(
+                    "oversell at node {}: book {book} stock {} sold {}",
+                    i + 1,
+                    st.stock[book],
+                    st.sold[book]
+                );
+                return Err(self.fail(msg));
+            }
+        }
+        let node = &mut self.nodes[i];
+        if let Some((client, rid)) = node.pending.remove(&seq)
+            && rid == e.request_id
+        {
+            let (ok, version) = node.store.applied[&rid];
+            self.answer(client, Reply::Ack { rid, ok, version });
+        }
+        Ok(())
+    }
+
+    fn answer(&mut self, client: usize, reply: Reply) {
+        if std::env::var_os("PYGMY_SIM_TRACE").is_some() {
+            eprintln!(
+                "[{:>5}] answer to client {client}: {reply:?}\n  {}",
+                self.t,
+                self.dump()
+            );
+        }
+        if let Reply::Ack { version, .. } = &reply {
+            let prev = self.ck.answered.last().map_or(0, |x| x.1);
+            self.ck.answered.push((self.t, prev.max(version.seq)));
+        }
+        if self.rng.chance(self.loss) {
+            return;
+        }
+        let d = self.delay();
+        self.at(d, Ev::Answer { client, reply });
+    }
+
+    // ------------------------------------------------------------------
+    // Clients
+    // ------------------------------------------------------------------
+
+    fn send_request(&mut self, client: usize) {
+        let c = &mut self.clients[client];
+        let Some((rid, book)) = c.rid.clone() else {
+            return;
+        };
+        c.attempt += 1;
+        let attempt = c.attempt;
+        let node = c.target;
+        let d = self.delay();
+        self.at(
+            d,
+            Ev::Request {
+                client,
+                node,
+                rid: rid.clone(),
+                book,
+            },
+        );
+        self.at(
+            250,
+            Ev::Timeout {
+                client,
+                rid,
+                attempt,
+            },
+        );
+    }
+
+    fn on_request(&mut self, client: usize, i: usize, rid: String, book: usize) -> R<()> {
+        if !self.nodes[i].up {
+            return Ok(());
+        }
+        let now = self.nodes[i].local(self.t);
+        let node = &mut self.nodes[i];
+        let r = node.r.as_mut().unwrap();
+        if let Some(&(ok, version)) = node.store.applied.get(&rid)
+            && r.is_primary_ready()
+        {
+            self.answer(client, Reply::Ack { rid, ok, version });
+            return Ok(());
+        }
+        let mut op = vec![book as u8];
+        if self.opts.check_at_propose && node.store.stock[book] > 0 {
+            op.push(1); // "in stock": decrement at apply without re-checking
+        }
+        match r.propose(now, rid.clone(), op) {
+            Ok(v) => {
+                node.pending.insert(v.seq, (client, rid));
+                self.process(i)?;
+            }
+            Err(ProposeError::NotPrimary { primary: Some(p) }) => {
+                let to = (p - 1) as usize;
+                self.answer(client, Reply::Redirect { rid, to });
+            }
+            Err(_) => self.answer(client, Reply::Retry { rid }),
+        }
+        Ok(())
+    }
+
+    fn on_answer(&mut self, client: usize, reply: Reply) -> R<()> {
+        let current = self.clients[client].rid.as_ref().map(|(r, _)| r.clone());
+        match reply {
+            Reply::Ack { rid, ok, version } => {
+                if let Some(&(ok0, v0)) = self.ck.acked.get(&rid) {
+                    if (ok0, v0) != (ok, version) {
+                        return Err(self.fail(format!(
+                            "exactly once: {rid} answered {ok0} at {v0:?}, then {ok} at {version:?}"
+                        )));
+                    }
+                } else {
+                    self.ck.acked.insert(rid.clone(), (ok, version));
+                    // the acknowledged write must be the committed entry at its seq
+                    match self.ck.committed.get(&version.seq) {
+                        Some((v, r)) if *v == version && *r == rid => {}
+                        other => {
+                            let msg = format!("acked {rid} at {version:?} but committed {other:?}");
+                            return Err(self.fail(msg));
+                        }
+                    }
+                }
+                if current.as_deref() == Some(rid.as_str()) {
+                    if !self.chaos {
+                        self.acked_after_heal = true;
+                    }
+                    self.stats.acked += 1;
+                    let c = &mut self.clients[client];
+                    c.rid = None;
+                    c.last_ack = c.last_ack.max(version);
+                    c.last_rid = Some(rid);
+                    let d = self.rng.below(20);
+                    self.at(d, Ev::Next { client });
+                }
+            }
+            Reply::Redirect { rid, to } => {
+                if current.as_deref() == Some(rid.as_str()) && to < self.nodes.len() {
+                    self.clients[client].target = to;
+                    self.send_request(client);
+                }
+            }
+            Reply::Retry { rid } => {
+                if current.as_deref() == Some(rid.as_str()) {
+                    if self.rng.chance(0.3) {
+                        self.clients[client].target =
+                            self.rng.below(self.nodes.len() as u64) as usize;
+                    }
+                    let c = &mut self.clients[client];
+                    c.attempt += 1; // the pending timeout is void
+                    let d = 10 + self.rng.below(30);
+                    let attempt = c.attempt;
+                    let (rid, _) = c.rid.clone().unwrap();
+                    self.at(
+                        d,
+                        Ev::Timeout {
+                            client,
+                            rid,
+                            attempt,
+                        },
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A read through the gate, versioned (at least the client's last write)
+    /// or not, at a random node; checked against what was answered.
+    fn on_read(&mut self, client: usize) -> R<()> {
+        let i = self.rng.below(self.nodes.len() as u64) as usize;
+        if !self.nodes[i].up {
+            return Ok(());
+        }
+        let versioned = self.rng.chance(0.5);
+        let min = if versioned {
+            self.clients[client].last_ack
+        } else {
+            Version::default()
+        };
+        let node = &self.nodes[i];
+        let now = node.local(self.t);
+        let r = node.r.as_ref().unwrap();
+        if r.read_gate(now, min) != ReadGate::Serve {
+            return Ok(());
+        }
+        self.stats.reads_served += 1;
+        let have = node.store.last.seq;
+        if versioned {
+            if let Some(rid) = &self.clients[client].last_rid
+                && (have < min.seq || !node.store.applied.contains_key(rid))
+            {
+                return Err(self.fail(format!(
+                        "read your writes: node {} served a read at {min:?} without {rid} (applied {have})",
+                        i + 1
+                    )));
+            }
+        } else if r.role() == Role::Primary {
+            let need = self.ck.answered_before(self.t + 1);
+            if have < need {
+                return Err(self.fail(format!(
+                    "stale read at primary {}: applied {have}, a write at seq {need} was answered",
+                    i + 1
+                )));
+            }
+        } else {
+            let bound = (r.config().lease_ms as f64 * 1.1) as u64;
+            let need = self.ck.answered_before(self.t.saturating_sub(bound));
+            if have < need {
+                return Err(self.fail(format!(
+                    "stale read at backup {}: applied {have}, seq {need} answered more than {bound} ms ago",
+                    i + 1
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------
+    // Faults
+    // ------------------------------------------------------------------
+
+    fn crash(&mut self, i: usize) {
+        self.stats.crashes += 1;
+        let node = &mut self.nodes[i];
+        node.up = false;
+        node.r = None;
+        node.pending.clear();
+        node.crash_armed = false;
+    }
+
+    fn restart(&mut self, i: usize) -> R<()> {
+        let seed = self.rng.next_u64();
+        let off = self.rng.below(1_000_000);
+        let opts = self.opts.clone();
+        let n = self.nodes.len();
+        let node = &mut self.nodes[i];
+        node.boot_t = self.t;
+        node.clock_off = off;
+        node.store = match &node.disk.snapshot {
+            Some(s) => serde_json::from_slice(&s.data).unwrap(),
+            None => Store::new(opts.books, opts.stock),
+        };
+        let cfg = config(node.id, node.inc, n, seed, &opts);
+        node.r = Some(Replica::new(cfg, &node.disk, off));
+        node.up = true;
+        self.process(i)
+    }
+
+    fn primary(&self) -> Option<usize> {
+        (0..self.nodes.len()).find(|&i| {
+            self.nodes[i]
+                .r
+                .as_ref()
+                .is_some_and(|r| r.role() == Role::Primary)
+        })
+    }
+
+    fn pick(&mut self, up: bool) -> Option<usize> {
+        let c: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].up == up)
+            .collect();
+        if c.is_empty() {
+            None
+        } else {
+            Some(c[self.rng.below(c.len() as u64) as usize])
+        }
+    }
+
+    fn isolate(&mut self, i: usize) {
+        let n = self.nodes.len();
+        for j in 0..n {
+            if j != i {
+                self.blocked[i][j] = true;
+                self.blocked[j][i] = true;
+            }
+        }
+    }
+
+    fn heal_links(&mut self) {
+        for row in &mut self.blocked {
+            row.iter_mut().for_each(|b| *b = false);
+        }
+    }
+
+    fn fault(&mut self) -> R<()> {
+        let o = &self.opts;
+        let weights = [
+            o.w_crash,
+            o.w_restart,
+            o.w_partition,
+            o.w_heal,
+            o.w_net,
+            o.w_disk,
+        ];
+        let total: u32 = weights.iter().sum();
+        let mut x = self.rng.below(total as u64) as u32;
+        let mut kind = 0;
+        for (k, w) in weights.iter().enumerate() {
+            if x < *w {
+                kind = k;
+                break;
+            }
+            x -= w;
+        }
+        let n = self.nodes.len();
+        match kind {
+            0 => {
+                // crash: the primary more often than not
+                let target = if self.rng.chance(0.5) {
+                    self.primary()
+                } else {
+                    self.pick(true)
+                };
+                if let Some(i) = target {
+                    if self.rng.chance(self.opts.crash_mid_ready) {
+                        self.nodes[i].crash_armed = true;
+                    } else {
+                        self.crash(i);
+                    }
+                }
+            }
+            1 => {
+                if let Some(i) = self.pick(false) {
+                    self.restart(i)?;
+                }
+            }
+            2 => {
+                self.heal_links();
+                let w = self.opts.partition_kinds;
+                let mut x = self.rng.below(w.iter().sum::<u32>().max(1) as u64) as u32;
+                let mut kind = 0;
+                for (k, wk) in w.iter().enumerate() {
+                    if x < *wk {
+                        kind = k;
+                        break;
+                    }
+                    x -= wk;
+                }
+                match kind {
+                    0 => {
+                        if let Some(p) = self.primary() {
+                            self.isolate(p);
+                        }
+                    }
+                    1 => {
+                        let i = self.rng.below(n as u64) as usize;
+                        self.isolate(i);
+                    }
+                    2 => {
+                        // clean split: a random minority
+                        let k = self.rng.below((n / 2) as u64 + 1) as usize;
+                        let mut side = vec![false; n];
+                        for _ in 0..k.max(1) {
+                            side[self.rng.below(n as u64) as usize] = true;
+                        }
+                        for a in 0..n {
+                            for b in 0..n {
+                                if side[a] != side[b] {
+                                    self.blocked[a][b] = true;
+                                }
+                            }
+                        }
+                    }
+                    3 => {
+                        let a = self.rng.below(n as u64) as usize;
+                        let b = (a + 1 + self.rng.below(n as u64 - 1) as usize) % n;
+                        self.blocked[a][b] = true;
+                    }
+                    _ => {
+                        if let Some(p) = self.primary() {
+                            for j in 0..n {
+                                self.blocked[j][p] = j != p;
+                            }
+                        }
+                    }
+                }
+            }
+            3 => self.heal_links(),
+            4 => {
+                self.loss = [0.0, 0.02, 0.1, 0.3][self.rng.below(4) as usize];
+                self.dup = [0.0, 0.05, 0.2][self.rng.below(3) as usize];
+                self.long_delay = [0.0, 0.02, 0.1][self.rng.below(3) as usize];
+            }
+            _ => {
+                if let Some(i) = self.pick(false)
+                    && self.disk_replaceable(i)
+                {
+                    self.stats.disks_replaced += 1;
+                    let node = &mut self.nodes[i];
+                    node.disk = MemStorage::default();
+                    node.inc = self.next_inc;
+                    self.next_inc += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A disk may be lost only when what it holds is elsewhere: its epoch is
+    /// no newer than every other disk's, and every entry of its log is on
+    /// every other disk (a single disk failure in an otherwise healthy
+    /// cluster). The relaxed policy only asks the entries to be on one
+    /// other disk.
+    fn disk_replaceable(&self, i: usize) -> bool {
+        let d = &self.nodes[i].disk;
+        if d.hard_state.incarnation != self.nodes[i].inc {
+            return false; // still a learner's blank disk
+        }
+        let last = disk_last(d);
+        let mut holders = 0;
+        for (j, other) in self.nodes.iter().enumerate() {
+            if j == i {
+                continue;
+            }
+            let od = &other.disk;
+            let has = disk_version_at(od, last.seq).is_some_and(|v| v == last)
+                || od
+                    .snapshot
+                    .as_ref()
+                    .is_some_and(|s| s.version.seq >= last.seq);
+            if od.hard_state.incarnation != other.inc {
+                return false; // one disk failure at a time
+            }
+            if has {
+                holders += 1;
+            }
+            if !self.opts.relaxed_disk_policy && (!has || od.hard_state.epoch < d.hard_state.epoch)
+            {
+                return false;
+            }
+        }
+        holders >= 1
+    }
+
+    fn heal_all(&mut self) -> R<()> {
+        self.chaos = false;
+        self.heal_t = self.t;
+        self.heal_links();
+        self.loss = 0.0;
+        self.dup = 0.0;
+        self.long_delay = 0.0;
+        for i in 0..self.nodes.len() {
+            self.nodes[i].crash_armed = false;
+            if !self.nodes[i].up {
+                self.restart(i)?;
+            }
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------
+    // The end: convergence
+    // ------------------------------------------------------------------
+
+    fn converge(&mut self) -> R<()> {
+        // Run quietly (no faults, no new writes) until identical or 5 s.
+        let limit = self.t + 5000;
+        let mut next_check = 0;
+        loop {
+            if self.t >= next_check {
+                if self.converged() {
+                    break;
+                }
+                next_check = self.t + 20;
+            }
+            let Some(item) = self.queue.pop() else { break };
+            if item.t > limit {
+                break;
+            }
+            self.t = item.t;
+            match item.ev {
+                Ev::Next { .. } | Ev::Read { .. } | Ev::Fault => {}
+                ev => self.handle(ev)?,
+            }
+        }
+        if !self.converged() {
+            let dump = self.dump();
+            return Err(self.fail(format!("no convergence:\n  {dump}")));
+        }
+        // Every acknowledged write is in every replica's state.
+        for (rid, (ok, v)) in &self.ck.acked {
+            for n in &self.nodes {
+                if n.store.applied.get(rid) != Some(&(*ok, *v)) {
+                    return Err(self.fail(format!(
+                        "acknowledged write {rid} ({ok}, {v:?}) lost at node {}",
+                        n.id
+                    )));
+                }
+            }
+        }
+        // Exactly once: what was sold is what the applied request ids say.
+        for n in &self.nodes {
+            let bought = n.store.applied.values().filter(|(ok, _)| *ok).count() as u64;
+            let total: u64 = n.store.sold.iter().sum();
+            if bought != total {
+                return Err(self.fail(format!(
+                    "node {}: {bought} successful request ids but {total} books sold",
+                    n.id
+                )));
+            }
+            // identical logs: every entry up to the commit is the committed one
+            let r = n.r.as_ref().unwrap();
+            let commit = r.status().commit.seq;
+            for e in r.log_entries() {
+                if e.version.seq > commit {
+                    break;
+                }
+                match self.ck.committed.get(&e.version.seq) {
+                    Some((v, rid)) if *v == e.version && *rid == e.request_id => {}
+                    other => {
+                        return Err(self.fail(format!(
+                            "node {} log at {:?} holds {}, committed {other:?}",
+                            n.id, e.version, e.request_id
+                        )));
+                    }
+                }
+            }
+        }
+        self.stats.primaries = self.ck.primaries.len();
+        Ok(())
+    }
+
+    fn dump(&self) -> String {
+        let st: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| match &n.r {
+                None => format!("{}: down", n.id),
+                Some(r) => {
+                    let s = r.status();
+                    format!(
+                        "{}: {:?} learner={} epoch {} primary {:?} log_epoch {} last {:?} commit {:?} applied {:?} view {:?} transfer {:?}",
+                        s.id, s.role, s.learner, s.epoch, s.primary, s.log_epoch, s.last, s.commit, n.store.last, s.view, s.transferring_to
+                    )
+                }
+            })
+            .collect();
+        st.join("\n  ")
+    }
+
+    fn trace(&self, what: &str) {
+        if std::env::var_os("PYGMY_SIM_TRACE").is_some() {
+            eprintln!("[{:>5}] {what}\n  {}", self.t, self.dump());
+        }
+    }
+
+    fn converged(&self) -> bool {
+        let first = &self.nodes[0];
+        if !first.up {
+            return false;
+        }
+        let r0 = first.r.as_ref().unwrap();
+        if r0.status().commit.seq < first.store.last.seq {
+            return false;
+        }
+        self.nodes.iter().all(|n| {
+            n.up && n.store == first.store
+                && n.r
+                    .as_ref()
+                    .is_some_and(|r| !r.is_learner() && r.status().last == r0.status().last)
+        }) && self
+            .nodes
+            .iter()
+            .any(|n| n.r.as_ref().is_some_and(|r| r.is_primary_ready()))
+            && {
+                // everyone has applied the primary's whole log
+                let p = self
+                    .nodes
+                    .iter()
+                    .find(|n| n.r.as_ref().is_some_and(|r| r.is_primary_ready()))
+                    .unwrap();
+                p.r.as_ref().unwrap().status().last.seq == first.store.last.seq
+            }
+    }
+}
+
+fn disk_last(d: &MemStorage) -> Version {
+    d.entries
+        .last()
+        .map(|e| e.version)
+        .or(d.snapshot.as_ref().map(|s| s.version))
+        .unwrap_or_default()
+}
+
+fn disk_version_at(d: &MemStorage, seq: u64) -> Option<Version> {
+    let base = d
+        .snapshot
+        .as_ref()
+        .map_or(Version::default(), |s| s.version);
+    if seq == base.seq {
+        return Some(base);
+    }
+    if seq < base.seq {
+        return None;
+    }
+    d.entries
+        .get((seq - base.seq - 1) as usize)
+        .map(|e| e.version)
+}
+
+/// Run `count` schedules from `first_seed`; Err with the first failure.
+pub fn run_many(first_seed: u64, count: u64, make: impl Fn(u64) -> Options) -> R<Stats> {
+    let mut total = Stats::default();
+    for seed in first_seed..first_seed + count {
+        let s = Sim::new(seed, make(seed)).run()?;
+        total.acked += s.acked;
+        total.reads_served += s.reads_served;
+        total.primaries += s.primaries;
+        total.events += s.events;
+        total.snapshots_installed += s.snapshots_installed;
+        total.disks_replaced += s.disks_replaced;
+        total.crashes += s.crashes;
+    }
+    Ok(total)
+}
+
+/// `PYGMY_SIM_SEED` replays one seed; `PYGMY_SIM_SCHEDULES` sets the count.
+pub fn env_seed() -> Option<u64> {
+    std::env::var("PYGMY_SIM_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+}
+
+pub fn env_count(default: u64) -> u64 {
+    std::env::var("PYGMY_SIM_SCHEDULES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+pub fn env_offset() -> u64 {
+    std::env::var("PYGMY_SIM_SEED_OFFSET")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
