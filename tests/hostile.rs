@@ -144,6 +144,26 @@ async fn hostile_requests_get_4xx_and_change_nothing() {
         let status = std::str::from_utf8(&buf[..n]).ok().and_then(|h| h.get(9..12)).and_then(|c| c.parse::<u16>().ok());
         assert_4xx(&format!("{node}: slow body"), status);
 
+        // An idle connection (nothing sent, or nothing after an answer) is closed.
+        for warm in [false, true] {
+            let mut s = TcpStream::connect(&addr).await.unwrap();
+            if warm {
+                s.write_all(b"GET /healthcheck HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+            }
+            let closed = tokio::time::timeout(Duration::from_secs(20), async {
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+            })
+            .await;
+            assert!(closed.is_ok(), "{node}: an idle connection (warm: {warm}) stays open");
+        }
+
         // And the node still serves.
         let ok = raw(&addr, &req("GET", "/healthcheck", &[], "")).await;
         assert_eq!(ok, Some(200), "{node} still healthy");
