@@ -239,7 +239,13 @@ impl Driver {
             if let Some(s) = &rd.snapshot_to_install {
                 tracing::info!(version = %store::to_api(s.version), bytes = s.data.len(), "sync received: installing the primary's snapshot");
             }
+            let started = Instant::now();
             let applied = self.db.handle(&rd, &mut self.state)?;
+            let took = started.elapsed();
+            metrics::histogram!("pygmy_catalog_persist_seconds").record(took.as_secs_f64());
+            if took > Duration::from_millis(self.replica.config().lease_ms / 8) {
+                tracing::warn!(ms = took.as_millis() as u64, "slow disk: persisting one step took {} ms", took.as_millis());
+            }
             for (to, msg) in rd.messages {
                 if let Message::InstallSnapshot { .. } = &msg {
                     tracing::info!(to = %self.name(to), "sync sent: snapshot to a replica too far behind");
