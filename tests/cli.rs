@@ -104,10 +104,11 @@ async fn up_writes_the_cluster_file_runs_the_store_keeps_its_state_and_stops_cle
         String::from_utf8(out.stdout).unwrap()
     };
     let mut text = String::new();
-    for _ in 0..200 {
+    for _ in 0..1200 {
         text = status(cfg_path.clone());
         let applied: Vec<&str> = text.lines().filter(|l| l.starts_with("catalog")).map(|l| l.split_whitespace().nth(5).unwrap_or("")).collect();
-        if applied.len() == 3 && applied.iter().all(|a| *a == applied[0]) {
+        let c3_primary = text.lines().any(|l| l.starts_with("catalog-3") && l.contains(" primary "));
+        if c3_primary && applied.len() == 3 && applied.iter().all(|a| *a == applied[0]) {
             break;
         }
         std::thread::sleep(Duration::from_millis(25));

@@ -127,7 +127,14 @@ fn exactly_once(ids: &[u64]) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_primary_during_buys_is_hidden_from_clients_and_it_takes_primaryship_back_when_it_returns() {
     let mut c = TestCluster::start(Options::default()).await;
-    assert_eq!(c.primary().await, "catalog-3", "the highest process id is the first primary");
+    // The highest process id is primary: at once, or — if another replica
+    // started its election first — by taking over soon after.
+    wait_until("catalog-3, the highest process id, is primary", Duration::from_secs(30), || {
+        let c3 = c.catalog("catalog-3");
+        async move { c3.status().await.is_ok_and(|s| s.role == "primary") }
+    })
+    .await;
+    assert_eq!(c.primary().await, "catalog-3");
     let start = c.stock(1).await;
     let load = Load::start(c.frontend(), 4, 2);
     load.wait_for_more(30).await;

@@ -94,6 +94,17 @@ impl TestCluster {
         for n in &names {
             c.wait_healthy(n).await;
         }
+        // A settled cluster: the highest process id is the primary (at once,
+        // or after taking over from a replica that started its election first).
+        let highest = c.cfg.nodes_of(Role::Catalog).max_by_key(|n| n.process_id).unwrap().name.clone();
+        let h = c.catalog(&highest);
+        wait_until(&format!("{highest} is the serving primary"), Duration::from_secs(30), || {
+            let h = h.clone();
+            async move {
+                h.status().await.is_ok_and(|s| s.role == "primary") && h.lookup(BookId::new(1).unwrap(), None).await.is_ok()
+            }
+        })
+        .await;
         if !opts.no_cache {
             c.wait_cache_lease().await;
         }
