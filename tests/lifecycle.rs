@@ -79,6 +79,7 @@ async fn a_node_refuses_a_data_directory_that_is_corrupt_or_not_its_own() {
 /// the number of keys.
 async fn buys_survive_sigterm_of(node: &str) {
     let mut c = TestCluster::start(Options::default()).await;
+    c.set_stock(1, 1_000_000).await;
     let start = c.stock(1).await;
     let fe = c.frontend();
     let stop = Arc::new(AtomicBool::new(false));

@@ -135,6 +135,7 @@ async fn killing_the_primary_during_buys_is_hidden_from_clients_and_it_takes_pri
     })
     .await;
     assert_eq!(c.primary().await, "catalog-3");
+    c.set_stock(1, 1_000_000).await;
     let start = c.stock(1).await;
     let load = Load::start(c.frontend(), 4, 2);
     load.wait_for_more(30).await;
@@ -161,6 +162,7 @@ async fn killing_the_primary_during_buys_is_hidden_from_clients_and_it_takes_pri
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_backup_during_buys_is_hidden_from_clients_and_it_catches_up_when_it_returns() {
     let mut c = TestCluster::start(Options::default()).await;
+    c.set_stock(1, 1_000_000).await;
     let start = c.stock(1).await;
     let load = Load::start(c.frontend(), 4, 2);
     load.wait_for_more(30).await;

@@ -175,6 +175,7 @@ async fn fifty_concurrent_buys_of_a_book_with_stock_ten_sell_exactly_ten() {
 async fn an_order_replica_killed_during_a_stream_of_buys_is_invisible_to_clients() {
     let mut c = TestCluster::start(Options::default()).await;
     let fe = c.frontend();
+    c.set_stock(5, 1_000_000).await;
     let start = c.stock(5).await;
     let streams: Vec<_> = (0..4)
         .map(|_| {
