@@ -61,7 +61,7 @@ struct Catalog {
     names: HashMap<NodeId, String>,
 }
 
-type Shared_ = Arc<Catalog>;
+type Ctx = Arc<Catalog>;
 
 impl Catalog {
     fn send(&self, input: Input) -> Result<(), ApiError> {
@@ -289,7 +289,7 @@ async fn manage_invalidator(
     }
 }
 
-fn router(state: Shared_, token: &str) -> Router {
+fn router(state: Ctx, token: &str) -> Router {
     let internal = Router::new()
         .route("/lookup/{id}", get(lookup))
         .route("/search/{topic}", get(search))
@@ -334,7 +334,7 @@ async fn read_gate(c: &Catalog, min: Version) -> Result<Arc<store::State>, ApiEr
 }
 
 async fn lookup(
-    State(c): State<Shared_>,
+    State(c): State<Ctx>,
     Segment(id): Segment,
     QueryArgs(args): QueryArgs<LookupArgs>,
 ) -> Result<Json<LookupResponse>, ApiError> {
@@ -347,7 +347,7 @@ async fn lookup(
     state.lookup(id).map(Json).ok_or_else(|| ApiError::not_found(format!("no book with id {id}")))
 }
 
-async fn search(State(c): State<Shared_>, Segment(topic): Segment) -> Result<Json<SearchResponse>, ApiError> {
+async fn search(State(c): State<Ctx>, Segment(topic): Segment) -> Result<Json<SearchResponse>, ApiError> {
     let topic = TopicSlug::parse(&topic)?;
     let state = read_gate(&c, Version::default()).await?;
     Ok(Json(state.search(&topic)))
@@ -382,11 +382,11 @@ async fn apply(c: &Catalog, write: CatalogWrite) -> Result<Json<WriteResult>, Re
     Ok(Json(result))
 }
 
-async fn write(State(c): State<Shared_>, JsonBody(w): JsonBody<CatalogWrite>) -> Result<Json<WriteResult>, Response> {
+async fn write(State(c): State<Ctx>, JsonBody(w): JsonBody<CatalogWrite>) -> Result<Json<WriteResult>, Response> {
     apply(&c, w).await
 }
 
-async fn update(State(c): State<Shared_>, JsonBody(u): JsonBody<UpdateRequest>) -> Result<Json<WriteResult>, Response> {
+async fn update(State(c): State<Ctx>, JsonBody(u): JsonBody<UpdateRequest>) -> Result<Json<WriteResult>, Response> {
     if u.stock.is_none() && u.cost.is_none() {
         return Err(ApiError::bad_request("nothing to update: give stock and/or cost").into_response());
     }
@@ -401,7 +401,7 @@ async fn update(State(c): State<Shared_>, JsonBody(u): JsonBody<UpdateRequest>) 
     apply(&c, w).await
 }
 
-async fn cache_lease(State(c): State<Shared_>, JsonBody(r): JsonBody<LeaseRequest>) -> Result<Json<LeaseGrant>, Response> {
+async fn cache_lease(State(c): State<Ctx>, JsonBody(r): JsonBody<LeaseRequest>) -> Result<Json<LeaseGrant>, Response> {
     let g = *c.shared.gate.borrow();
     let inv = c.invalidator.read().unwrap_or_else(|p| p.into_inner()).clone();
     match inv {
@@ -413,7 +413,7 @@ async fn cache_lease(State(c): State<Shared_>, JsonBody(r): JsonBody<LeaseReques
     }
 }
 
-async fn status(State(c): State<Shared_>) -> Result<Json<NodeStatus>, ApiError> {
+async fn status(State(c): State<Ctx>) -> Result<Json<NodeStatus>, ApiError> {
     let (reply, rx) = oneshot::channel();
     if c.send(Input::Status { reply }).is_err() {
         // Still deciding how to start: report a blank replica.
@@ -449,7 +449,7 @@ async fn status(State(c): State<Shared_>) -> Result<Json<NodeStatus>, ApiError> 
     }))
 }
 
-async fn replication_in(State(c): State<Shared_>, JsonBody(batch): JsonBody<ReplicationBatch>) -> Result<Json<Health>, ApiError> {
+async fn replication_in(State(c): State<Ctx>, JsonBody(batch): JsonBody<ReplicationBatch>) -> Result<Json<Health>, ApiError> {
     if !c.names.contains_key(&batch.from) || batch.from == c.process_id {
         return Err(ApiError::bad_request(format!("unknown sender {}", batch.from)));
     }
