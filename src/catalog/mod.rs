@@ -203,7 +203,8 @@ pub async fn run(
 /// peer that answers is blank as well (epoch 0), and enough answer to make
 /// a majority with us. Any peer with history makes us a learner.
 async fn new_cluster(peers: &[crate::config::NodeConfig], http: &Http) -> bool {
-    let needed = (peers.len() + 1) / 2 + 1 - 1;
+    // Blank peers that, with us, make a majority of the peers + 1 replicas.
+    let needed = peers.len().div_ceil(2);
     loop {
         let mut blank = 0;
         for p in peers {
