@@ -13,6 +13,13 @@ use crate::api::*;
 /// Header a catalog replica that is not the primary sets to name the one it follows.
 pub const PRIMARY_HEADER: &str = "x-pygmy-primary";
 
+/// Header on a catalog write that must not be forwarded: a replica that is
+/// not the primary answers it with 421 naming the primary instead. Set by a
+/// replica that forwards a write (so a write is forwarded at most once and
+/// can never loop) and by the order service, which follows the primary
+/// itself.
+pub const NO_FORWARD_HEADER: &str = "x-pygmy-no-forward";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// Not reached, or no answer in time: try another replica.
@@ -153,17 +160,27 @@ impl CatalogClient {
         self.http.get(format!("{}/search/{topic}", self.base)).await
     }
 
-    /// Sends a write to this replica (the primary applies it; others name the primary).
+    /// Sends a write to this replica, to be applied there only: a replica
+    /// that is not the primary answers 421 naming the primary (it does not
+    /// forward it). The order service and forwarding replicas use this.
     pub async fn write(&self, w: &CatalogWrite) -> Result<WriteResult, ClientError> {
         self.http
-            .call(Method::POST, format!("{}/internal/write", self.base), Some(w), &[])
+            .call(Method::POST, format!("{}/internal/write", self.base), Some(w), &[(NO_FORWARD_HEADER, "1")])
             .await
     }
 
-    /// The original's admin route.
+    /// The original's admin route. Any replica takes it: one that is not
+    /// the primary forwards it there and relays the answer.
     pub async fn update(&self, u: &UpdateRequest) -> Result<WriteResult, ClientError> {
         self.http
             .call(Method::PUT, format!("{}/catalog/update", self.base), Some(u), &[])
+            .await
+    }
+
+    /// `update`, to be applied at this replica only (no forwarding).
+    pub async fn update_here(&self, u: &UpdateRequest) -> Result<WriteResult, ClientError> {
+        self.http
+            .call(Method::PUT, format!("{}/catalog/update", self.base), Some(u), &[(NO_FORWARD_HEADER, "1")])
             .await
     }
 

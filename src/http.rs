@@ -202,6 +202,60 @@ async fn reject_ambiguous(req: Request, next: Next) -> Response {
     next.run(req).await
 }
 
+/// No side effect without the whole request: every request's body is read in
+/// full, up to the limit, before any handler runs. Over the limit (declared
+/// or sent) is 413 and the handler never sees the request, so a route that
+/// does not read its body (a buy) cannot act on a request whose body is
+/// still arriving, or too large.
+async fn whole_body(State(limits): State<BodyLimits>, req: Request, next: Next) -> Response {
+    use http_body::Body as _;
+    let limit = limits.for_route(req.extensions().get::<MatchedPath>().map(MatchedPath::as_str));
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return too_large(limit).into_response();
+    }
+    if req.body().is_end_stream() {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    match axum::body::to_bytes(body, limit).await {
+        Ok(bytes) => next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await,
+        Err(e) => {
+            let length_limit = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if length_limit {
+                too_large(limit).into_response()
+            } else {
+                ApiError::bad_request(format!("the request body could not be read: {e}")).into_response()
+            }
+        }
+    }
+}
+
+/// Body limits: one for every route, and larger ones for named routes
+/// (replication carries snapshots).
+#[derive(Clone)]
+struct BodyLimits {
+    default: usize,
+    routes: Arc<[(&'static str, usize)]>,
+}
+
+impl BodyLimits {
+    fn for_route(&self, route: Option<&str>) -> usize {
+        route
+            .and_then(|r| self.routes.iter().find(|(p, _)| *p == r))
+            .map_or(self.default, |(_, n)| *n)
+    }
+}
+
+fn too_large(limit: usize) -> ApiError {
+    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("the request body is larger than {limit} bytes"))
+}
+
 async fn overloaded(err: BoxError) -> ApiError {
     if err.is::<tower::load_shed::error::Overloaded>() {
         ApiError::unavailable("overloaded, retry shortly")
@@ -212,6 +266,12 @@ async fn overloaded(err: BoxError) -> ApiError {
 
 /// Wraps a service's routes with the shared routes and limits.
 pub fn finish(router: Router, limits: &Limits) -> Router {
+    finish_with_body_limits(router, limits, &[])
+}
+
+/// [`finish`], with larger body limits for the routes named (route template, bytes).
+pub fn finish_with_body_limits(router: Router, limits: &Limits, routes: &[(&'static str, usize)]) -> Router {
+    let body_limits = BodyLimits { default: limits.max_body_bytes, routes: routes.into() };
     router
         .route("/healthcheck", get(healthcheck))
         .route("/metrics", get(metrics_route))
@@ -220,6 +280,7 @@ pub fn finish(router: Router, limits: &Limits) -> Router {
         .layer(middleware::from_fn(reject_ambiguous))
         .layer(middleware::from_fn(record_metrics))
         .layer(axum::extract::DefaultBodyLimit::max(limits.max_body_bytes))
+        .layer(middleware::from_fn_with_state(body_limits, whole_body))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             Duration::from_millis(limits.request_timeout_ms),

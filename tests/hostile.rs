@@ -208,3 +208,76 @@ async fn overload_is_shed_with_503_and_retry_after_and_the_rest_is_served() {
     assert!(ok > 0, "nothing was served");
     assert_eq!(c.stock(4).await, before - ok, "exactly the served buys happened");
 }
+
+/// Writes `bytes` (as far as the server reads them) and returns the status
+/// of its answer.
+async fn status_after(addr: &str, bytes: &[u8]) -> Option<u16> {
+    let mut s = TcpStream::connect(addr).await.expect("connects");
+    let (mut rd, mut wr) = s.split();
+    let write = async {
+        let _ = wr.write_all(bytes).await;
+    };
+    let read = async {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            match rd.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    buf.extend_from_slice(&chunk[..n]);
+                    if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+            }
+        }
+        buf
+    };
+    let (_, buf) = tokio::time::timeout(Duration::from_secs(20), async { tokio::join!(write, read) })
+        .await
+        .expect("the server neither answered nor closed");
+    let head = String::from_utf8_lossy(&buf);
+    head.strip_prefix("HTTP/1.1 ").and_then(|r| r.get(..3)).and_then(|c| c.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_over_the_body_limit_answers_413_and_a_buy_with_a_body_buys_nothing() {
+    let c = TestCluster::start(Options::default()).await;
+    let before = c.stock(1).await;
+    let addr = c.cfg.node("frontend").unwrap().addr.clone();
+    let big = vec![b'x'; 8 << 20];
+
+    // An 8 MiB body, declared: 413 before the body is read, nothing bought.
+    let mut declared = format!("POST /buy/1 HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", big.len()).into_bytes();
+    declared.extend_from_slice(&big);
+    assert_eq!(status_after(&addr, &declared).await, Some(413), "declared 8 MiB buy");
+
+    // The same, chunked (no length declared): 413 once the limit is passed.
+    let mut chunked = b"POST /buy/1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for part in big.chunks(1 << 16) {
+        chunked.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+        chunked.extend_from_slice(part);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    assert_eq!(status_after(&addr, &chunked).await, Some(413), "chunked 8 MiB buy");
+
+    // Any route, even one that reads no body.
+    let mut lookup = format!("GET /lookup/1 HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", big.len()).into_bytes();
+    lookup.extend_from_slice(&big[..1 << 16]);
+    assert_eq!(status_after(&addr, &lookup).await, Some(413), "declared 8 MiB lookup");
+
+    // A buy with a small body it does not expect is refused.
+    for (what, bytes) in [
+        ("json body", req("POST", "/buy/1", &["Content-Type: application/json"], "{}")),
+        ("text body", req("POST", "/buy/1", &[], "1")),
+    ] {
+        let status = raw(&addr, &bytes).await;
+        assert!(status.is_some_and(|s| (400..500).contains(&s)), "a buy with a {what}: {status:?}");
+    }
+
+    // A buy without a body still works, and only it happened.
+    c.frontend().buy("1", None).await.expect("a plain buy");
+    assert_eq!(c.stock(1).await, before - 1, "only the plain buy bought");
+    assert_eq!(c.order_log_len().await, 1);
+}

@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::{Options, TestCluster, wait_until};
-use pygmy::api::{BookId, CatalogOp, CatalogWrite, RequestId};
+use pygmy::api::{BookId, CatalogOp, CatalogWrite, Outcome, RequestId, WriteResult};
+use pygmy::config::Role;
 use pygmy::client::FrontendClient;
 use tokio::task::JoinHandle;
 
@@ -223,6 +224,17 @@ async fn without_a_majority_writes_answer_503_reads_last_until_the_lease_and_all
     let w = CatalogWrite { request_id: RequestId::parse("r:no-majority").unwrap(), op: CatalogOp::Buy { book_id: BookId::new(2).unwrap() } };
     let err = survivor.write(&w).await.unwrap_err();
     assert_eq!(err.status(), Some(503), "{err}");
+    // The original's admin route, which a live backup would forward: no
+    // live primary to forward to, so 503 with Retry-After.
+    let res = reqwest::Client::new()
+        .put(format!("{}/catalog/update", c.url("catalog-1")))
+        .bearer_auth(&c.cfg.token)
+        .json(&serde_json::json!({"id": 2, "stock": 5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 503);
+    assert!(res.headers().contains_key("retry-after"), "503 without Retry-After");
 
     // One replica returns: a majority again; writes and reads resume.
     c.restart("catalog-2").await;
@@ -231,4 +243,52 @@ async fn without_a_majority_writes_answer_503_reads_last_until_the_lease_and_all
     assert_eq!(c.stock(2).await, before - 1, "the refused write did not happen");
     c.restart("catalog-3").await;
     converged(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_forwards_writes_to_the_primary_once_and_relays_the_answer() {
+    let c = TestCluster::start(Options::default()).await;
+    let primary = c.primary().await;
+    let backup = c.names(Role::Catalog).into_iter().find(|n| *n != primary).unwrap();
+    let book = BookId::new(3).unwrap();
+
+    // The original's admin route at a backup, as the README shows it.
+    let res = reqwest::Client::new()
+        .put(format!("{}/catalog/update", c.url(&backup)))
+        .bearer_auth(&c.cfg.token)
+        .header("Content-Type", "application/json")
+        .body(r#"{"id": 3, "stock": 50, "cost": 99.5}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 200, "{}", res.text().await.unwrap_or_default());
+    let b = c.book(3).await;
+    assert_eq!((b.stock, b.cost.cents()), (50, 9950), "the primary applied the forwarded update");
+
+    // An internal write at a backup is forwarded too, and answered as the primary answered.
+    let w = CatalogWrite { request_id: RequestId::parse("r:forwarded-buy").unwrap(), op: CatalogOp::Buy { book_id: book } };
+    let res = reqwest::Client::new()
+        .post(format!("{}/internal/write", c.url(&backup)))
+        .bearer_auth(&c.cfg.token)
+        .json(&w)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 200);
+    let first: WriteResult = res.json().await.unwrap();
+    assert!(matches!(first.outcome, Outcome::Bought { .. }), "{first:?}");
+    assert_eq!(c.stock(3).await, 49);
+    // The same request id again, straight at the primary: the first answer, nothing more bought.
+    let again = c.catalog(&primary).write(&w).await.unwrap();
+    assert_eq!(again, first);
+    assert_eq!(c.stock(3).await, 49);
+
+    // A write marked as not to be forwarded (as a forwarded one is) is not
+    // forwarded again: 421 naming the primary, and nothing happens.
+    let w2 = CatalogWrite { request_id: RequestId::parse("r:not-forwarded").unwrap(), op: CatalogOp::Buy { book_id: book } };
+    match c.catalog(&backup).write(&w2).await {
+        Err(pygmy::client::ClientError::Status { status: 421, primary: Some(p), .. }) => assert_eq!(p, primary),
+        other => panic!("expected 421 naming {primary}: {other:?}"),
+    }
+    assert_eq!(c.stock(3).await, 49, "a write refused with 421 did nothing");
 }

@@ -7,7 +7,12 @@
 //! Writes (`buy` from the order service, the admin's `PUT /catalog/update`)
 //! take one path: the primary's log, committed on every member of its view,
 //! applied, then cache invalidation at every frontend, then the answer. A
-//! replica that is not the primary answers 421 and names the primary.
+//! replica that is not the primary forwards a write to the primary and
+//! relays its answer, as the original's backups did; a write marked
+//! [`NO_FORWARD_HEADER`] (already forwarded once, or sent by the order
+//! service, which follows the primary itself) is answered with 421 naming
+//! the primary instead, so nothing is forwarded twice. A replica that knows
+//! no live primary answers 503 with `Retry-After`.
 
 pub mod driver;
 pub mod invalidation;
@@ -19,7 +24,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
@@ -29,7 +34,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::NodeError;
 use crate::api::*;
-use crate::client::{FrontendClient, Http, PRIMARY_HEADER};
+use crate::client::{CatalogClient, ClientError, FrontendClient, Http, NO_FORWARD_HEADER, PRIMARY_HEADER};
 use crate::config::{ClusterConfig, Role};
 use crate::http::{self as h, ApiError, JsonBody, QueryArgs, Segment};
 use crate::replication::{self, Message, NodeId, ReadGate, Replica};
@@ -59,6 +64,8 @@ struct Catalog {
     inputs: RwLock<Option<std::sync::mpsc::SyncSender<Input>>>,
     invalidator: RwLock<Option<(u64, Arc<Invalidator>)>>,
     names: HashMap<NodeId, String>,
+    /// The other catalog replicas, to forward writes to the primary.
+    peers: HashMap<NodeId, CatalogClient>,
 }
 
 type Ctx = Arc<Catalog>;
@@ -72,6 +79,30 @@ impl Catalog {
 
     fn name_of(&self, id: NodeId) -> String {
         self.names.get(&id).cloned().unwrap_or_else(|| id.to_string())
+    }
+
+    /// Forwards a write this replica cannot apply to the primary it follows
+    /// (once: marked so the primary does not forward it again) and relays
+    /// the answer.
+    async fn forward(&self, primary: Option<NodeId>, write: &CatalogWrite) -> Result<Json<WriteResult>, Response> {
+        let Some(client) = primary.filter(|p| *p != self.process_id).and_then(|p| self.peers.get(&p)) else {
+            return Err(self.not_primary(primary));
+        };
+        let name = self.name_of(primary.unwrap_or_default());
+        tracing::debug!(request_id = %write.request_id, primary = %name, "forwarding a write to the primary");
+        match client.write(write).await {
+            Ok(r) => Ok(Json(r)),
+            Err(ClientError::Status { status, message, .. }) if (400..500).contains(&status) && status != 421 && status != 408 => {
+                let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+                Err(ApiError::new(status, message).into_response())
+            }
+            Err(e) => Err(ApiError::unavailable(format!(
+                "{} forwarded the write to the primary {name}, which could not complete it ({}); retry with the same request id",
+                self.name,
+                e.status().map_or("no answer".to_string(), |s| format!("status {s}"))
+            ))
+            .into_response()),
+        }
     }
 
     /// 421 naming the primary while this replica holds a lease from it;
@@ -124,6 +155,7 @@ pub async fn run(
         if identity.fresh { " (new data directory)" } else { "" }
     );
     let peers: Vec<_> = cfg.nodes_of(Role::Catalog).filter(|n| n.name != name).cloned().collect();
+    let http = Http::new(Some(cfg.token.clone()), Duration::from_millis(cfg.timing.call_timeout_ms));
     let names: HashMap<NodeId, String> =
         cfg.nodes_of(Role::Catalog).map(|n| (n.process_id, n.name.clone())).collect();
     let clock = Clock::new();
@@ -137,10 +169,14 @@ pub async fn run(
         inputs: RwLock::new(None),
         invalidator: RwLock::new(None),
         names: names.clone(),
+        peers: peers.iter().map(|p| (p.process_id, CatalogClient::new(p.base_url(), http.clone()))).collect(),
     });
 
-    let http = Http::new(Some(cfg.token.clone()), Duration::from_millis(cfg.timing.call_timeout_ms));
-    let app = h::finish(router(catalog.clone(), &cfg.token), &cfg.limits);
+    let app = h::finish_with_body_limits(
+        router(catalog.clone(), &cfg.token),
+        &cfg.limits,
+        &[("/internal/replication", MAX_REPLICATION_BODY)],
+    );
     tracing::info!(addr = %listener.local_addr()?, "catalog {name} serving");
     let server = tokio::spawn(h::serve(listener, app, cfg.limits.clone(), shutdown));
 
@@ -357,12 +393,18 @@ async fn search(State(c): State<Ctx>, Segment(topic): Segment) -> Result<Json<Se
 /// The one write path: the replicated log (committed on the view, applied),
 /// then cache invalidation at every frontend, then the answer. A retried
 /// request id gets its first answer, and its invalidation again.
-async fn apply(c: &Catalog, write: CatalogWrite) -> Result<Json<WriteResult>, Response> {
+async fn apply(c: &Catalog, write: CatalogWrite, may_forward: bool) -> Result<Json<WriteResult>, Response> {
     let (reply, rx) = oneshot::channel();
+    let forwardable = may_forward.then(|| write.clone());
     c.send(Input::Write { write, reply }).map_err(IntoResponse::into_response)?;
     let result = match rx.await {
         Ok(Ok(r)) => r,
-        Ok(Err(WriteError::NotPrimary { primary })) => return Err(c.not_primary(primary)),
+        Ok(Err(WriteError::NotPrimary { primary })) => {
+            return match forwardable {
+                Some(w) => c.forward(primary, &w).await,
+                None => Err(c.not_primary(primary)),
+            };
+        }
         Ok(Err(WriteError::UnknownBook(id))) => return Err(ApiError::not_found(format!("no book with id {id}")).into_response()),
         Ok(Err(WriteError::Unavailable(why))) => return Err(ApiError::unavailable(why).into_response()),
         Err(_) => return Err(ApiError::unavailable("this replica is stopping").into_response()),
@@ -383,11 +425,16 @@ async fn apply(c: &Catalog, write: CatalogWrite) -> Result<Json<WriteResult>, Re
     Ok(Json(result))
 }
 
-async fn write(State(c): State<Ctx>, JsonBody(w): JsonBody<CatalogWrite>) -> Result<Json<WriteResult>, Response> {
-    apply(&c, w).await
+/// Whether the sender allows this write to be forwarded to the primary.
+fn may_forward(headers: &HeaderMap) -> bool {
+    !headers.contains_key(NO_FORWARD_HEADER)
 }
 
-async fn update(State(c): State<Ctx>, JsonBody(u): JsonBody<UpdateRequest>) -> Result<Json<WriteResult>, Response> {
+async fn write(State(c): State<Ctx>, headers: HeaderMap, JsonBody(w): JsonBody<CatalogWrite>) -> Result<Json<WriteResult>, Response> {
+    apply(&c, w, may_forward(&headers)).await
+}
+
+async fn update(State(c): State<Ctx>, headers: HeaderMap, JsonBody(u): JsonBody<UpdateRequest>) -> Result<Json<WriteResult>, Response> {
     if u.stock.is_none() && u.cost.is_none() {
         return Err(ApiError::bad_request("nothing to update: give stock and/or cost").into_response());
     }
@@ -399,7 +446,7 @@ async fn update(State(c): State<Ctx>, JsonBody(u): JsonBody<UpdateRequest>) -> R
         None => RequestId::parse(&format!("u:{}", uuid::Uuid::new_v4().simple())).map_err(|e| ApiError::from(e).into_response())?,
     };
     let w = CatalogWrite { request_id, op: CatalogOp::Update { book_id: u.id, stock: u.stock, cost: u.cost } };
-    apply(&c, w).await
+    apply(&c, w, may_forward(&headers)).await
 }
 
 async fn cache_lease(State(c): State<Ctx>, JsonBody(r): JsonBody<LeaseRequest>) -> Result<Json<LeaseGrant>, Response> {

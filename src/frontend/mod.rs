@@ -213,13 +213,24 @@ fn request_id(headers: &HeaderMap) -> Result<RequestId, ApiError> {
     ),
     responses(
         (status = 200, description = "Bought", body = BuyResponse),
-        (status = 400, description = "The id or the Idempotency-Key is malformed", body = ErrorBody),
+        (status = 400, description = "The id or the Idempotency-Key is malformed, or the request has a body", body = ErrorBody),
+        (status = 413, description = "The request body is over the size limit", body = ErrorBody),
         (status = 404, description = "No such book", body = ErrorBody),
         (status = 409, description = "Out of stock, or the Idempotency-Key was used for another request", body = ErrorBody),
         (status = 503, description = "No replica could complete the purchase in time; retry with the same Idempotency-Key", body = ErrorBody),
     )
 )]
-async fn buy(State(fe): State<Shared>, headers: HeaderMap, Segment(id): Segment) -> Result<Json<BuyResponse>, ApiError> {
+async fn buy(
+    State(fe): State<Shared>,
+    headers: HeaderMap,
+    Segment(id): Segment,
+    body: axum::body::Bytes,
+) -> Result<Json<BuyResponse>, ApiError> {
+    // The whole request has arrived (see `http::finish`); a buy carries
+    // nothing in its body, so anything there is a mistaken request.
+    if !body.is_empty() {
+        return Err(ApiError::bad_request("POST /buy/{id} takes no body: send the book id in the path only"));
+    }
     let id = BookId::parse(&id)?;
     let request_id = request_id(&headers)?;
     let req = OrderBuyRequest { book_id: id, request_id };
