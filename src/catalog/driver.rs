@@ -45,6 +45,9 @@ pub struct Gate {
     /// This replica is a primary that may answer writes (epoch start
     /// committed, old leases run out).
     pub primary_ready: bool,
+    /// What a read arriving now must wait to have applied
+    /// ([`Replica::read_index`]).
+    pub read_index: u64,
 }
 
 /// The driver's clock: milliseconds since the process started it.
@@ -79,14 +82,28 @@ impl Shared {
         self.state.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// May this replica serve a read at least at `min` now?
-    pub fn read_gate(&self, min: Version) -> ReadGate {
+    /// Whether this replica may serve reads now (it holds a lease).
+    pub fn may_serve(&self) -> bool {
         let g = *self.gate.borrow();
-        match g.serve_until {
-            Some(until) if self.clock.now_ms() < until => {
-                if self.applied.borrow().seq >= min.seq { ReadGate::Serve } else { ReadGate::NotYet }
-            }
-            _ => ReadGate::Refuse,
+        g.serve_until.is_some_and(|until| self.clock.now_ms() < until)
+    }
+
+    /// The applied position a read arriving now must be served at: at least
+    /// `min` (what the reader already saw) and at least the read index, so
+    /// the read shows every write committed anywhere before it arrived.
+    /// Taken once, when the read arrives.
+    pub fn read_target(&self, min: Version) -> u64 {
+        min.seq.max(self.gate.borrow().read_index)
+    }
+
+    /// May this replica serve a read at applied position `target` now?
+    pub fn read_gate(&self, target: u64) -> ReadGate {
+        if !self.may_serve() {
+            ReadGate::Refuse
+        } else if self.applied.borrow().seq >= target {
+            ReadGate::Serve
+        } else {
+            ReadGate::NotYet
         }
     }
 }
@@ -246,14 +263,20 @@ impl Driver {
             if took > Duration::from_millis(self.replica.config().lease_ms / 8) {
                 tracing::warn!(ms = took.as_millis() as u64, "slow disk: persisting one step took {} ms", took.as_millis());
             }
+            // Readers see the new state and read index before any message
+            // leaves: a backup's acknowledgement lets the primary commit
+            // (and expose) an entry, which this backup's reads must then
+            // wait for; the primary's commit point reaches backups, which
+            // may expose it, only after the primary exposes it itself.
+            if !applied.is_empty() || rd.snapshot_to_install.is_some() {
+                self.publish_state();
+            }
+            self.publish_gate();
             for (to, msg) in rd.messages {
                 if let Message::InstallSnapshot { .. } = &msg {
                     tracing::info!(to = %self.name(to), "sync sent: snapshot to a replica too far behind");
                 }
                 let _ = self.outbox.send((to, msg));
-            }
-            if !applied.is_empty() || rd.snapshot_to_install.is_some() {
-                self.publish_state();
             }
             for a in applied {
                 self.answer(a);
@@ -307,6 +330,7 @@ impl Driver {
             epoch: st.epoch,
             primary: st.primary,
             primary_ready: self.replica.is_primary_ready(),
+            read_index: self.replica.read_index(),
         };
         self.shared.gate.send_if_modified(|g| {
             let changed = *g != gate;

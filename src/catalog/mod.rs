@@ -111,7 +111,7 @@ impl Catalog {
         match primary.filter(|p| *p != self.process_id) {
             Some(p) => {
                 let name = self.name_of(p);
-                let live = self.shared.read_gate(Version::default()) != ReadGate::Refuse;
+                let live = self.shared.may_serve();
                 let mut res = if live {
                     ApiError::new(StatusCode::MISDIRECTED_REQUEST, format!("{} is not the primary; {name} is", self.name))
                 } else {
@@ -347,12 +347,14 @@ struct LookupArgs {
     min_version: Option<String>,
 }
 
-/// Waits until this replica may serve a read at least at `min`.
+/// Waits until this replica may serve a read at least at `min` that shows
+/// every write committed anywhere before the read arrived.
 async fn read_gate(c: &Catalog, min: Version) -> Result<Arc<store::State>, ApiError> {
     let mut applied = c.shared.applied.subscribe();
     let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
+    let target = c.shared.read_target(min);
     loop {
-        match c.shared.read_gate(min) {
+        match c.shared.read_gate(target) {
             ReadGate::Serve => return Ok(c.shared.state()),
             ReadGate::Refuse => {
                 return Err(ApiError::unavailable(format!("{} may not serve reads now (no lease)", c.name)));
@@ -360,7 +362,7 @@ async fn read_gate(c: &Catalog, min: Version) -> Result<Arc<store::State>, ApiEr
             ReadGate::NotYet => {
                 if tokio::time::timeout_at(deadline, applied.changed()).await.is_err() {
                     return Err(ApiError::unavailable(format!(
-                        "{} has not yet applied version {min} (it is at {})",
+                        "{} has not yet applied position {target} (it is at {})",
                         c.name,
                         *c.shared.applied.borrow()
                     )));
@@ -453,7 +455,7 @@ async fn cache_lease(State(c): State<Ctx>, JsonBody(r): JsonBody<LeaseRequest>) 
     let g = *c.shared.gate.borrow();
     let inv = c.invalidator.read().unwrap_or_else(|p| p.into_inner()).clone();
     match inv {
-        Some((epoch, inv)) if g.primary_ready && g.epoch == epoch && c.shared.read_gate(Version::default()) == ReadGate::Serve => {
+        Some((epoch, inv)) if g.primary_ready && g.epoch == epoch && c.shared.may_serve() => {
             let version = *c.shared.applied.borrow();
             inv.grant(&r.frontend, version).map(Json).map_err(|e| ApiError::from(e).into_response())
         }
@@ -492,7 +494,7 @@ async fn status(State(c): State<Ctx>) -> Result<Json<NodeStatus>, ApiError> {
         primary: s.primary.map(|p| c.name_of(p)),
         applied: store::to_api(s.applied),
         commit: store::to_api(s.commit),
-        in_view: c.shared.read_gate(Version::default()) != ReadGate::Refuse,
+        in_view: c.shared.may_serve(),
         view: s.view.iter().map(|p| c.name_of(*p)).collect(),
     }))
 }

@@ -199,6 +199,8 @@ pub struct UnsafeSwitches {
     pub reads_ignore_version: bool,
     /// Incarnations are ignored: a new disk votes at once, old acks count.
     pub ignore_incarnation: bool,
+    /// A backup's read index is what it has applied, not the end of its log.
+    pub backup_read_index_applied: bool,
 }
 
 /// Settings of one replica. Durations are in milliseconds of the driver's

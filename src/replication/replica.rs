@@ -533,6 +533,26 @@ impl Replica {
         }
     }
 
+    /// The log position a read arriving now must wait for (apply up to it)
+    /// before it is served, so that it shows every write committed anywhere
+    /// before it arrived.
+    ///
+    /// A primary exposes an entry when it commits it, so its read index is
+    /// its commit point. A backup learns of commits only later, but while it
+    /// holds a lease its log already holds every committed entry: an entry
+    /// commits only once every backup that holds (or may still hold) a lease
+    /// has it durably, and a backup joins the view only once it holds the
+    /// whole log. So a backup's read index is the end of its log; the read
+    /// waits until the commit point (learnt from the next append) has
+    /// reached it, about one round trip.
+    pub fn read_index(&self) -> u64 {
+        match self.role {
+            Role::Primary => self.hs.commit.seq,
+            _ if self.cfg.unsafe_switches.backup_read_index_applied => self.applied.seq,
+            _ => self.log.last_seq(),
+        }
+    }
+
     /// Primary whose epoch-start entry committed: it knows every entry
     /// committed before it, so it may answer retried requests.
     ///
