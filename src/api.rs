@@ -452,10 +452,16 @@ pub struct InvalidationBatch {
     pub items: Vec<Invalidation>,
 }
 
+/// `begin`: a write to the book is about to be proposed; serve it from the
+/// cache no more until the matching end. Otherwise (an end): that write is
+/// over (committed at `version`, or refused); a cached value older than
+/// `version` is stale.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Invalidation {
     pub book_id: BookId,
     pub version: Version,
+    #[serde(default)]
+    pub begin: bool,
 }
 
 /// A frontend asks the catalog primary for a cache lease.
@@ -474,6 +480,11 @@ pub struct LeaseGrant {
     pub next_seq: u64,
     pub lease_ms: u64,
     pub version: Version,
+    /// Books with writes begun but not ended in the batches before
+    /// `next_seq` (once per write): not to be served from the cache until
+    /// their ends arrive.
+    #[serde(default)]
+    pub pending: Vec<BookId>,
 }
 
 /// A catalog replica's view of itself, for `pygmy status` and the tests.

@@ -30,7 +30,11 @@ pub enum WriteError {
 
 pub enum Input {
     Net { from: NodeId, msg: Message },
-    Write { write: CatalogWrite, reply: oneshot::Sender<Result<WriteResult, WriteError>> },
+    /// `epoch`: the epoch whose caches were told a write begins (see
+    /// `invalidation`); a write is proposed only in that epoch.
+    Write { write: CatalogWrite, epoch: Option<u64>, reply: oneshot::Sender<Result<WriteResult, WriteError>> },
+    /// Every frontend cache was fenced for this epoch.
+    CachesFenced { epoch: u64 },
     Status { reply: oneshot::Sender<replication::Status> },
 }
 
@@ -202,11 +206,12 @@ impl Driver {
             Input::Status { reply } => {
                 let _ = reply.send(self.replica.status());
             }
-            Input::Write { write, reply } => self.write(now, write, reply),
+            Input::Write { write, epoch, reply } => self.write(now, write, epoch, reply),
+            Input::CachesFenced { epoch } => self.replica.caches_fenced(epoch),
         }
     }
 
-    fn write(&mut self, now: u64, write: CatalogWrite, reply: oneshot::Sender<Result<WriteResult, WriteError>>) {
+    fn write(&mut self, now: u64, write: CatalogWrite, epoch: Option<u64>, reply: oneshot::Sender<Result<WriteResult, WriteError>>) {
         let id = write.op.book_id();
         if !self.state.books.contains_key(&id) {
             let _ = reply.send(Err(WriteError::UnknownBook(id)));
@@ -229,6 +234,12 @@ impl Driver {
                     return;
                 }
             }
+        }
+        if epoch != Some(self.replica.epoch()) {
+            // The caches were told of this write in another epoch (or not
+            // at all): proposing it now could expose it past a cache.
+            let _ = reply.send(Err(WriteError::Unavailable("primaryship changed; retry with the same request id".into())));
+            return;
         }
         if let Some(seq) = self.in_flight.get(&rid) {
             self.pending.entry(*seq).or_default().push(Waiter { request_id: rid, reply });

@@ -5,23 +5,39 @@
 //! primary counts it from when it granted it, which is later, so the primary
 //! never believes a lease over that the frontend still uses.
 //!
-//! After a write commits, and before its client is answered, the primary
-//! invalidates the book at every frontend holding a lease. Each frontend has
-//! one pusher task, so its invalidations travel in order, batched, with a
-//! sequence number per batch. When a push fails, the primary withholds new
+//! Before a write to a book is proposed, the primary tells every frontend
+//! holding a lease that the book has a write *begun*: the frontend drops it
+//! and serves it from the cache no more (no hits, no fills). After the write
+//! commits (or is refused), and before its client is answered, the primary
+//! sends its *end* with the version it committed at: the frontend may cache
+//! the book again, from reads at that version or later. So no frontend
+//! serves a value from its cache once a newer one may be visible anywhere:
+//! a write becomes visible when it commits, after its begin reached every
+//! cache. Each frontend has one pusher task, so its invalidations travel in
+//! order, batched, with a sequence number per batch; the writes begun and
+//! not ended in the batches already numbered travel with every lease grant,
+//! for a frontend that had no lease when their begins were sent.
+//!
+//! A new primary first sends every frontend an empty batch of its epoch:
+//! the frontend flushes its cache and drops its lease, so it serves nothing
+//! cached until the new primary grants a lease, which it does only once
+//! ready. The primary is not ready (it exposes nothing it inherited) before
+//! that batch reached every frontend or the frontend's earlier lease surely
+//! ran out ([`Invalidator::fence`]). When a push fails, the primary withholds new
 //! leases from that frontend and waits until the lease it granted has surely
 //! run out; the frontend, finding its lease lapsed, flushes its cache before
 //! it serves from it again. So a write is answered only once every frontend
 //! either dropped the old value or stopped serving from cache — and a dead
 //! frontend delays writes by at most one lease.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::api::{Invalidation, InvalidationBatch, LeaseGrant, Version};
+use crate::api::{BookId, Invalidation, InvalidationBatch, LeaseGrant, Version};
 use crate::client::FrontendClient;
 
 #[derive(Debug, Default)]
@@ -32,10 +48,28 @@ struct LinkState {
     withheld_until: Option<Instant>,
     /// Seq of the next batch pushed.
     next_seq: u64,
+    /// Writes begun and not ended in the batches before `next_seq`.
+    pending: HashMap<BookId, u32>,
+}
+
+impl LinkState {
+    fn count(&mut self, items: &[Invalidation]) {
+        for it in items {
+            if it.begin {
+                *self.pending.entry(it.book_id).or_default() += 1;
+            } else if let Some(n) = self.pending.get_mut(&it.book_id) {
+                *n -= 1;
+                if *n == 0 {
+                    self.pending.remove(&it.book_id);
+                }
+            }
+        }
+    }
 }
 
 struct Pending {
-    item: Invalidation,
+    /// None: an empty batch (the new epoch's fence).
+    item: Option<Invalidation>,
     done: oneshot::Sender<()>,
 }
 
@@ -97,17 +131,37 @@ impl Invalidator {
         }
         let expiry = now + self.lease;
         st.lease_expiry = Some(st.lease_expiry.map_or(expiry, |e| e.max(expiry)));
+        let pending = st.pending.iter().flat_map(|(b, n)| std::iter::repeat_n(*b, *n as usize)).collect();
         Ok(LeaseGrant {
             epoch: self.epoch,
             next_seq: st.next_seq,
             lease_ms: self.lease.as_millis() as u64,
             version,
+            pending,
         })
     }
 
-    /// Invalidates `item` at every frontend; returns once each one has it or
-    /// has surely stopped serving from its cache.
-    pub async fn invalidate(&self, item: Invalidation) {
+    /// A write to `book` is about to be proposed: returns once every
+    /// frontend stopped serving it from its cache (or surely stopped serving
+    /// from its cache at all). Each `begin` needs its [`Invalidator::end`].
+    pub async fn begin(&self, book: BookId) {
+        self.push(Some(Invalidation { book_id: book, version: Version::default(), begin: true })).await
+    }
+
+    /// The write begun on `book` is over: committed at `version` (or
+    /// refused; `version` is then any applied version). Returns once every
+    /// frontend has it or surely stopped serving from its cache.
+    pub async fn end(&self, book: BookId, version: Version) {
+        self.push(Some(Invalidation { book_id: book, version, begin: false })).await
+    }
+
+    /// The new epoch's first batch: returns once every frontend flushed its
+    /// cache and dropped its lease, or its lease surely ran out.
+    pub async fn fence(&self) {
+        self.push(None).await
+    }
+
+    async fn push(&self, item: Option<Invalidation>) {
         let mut waits = Vec::with_capacity(self.links.len());
         for link in &self.links {
             let (done, rx) = oneshot::channel();
@@ -138,8 +192,10 @@ async fn push_loop(
             }
         }
         let now = Instant::now();
+        let items: Vec<Invalidation> = batch.iter().filter_map(|p| p.item).collect();
         let (expiry, seq) = {
             let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+            st.count(&items);
             match st.lease_expiry {
                 Some(e) if e > now => {
                     let seq = st.next_seq;
@@ -154,7 +210,7 @@ async fn push_loop(
                 }
             }
         };
-        let msg = InvalidationBatch { epoch, seq, items: batch.iter().map(|p| p.item).collect() };
+        let msg = InvalidationBatch { epoch, seq, items };
         let delivered = matches!(
             tokio::time::timeout_at(expiry, client.invalidate(&msg)).await,
             Ok(Ok(_))

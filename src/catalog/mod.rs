@@ -207,6 +207,7 @@ pub async fn run(
     rcfg.lease_ms = t.lease_ms;
     rcfg.election_timeout_ms = t.election_timeout_ms;
     rcfg.takeover_after_ms = t.takeover_after_ms;
+    rcfg.fence_caches = true;
     let drift = rcfg.drift_margin;
     let replica = Replica::new(rcfg, &persisted, clock.now_ms());
     let (inputs_tx, inputs_rx) = std::sync::mpsc::sync_channel(100_000);
@@ -225,7 +226,8 @@ pub async fn run(
         .map(|n| (n.name.clone(), FrontendClient::new(n.base_url(), http.clone())))
         .collect();
     let cache_lease = Duration::from_millis(t.cache_lease_ms);
-    tokio::spawn(manage_invalidator(Arc::downgrade(&catalog), frontends, cache_lease, drift));
+    let replication_lease = Duration::from_millis(t.lease_ms);
+    tokio::spawn(manage_invalidator(Arc::downgrade(&catalog), frontends, cache_lease, replication_lease, drift));
 
     let res = server.await.map_err(|e| NodeError::Config(format!("server task failed: {e}")))?;
     // Stop the driver: drop the only sender of its inputs.
@@ -294,13 +296,18 @@ async fn transport(
     }
 }
 
-/// Keeps an invalidator while this replica is a ready primary, a new one
-/// for each epoch: it starts by assuming every frontend holds a cache lease
-/// from the previous primary, for as long as such a lease can last.
+/// Keeps an invalidator while this replica is primary, a new one for each
+/// epoch. It first fences every frontend (flush, drop the lease; see
+/// `invalidation`), and only then tells the core it may become ready. Until
+/// the fence reached a frontend, that frontend is assumed to hold a cache
+/// lease from an earlier primary for as long as one can last: granted at
+/// most a replication lease from now (the earlier primary's read lease),
+/// lasting a cache lease.
 async fn manage_invalidator(
     catalog: std::sync::Weak<Catalog>,
     frontends: Vec<(String, FrontendClient)>,
     lease: Duration,
+    replication_lease: Duration,
     drift: f64,
 ) {
     let Some(c) = catalog.upgrade() else { return };
@@ -312,10 +319,19 @@ async fn manage_invalidator(
         {
             let mut inv = c.invalidator.write().unwrap_or_else(|p| p.into_inner());
             let current = inv.as_ref().map(|(e, _)| *e);
-            if g.primary_ready && current != Some(g.epoch) {
-                let assumed = lease.mul_f64(1.0 + drift);
-                *inv = Some((g.epoch, Arc::new(Invalidator::new(frontends.clone(), lease, assumed, g.epoch))));
-            } else if !g.primary_ready && g.role != Some(replication::Role::Primary) {
+            let primary = g.role == Some(replication::Role::Primary);
+            if primary && current != Some(g.epoch) {
+                let assumed = (lease + replication_lease).mul_f64(1.0 + drift);
+                let new = Arc::new(Invalidator::new(frontends.clone(), lease, assumed, g.epoch));
+                *inv = Some((g.epoch, new.clone()));
+                let (weak, epoch) = (catalog.clone(), g.epoch);
+                tokio::spawn(async move {
+                    new.fence().await;
+                    if let Some(c) = weak.upgrade() {
+                        let _ = c.send(Input::CachesFenced { epoch });
+                    }
+                });
+            } else if !primary {
                 *inv = None;
             }
         }
@@ -396,33 +412,49 @@ async fn search(State(c): State<Ctx>, Segment(topic): Segment) -> Result<Json<Se
 /// then cache invalidation at every frontend, then the answer. A retried
 /// request id gets its first answer, and its invalidation again.
 async fn apply(c: &Catalog, write: CatalogWrite, may_forward: bool) -> Result<Json<WriteResult>, Response> {
+    let book = write.op.book_id();
+    // Only a primary holds an invalidator: tell every cache the write
+    // begins before it can be proposed (and so become visible).
+    let inv = c.invalidator.read().unwrap_or_else(|p| p.into_inner()).clone();
+    if let Some((_, inv)) = &inv {
+        inv.begin(book).await;
+    }
+    let end = |version: Version| {
+        if let Some((_, inv)) = inv.clone() {
+            tokio::spawn(async move { inv.end(book, version).await });
+        }
+    };
     let (reply, rx) = oneshot::channel();
     let forwardable = may_forward.then(|| write.clone());
-    c.send(Input::Write { write, reply }).map_err(IntoResponse::into_response)?;
+    let epoch = inv.as_ref().map(|(e, _)| *e);
+    if let Err(e) = c.send(Input::Write { write, epoch, reply }) {
+        end(*c.shared.applied.borrow());
+        return Err(e.into_response());
+    }
     let result = match rx.await {
         Ok(Ok(r)) => r,
-        Ok(Err(WriteError::NotPrimary { primary })) => {
-            return match forwardable {
-                Some(w) => c.forward(primary, &w).await,
-                None => Err(c.not_primary(primary)),
+        Ok(Err(e)) => {
+            end(*c.shared.applied.borrow());
+            return match e {
+                WriteError::NotPrimary { primary } => match forwardable {
+                    Some(w) => c.forward(primary, &w).await,
+                    None => Err(c.not_primary(primary)),
+                },
+                WriteError::UnknownBook(id) => Err(ApiError::not_found(format!("no book with id {id}")).into_response()),
+                WriteError::Unavailable(why) => Err(ApiError::unavailable(why).into_response()),
             };
         }
-        Ok(Err(WriteError::UnknownBook(id))) => return Err(ApiError::not_found(format!("no book with id {id}")).into_response()),
-        Ok(Err(WriteError::Unavailable(why))) => return Err(ApiError::unavailable(why).into_response()),
-        Err(_) => return Err(ApiError::unavailable("this replica is stopping").into_response()),
-    };
-    if !matches!(result.outcome, Outcome::OutOfStock { .. }) {
-        let book_id = match &result.outcome {
-            Outcome::Bought { book_id, .. } | Outcome::OutOfStock { book_id, .. } => *book_id,
-            Outcome::Updated { book } => book.id,
-        };
-        let inv = c.invalidator.read().unwrap_or_else(|p| p.into_inner()).as_ref().map(|(_, i)| i.clone());
-        match inv {
-            Some(inv) => inv.invalidate(Invalidation { book_id, version: result.version }).await,
-            // Committed, but no longer primary: the next primary answers the
-            // retry (same request id) and invalidates then.
-            None => return Err(ApiError::unavailable("primaryship changed; retry with the same request id").into_response()),
+        Err(_) => {
+            end(*c.shared.applied.borrow());
+            return Err(ApiError::unavailable("this replica is stopping").into_response());
         }
+    };
+    match inv {
+        // The write's end reaches every cache before its client is answered.
+        Some((_, inv)) => inv.end(book, result.version).await,
+        // Committed, but no longer primary: the next primary answers the
+        // retry (same request id) and invalidates then.
+        None => return Err(ApiError::unavailable("primaryship changed; retry with the same request id").into_response()),
     }
     Ok(Json(result))
 }

@@ -4,10 +4,16 @@
 //! * No stale fill: every value carries the version it was read at; an
 //!   invalidation raises the book's *floor*, and a fill below the floor is
 //!   refused. Reads after an invalidation ask replicas for at least the floor.
+//! * A write's *begin* (sent by the primary before it proposes the write)
+//!   drops the book and stops caching it until the write's *end* arrives
+//!   (its commit version becomes the floor): so once a write can be visible
+//!   at any replica, no cache serves the value from before it.
 //! * Served only under a cache lease from the catalog primary. When the
 //!   lease lapses, the epoch changes, or the invalidation stream shows a gap,
 //!   everything cached is dropped, and fills that started before are refused
-//!   (the generation changed).
+//!   (the generation changed). A new epoch or a gap also drops the lease:
+//!   nothing is cached again before the primary grants a new one, which
+//!   carries the writes still begun.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -41,6 +47,8 @@ struct Inner {
     epoch: Option<u64>,
     /// Seq of the next invalidation batch expected from the primary.
     expected_seq: u64,
+    /// Books with writes begun and not yet ended (count per book).
+    pending: HashMap<BookId, u32>,
 }
 
 impl Inner {
@@ -52,6 +60,12 @@ impl Inner {
         self.topics.clear();
         self.fifo.clear();
         self.generation += 1;
+    }
+
+    /// Serve nothing cached until the primary grants a new lease.
+    fn drop_lease(&mut self) {
+        self.lease_until = None;
+        self.pending.clear();
     }
 
     fn lease_valid(&self, now: Instant) -> bool {
@@ -182,6 +196,7 @@ impl Cache {
         if ticket.generation != inner.generation
             || !inner.lease_valid(Instant::now())
             || value.version < inner.floor(value.id)
+            || inner.pending.contains_key(&value.id)
         {
             return false;
         }
@@ -208,22 +223,46 @@ impl Cache {
     /// A batch from the primary's invalidation stream.
     pub fn invalidate(&self, batch: &InvalidationBatch) {
         let mut inner = self.lock();
-        match inner.epoch {
-            Some(e) if batch.epoch < e => {}
+        // Whether this batch is the next one of the stream, so its begins
+        // and ends count (otherwise they only drop entries and raise floors).
+        let in_order = match inner.epoch {
+            Some(e) if batch.epoch < e => return,
             Some(e) if batch.epoch == e => {
                 if batch.seq > inner.expected_seq {
                     inner.flush("gap in the invalidation stream");
+                    inner.drop_lease();
+                    inner.expected_seq = batch.seq + 1;
+                    false
+                } else if batch.seq < inner.expected_seq {
+                    false
+                } else {
+                    inner.expected_seq = batch.seq + 1;
+                    true
                 }
-                inner.expected_seq = inner.expected_seq.max(batch.seq + 1);
             }
             _ => {
                 inner.flush("new catalog epoch");
+                inner.drop_lease();
                 inner.epoch = Some(batch.epoch);
                 inner.expected_seq = batch.seq + 1;
+                false
             }
-        }
+        };
         for it in &batch.items {
-            inner.raise_floor(it.book_id, it.version);
+            if it.begin {
+                inner.books.remove(&it.book_id);
+                if in_order {
+                    *inner.pending.entry(it.book_id).or_default() += 1;
+                }
+            } else {
+                inner.raise_floor(it.book_id, it.version);
+                if in_order && let Some(n) = inner.pending.get_mut(&it.book_id) {
+                    *n -= 1;
+                    if *n == 0 {
+                        inner.pending.remove(&it.book_id);
+                    }
+                }
+            }
         }
     }
 
@@ -249,15 +288,19 @@ impl Cache {
         };
         if let Some(why) = flush {
             // Invalidations may have been missed: nothing older than what the
-            // primary had committed when it granted this lease may be cached.
+            // primary had committed when it granted this lease may be cached,
+            // nor any book with a write begun in the batches before the
+            // grant's `next_seq`; later batches count on top.
             inner.flush(why);
             inner.floor_all = inner.floor_all.max(grant.version);
-        }
-        if new_epoch {
             inner.expected_seq = grant.next_seq;
-        } else {
-            inner.expected_seq = inner.expected_seq.max(grant.next_seq);
+            inner.pending.clear();
+            for b in &grant.pending {
+                *inner.pending.entry(*b).or_default() += 1;
+            }
         }
+        // Otherwise the stream is continuous: batches up to `next_seq` are
+        // on their way, in order, and count when they arrive.
         inner.epoch = Some(grant.epoch);
         inner.lease_until = Some(sent_at + Duration::from_millis(grant.lease_ms));
     }
@@ -298,7 +341,7 @@ mod tests {
 
     fn leased() -> Cache {
         let c = Cache::new(true, 100);
-        c.renew(Instant::now(), &LeaseGrant { epoch: 1, next_seq: 0, lease_ms: 60_000, version: v(1, 0) });
+        c.renew(Instant::now(), &LeaseGrant { epoch: 1, next_seq: 0, lease_ms: 60_000, version: v(1, 0), pending: vec![] });
         c
     }
 
@@ -307,7 +350,7 @@ mod tests {
         let c = leased();
         let id = BookId::new(1).unwrap();
         let t = c.ticket(Some(id));
-        c.invalidate(&InvalidationBatch { epoch: 1, seq: 0, items: vec![Invalidation { book_id: id, version: v(1, 5) }] });
+        c.invalidate(&InvalidationBatch { epoch: 1, seq: 0, items: vec![Invalidation { book_id: id, version: v(1, 5), begin: false }] });
         assert!(!c.fill_book(t, book(1, 10, v(1, 4))), "stale fill accepted");
         assert_eq!(c.ticket(Some(id)).min_version, Some(v(1, 5)));
         assert!(c.fill_book(c.ticket(Some(id)), book(1, 9, v(1, 5))));
@@ -319,7 +362,7 @@ mod tests {
         let c = Cache::new(true, 100);
         let id = BookId::new(1).unwrap();
         assert!(!c.fill_book(c.ticket(Some(id)), book(1, 10, v(1, 1))));
-        c.renew(Instant::now() - Duration::from_millis(50), &LeaseGrant { epoch: 1, next_seq: 0, lease_ms: 10, version: v(1, 1) });
+        c.renew(Instant::now() - Duration::from_millis(50), &LeaseGrant { epoch: 1, next_seq: 0, lease_ms: 10, version: v(1, 1), pending: vec![] });
         assert!(!c.fill_book(c.ticket(Some(id)), book(1, 10, v(1, 1))), "expired lease");
     }
 
@@ -341,7 +384,7 @@ mod tests {
         let t = c.ticket(Some(id));
         assert!(c.fill_book(t, book(3, 10, v(1, 1))));
         let t = c.ticket(Some(id));
-        c.renew(Instant::now(), &LeaseGrant { epoch: 2, next_seq: 0, lease_ms: 60_000, version: v(2, 1) });
+        c.renew(Instant::now(), &LeaseGrant { epoch: 2, next_seq: 0, lease_ms: 60_000, version: v(2, 1), pending: vec![] });
         assert!(c.lookup(id).is_none());
         assert!(!c.fill_book(t, book(3, 10, v(1, 1))), "fill from before the flush");
     }
@@ -349,11 +392,67 @@ mod tests {
     #[test]
     fn the_cache_is_bounded() {
         let c = Cache::new(true, 10);
-        c.renew(Instant::now(), &LeaseGrant { epoch: 1, next_seq: 0, lease_ms: 60_000, version: v(1, 0) });
+        c.renew(Instant::now(), &LeaseGrant { epoch: 1, next_seq: 0, lease_ms: 60_000, version: v(1, 0), pending: vec![] });
         for i in 1..=100 {
             c.fill_book(c.ticket(None), book(i, 1, v(1, 1)));
         }
         assert!(c.stats().entries <= 10);
         assert!(c.lookup(BookId::new(100).unwrap()).is_some(), "newest stays");
+    }
+
+    fn batch(epoch: u64, seq: u64, items: &[(u64, bool, Version)]) -> InvalidationBatch {
+        InvalidationBatch {
+            epoch,
+            seq,
+            items: items
+                .iter()
+                .map(|&(id, begin, version)| Invalidation { book_id: BookId::new(id).unwrap(), version, begin })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_begun_write_keeps_its_book_out_of_the_cache_until_it_ends() {
+        let c = leased();
+        let id = BookId::new(4).unwrap();
+        assert!(c.fill_book(c.ticket(Some(id)), book(4, 10, v(1, 1))));
+        c.invalidate(&batch(1, 0, &[(4, true, v(0, 0))]));
+        assert!(c.lookup(id).is_none(), "a begun write drops the cached value");
+        assert!(!c.fill_book(c.ticket(Some(id)), book(4, 10, v(1, 1))), "no fill while a write is begun");
+        c.invalidate(&batch(1, 1, &[(4, false, v(1, 2))]));
+        assert!(!c.fill_book(c.ticket(Some(id)), book(4, 10, v(1, 1))), "a fill older than the write's end");
+        assert!(c.fill_book(c.ticket(Some(id)), book(4, 9, v(1, 2))));
+        assert_eq!(c.lookup(id).unwrap().stock, 9);
+    }
+
+    #[test]
+    fn a_lease_granted_while_writes_are_begun_keeps_their_books_out() {
+        let c = Cache::new(true, 100);
+        let id = BookId::new(5).unwrap();
+        let grant = LeaseGrant { epoch: 1, next_seq: 3, lease_ms: 60_000, version: v(1, 1), pending: vec![id] };
+        c.renew(Instant::now(), &grant);
+        assert!(!c.fill_book(c.ticket(Some(id)), book(5, 10, v(1, 1))), "begun before the grant");
+        // A batch from before the grant changes no count…
+        c.invalidate(&batch(1, 2, &[(5, false, v(1, 1))]));
+        assert!(!c.fill_book(c.ticket(Some(id)), book(5, 10, v(1, 1))));
+        // …the write's end, after it, does.
+        c.invalidate(&batch(1, 3, &[(5, false, v(1, 2))]));
+        assert!(c.fill_book(c.ticket(Some(id)), book(5, 9, v(1, 2))));
+    }
+
+    #[test]
+    fn a_new_epochs_first_batch_drops_the_lease_until_the_new_primary_grants_one() {
+        let c = leased();
+        let id = BookId::new(6).unwrap();
+        assert!(c.fill_book(c.ticket(Some(id)), book(6, 10, v(1, 1))));
+        c.invalidate(&batch(2, 0, &[]));
+        assert!(c.lookup(id).is_none());
+        assert!(!c.fill_book(c.ticket(Some(id)), book(6, 10, v(1, 1))), "no lease after the fence");
+        // A late grant of the old primary does not bring the lease back.
+        c.renew(Instant::now(), &LeaseGrant { epoch: 1, next_seq: 5, lease_ms: 60_000, version: v(1, 1), pending: vec![] });
+        assert!(!c.fill_book(c.ticket(Some(id)), book(6, 10, v(1, 1))), "an old epoch's grant");
+        c.renew(Instant::now(), &LeaseGrant { epoch: 2, next_seq: 1, lease_ms: 60_000, version: v(2, 3), pending: vec![] });
+        assert!(!c.fill_book(c.ticket(Some(id)), book(6, 10, v(1, 1))), "below the new primary's version");
+        assert!(c.fill_book(c.ticket(Some(id)), book(6, 10, v(2, 3))));
     }
 }

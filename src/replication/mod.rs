@@ -233,6 +233,10 @@ pub struct Config {
     pub snapshot_threshold: u64,
     /// Seed of the core's PRNG. Must differ at every process start.
     pub seed: u64,
+    /// A new primary is not ready (exposes nothing, answers nothing) until
+    /// the driver calls [`Replica::caches_fenced`] for its epoch: caches
+    /// outside the core that earlier primaries kept coherent are flushed.
+    pub fence_caches: bool,
     #[doc(hidden)]
     pub unsafe_switches: UnsafeSwitches,
 }
@@ -252,6 +256,7 @@ impl Config {
             max_batch: 256,
             snapshot_threshold: 10_000,
             seed,
+            fence_caches: false,
             unsafe_switches: UnsafeSwitches::default(),
         }
     }

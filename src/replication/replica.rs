@@ -126,6 +126,8 @@ pub struct Replica {
     became_primary_at: u64,
     /// (seq, append time) of uncommitted entries, to spot lagging backups.
     append_times: VecDeque<(u64, u64)>,
+    /// Epoch for which the driver fenced the caches outside the core.
+    caches_fenced: u64,
     /// (target, started) of a leadership transfer under way.
     transfer: Option<(NodeId, u64)>,
     last_transfer_at: Option<u64>,
@@ -205,6 +207,7 @@ impl Replica {
             writes_allowed_at: u64::MAX,
             became_primary_at: 0,
             append_times: VecDeque::new(),
+            caches_fenced: 0,
             transfer: None,
             last_transfer_at: None,
             last_heartbeat: 0,
@@ -561,7 +564,17 @@ impl Replica {
     /// the applied table acknowledges it, and an old primary may still be
     /// serving reads that do not show it.
     pub fn is_primary_ready(&self) -> bool {
-        self.epoch_start_committed() && self.last_now >= self.writes_allowed_at
+        self.epoch_start_committed()
+            && self.last_now >= self.writes_allowed_at
+            && (!self.cfg.fence_caches || self.caches_fenced == self.hs.epoch)
+    }
+
+    /// The driver flushed every cache that earlier primaries kept coherent
+    /// (see [`super::Config::fence_caches`]), as primary of `epoch`.
+    pub fn caches_fenced(&mut self, epoch: u64) {
+        if self.role == Role::Primary && epoch == self.hs.epoch {
+            self.caches_fenced = epoch;
+        }
     }
 
     fn epoch_start_committed(&self) -> bool {
