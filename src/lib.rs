@@ -20,6 +20,7 @@
 //! * [`catalog`]   — books and stock; the write path; cache invalidation.
 //! * [`order`]     — purchases and the durable order log.
 //! * [`frontend`]  — the public API and its cache.
+//! * [`history`]   — checks what clients saw (linearizable reads, nothing lost).
 //! * [`cluster`]   — `pygmy up`: the whole store as separate processes.
 //! * [`telemetry`] — logs.
 
@@ -30,6 +31,7 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod frontend;
+pub mod history;
 pub mod http;
 pub mod order;
 pub mod replication;

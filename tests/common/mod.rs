@@ -56,13 +56,15 @@ where
 pub struct Options {
     pub catalogs: u64,
     pub no_cache: bool,
+    /// Frontends (added by `tweak`) that run with `--no-cache`.
+    pub no_cache_nodes: &'static [&'static str],
     /// Changes to the cluster file before the nodes start.
     pub tweak: fn(&mut ClusterConfig),
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { catalogs: 3, no_cache: false, tweak: |_| {} }
+        Self { catalogs: 3, no_cache: false, no_cache_nodes: &[], tweak: |_| {} }
     }
 }
 
@@ -71,6 +73,7 @@ pub struct TestCluster {
     pub config_path: PathBuf,
     pub cfg: ClusterConfig,
     pub no_cache: bool,
+    no_cache_nodes: &'static [&'static str],
     procs: HashMap<String, Child>,
     /// Carries the cluster token (harmless on public routes).
     pub http: Http,
@@ -86,7 +89,15 @@ impl TestCluster {
         cfg.save(&config_path).unwrap();
         let cfg = ClusterConfig::load(&config_path).unwrap();
         let http = Http::new(Some(cfg.token.clone()), Duration::from_secs(20));
-        let mut c = Self { dir, config_path, cfg, no_cache: opts.no_cache, procs: HashMap::new(), http };
+        let mut c = Self {
+            dir,
+            config_path,
+            cfg,
+            no_cache: opts.no_cache,
+            no_cache_nodes: opts.no_cache_nodes,
+            procs: HashMap::new(),
+            http,
+        };
         let names: Vec<String> = c.cfg.nodes.iter().map(|n| n.name.clone()).collect();
         for n in &names {
             c.spawn(n);
@@ -119,7 +130,7 @@ impl TestCluster {
             .unwrap();
         let mut cmd = Command::new(BIN);
         cmd.arg("serve").arg("--config").arg(&self.config_path).arg(name);
-        if self.no_cache && name == "frontend" {
+        if (self.no_cache && name == "frontend") || self.no_cache_nodes.contains(&name) {
             cmd.arg("--no-cache");
         }
         if std::env::var_os("TEST_LOG").is_some() {
@@ -136,7 +147,11 @@ impl TestCluster {
     }
 
     pub fn frontend(&self) -> FrontendClient {
-        FrontendClient::new(self.url("frontend"), self.http.clone())
+        self.frontend_named("frontend")
+    }
+
+    pub fn frontend_named(&self, name: &str) -> FrontendClient {
+        FrontendClient::new(self.url(name), self.http.clone())
     }
 
     pub fn catalog(&self, name: &str) -> CatalogClient {
