@@ -220,6 +220,11 @@ fn teeth_atomic_decrement_at_apply() {
 }
 
 #[test]
+fn three_replicas_tiny_snapshots_heavy_reordering() {
+    run("3 replicas, tiny snapshots", 500_000_000, 1000, |_| Options::tiny_snapshots(3));
+}
+
+#[test]
 fn teeth_backup_reads_wait_for_their_read_index() {
     find_violation("read_index", 1000, &["stale read at backup"]);
 }

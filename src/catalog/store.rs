@@ -335,7 +335,9 @@ fn install_snapshot(tx: &Transaction<'_>, snap: &Snapshot) -> rusqlite::Result<(
     let data: SnapshotData = serde_json::from_slice(&snap.data).map_err(corrupt)?;
     tx.execute("DELETE FROM books", [])?;
     tx.execute("DELETE FROM applied", [])?;
-    tx.execute("DELETE FROM rlog", [])?;
+    // Entries after the snapshot stay (the core truncates them separately
+    // when they do not follow it).
+    tx.execute("DELETE FROM rlog WHERE seq <= ?1", [snap.version.seq as i64])?;
     insert_books(tx, &data.books)?;
     let mut ins = tx.prepare("INSERT INTO applied (request_id, epoch, seq, outcome) VALUES (?1, ?2, ?3, ?4)")?;
     for (id, v, o) in &data.applied {

@@ -118,8 +118,9 @@
 //!     }
 //!     let rd = r.ready();
 //!     // 1. persist durably, in this order: snapshot_to_install (replaces
-//!     //    the log and the state machine), hard_state, truncate_after
-//!     //    (delete entries with seq > it), entries (append/overwrite)
+//!     //    the state machine; deletes log entries up to its seq, keeps
+//!     //    those after it), hard_state, truncate_after (delete entries
+//!     //    with seq > it), entries (append/overwrite)
 //!     // 2. only then send rd.messages (loss, duplication, reordering and
 //!     //    delay are all fine)
 //!     // 3. apply rd.committed in order (skip seq <= your applied seq), then
@@ -201,6 +202,9 @@ pub struct UnsafeSwitches {
     pub ignore_incarnation: bool,
     /// A backup's read index is what it has applied, not the end of its log.
     pub backup_read_index_applied: bool,
+    /// Installing a snapshot drops the whole log, even entries after the
+    /// snapshot's last one that the log already holds (and acknowledged).
+    pub snapshot_drops_suffix: bool,
 }
 
 /// Settings of one replica. Durations are in milliseconds of the driver's
@@ -340,7 +344,9 @@ pub struct Status {
 /// contract (see the module docs).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Ready {
-    /// Replace the log and the state machine with this snapshot.
+    /// Replace the state machine with this snapshot and delete the log
+    /// entries it covers (those after it stay, unless `truncate_after`
+    /// deletes them too).
     pub snapshot_to_install: Option<Snapshot>,
     /// Persist (before sending anything).
     pub hard_state: Option<HardState>,

@@ -1385,15 +1385,22 @@ impl Replica {
         self.follow(now, from);
         let v = snapshot.version;
         if v.seq > self.hs.commit.seq {
+            // Raft's rule: when the log already holds the snapshot's last
+            // entry, the entries after it stay (this replica may have
+            // acknowledged them: an append can overtake the snapshot sent
+            // for an older rejection); otherwise the whole log goes.
+            let keep = self.log.version_at(v.seq) == Some(v) && !self.cfg.unsafe_switches.snapshot_drops_suffix;
+            let suffix = if keep { self.log.slice(v.seq + 1, self.log.last_seq()) } else { Vec::new() };
+            if !keep {
+                self.mark_truncate(v.seq);
+            }
             self.log = Log {
                 base: v,
-                entries: Vec::new(),
+                entries: suffix,
                 snapshot: Some(snapshot.clone()),
             };
             self.hs.commit = v;
             self.applied = v;
-            self.persist_from = None;
-            self.truncate_after = None;
             self.snapshot_to_install = Some(snapshot);
             self.sync_log_epoch();
         }

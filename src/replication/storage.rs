@@ -71,8 +71,12 @@ impl MemStorage {
     /// snapshot, hard state, truncation, entries.
     pub fn persist(&mut self, ready: &Ready) {
         if let Some(snap) = &ready.snapshot_to_install {
+            let base = self.base_seq();
+            self.entries.retain(|e| e.version.seq > snap.version.seq && e.version.seq > base);
+            if self.entries.first().is_some_and(|e| e.version.seq != snap.version.seq + 1) {
+                self.entries.clear(); // not contiguous after the snapshot
+            }
             self.snapshot = Some(snap.clone());
-            self.entries.clear();
         }
         if let Some(hs) = &ready.hard_state {
             self.hard_state = hs.clone();

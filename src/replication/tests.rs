@@ -755,3 +755,89 @@ fn after_a_full_restart_an_election_starts_by_itself_and_nothing_is_lost() {
             .any(|e| e.version == v && e.request_id == "kept")
     );
 }
+
+fn entries(epoch: u64, seqs: std::ops::RangeInclusive<u64>) -> Vec<Entry> {
+    seqs.map(|seq| Entry { version: Version::new(epoch, seq), request_id: format!("r{seq}"), kind: EntryKind::Op(vec![1]) })
+        .collect()
+}
+
+fn append(epoch: u64, prev: Version, entries: Vec<Entry>, commit: u64) -> Message {
+    Message::Append { epoch, inc: 1, prev, entries, commit, sent_at: 1, echo: None, lease_ms: 0 }
+}
+
+/// Steps a message into `r` and persists what it asks on `disk`.
+fn deliver(r: &mut Replica, disk: &mut MemStorage, from: NodeId, msg: Message) -> Ready {
+    r.step(10, from, msg);
+    let rd = r.ready();
+    disk.persist(&rd);
+    rd
+}
+
+fn acked(rd: &Ready) -> Option<(bool, u64)> {
+    rd.messages.iter().find_map(|(_, m)| match m {
+        Message::AppendReply { ok, match_seq, .. } => Some((*ok, *match_seq)),
+        _ => None,
+    })
+}
+
+/// The exact order: a pipelined append is overtaken by the next one, which
+/// is rejected; the primary answers the rejection with a snapshot; the older
+/// append arrives, then a duplicate of the newer one (both acknowledged:
+/// the primary may count this copy of 13..14 toward a commit); then the
+/// snapshot, at 12. Returns the backup, its disk, and the highest seq it
+/// acknowledged as durable.
+fn snapshot_overtaken(drop_suffix: bool) -> (Replica, MemStorage, u64) {
+    let mut disk = MemStorage::bootstrap(1);
+    let mut cfg = Config::new(1, 1, vec![1, 2, 3], 7);
+    cfg.unsafe_switches.snapshot_drops_suffix = drop_suffix;
+    let mut b = Replica::new(cfg, &disk, 0);
+    let rd = deliver(&mut b, &mut disk, 3, append(1, Version::default(), entries(1, 1..=10), 0));
+    assert_eq!(acked(&rd), Some((true, 10)));
+    let rd = deliver(&mut b, &mut disk, 3, append(1, Version::new(1, 12), entries(1, 13..=14), 10));
+    assert_eq!(acked(&rd).map(|a| a.0), Some(false), "overtaking append rejected");
+    let rd = deliver(&mut b, &mut disk, 3, append(1, Version::new(1, 10), entries(1, 11..=12), 10));
+    assert_eq!(acked(&rd), Some((true, 12)));
+    let rd = deliver(&mut b, &mut disk, 3, append(1, Version::new(1, 12), entries(1, 13..=14), 10));
+    assert_eq!(acked(&rd), Some((true, 14)));
+    let snap = Snapshot { version: Version::new(1, 12), data: b"state at 12".to_vec() };
+    let rd = deliver(&mut b, &mut disk, 3, Message::InstallSnapshot { epoch: 1, inc: 1, snapshot: snap, commit: 12, sent_at: 2 });
+    assert!(rd.snapshot_to_install.is_some());
+    (b, disk, 14)
+}
+
+#[test]
+fn a_snapshot_whose_last_entry_the_log_holds_keeps_the_entries_after_it() {
+    // "If the log already holds the snapshot's last entry, the suffix after
+    // it stays, on disk too" (Raft's InstallSnapshot rule).
+    let (b, disk, acked) = snapshot_overtaken(false);
+    assert_eq!(b.status().last, Version::new(1, acked), "the acknowledged suffix stays in memory");
+    assert_eq!(b.snapshot_version(), Version::new(1, 12));
+    let on_disk: Vec<u64> = disk.entries.iter().map(|e| e.version.seq).collect();
+    assert_eq!(on_disk, vec![13, 14], "and on disk");
+    let b = Replica::new(Config::new(1, 1, vec![1, 2, 3], 8), &disk, 100);
+    assert_eq!(b.status().last, Version::new(1, 14), "and after a restart");
+}
+
+#[test]
+fn teeth_a_snapshot_that_drops_the_suffix_loses_acknowledged_entries() {
+    // With the rule switched off, the backup no longer holds entries it
+    // acknowledged as durable: a phantom copy the primary may commit on.
+    let (b, disk, acked) = snapshot_overtaken(true);
+    let held = b.status().last.seq;
+    assert!(held < acked, "acknowledged up to {acked}, holds up to {held}: no entry was lost");
+    assert!(disk.entries.iter().all(|e| e.version.seq <= held), "the disk lost them too");
+}
+
+#[test]
+fn a_snapshot_whose_last_entry_the_log_does_not_hold_replaces_the_whole_log() {
+    let mut disk = MemStorage::bootstrap(1);
+    let mut b = Replica::new(Config::new(1, 1, vec![1, 2, 3], 7), &disk, 0);
+    // An uncommitted suffix of epoch 1 that epoch 2 replaced.
+    deliver(&mut b, &mut disk, 3, append(1, Version::default(), entries(1, 1..=14), 0));
+    let snap = Snapshot { version: Version::new(2, 12), data: b"state at 12".to_vec() };
+    deliver(&mut b, &mut disk, 2, Message::InstallSnapshot { epoch: 2, inc: 1, snapshot: snap, commit: 12, sent_at: 2 });
+    assert_eq!(b.status().last, Version::new(2, 12), "nothing of the old log survives");
+    assert!(disk.entries.is_empty(), "on disk either: {:?}", disk.entries);
+    let b = Replica::new(Config::new(1, 1, vec![1, 2, 3], 8), &disk, 100);
+    assert_eq!(b.status().last, Version::new(2, 12));
+}

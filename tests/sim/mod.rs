@@ -72,6 +72,9 @@ pub struct Options {
     pub long_delay_max_ms: u64,
     /// Overrides of the core's timing (lease, heartbeat, election timeout).
     pub timing: Option<(u64, u64, u64)>,
+    /// Lowest long-delay and duplication rates during the chaos.
+    pub min_long_delay: f64,
+    pub min_dup: f64,
 }
 
 impl Options {
@@ -100,11 +103,27 @@ impl Options {
             partition_kinds: [1, 1, 1, 1, 1],
             long_delay_max_ms: 600,
             timing: None,
+            min_long_delay: 0.0,
+            min_dup: 0.0,
         }
     }
 }
 
 impl Options {
+    /// Snapshots every few entries and messages reordered hard (many long
+    /// delays, duplicates): appends overtake each other and snapshots.
+    pub fn tiny_snapshots(nodes: usize) -> Self {
+        let mut o = Options::new(nodes);
+        o.snapshot_threshold = 3;
+        o.w_net = 6;
+        o.w_partition = 1;
+        o.w_crash = 3;
+        o.long_delay_max_ms = 300;
+        o.min_long_delay = 0.2;
+        o.min_dup = 0.1;
+        o
+    }
+
     /// A fault mix chosen by the seed: balanced, crash-heavy (frequent
     /// crashes and restarts, short gaps), or network-heavy (partitions,
     /// loss, long delays).
@@ -416,8 +435,8 @@ impl Sim {
             clients,
             blocked: vec![vec![false; n]; n],
             loss: 0.0,
-            dup: 0.0,
-            long_delay: 0.0,
+            dup: opts.min_dup,
+            long_delay: opts.min_long_delay,
             chaos: true,
             heal_t: 0,
             acked_after_heal: false,
@@ -583,6 +602,19 @@ impl Sim {
             node.disk.persist(&rd);
             rd
         };
+        // Whenever a replica may serve reads, its log holds every entry
+        // committed so far (what its read index counts on).
+        if let Some(r) = &self.nodes[i].r
+            && r.read_gate(self.nodes[i].local(self.t), Version::default()) == ReadGate::Serve
+            && r.status().last.seq < self.ck.exposed
+        {
+            return Err(self.fail(format!(
+                "a replica that may serve reads lacks committed entries: node {} holds up to {}, seq {} is committed",
+                i + 1,
+                r.status().last.seq,
+                self.ck.exposed
+            )));
+        }
         if let Some(r) = &self.nodes[i].r
             && r.role() == Role::Primary
         {
@@ -1080,8 +1112,8 @@ impl Sim {
             3 => self.heal_links(),
             4 => {
                 self.loss = [0.0, 0.02, 0.1, 0.3][self.rng.below(4) as usize];
-                self.dup = [0.0, 0.05, 0.2][self.rng.below(3) as usize];
-                self.long_delay = [0.0, 0.02, 0.1][self.rng.below(3) as usize];
+                self.dup = [0.0f64, 0.05, 0.2][self.rng.below(3) as usize].max(self.opts.min_dup);
+                self.long_delay = [0.0f64, 0.02, 0.1][self.rng.below(3) as usize].max(self.opts.min_long_delay);
             }
             _ => {
                 if let Some(i) = self.pick(false)
