@@ -319,7 +319,7 @@ impl Driver {
         self.in_flight.retain(|_, s| *s != a.version.seq);
         for w in waiters {
             let r = match (&a.outcome, w.request_id == a.request_id) {
-                (Some(o), true) => Ok(WriteResult { outcome: o.clone(), version: a.version }),
+                (Some((o, first)), true) => Ok(WriteResult { outcome: o.clone(), version: *first }),
                 // The entry this write had was replaced in a view change.
                 _ => Err(WriteError::Unavailable("the write was superseded; retry with the same request id".into())),
             };

@@ -109,8 +109,10 @@ impl replication::Storage for Persisted {
 pub struct AppliedEntry {
     pub version: Version,
     pub request_id: String,
-    /// `None` for an epoch start, or an op on an unknown book.
-    pub outcome: Option<Outcome>,
+    /// `None` for an epoch start, or an op on an unknown book. For a request
+    /// id applied before (a retry that got an entry of its own), the first
+    /// entry's outcome and version: the answer is the same every time.
+    pub outcome: Option<(Outcome, Version)>,
 }
 
 /// The state machine's content, as a snapshot carries it.
@@ -362,13 +364,13 @@ fn apply_op(
     bytes: &[u8],
     version: Version,
     reloaded: bool,
-) -> rusqlite::Result<Option<Outcome>> {
-    let stored: Option<String> = tx
-        .prepare_cached("SELECT outcome FROM applied WHERE request_id = ?1")?
-        .query_row([request_id], |r| r.get(0))
+) -> rusqlite::Result<Option<(Outcome, Version)>> {
+    let stored: Option<(String, i64, i64)> = tx
+        .prepare_cached("SELECT outcome, epoch, seq FROM applied WHERE request_id = ?1")?
+        .query_row([request_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
-    if let Some(o) = stored {
-        return Ok(Some(serde_json::from_str(&o).map_err(corrupt)?));
+    if let Some((o, e, s)) = stored {
+        return Ok(Some((serde_json::from_str(&o).map_err(corrupt)?, version_of(e, s))));
     }
     let Ok(op) = serde_json::from_slice::<CatalogOp>(bytes) else {
         return Ok(None);
@@ -408,7 +410,7 @@ fn apply_op(
     }
     tx.prepare_cached("INSERT INTO applied (request_id, epoch, seq, outcome) VALUES (?1, ?2, ?3, ?4)")?
         .execute(params![request_id, version.epoch as i64, version.seq as i64, to_json(&outcome)])?;
-    Ok(Some(outcome))
+    Ok(Some((outcome, version)))
 }
 
 fn read_book(r: &rusqlite::Row<'_>) -> rusqlite::Result<Book> {
@@ -422,4 +424,48 @@ fn read_book(r: &rusqlite::Row<'_>) -> rusqlite::Result<Book> {
         cost: Money::from_cents(cost as u64).map_err(|e| corrupt(e.0))?,
         stock: u64::try_from(stock).map_err(|_| corrupt("negative stock"))?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replication::{Entry, EntryKind, Ready};
+
+    fn entry(epoch: u64, seq: u64, rid: &str, op: Option<&CatalogOp>) -> Entry {
+        Entry {
+            version: replication::Version::new(epoch, seq),
+            request_id: rid.to_string(),
+            kind: match op {
+                Some(op) => EntryKind::Op(serde_json::to_vec(op).unwrap()),
+                None => EntryKind::EpochStart,
+            },
+        }
+    }
+
+    #[test]
+    fn a_retry_applied_under_an_entry_of_its_own_gets_the_first_entrys_answer() {
+        // "A retried request whose first entry is committed but not yet
+        // applied gets the first entry's answer: the same order_id and
+        // version." The retry was proposed again (a new primary did not yet
+        // know the first had committed); applying it answers as the first.
+        let dir = std::env::temp_dir().join(format!("pygmy-store-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        crate::storage::claim(&dir, "catalog.sqlite", "c", "catalog-1").unwrap();
+        let mut db = Db::open(&dir, || Ok(crate::catalog::seed::default_books())).unwrap();
+        let mut state = db.load_state().unwrap();
+        let buy = CatalogOp::Buy { book_id: BookId::new(1).unwrap() };
+        let rd = Ready {
+            entries: vec![entry(1, 1, "k:once", Some(&buy)), entry(2, 2, "epoch-start-2", None), entry(2, 3, "k:once", Some(&buy))],
+            committed: vec![entry(1, 1, "k:once", Some(&buy)), entry(2, 2, "epoch-start-2", None), entry(2, 3, "k:once", Some(&buy))],
+            ..Ready::default()
+        };
+        let applied = db.handle(&rd, &mut state).unwrap();
+        let first = applied[0].outcome.clone().unwrap();
+        let again = applied[2].outcome.clone().unwrap();
+        assert_eq!(first.1, Version { epoch: 1, seq: 1 });
+        assert_eq!(again, first, "the retry's own entry answers as the first one did");
+        assert!(matches!(first.0, Outcome::Bought { order_id: 1, .. }), "{first:?}");
+        assert_eq!(state.books[&BookId::new(1).unwrap()].stock, 999, "bought once");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
