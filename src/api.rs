@@ -505,6 +505,10 @@ pub struct NodeStatus {
     pub in_view: bool,
     /// The primary's view: itself and the backups in sync (empty on a backup).
     pub view: Vec<String>,
+    /// Books in this replica's applied catalog (0 until a new cluster's
+    /// founding catalog is applied).
+    #[serde(default)]
+    pub books: u64,
 }
 
 /// A batch of replication messages from one replica.

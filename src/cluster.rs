@@ -159,7 +159,20 @@ async fn wait_ready(cfg: &ClusterConfig) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    Ok(())
+    // And the catalog serves: a primary holds the (founding) catalog.
+    let http = Http::new(Some(cfg.token.clone()), Duration::from_millis(500));
+    let catalogs: Vec<_> = cfg.nodes_of(Role::Catalog).map(|n| crate::client::CatalogClient::new(n.base_url(), http.clone())).collect();
+    loop {
+        for c in &catalogs {
+            if c.status().await.is_ok_and(|s| s.role == "primary" && s.books > 0) {
+                return Ok(());
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("no catalog primary holds the catalog within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// SIGTERM to every node, then wait; SIGKILL what has not stopped after 15 s.

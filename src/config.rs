@@ -255,11 +255,15 @@ impl ClusterConfig {
         Ok(())
     }
 
-    /// `PYGMY_TOKEN`, and for each node `PYGMY_<NAME>_ADDR` / `PYGMY_<NAME>_LISTEN`
-    /// (`<NAME>` upper-cased, `-` as `_`: `PYGMY_CATALOG_2_ADDR`).
+    /// `PYGMY_TOKEN`, `PYGMY_CATALOG_FILE`, and for each node
+    /// `PYGMY_<NAME>_ADDR` / `PYGMY_<NAME>_LISTEN` (`<NAME>` upper-cased,
+    /// `-` as `_`: `PYGMY_CATALOG_2_ADDR`).
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) {
         if let Some(t) = get("PYGMY_TOKEN") {
             self.token = t;
+        }
+        if let Some(f) = get("PYGMY_CATALOG_FILE") {
+            self.catalog_file = Some(PathBuf::from(f));
         }
         for node in &mut self.nodes {
             let key = node.name.to_ascii_uppercase().replace('-', "_");

@@ -292,3 +292,78 @@ async fn a_backup_forwards_writes_to_the_primary_once_and_relays_the_answer() {
     }
     assert_eq!(c.stock(3).await, 49, "a write refused with 421 did nothing");
 }
+
+/// (id, title, stock) of books 1..=4 as `replica` holds them (None: unknown).
+async fn catalog_of(c: &TestCluster, replica: &str) -> Option<Vec<Option<(u64, String, u64)>>> {
+    let r = c.catalog(replica);
+    let mut out = Vec::new();
+    for id in 1..=4 {
+        match r.lookup(BookId::new(id).unwrap(), None).await {
+            Ok(b) => out.push(Some((id, b.title, b.stock))),
+            Err(e) if e.status() == Some(404) => out.push(None),
+            Err(_) => return None,
+        }
+    }
+    Some(out)
+}
+
+/// Polls `replica`'s catalog until `done` holds of it (30 s at most).
+async fn catalog_when(
+    c: &TestCluster,
+    replica: &str,
+    done: impl Fn(&[Option<(u64, String, u64)>]) -> bool,
+) -> Vec<Option<(u64, String, u64)>> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let held = catalog_of(c, replica).await;
+        if let Some(h) = held
+            && done(&h)
+        {
+            return h;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{replica}'s catalog: {:?}", catalog_of(c, replica).await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_given_different_catalog_files_all_hold_the_founding_catalog() {
+    let dir = common::temp_dir("catalog-files");
+    let file = |name: &str, books: &[(u64, &str, u64)]| {
+        let list: Vec<_> = books
+            .iter()
+            .map(|(id, title, stock)| serde_json::json!({"id": id, "title": title, "topic": "test books", "cost": 1.5, "stock": stock}))
+            .collect();
+        let path = dir.join(name);
+        std::fs::write(&path, serde_json::to_vec(&list).unwrap()).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let a = file("a.json", &[(1, "A one", 11), (2, "A two", 12), (3, "A three", 13)]);
+    let b = file("b.json", &[(1, "B one", 21), (2, "B two", 22), (4, "B four", 24)]);
+    let env = |node: &str, f: &str| (node.to_string(), "PYGMY_CATALOG_FILE".to_string(), f.to_string());
+    let mut c = TestCluster::start(Options {
+        env: vec![env("catalog-1", &b), env("catalog-2", &a), env("catalog-3", &a)],
+        ..Options::default()
+    })
+    .await;
+    let expect_a = vec![
+        Some((1, "A one".to_string(), 11)),
+        Some((2, "A two".to_string(), 12)),
+        Some((3, "A three".to_string(), 13)),
+        None,
+    ];
+    // Every replica holds the founding primary's catalog (catalog-3's file).
+    for r in c.names(Role::Catalog) {
+        assert_eq!(catalog_when(&c, &r, |_| true).await, expect_a, "{r}'s catalog");
+    }
+    // A replacement disk for catalog-1, still given the other file, learns
+    // the catalog from the log too.
+    c.kill9("catalog-1");
+    std::fs::remove_dir_all(c.dir.join("catalog-1")).unwrap();
+    c.restart("catalog-1").await;
+    c.frontend().buy("2", Some("after-replacement")).await.unwrap();
+    let held = catalog_when(&c, "catalog-1", |h| h[1].as_ref().is_some_and(|b| b.2 == 11)).await;
+    let mut expect = expect_a.clone();
+    expect[1] = Some((2, "A two".to_string(), 11));
+    assert_eq!(held, expect);
+}

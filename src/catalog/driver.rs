@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::machine;
 use super::store::{self, Db, State};
 use crate::api::*;
 use crate::replication::{self, Message, NodeId, ProposeError, ReadGate, Replica, Role};
@@ -133,6 +134,10 @@ pub struct Driver {
     last_status: Option<replication::Status>,
     /// Following a new primary since this applied version: log when caught up.
     syncing: Option<Version>,
+    /// The books this replica founds a new cluster with, as primary of an
+    /// empty catalog; and the epoch it proposed them in.
+    seed: Vec<Book>,
+    seed_proposed: Option<u64>,
 }
 
 impl Driver {
@@ -146,6 +151,7 @@ impl Driver {
         outbox: mpsc::UnboundedSender<(NodeId, Message)>,
         names: HashMap<NodeId, String>,
         tick: Duration,
+        seed: Vec<Book>,
     ) -> Self {
         Self {
             replica,
@@ -160,6 +166,8 @@ impl Driver {
             tick,
             last_status: None,
             syncing: None,
+            seed,
+            seed_proposed: None,
         }
     }
 
@@ -188,6 +196,7 @@ impl Driver {
             }
             if Instant::now() >= next_tick {
                 self.replica.tick(self.shared.clock.now_ms());
+                self.maybe_seed();
                 next_tick = Instant::now() + self.tick;
             }
             if let Err(e) = self.advance() {
@@ -245,7 +254,7 @@ impl Driver {
             self.pending.entry(*seq).or_default().push(Waiter { request_id: rid, reply });
             return;
         }
-        let op = serde_json::to_vec(&write.op).expect("ops serialise");
+        let op = machine::Command::from(write.op).encode();
         match self.replica.propose(now, rid.clone(), op) {
             Ok(v) => {
                 self.in_flight.insert(rid.clone(), v.seq);
@@ -257,6 +266,21 @@ impl Driver {
             Err(e) => {
                 let _ = reply.send(Err(WriteError::Unavailable(e.to_string())));
             }
+        }
+    }
+
+    /// A ready primary of an empty catalog (a new cluster) proposes its books
+    /// as the log's seed entry, once per epoch: every replica gets the
+    /// catalog from the log, whatever catalog file it was given.
+    fn maybe_seed(&mut self) {
+        let epoch = self.replica.epoch();
+        if !self.state.books.is_empty() || !self.replica.is_primary_ready() || self.seed_proposed == Some(epoch) {
+            return;
+        }
+        let cmd = machine::Command::Seed { books: self.seed.clone() };
+        if self.replica.propose(self.shared.clock.now_ms(), machine::SEED_REQUEST_ID.into(), cmd.encode()).is_ok() {
+            self.seed_proposed = Some(epoch);
+            tracing::info!(books = self.seed.len(), "new cluster: proposing the founding catalog");
         }
     }
 

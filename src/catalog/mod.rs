@@ -16,6 +16,7 @@
 
 pub mod driver;
 pub mod invalidation;
+pub mod machine;
 pub mod seed;
 pub mod store;
 
@@ -141,11 +142,13 @@ pub async fn run(
     let node = cfg.node(name).ok_or_else(|| NodeError::Config(format!("no node {name}")))?.clone();
     let dir = cfg.data_dir(&node).ok_or_else(|| NodeError::Config(format!("{name} has no data_dir")))?;
     let identity = crate::storage::claim(&dir, "catalog.sqlite", &cfg.cluster_id, name)?;
-    let catalog_file = cfg.catalog_file();
-    let db = Db::open(&dir, || match &catalog_file {
-        Some(f) => seed::load_books(f),
-        None => Ok(seed::default_books()),
-    })?;
+    // The books this replica would found a new cluster with (read now, so a
+    // bad catalog file stops the start); a running cluster's come from its log.
+    let seed_books = match cfg.catalog_file() {
+        Some(f) => seed::load_books(&f).map_err(NodeError::Config)?,
+        None => seed::default_books(),
+    };
+    let db = Db::open(&dir)?;
     let state = db.load_state().map_err(crate::storage::StorageError::from)?;
     tracing::info!(
         data_dir = %dir.display(),
@@ -214,7 +217,7 @@ pub async fn run(
     let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
     tokio::spawn(transport(node.process_id, outbox_rx, peers.clone(), http.clone(), t.call_timeout_ms));
     let tick = Duration::from_millis((t.heartbeat_ms / 5).clamp(1, 10));
-    let driver = Driver::new(replica, db, state, shared.clone(), inputs_rx, outbox_tx, names, tick);
+    let driver = Driver::new(replica, db, state, shared.clone(), inputs_rx, outbox_tx, names, tick, seed_books);
     std::thread::Builder::new()
         .name(format!("{name}-driver"))
         .spawn(move || driver.run())
@@ -487,7 +490,9 @@ async fn cache_lease(State(c): State<Ctx>, JsonBody(r): JsonBody<LeaseRequest>) 
     let g = *c.shared.gate.borrow();
     let inv = c.invalidator.read().unwrap_or_else(|p| p.into_inner()).clone();
     match inv {
-        Some((epoch, inv)) if g.primary_ready && g.epoch == epoch && c.shared.may_serve() => {
+        // A catalog not yet seeded has nothing to cache (an empty search
+        // cached now would hide the books once the seed commits).
+        Some((epoch, inv)) if g.primary_ready && g.epoch == epoch && c.shared.may_serve() && !c.shared.state().books.is_empty() => {
             let version = *c.shared.applied.borrow();
             inv.grant(&r.frontend, version).map(Json).map_err(|e| ApiError::from(e).into_response())
         }
@@ -509,6 +514,7 @@ async fn status(State(c): State<Ctx>) -> Result<Json<NodeStatus>, ApiError> {
             commit: Version::default(),
             in_view: false,
             view: vec![],
+            books: c.shared.state().books.len() as u64,
         }));
     }
     let s = rx.await.map_err(|_| ApiError::unavailable("this replica is stopping"))?;
@@ -528,6 +534,7 @@ async fn status(State(c): State<Ctx>) -> Result<Json<NodeStatus>, ApiError> {
         commit: store::to_api(s.commit),
         in_view: c.shared.may_serve(),
         view: s.view.iter().map(|p| c.name_of(*p)).collect(),
+        books: c.shared.state().books.len() as u64,
     }))
 }
 

@@ -18,10 +18,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::api::*;
 use crate::replication::{self, Entry, EntryKind, HardState, Snapshot};
+
+use super::machine::{self, SnapshotData};
 use crate::storage::{self, StorageError};
 
 /// The state reads are served from. Invariant: it is exactly the committed
@@ -115,14 +117,6 @@ pub struct AppliedEntry {
     pub outcome: Option<(Outcome, Version)>,
 }
 
-/// The state machine's content, as a snapshot carries it.
-#[derive(Serialize, Deserialize)]
-struct SnapshotData {
-    books: Vec<Book>,
-    /// request id, version, outcome
-    applied: Vec<(String, Version, Outcome)>,
-}
-
 pub struct Db {
     conn: Connection,
 }
@@ -140,17 +134,12 @@ fn version_of(epoch: i64, seq: i64) -> Version {
 }
 
 impl Db {
-    /// Opens (or creates and seeds) the store in `dir`.
-    pub fn open(dir: &Path, seed: impl FnOnce() -> Result<Vec<Book>, String>) -> Result<Self, StorageError> {
+    /// Opens (or creates) the store in `dir`. A new store holds no books:
+    /// they arrive through the replicated log (the founding primary's seed
+    /// entry, or a snapshot), so every replica holds the same catalog.
+    pub fn open(dir: &Path) -> Result<Self, StorageError> {
         let conn = storage::open(dir, "catalog.sqlite")?;
         conn.execute_batch(SCHEMA)?;
-        let empty: bool = conn.query_row("SELECT NOT EXISTS (SELECT 1 FROM books)", [], |r| r.get(0))?;
-        if empty {
-            let books = seed().map_err(StorageError::Invalid)?;
-            let tx = conn.unchecked_transaction()?;
-            insert_books(&tx, &books)?;
-            tx.commit()?;
-        }
         Ok(Self { conn })
     }
 
@@ -256,12 +245,12 @@ impl Db {
             }
         }
         let mut applied = Vec::new();
-        let mut changed: HashMap<BookId, Book> = HashMap::new();
         let mut version = if reload {
             rd.snapshot_to_install.as_ref().map(|s| to_api(s.version)).unwrap_or_default()
         } else {
             state.version
         };
+        let mut tables = SqlTables { tx: &tx, state, changed: HashMap::new(), reloaded: reload };
         for e in &rd.committed {
             if e.version.seq <= version.seq {
                 continue;
@@ -269,11 +258,12 @@ impl Db {
             let v = to_api(e.version);
             let outcome = match &e.kind {
                 EntryKind::EpochStart => None,
-                EntryKind::Op(bytes) => apply_op(&tx, state, &mut changed, &e.request_id, bytes, v, reload)?,
+                EntryKind::Op(bytes) => machine::apply(&mut tables, &e.request_id, bytes, v, machine::Switches::default())?,
             };
             version = v;
             applied.push(AppliedEntry { version: v, request_id: e.request_id.clone(), outcome });
         }
+        let changed = std::mem::take(&mut tables.changed);
         if version != state.version || reload {
             tx.execute(
                 "INSERT INTO meta (key, value) VALUES ('applied', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -284,8 +274,8 @@ impl Db {
         if reload {
             *state = self.load_state()?;
         } else {
-            for (id, b) in changed {
-                state.books.insert(id, b);
+            for (_, b) in changed {
+                state.insert(b);
             }
             state.version = version;
         }
@@ -352,65 +342,63 @@ fn install_snapshot(tx: &Transaction<'_>, snap: &Snapshot) -> rusqlite::Result<(
     Ok(())
 }
 
-/// Applies one operation: the state machine. Deterministic, so every
-/// replica computes the same outcome; a request id applied before returns
-/// its stored outcome and changes nothing; a buy checks and decrements the
-/// stock in one step.
-fn apply_op(
-    tx: &Transaction<'_>,
-    state: &State,
-    changed: &mut HashMap<BookId, Book>,
-    request_id: &str,
-    bytes: &[u8],
-    version: Version,
+/// The state machine's tables inside one transaction: books read from the
+/// published state (or the database, after a snapshot reloaded it), with
+/// the changes of this transaction on top.
+struct SqlTables<'a> {
+    tx: &'a Transaction<'a>,
+    state: &'a State,
+    changed: HashMap<BookId, Book>,
     reloaded: bool,
-) -> rusqlite::Result<Option<(Outcome, Version)>> {
-    let stored: Option<(String, i64, i64)> = tx
-        .prepare_cached("SELECT outcome, epoch, seq FROM applied WHERE request_id = ?1")?
-        .query_row([request_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .optional()?;
-    if let Some((o, e, s)) = stored {
-        return Ok(Some((serde_json::from_str(&o).map_err(corrupt)?, version_of(e, s))));
-    }
-    let Ok(op) = serde_json::from_slice::<CatalogOp>(bytes) else {
-        return Ok(None);
-    };
-    let id = op.book_id();
-    let current = match changed.get(&id) {
-        Some(b) => Some(b.clone()),
-        None if reloaded => tx
-            .prepare_cached("SELECT id, title, topic, cost_cents, stock FROM books WHERE id = ?1")?
-            .query_row([id.get() as i64], read_book)
-            .optional()?,
-        None => state.books.get(&id).cloned(),
-    };
-    let Some(mut book) = current else {
-        return Ok(None);
-    };
-    let outcome = match op {
-        CatalogOp::Buy { .. } if book.stock > 0 => {
-            book.stock -= 1;
-            Outcome::Bought { book_id: id, title: book.title.clone(), price: book.cost, order_id: version.seq }
+}
+
+impl machine::Tables for SqlTables<'_> {
+    type Error = rusqlite::Error;
+
+    fn book(&mut self, id: BookId) -> rusqlite::Result<Option<Book>> {
+        match self.changed.get(&id) {
+            Some(b) => Ok(Some(b.clone())),
+            None if self.reloaded => self
+                .tx
+                .prepare_cached("SELECT id, title, topic, cost_cents, stock FROM books WHERE id = ?1")?
+                .query_row([id.get() as i64], read_book)
+                .optional(),
+            None => Ok(self.state.books.get(&id).cloned()),
         }
-        CatalogOp::Buy { .. } => Outcome::OutOfStock { book_id: id, title: book.title.clone() },
-        CatalogOp::Update { stock, cost, .. } => {
-            if let Some(s) = stock {
-                book.stock = s;
-            }
-            if let Some(c) = cost {
-                book.cost = c;
-            }
-            Outcome::Updated { book: book.clone() }
-        }
-    };
-    if !matches!(outcome, Outcome::OutOfStock { .. }) {
-        tx.prepare_cached("UPDATE books SET stock = ?1, cost_cents = ?2 WHERE id = ?3")?
-            .execute(params![book.stock as i64, book.cost.cents() as i64, id.get() as i64])?;
-        changed.insert(id, book);
     }
-    tx.prepare_cached("INSERT INTO applied (request_id, epoch, seq, outcome) VALUES (?1, ?2, ?3, ?4)")?
-        .execute(params![request_id, version.epoch as i64, version.seq as i64, to_json(&outcome)])?;
-    Ok(Some((outcome, version)))
+
+    fn put_book(&mut self, b: &Book) -> rusqlite::Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO books (id, title, topic, cost_cents, stock) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (id) DO UPDATE SET stock = excluded.stock, cost_cents = excluded.cost_cents",
+            )?
+            .execute(params![b.id.get() as i64, b.title, b.topic, b.cost.cents() as i64, b.stock as i64])?;
+        self.changed.insert(b.id, b.clone());
+        Ok(())
+    }
+
+    fn is_empty(&mut self) -> rusqlite::Result<bool> {
+        self.tx.query_row("SELECT NOT EXISTS (SELECT 1 FROM books)", [], |r| r.get(0))
+    }
+
+    fn answer(&mut self, request_id: &str) -> rusqlite::Result<Option<(Outcome, Version)>> {
+        let stored: Option<(String, i64, i64)> = self
+            .tx
+            .prepare_cached("SELECT outcome, epoch, seq FROM applied WHERE request_id = ?1")?
+            .query_row([request_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()?;
+        stored
+            .map(|(o, e, s)| Ok((serde_json::from_str(&o).map_err(corrupt)?, version_of(e, s))))
+            .transpose()
+    }
+
+    fn put_answer(&mut self, request_id: &str, outcome: &Outcome, version: Version) -> rusqlite::Result<()> {
+        self.tx
+            .prepare_cached("INSERT INTO applied (request_id, epoch, seq, outcome) VALUES (?1, ?2, ?3, ?4)")?
+            .execute(params![request_id, version.epoch as i64, version.seq as i64, to_json(outcome)])?;
+        Ok(())
+    }
 }
 
 fn read_book(r: &rusqlite::Row<'_>) -> rusqlite::Result<Book> {
@@ -431,12 +419,12 @@ mod tests {
     use super::*;
     use crate::replication::{Entry, EntryKind, Ready};
 
-    fn entry(epoch: u64, seq: u64, rid: &str, op: Option<&CatalogOp>) -> Entry {
+    fn entry(epoch: u64, seq: u64, rid: &str, op: Option<&machine::Command>) -> Entry {
         Entry {
             version: replication::Version::new(epoch, seq),
             request_id: rid.to_string(),
             kind: match op {
-                Some(op) => EntryKind::Op(serde_json::to_vec(op).unwrap()),
+                Some(op) => EntryKind::Op(op.encode()),
                 None => EntryKind::EpochStart,
             },
         }
@@ -451,20 +439,24 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("pygmy-store-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
         crate::storage::claim(&dir, "catalog.sqlite", "c", "catalog-1").unwrap();
-        let mut db = Db::open(&dir, || Ok(crate::catalog::seed::default_books())).unwrap();
+        let mut db = Db::open(&dir).unwrap();
         let mut state = db.load_state().unwrap();
-        let buy = CatalogOp::Buy { book_id: BookId::new(1).unwrap() };
-        let rd = Ready {
-            entries: vec![entry(1, 1, "k:once", Some(&buy)), entry(2, 2, "epoch-start-2", None), entry(2, 3, "k:once", Some(&buy))],
-            committed: vec![entry(1, 1, "k:once", Some(&buy)), entry(2, 2, "epoch-start-2", None), entry(2, 3, "k:once", Some(&buy))],
-            ..Ready::default()
-        };
+        let seed = machine::Command::Seed { books: crate::catalog::seed::default_books() };
+        let buy = machine::Command::Buy { book_id: BookId::new(1).unwrap() };
+        let log = vec![
+            entry(1, 1, "epoch-start-1", None),
+            entry(1, 2, machine::SEED_REQUEST_ID, Some(&seed)),
+            entry(1, 3, "k:once", Some(&buy)),
+            entry(2, 4, "epoch-start-2", None),
+            entry(2, 5, "k:once", Some(&buy)),
+        ];
+        let rd = Ready { entries: log.clone(), committed: log, ..Ready::default() };
         let applied = db.handle(&rd, &mut state).unwrap();
-        let first = applied[0].outcome.clone().unwrap();
-        let again = applied[2].outcome.clone().unwrap();
-        assert_eq!(first.1, Version { epoch: 1, seq: 1 });
+        let first = applied[2].outcome.clone().unwrap();
+        let again = applied[4].outcome.clone().unwrap();
+        assert_eq!(first.1, Version { epoch: 1, seq: 3 });
         assert_eq!(again, first, "the retry's own entry answers as the first one did");
-        assert!(matches!(first.0, Outcome::Bought { order_id: 1, .. }), "{first:?}");
+        assert!(matches!(first.0, Outcome::Bought { order_id: 3, .. }), "{first:?}");
         assert_eq!(state.books[&BookId::new(1).unwrap()].stock, 999, "bought once");
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -58,13 +58,15 @@ pub struct Options {
     pub no_cache: bool,
     /// Frontends (added by `tweak`) that run with `--no-cache`.
     pub no_cache_nodes: &'static [&'static str],
+    /// Environment of one node's process: (node, variable, value).
+    pub env: Vec<(String, String, String)>,
     /// Changes to the cluster file before the nodes start.
     pub tweak: fn(&mut ClusterConfig),
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { catalogs: 3, no_cache: false, no_cache_nodes: &[], tweak: |_| {} }
+        Self { catalogs: 3, no_cache: false, no_cache_nodes: &[], env: Vec::new(), tweak: |_| {} }
     }
 }
 
@@ -74,6 +76,7 @@ pub struct TestCluster {
     pub cfg: ClusterConfig,
     pub no_cache: bool,
     no_cache_nodes: &'static [&'static str],
+    env: Vec<(String, String, String)>,
     procs: HashMap<String, Child>,
     /// Carries the cluster token (harmless on public routes).
     pub http: Http,
@@ -95,6 +98,7 @@ impl TestCluster {
             cfg,
             no_cache: opts.no_cache,
             no_cache_nodes: opts.no_cache_nodes,
+            env: opts.env,
             procs: HashMap::new(),
             http,
         };
@@ -132,6 +136,11 @@ impl TestCluster {
         cmd.arg("serve").arg("--config").arg(&self.config_path).arg(name);
         if (self.no_cache && name == "frontend") || self.no_cache_nodes.contains(&name) {
             cmd.arg("--no-cache");
+        }
+        for (node, k, v) in &self.env {
+            if node == name {
+                cmd.env(k, v);
+            }
         }
         if std::env::var_os("TEST_LOG").is_some() {
             cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit());
