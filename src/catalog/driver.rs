@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::machine;
+use crate::replication::drive::{self, Host};
 use super::store::{self, Db, State};
 use crate::api::*;
 use crate::replication::{self, Message, NodeId, ProposeError, ReadGate, Replica, Role};
@@ -118,18 +119,28 @@ struct Waiter {
     reply: oneshot::Sender<Result<WriteResult, WriteError>>,
 }
 
-pub struct Driver {
-    replica: Replica,
+/// What the driver does with the core's outputs ([`drive::Host`]): the
+/// disk, the published state, the network, the waiting clients.
+struct Io {
     db: Db,
     state: State,
     shared: Arc<Shared>,
-    inputs: std::sync::mpsc::Receiver<Input>,
     outbox: mpsc::UnboundedSender<(NodeId, Message)>,
     /// Writes proposed here, by the seq their entry got.
     pending: HashMap<u64, Vec<Waiter>>,
     /// Request ids in flight → their seq, so a retry joins the first proposal.
     in_flight: HashMap<String, u64>,
     names: HashMap<NodeId, String>,
+    /// Persisting one step for longer than this is logged as a slow disk.
+    slow: Duration,
+    /// The applied state changed since it was last published.
+    dirty: bool,
+}
+
+pub struct Driver {
+    replica: Replica,
+    io: Io,
+    inputs: std::sync::mpsc::Receiver<Input>,
     tick: Duration,
     last_status: Option<replication::Status>,
     /// Following a new primary since this applied version: log when caught up.
@@ -153,16 +164,21 @@ impl Driver {
         tick: Duration,
         seed: Vec<Book>,
     ) -> Self {
+        let slow = Duration::from_millis(replica.config().lease_ms / 8);
         Self {
             replica,
-            db,
-            state,
-            shared,
+            io: Io {
+                db,
+                state,
+                shared,
+                outbox,
+                pending: HashMap::new(),
+                in_flight: HashMap::new(),
+                names,
+                slow,
+                dirty: false,
+            },
             inputs,
-            outbox,
-            pending: HashMap::new(),
-            in_flight: HashMap::new(),
-            names,
             tick,
             last_status: None,
             syncing: None,
@@ -172,7 +188,7 @@ impl Driver {
     }
 
     fn name(&self, id: NodeId) -> String {
-        self.names.get(&id).cloned().unwrap_or_else(|| format!("replica {id}"))
+        self.io.name(id)
     }
 
     /// Runs until every sender of inputs is gone.
@@ -195,7 +211,7 @@ impl Driver {
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
             }
             if Instant::now() >= next_tick {
-                self.replica.tick(self.shared.clock.now_ms());
+                self.replica.tick(self.io.shared.clock.now_ms());
                 self.maybe_seed();
                 next_tick = Instant::now() + self.tick;
             }
@@ -209,7 +225,7 @@ impl Driver {
     }
 
     fn input(&mut self, input: Input) {
-        let now = self.shared.clock.now_ms();
+        let now = self.io.shared.clock.now_ms();
         match input {
             Input::Net { from, msg } => self.replica.step(now, from, msg),
             Input::Status { reply } => {
@@ -222,7 +238,7 @@ impl Driver {
 
     fn write(&mut self, now: u64, write: CatalogWrite, epoch: Option<u64>, reply: oneshot::Sender<Result<WriteResult, WriteError>>) {
         let id = write.op.book_id();
-        if !self.state.books.contains_key(&id) {
+        if !self.io.state.books.contains_key(&id) {
             let _ = reply.send(Err(WriteError::UnknownBook(id)));
             return;
         }
@@ -232,7 +248,7 @@ impl Driver {
             return;
         }
         if self.replica.is_primary_ready() {
-            match self.db.applied_result(&rid) {
+            match self.io.db.applied_result(&rid) {
                 Ok(Some(first)) => {
                     let _ = reply.send(Ok(first));
                     return;
@@ -250,15 +266,15 @@ impl Driver {
             let _ = reply.send(Err(WriteError::Unavailable("primaryship changed; retry with the same request id".into())));
             return;
         }
-        if let Some(seq) = self.in_flight.get(&rid) {
-            self.pending.entry(*seq).or_default().push(Waiter { request_id: rid, reply });
+        if let Some(seq) = self.io.in_flight.get(&rid) {
+            self.io.pending.entry(*seq).or_default().push(Waiter { request_id: rid, reply });
             return;
         }
         let op = machine::Command::from(write.op).encode();
         match self.replica.propose(now, rid.clone(), op) {
             Ok(v) => {
-                self.in_flight.insert(rid.clone(), v.seq);
-                self.pending.entry(v.seq).or_default().push(Waiter { request_id: rid, reply });
+                self.io.in_flight.insert(rid.clone(), v.seq);
+                self.io.pending.entry(v.seq).or_default().push(Waiter { request_id: rid, reply });
             }
             Err(ProposeError::NotPrimary { primary }) => {
                 let _ = reply.send(Err(WriteError::NotPrimary { primary }));
@@ -274,104 +290,30 @@ impl Driver {
     /// catalog from the log, whatever catalog file it was given.
     fn maybe_seed(&mut self) {
         let epoch = self.replica.epoch();
-        if !self.state.books.is_empty() || !self.replica.is_primary_ready() || self.seed_proposed == Some(epoch) {
+        if !self.io.state.books.is_empty() || !self.replica.is_primary_ready() || self.seed_proposed == Some(epoch) {
             return;
         }
         let cmd = machine::Command::Seed { books: self.seed.clone() };
-        if self.replica.propose(self.shared.clock.now_ms(), machine::SEED_REQUEST_ID.into(), cmd.encode()).is_ok() {
+        if self.replica.propose(self.io.shared.clock.now_ms(), machine::SEED_REQUEST_ID.into(), cmd.encode()).is_ok() {
             self.seed_proposed = Some(epoch);
             tracing::info!(books = self.seed.len(), "new cluster: proposing the founding catalog");
         }
     }
 
-    /// Persist, send, apply, answer, publish.
+    /// Persist, publish, send, answer (see [`drive::advance`]).
     fn advance(&mut self) -> rusqlite::Result<()> {
-        let rd = self.replica.ready();
-        if !rd.is_empty() {
-            if let Some(s) = &rd.snapshot_to_install {
-                tracing::info!(version = %store::to_api(s.version), bytes = s.data.len(), "sync received: installing the primary's snapshot");
-            }
-            let started = Instant::now();
-            let applied = self.db.handle(&rd, &mut self.state)?;
-            let took = started.elapsed();
-            metrics::histogram!("pygmy_catalog_persist_seconds").record(took.as_secs_f64());
-            if took > Duration::from_millis(self.replica.config().lease_ms / 8) {
-                tracing::warn!(ms = took.as_millis() as u64, "slow disk: persisting one step took {} ms", took.as_millis());
-            }
-            // Readers see the new state and read index before any message
-            // leaves: a backup's acknowledgement lets the primary commit
-            // (and expose) an entry, which this backup's reads must then
-            // wait for; the primary's commit point reaches backups, which
-            // may expose it, only after the primary exposes it itself.
-            if !applied.is_empty() || rd.snapshot_to_install.is_some() {
-                self.publish_state();
-            }
-            self.publish_gate();
-            for (to, msg) in rd.messages {
-                if let Message::InstallSnapshot { .. } = &msg {
-                    tracing::info!(to = %self.name(to), "sync sent: snapshot to a replica too far behind");
-                }
-                let _ = self.outbox.send((to, msg));
-            }
-            for a in applied {
-                self.answer(a);
-            }
-            if rd.need_snapshot {
-                let bytes = self.db.snapshot_bytes(&self.state)?;
-                let v = store::to_core(self.state.version);
-                if self.replica.snapshot_taken(v, bytes.clone()) {
-                    self.db.store_snapshot(&replication::Snapshot { version: v, data: bytes })?;
-                }
-            }
-        }
-        if self.replica.role() != Role::Primary && !self.pending.is_empty() {
+        drive::advance(&mut self.replica, &mut self.io)?;
+        if self.replica.role() != Role::Primary && !self.io.pending.is_empty() {
             let primary = self.replica.status().primary;
-            for (_, ws) in self.pending.drain() {
+            for (_, ws) in self.io.pending.drain() {
                 for w in ws {
                     let _ = w.reply.send(Err(WriteError::NotPrimary { primary }));
                 }
             }
-            self.in_flight.clear();
+            self.io.in_flight.clear();
         }
-        self.publish_gate();
         self.log_changes();
         Ok(())
-    }
-
-    fn answer(&mut self, a: store::AppliedEntry) {
-        let Some(waiters) = self.pending.remove(&a.version.seq) else { return };
-        self.in_flight.retain(|_, s| *s != a.version.seq);
-        for w in waiters {
-            let r = match (&a.outcome, w.request_id == a.request_id) {
-                (Some((o, first)), true) => Ok(WriteResult { outcome: o.clone(), version: *first }),
-                // The entry this write had was replaced in a view change.
-                _ => Err(WriteError::Unavailable("the write was superseded; retry with the same request id".into())),
-            };
-            let _ = w.reply.send(r);
-        }
-    }
-
-    fn publish_state(&self) {
-        *self.shared.state.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(self.state.clone());
-        self.shared.applied.send_replace(self.state.version);
-    }
-
-    fn publish_gate(&self) {
-        let now = self.shared.clock.now_ms();
-        let st = self.replica.status();
-        let gate = Gate {
-            serve_until: serve_until(&self.replica, now, self.replica.config().lease_ms),
-            role: Some(st.role),
-            epoch: st.epoch,
-            primary: st.primary,
-            primary_ready: self.replica.is_primary_ready(),
-            read_index: self.replica.read_index(),
-        };
-        self.shared.gate.send_if_modified(|g| {
-            let changed = *g != gate;
-            *g = gate;
-            changed
-        });
     }
 
     /// One readable line per fault-tolerance event.
@@ -447,4 +389,84 @@ fn serve_until(r: &Replica, now: u64, lease_ms: u64) -> Option<u64> {
         }
     }
     Some(hi)
+}
+
+impl Io {
+    fn name(&self, id: NodeId) -> String {
+        self.names.get(&id).cloned().unwrap_or_else(|| format!("replica {id}"))
+    }
+}
+
+impl Host for Io {
+    type Applied = store::AppliedEntry;
+    type Error = rusqlite::Error;
+
+    /// Persists and applies in one SQLite transaction: one fsync for
+    /// everything that queued up meanwhile (group commit).
+    fn persist_and_apply(&mut self, rd: &replication::Ready) -> rusqlite::Result<Vec<store::AppliedEntry>> {
+        if let Some(s) = &rd.snapshot_to_install {
+            tracing::info!(version = %store::to_api(s.version), bytes = s.data.len(), "sync received: installing the primary's snapshot");
+        }
+        let started = Instant::now();
+        let applied = self.db.handle(rd, &mut self.state)?;
+        let took = started.elapsed();
+        metrics::histogram!("pygmy_catalog_persist_seconds").record(took.as_secs_f64());
+        if took > self.slow {
+            tracing::warn!(ms = took.as_millis() as u64, "slow disk: persisting one step took {} ms", took.as_millis());
+        }
+        self.dirty |= !applied.is_empty() || rd.snapshot_to_install.is_some();
+        Ok(applied)
+    }
+
+    fn publish(&mut self, replica: &Replica) {
+        if std::mem::take(&mut self.dirty) {
+            *self.shared.state.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(self.state.clone());
+            self.shared.applied.send_replace(self.state.version);
+        }
+        let now = self.shared.clock.now_ms();
+        let st = replica.status();
+        let gate = Gate {
+            serve_until: serve_until(replica, now, replica.config().lease_ms),
+            role: Some(st.role),
+            epoch: st.epoch,
+            primary: st.primary,
+            primary_ready: replica.is_primary_ready(),
+            read_index: replica.read_index(),
+        };
+        self.shared.gate.send_if_modified(|g| {
+            let changed = *g != gate;
+            *g = gate;
+            changed
+        });
+    }
+
+    fn send(&mut self, to: NodeId, msg: Message) {
+        if let Message::InstallSnapshot { .. } = &msg {
+            tracing::info!(to = %self.name(to), "sync sent: snapshot to a replica too far behind");
+        }
+        let _ = self.outbox.send((to, msg));
+    }
+
+    fn answer(&mut self, applied: Vec<store::AppliedEntry>) {
+        for a in applied {
+            let Some(waiters) = self.pending.remove(&a.version.seq) else { continue };
+            self.in_flight.retain(|_, s| *s != a.version.seq);
+            for w in waiters {
+                let r = match (&a.outcome, w.request_id == a.request_id) {
+                    (Some((o, first)), true) => Ok(WriteResult { outcome: o.clone(), version: *first }),
+                    // The entry this write had was replaced in a view change.
+                    _ => Err(WriteError::Unavailable("the write was superseded; retry with the same request id".into())),
+                };
+                let _ = w.reply.send(r);
+            }
+        }
+    }
+
+    fn take_snapshot(&mut self) -> rusqlite::Result<(replication::Version, Vec<u8>)> {
+        Ok((store::to_core(self.state.version), self.db.snapshot_bytes(&self.state)?))
+    }
+
+    fn store_snapshot(&mut self, snapshot: &replication::Snapshot) -> rusqlite::Result<()> {
+        self.db.store_snapshot(snapshot)
+    }
 }

@@ -159,6 +159,7 @@
 //! simulator finds a violation (and that the same schedule passes with the
 //! mechanism on).
 
+pub mod drive;
 mod message;
 mod replica;
 mod rng;
