@@ -39,10 +39,9 @@ impl Net {
                 if !self.up[i] {
                     continue;
                 }
-                let rd = self.nodes[i].ready();
-                self.disks[i].persist(&rd);
-                self.applied[i].extend(rd.committed.iter().cloned());
-                for (to, m) in rd.messages {
+                let mut host = MemHost { disk: &mut self.disks[i], applied: &mut self.applied[i], out: Vec::new() };
+                let Ok(_) = drive::advance(&mut self.nodes[i], &mut host);
+                for (to, m) in host.out {
                     msgs.push((i as NodeId + 1, to, m));
                 }
             }
@@ -95,6 +94,37 @@ impl Net {
         let r = self.nodes[p].propose(self.now, rid.into(), vec![1]);
         self.pump();
         r
+    }
+}
+
+/// The shipped driver loop's host for these tests: a disk in memory, the
+/// committed entries as the state machine, messages collected.
+struct MemHost<'a> {
+    disk: &'a mut MemStorage,
+    applied: &'a mut Vec<Entry>,
+    out: Vec<(NodeId, Message)>,
+}
+
+impl drive::Host for MemHost<'_> {
+    type Applied = Entry;
+    type Error = std::convert::Infallible;
+    fn persist_and_apply(&mut self, rd: &Ready) -> Result<Vec<Entry>, Self::Error> {
+        self.disk.persist(rd);
+        Ok(rd.committed.clone())
+    }
+    fn publish(&mut self, _: &Replica) {}
+    fn send(&mut self, to: NodeId, msg: Message) {
+        self.out.push((to, msg));
+    }
+    fn answer(&mut self, applied: Vec<Entry>) {
+        self.applied.extend(applied);
+    }
+    fn take_snapshot(&mut self) -> Result<(Version, Vec<u8>), Self::Error> {
+        Ok((self.applied.last().map_or(Version::default(), |e| e.version), Vec::new()))
+    }
+    fn store_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), Self::Error> {
+        self.disk.compact(snapshot.clone());
+        Ok(())
     }
 }
 

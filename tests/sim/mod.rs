@@ -4,8 +4,11 @@
 //! duplicates, delays and reorders messages, partitions links (also one
 //! way), crashes and restarts nodes (also between persisting and sending),
 //! replaces disks, and skews clocks (rates within ±4 %, below the 10 % drift
-//! margin). Clients buy books from a bookstore state machine and retry with
-//! the same request id; others read through the read gate.
+//! margin). Every node runs the shipped code: the replication core, the
+//! driver loop (`replication::drive`) with the simulator as its host, and
+//! the catalog's own state machine (`catalog::machine`) over in-memory
+//! tables. Clients buy books and retry with the same request id; others
+//! read through the read gate and the read index, as the catalog does.
 //!
 //! Checked as the run goes: at most one primary per epoch; two replicas
 //! never commit different entries at the same seq; entries are applied in
@@ -13,9 +16,9 @@
 //! seq; the same request id is always answered with the same result and
 //! version (exactly once); stock never negative and sold == stock decrease
 //! (no oversell); a versioned read let through by the gate shows the
-//! client's last acknowledged write (read your writes); an unversioned read
-//! at the primary shows every write answered so far, one at a backup every
-//! write answered more than `lease × 1.1` ago (leases).
+//! client's last acknowledged write (read your writes); every read, at any
+//! replica, shows every entry applied anywhere before it (linearizable, no
+//! lease slack); a replica that may serve reads holds every committed entry.
 //! At the end, after healing: some write was acknowledged after the heal
 //! (liveness); all replicas converge to identical state and log; every
 //! acknowledged write is in every replica's state; successful request ids
@@ -25,9 +28,12 @@
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 
+use pygmy::api::{Book, BookId, Money, Outcome, Version as ApiVersion};
+use pygmy::catalog::machine::{self, Command, MemTables, SnapshotData};
+use pygmy::replication::drive::{self, Host};
 use pygmy::replication::{
-    Config, Entry, EntryKind, MemStorage, NodeId, ProposeError, ReadGate, Replica, Role, Snapshot,
-    SplitMix64, UnsafeSwitches, Version,
+    Config, Entry, EntryKind, MemStorage, Message, NodeId, ProposeError, ReadGate, Ready, Replica, Role,
+    Snapshot, SplitMix64, UnsafeSwitches, Version,
 };
 use serde::{Deserialize, Serialize};
 
@@ -41,7 +47,7 @@ pub struct Options {
     pub nodes: usize,
     pub clients: usize,
     pub books: usize,
-    pub stock: i64,
+    pub stock: u64,
     pub chaos_ms: u64,
     /// After the chaos: everything healed, clients keep writing this long.
     pub quiet_ms: u64,
@@ -170,27 +176,84 @@ pub fn config(id: NodeId, inc: u64, n: usize, seed: u64, opts: &Options) -> Conf
 }
 
 // ----------------------------------------------------------------------
-// The bookstore state machine (lives in the driver)
+// The bookstore: the catalog's own state machine (`catalog::machine`)
 // ----------------------------------------------------------------------
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// A node's bookstore: the shipped state machine's tables, the last applied
+/// entry, and (for the checker) what was sold of each book.
+#[derive(Clone, Debug, PartialEq)]
 pub struct Store {
-    pub stock: Vec<i64>,
-    pub sold: Vec<u64>,
-    /// request id -> (bought?, version of the entry that applied it)
-    pub applied: FastMap<String, (bool, Version)>,
+    pub tables: MemTables,
     pub last: Version,
+    pub sold: BTreeMap<BookId, u64>,
+}
+
+/// A snapshot's bytes: the state machine's snapshot and the last entry.
+#[derive(Serialize, Deserialize)]
+struct StoreSnapshot {
+    data: SnapshotData,
+    last: Version,
+}
+
+pub fn book_id(b: usize) -> BookId {
+    BookId::new(b as u64 + 1).unwrap()
 }
 
 impl Store {
-    fn new(books: usize, stock: i64) -> Self {
-        Store {
-            stock: vec![stock; books],
-            sold: vec![0; books],
-            applied: FastMap::default(),
-            last: Version::default(),
+    fn new(books: usize, stock: u64) -> Self {
+        let mut tables = MemTables::default();
+        for b in 0..books {
+            tables.books.insert(
+                book_id(b),
+                Book {
+                    id: book_id(b),
+                    title: format!("book {b}"),
+                    topic: "simulated".into(),
+                    cost: Money::from_cents(100).unwrap(),
+                    stock,
+                },
+            );
+        }
+        Store { tables, last: Version::default(), sold: BTreeMap::new() }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(&StoreSnapshot { data: self.tables.to_snapshot(), last: self.last }).unwrap()
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, String> {
+        let s: StoreSnapshot = serde_json::from_slice(bytes).map_err(|e| format!("bad snapshot: {e}"))?;
+        let mut store = Store { tables: MemTables::from_snapshot(s.data), last: s.last, sold: BTreeMap::new() };
+        store.recount();
+        Ok(store)
+    }
+
+    /// `sold` from the answers: one per successful buy.
+    fn recount(&mut self) {
+        self.sold.clear();
+        for (o, _) in self.tables.answers.values() {
+            if let Outcome::Bought { book_id, .. } = o {
+                *self.sold.entry(*book_id).or_default() += 1;
+            }
         }
     }
+
+    fn stock(&self, b: usize) -> u64 {
+        self.tables.books[&book_id(b)].stock
+    }
+
+    /// The answer a request id got: (bought?, version first applied at).
+    fn answer(&self, rid: &str) -> Option<(bool, Version)> {
+        self.tables.answers.get(rid).map(|(o, v)| (matches!(o, Outcome::Bought { .. }), to_core(*v)))
+    }
+}
+
+fn to_api(v: Version) -> ApiVersion {
+    ApiVersion { epoch: v.epoch, seq: v.seq }
+}
+
+fn to_core(v: ApiVersion) -> Version {
+    Version::new(v.epoch, v.seq)
 }
 
 // ----------------------------------------------------------------------
@@ -594,14 +657,28 @@ impl Sim {
     // Driver: persist, send, apply
     // ------------------------------------------------------------------
 
+    /// One turn of the shipped driver loop (`replication::drive`) at node
+    /// `i`, with the simulator as its host; then the invariants.
     fn process(&mut self, i: usize) -> R<()> {
-        let rd = {
-            let node = &mut self.nodes[i];
-            let r = node.r.as_mut().unwrap();
-            let rd = r.ready();
-            node.disk.persist(&rd);
-            rd
+        let Node { r, disk, store, pending, crash_armed, .. } = &mut self.nodes[i];
+        let mut host = SimHost {
+            node: i,
+            disk,
+            store,
+            pending,
+            ck: &mut self.ck,
+            initial: self.opts.stock,
+            sw: machine::Switches { decrement_unchecked: self.opts.check_at_propose },
+            crash_armed: *crash_armed,
+            crashed: false,
+            out: Vec::new(),
+            answers: Vec::new(),
+            snapshots_installed: 0,
         };
+        let res = drive::advance(r.as_mut().unwrap(), &mut host);
+        let SimHost { crashed, out, answers, snapshots_installed, .. } = host;
+        res.map_err(|e| self.fail(e))?;
+        self.stats.snapshots_installed += snapshots_installed;
         // Whenever a replica may serve reads, its log holds every entry
         // committed so far (what its read index counts on).
         if let Some(r) = &self.nodes[i].r
@@ -625,34 +702,19 @@ impl Sim {
                 return Err(self.fail(format!("two primaries in epoch {e}: {other} and {id}")));
             }
         }
-        if self.nodes[i].crash_armed && (!rd.messages.is_empty() || !rd.committed.is_empty()) {
-            // Crash between persisting and sending.
+        if crashed {
+            // Crashed between persisting and sending.
             self.crash(i);
             return Ok(());
         }
-        for (to, msg) in rd.messages {
+        for (to, msg) in out {
             let to = (to - 1) as usize;
             if to < self.nodes.len() {
                 self.send(i, to, msg);
             }
         }
-        if let Some(snap) = rd.snapshot_to_install {
-            self.stats.snapshots_installed += 1;
-            let store: Store = serde_json::from_slice(&snap.data)
-                .map_err(|e| self.fail(format!("bad snapshot: {e}")))?;
-            self.nodes[i].store = store;
-            self.nodes[i].pending.clear();
-        }
-        for e in rd.committed {
-            self.apply(i, e)?;
-        }
-        if rd.need_snapshot {
-            let node = &mut self.nodes[i];
-            let v = node.store.last;
-            let data = serde_json::to_vec(&node.store).unwrap();
-            if node.r.as_mut().unwrap().snapshot_taken(v, data.clone()) {
-                node.disk.compact(Snapshot { version: v, data });
-            }
+        for (client, reply) in answers {
+            self.answer(client, reply);
         }
         Ok(())
     }
@@ -683,75 +745,6 @@ impl Sim {
         } else {
             1 + self.rng.below(4)
         }
-    }
-
-    fn apply(&mut self, i: usize, e: Entry) -> R<()> {
-        let seq = e.version.seq;
-        if seq <= self.nodes[i].store.last.seq {
-            return Ok(()); // replay after restart: already in the snapshot
-        }
-        if seq != self.nodes[i].store.last.seq + 1 {
-            return Err(self.fail(format!(
-                "node {} applies seq {seq} after {}",
-                i + 1,
-                self.nodes[i].store.last.seq
-            )));
-        }
-        // Two replicas never commit different entries at the same seq.
-        match self.ck.committed.get(&seq) {
-            Some((v, rid)) if *v != e.version || *rid != e.request_id => {
-                return Err(self.fail(format!(
-                    "divergence at seq {seq}: node {} commits {:?} {}, earlier {:?} {}",
-                    i + 1,
-                    e.version,
-                    e.request_id,
-                    v,
-                    rid
-                )));
-            }
-            Some(_) => {}
-            None => {
-                self.ck
-                    .committed
-                    .insert(seq, (e.version, e.request_id.clone()));
-            }
-        }
-        let initial = self.opts.stock;
-        self.ck.exposed = self.ck.exposed.max(seq);
-        let node = &mut self.nodes[i];
-        let st = &mut node.store;
-        st.last = e.version;
-        if let EntryKind::Op(op) = &e.kind {
-            let book = op.first().copied().unwrap_or(0) as usize % st.stock.len();
-            let unchecked = op.len() > 1;
-            if !st.applied.contains_key(&e.request_id) {
-                let ok = if unchecked || st.stock[book] > 0 {
-                    st.stock[book] -= 1;
-                    st.sold[book] += 1;
-                    true
-                } else {
-                    false
-                };
-                st.applied.insert(e.request_id.clone(), (ok, e.version));
-            }
-            if st.stock[book] < 0 || (initial - st.stock[book]) as u64 != st.sold[book] {
-                let msg = format!(
-                    "oversell at node {}: book {book} stock {} sold {}",
-                    i + 1,
-                    st.stock[book],
-                    st.sold[book]
-                );
-                return Err(self.fail(msg));
-            }
-        }
-        let node = &mut self.nodes[i];
-        if let Some((client, rid)) = node.pending.remove(&seq)
-            && rid == e.request_id
-        {
-            let (ok, version) = node.store.applied[&rid];
-            self.answer(client, Reply::Ack { rid, ok, version });
-        }
-        Ok(())
     }
 
     fn answer(&mut self, client: usize, reply: Reply) {
@@ -812,16 +805,18 @@ impl Sim {
         let now = self.nodes[i].local(self.t);
         let node = &mut self.nodes[i];
         let r = node.r.as_mut().unwrap();
-        if let Some(&(ok, version)) = node.store.applied.get(&rid)
+        if let Some((ok, version)) = node.store.answer(&rid)
             && r.is_primary_ready()
         {
             self.answer(client, Reply::Ack { rid, ok, version });
             return Ok(());
         }
-        let mut op = vec![book as u8];
-        if self.opts.check_at_propose && node.store.stock[book] > 0 {
-            op.push(1); // "in stock": decrement at apply without re-checking
+        if self.opts.check_at_propose && node.store.stock(book) == 0 {
+            // The broken variant checks the stock here, not at apply.
+            self.answer(client, Reply::Retry { rid });
+            return Ok(());
         }
+        let op = Command::Buy { book_id: book_id(book) }.encode();
         match r.propose(now, rid.clone(), op) {
             Ok(v) => {
                 node.pending.insert(v.seq, (client, rid));
@@ -929,7 +924,7 @@ impl Sim {
         self.stats.reads_served += 1;
         if versioned
             && let Some(rid) = &self.clients[client].last_rid
-            && (have < min.seq || !node.store.applied.contains_key(rid))
+            && (have < min.seq || node.store.answer(rid).is_none())
         {
             return Err(self.fail(format!(
                 "read your writes: node {} served a read at {min:?} without {rid} (applied {have})",
@@ -971,7 +966,7 @@ impl Sim {
         node.boot_t = self.t;
         node.clock_off = off;
         node.store = match &node.disk.snapshot {
-            Some(s) => serde_json::from_slice(&s.data).unwrap(),
+            Some(s) => Store::decode(&s.data).unwrap(),
             None => Store::new(opts.books, opts.stock),
         };
         let cfg = config(node.id, node.inc, n, seed, &opts);
@@ -1214,7 +1209,7 @@ impl Sim {
         // Every acknowledged write is in every replica's state.
         for (rid, (ok, v)) in &self.ck.acked {
             for n in &self.nodes {
-                if n.store.applied.get(rid) != Some(&(*ok, *v)) {
+                if n.store.answer(rid) != Some((*ok, *v)) {
                     return Err(self.fail(format!(
                         "acknowledged write {rid} ({ok}, {v:?}) lost at node {}",
                         n.id
@@ -1224,8 +1219,8 @@ impl Sim {
         }
         // Exactly once: what was sold is what the applied request ids say.
         for n in &self.nodes {
-            let bought = n.store.applied.values().filter(|(ok, _)| *ok).count() as u64;
-            let total: u64 = n.store.sold.iter().sum();
+            let bought = n.store.tables.answers.values().filter(|(o, _)| matches!(o, Outcome::Bought { .. })).count() as u64;
+            let total: u64 = (0..self.opts.books).map(|b| self.opts.stock.wrapping_sub(n.store.stock(b))).sum();
             if bought != total {
                 return Err(self.fail(format!(
                     "node {}: {bought} successful request ids but {total} books sold",
@@ -1305,6 +1300,132 @@ impl Sim {
                     .unwrap();
                 p.r.as_ref().unwrap().status().last.seq == first.store.last.seq
             }
+    }
+}
+
+/// The simulator as the host of one node's driver loop: an in-memory disk,
+/// the shipped state machine over [`MemTables`], and the checker watching
+/// every entry applied.
+struct SimHost<'a> {
+    node: usize,
+    disk: &'a mut MemStorage,
+    store: &'a mut Store,
+    pending: &'a mut BTreeMap<u64, (usize, String)>,
+    ck: &'a mut Checker,
+    initial: u64,
+    sw: machine::Switches,
+    /// Crash right after persisting (before sending or answering anything).
+    crash_armed: bool,
+    crashed: bool,
+    out: Vec<(NodeId, Message)>,
+    answers: Vec<(usize, Reply)>,
+    snapshots_installed: usize,
+}
+
+impl SimHost<'_> {
+    /// Applies one committed entry through the state machine; checks that
+    /// entries apply in order without gaps, that no two replicas commit
+    /// different entries at one seq, and that nothing is oversold.
+    fn apply(&mut self, e: &Entry) -> Result<Option<(usize, Reply)>, String> {
+        let seq = e.version.seq;
+        let i = self.node;
+        if seq <= self.store.last.seq {
+            return Ok(None); // replay after restart: already in the snapshot
+        }
+        if seq != self.store.last.seq + 1 {
+            return Err(format!("node {} applies seq {seq} after {}", i + 1, self.store.last.seq));
+        }
+        match self.ck.committed.get(&seq) {
+            Some((v, rid)) if *v != e.version || *rid != e.request_id => {
+                return Err(format!(
+                    "divergence at seq {seq}: node {} commits {:?} {}, earlier {:?} {}",
+                    i + 1,
+                    e.version,
+                    e.request_id,
+                    v,
+                    rid
+                ));
+            }
+            Some(_) => {}
+            None => {
+                self.ck.committed.insert(seq, (e.version, e.request_id.clone()));
+            }
+        }
+        self.ck.exposed = self.ck.exposed.max(seq);
+        self.store.last = e.version;
+        if let EntryKind::Op(cmd) = &e.kind {
+            let v = to_api(e.version);
+            let Ok(answer) = machine::apply(&mut self.store.tables, &e.request_id, cmd, v, self.sw);
+            if let Some((outcome, first)) = answer
+                && first == v
+                && let Outcome::Bought { book_id, .. } = outcome
+            {
+                let sold = self.store.sold.entry(book_id).or_default();
+                *sold += 1;
+                let stock = self.store.tables.books[&book_id].stock;
+                if stock > self.initial || self.initial - stock != *sold {
+                    return Err(format!(
+                        "oversell at node {}: book {book_id} stock {} sold {}",
+                        i + 1,
+                        stock as i64,
+                        sold
+                    ));
+                }
+            }
+        }
+        if let Some((client, rid)) = self.pending.remove(&seq)
+            && rid == e.request_id
+        {
+            let (ok, version) = self.store.answer(&rid).expect("an applied request id has an answer");
+            return Ok(Some((client, Reply::Ack { rid, ok, version })));
+        }
+        Ok(None)
+    }
+}
+
+impl Host for SimHost<'_> {
+    type Applied = (usize, Reply);
+    type Error = String;
+
+    fn persist_and_apply(&mut self, rd: &Ready) -> Result<Vec<(usize, Reply)>, String> {
+        self.disk.persist(rd);
+        if self.crash_armed && (!rd.messages.is_empty() || !rd.committed.is_empty()) {
+            self.crashed = true;
+            return Ok(Vec::new());
+        }
+        if let Some(snap) = &rd.snapshot_to_install {
+            self.snapshots_installed += 1;
+            *self.store = Store::decode(&snap.data)?;
+            self.pending.clear();
+        }
+        let mut answers = Vec::new();
+        for e in &rd.committed {
+            answers.extend(self.apply(e)?);
+        }
+        Ok(answers)
+    }
+
+    fn publish(&mut self, _replica: &Replica) {}
+
+    fn send(&mut self, to: NodeId, msg: Message) {
+        if !self.crashed {
+            self.out.push((to, msg));
+        }
+    }
+
+    fn answer(&mut self, applied: Vec<(usize, Reply)>) {
+        if !self.crashed {
+            self.answers.extend(applied);
+        }
+    }
+
+    fn take_snapshot(&mut self) -> Result<(Version, Vec<u8>), String> {
+        Ok((self.store.last, self.store.encode()))
+    }
+
+    fn store_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), String> {
+        self.disk.compact(snapshot.clone());
+        Ok(())
     }
 }
 
