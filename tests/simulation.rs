@@ -155,6 +155,38 @@ fn teeth_profile(name: &str, broken: bool) -> Options {
             sw.backup_read_index_applied = true;
         }
         "read_index" => sw.backup_read_index_applied = true,
+        "primary_lease" => {
+            // The old primary, cut off alone, keeps serving reads.
+            sw.primary_reads_without_lease = true;
+            o.partition_kinds = [1, 0, 0, 0, 1];
+            o.read_every_ms = 4;
+        }
+        "commit_lease_holders" => {
+            sw.commit_ignores_lease_holders = true;
+            o.read_every_ms = 4;
+        }
+        "lease_cap" => {
+            // Five replicas split with the primary and a backup in the
+            // minority: the majority elects a new primary while the
+            // backup's uncapped lease from the old one still runs. Long
+            // leases make that window wide.
+            sw.backup_lease_uncapped = true;
+            o = Options::new(5);
+            o.timing = Some((2000, 20, 100));
+            o.partition_kinds = [0, 0, 1, 0, 0];
+            o.w_crash = 0;
+            o.w_disk = 0;
+            o.w_partition = 4;
+            o.chaos_ms = 6000;
+            o.quiet_ms = 6000;
+            o.read_every_ms = 2;
+            o.fault_every_ms = (500, 3000);
+        }
+        "dedupe" => {
+            o.no_dedupe = broken;
+            o.w_crash = 8;
+            o.w_restart = 8;
+        }
         "incarnation" => {
             sw.ignore_incarnation = true;
             o.relaxed_disk_policy = true;
@@ -220,6 +252,26 @@ fn teeth_atomic_decrement_at_apply() {
 }
 
 #[test]
+fn teeth_primary_reads_only_with_its_lease() {
+    find_violation("primary_lease", 2000, &["stale read at primary"]);
+}
+
+#[test]
+fn teeth_commits_wait_for_every_lease_holder() {
+    find_violation("commit_lease_holders", 2000, &["lacks committed entries", "stale read at backup"]);
+}
+
+#[test]
+fn teeth_backup_leases_are_capped_at_the_primarys() {
+    find_violation("lease_cap", 1000, &["stale read at backup", "lacks committed entries"]);
+}
+
+#[test]
+fn teeth_apply_dedupes_request_ids() {
+    find_violation("dedupe", 2000, &["exactly once broken"]);
+}
+
+#[test]
 fn three_replicas_tiny_snapshots_heavy_reordering() {
     run("3 replicas, tiny snapshots", 500_000_000, 1000, |_| Options::tiny_snapshots(3));
 }
@@ -237,4 +289,17 @@ fn probe_relaxed_disk_policy() {
     run("relaxed disk policy", 900_000_000, 1000, |_| {
         teeth_profile("incarnation", false)
     });
+}
+
+/// Replays one teeth profile's schedule with the mechanism on:
+/// `PROBE_PROFILE=lease_cap PROBE_SEED=349 PYGMY_SIM_TRACE=1 cargo test
+/// --test simulation -- --ignored probe_replay_teeth_control`.
+#[test]
+#[ignore]
+fn probe_replay_teeth_control() {
+    let name = std::env::var("PROBE_PROFILE").unwrap();
+    let seed: u64 = std::env::var("PROBE_SEED").unwrap().parse().unwrap();
+    if let Err(e) = Sim::new(seed, teeth_profile(&name, false)).run() {
+        panic!("{e}");
+    }
 }

@@ -206,6 +206,13 @@ pub struct UnsafeSwitches {
     /// Installing a snapshot drops the whole log, even entries after the
     /// snapshot's last one that the log already holds (and acknowledged).
     pub snapshot_drops_suffix: bool,
+    /// The primary serves reads without a majority's recent acknowledgement.
+    pub primary_reads_without_lease: bool,
+    /// Commits wait for a majority only, not for every backup that holds
+    /// (or may still hold) a lease.
+    pub commit_ignores_lease_holders: bool,
+    /// Backup leases are not capped at what is left of the primary's.
+    pub backup_lease_uncapped: bool,
 }
 
 /// Settings of one replica. Durations are in milliseconds of the driver's

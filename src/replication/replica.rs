@@ -516,7 +516,7 @@ impl Replica {
             Role::Primary => {
                 if self.is_primary_ready()
                     && now_ms >= self.writes_allowed_at
-                    && now_ms < self.primary_lease_until()
+                    && (now_ms < self.primary_lease_until() || self.cfg.unsafe_switches.primary_reads_without_lease)
                 {
                     answer(have)
                 } else {
@@ -1022,6 +1022,9 @@ impl Replica {
         let mut lease_ms = 0;
         if p.in_view && p.echo.is_some() {
             lease_ms = self.cfg.lease_ms.min(lease_left);
+            if self.cfg.unsafe_switches.backup_lease_uncapped && lease_left > 0 {
+                lease_ms = self.cfg.lease_ms;
+            }
             if lease_ms > 0 {
                 p.last_grant = Some(now);
             }
@@ -1156,7 +1159,7 @@ impl Replica {
         let mut cand = self.log.last_seq();
         for p in self.peers.values() {
             let required = p.in_view || p.last_grant.is_some_and(|g| now < g + safe);
-            if required {
+            if required && !self.cfg.unsafe_switches.commit_ignores_lease_holders {
                 cand = cand.min(p.matched);
             }
         }

@@ -17,8 +17,9 @@
 //! version (exactly once); stock never negative and sold == stock decrease
 //! (no oversell); a versioned read let through by the gate shows the
 //! client's last acknowledged write (read your writes); every read, at any
-//! replica, shows every entry applied anywhere before it (linearizable, no
-//! lease slack); a replica that may serve reads holds every committed entry.
+//! replica, shows every write a client saw before it, in an answer or in a
+//! read (linearizable, no lease slack); a replica that may serve reads holds
+//! every entry a client saw.
 //! At the end, after healing: some write was acknowledged after the heal
 //! (liveness); all replicas converge to identical state and log; every
 //! acknowledged write is in every replica's state; successful request ids
@@ -55,6 +56,8 @@ pub struct Options {
     /// Bookstore model bug: check stock at propose time against the local
     /// applied state and decrement at apply without re-checking.
     pub check_at_propose: bool,
+    /// State machine bug: a request id applied before is applied again.
+    pub no_dedupe: bool,
     /// Disk replacement allowed even when the disk holds entries that the
     /// other replicas do not all have.
     pub relaxed_disk_policy: bool,
@@ -94,6 +97,7 @@ impl Options {
             quiet_ms: 2500,
             switches: UnsafeSwitches::default(),
             check_at_propose: false,
+            no_dedupe: false,
             relaxed_disk_policy: false,
             fault_every_ms: (80, 400),
             w_crash: 3,
@@ -379,8 +383,8 @@ struct Checker {
     acked: FastMap<String, (bool, Version)>,
     /// (time, highest seq answered so far), monotone.
     answered: Vec<(u64, u64)>,
-    /// Highest seq applied (so exposed to readers) anywhere so far: every
-    /// applied entry is committed, so a read must show at least this.
+    /// Highest seq some client saw: in an acknowledgement, or in the state a
+    /// read was served from. A read that starts later must show at least it.
     exposed: u64,
 }
 
@@ -668,7 +672,7 @@ impl Sim {
             pending,
             ck: &mut self.ck,
             initial: self.opts.stock,
-            sw: machine::Switches { decrement_unchecked: self.opts.check_at_propose },
+            sw: machine::Switches { decrement_unchecked: self.opts.check_at_propose, no_dedupe: self.opts.no_dedupe },
             crash_armed: *crash_armed,
             crashed: false,
             out: Vec::new(),
@@ -679,14 +683,14 @@ impl Sim {
         let SimHost { crashed, out, answers, snapshots_installed, .. } = host;
         res.map_err(|e| self.fail(e))?;
         self.stats.snapshots_installed += snapshots_installed;
-        // Whenever a replica may serve reads, its log holds every entry
-        // committed so far (what its read index counts on).
+        // Whenever a replica may serve reads, its log holds every entry a
+        // client saw (what its read index counts on).
         if let Some(r) = &self.nodes[i].r
             && r.read_gate(self.nodes[i].local(self.t), Version::default()) == ReadGate::Serve
             && r.status().last.seq < self.ck.exposed
         {
             return Err(self.fail(format!(
-                "a replica that may serve reads lacks committed entries: node {} holds up to {}, seq {} is committed",
+                "a replica that may serve reads lacks committed entries: node {} holds up to {}, a client saw seq {}",
                 i + 1,
                 r.status().last.seq,
                 self.ck.exposed
@@ -758,6 +762,7 @@ impl Sim {
         if let Reply::Ack { version, .. } = &reply {
             let prev = self.ck.answered.last().map_or(0, |x| x.1);
             self.ck.answered.push((self.t, prev.max(version.seq)));
+            self.ck.exposed = self.ck.exposed.max(version.seq);
         }
         if self.rng.chance(self.loss) {
             return;
@@ -937,10 +942,11 @@ impl Sim {
         if have < exposed {
             let role = if r.role() == Role::Primary { "primary" } else { "backup" };
             return Err(self.fail(format!(
-                "stale read at {role} {}: applied {have}, but seq {exposed} was already applied elsewhere",
+                "stale read at {role} {}: applied {have}, but a client already saw seq {exposed}",
                 i + 1
             )));
         }
+        self.ck.exposed = have;
         Ok(())
     }
 
@@ -1351,24 +1357,26 @@ impl SimHost<'_> {
                 self.ck.committed.insert(seq, (e.version, e.request_id.clone()));
             }
         }
-        self.ck.exposed = self.ck.exposed.max(seq);
         self.store.last = e.version;
         if let EntryKind::Op(cmd) = &e.kind {
             let v = to_api(e.version);
             let Ok(answer) = machine::apply(&mut self.store.tables, &e.request_id, cmd, v, self.sw);
-            if let Some((outcome, first)) = answer
+            if let Some((Outcome::Bought { book_id, .. }, first)) = answer
                 && first == v
-                && let Outcome::Bought { book_id, .. } = outcome
             {
-                let sold = self.store.sold.entry(book_id).or_default();
-                *sold += 1;
+                *self.store.sold.entry(book_id).or_default() += 1;
+            }
+            if let Ok(Command::Buy { book_id }) = serde_json::from_slice::<Command>(cmd) {
+                let sold = self.store.sold.get(&book_id).copied().unwrap_or(0);
                 let stock = self.store.tables.books[&book_id].stock;
-                if stock > self.initial || self.initial - stock != *sold {
+                if stock > self.initial {
+                    return Err(format!("oversell at node {}: book {book_id} stock {} sold {sold}", i + 1, stock as i64));
+                }
+                if self.initial - stock != sold {
                     return Err(format!(
-                        "oversell at node {}: book {book_id} stock {} sold {}",
+                        "exactly once broken at node {}: book {book_id} stock down by {} but {sold} buys answered",
                         i + 1,
-                        stock as i64,
-                        sold
+                        self.initial - stock
                     ));
                 }
             }
