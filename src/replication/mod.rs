@@ -92,6 +92,15 @@
 //! * **Versioned reads.** Every commit has a version `(epoch, seq)`;
 //!   [`Replica::read_gate`] answers Serve only with a lease and once the
 //!   asked version is applied, NotYet when only the version is missing.
+//! * **Linearizable reads.** A read waits until the replica has applied its
+//!   [`Replica::read_index`], taken when the read arrives: the primary's
+//!   commit point, or a backup's log end (a lease holder's log holds every
+//!   committed entry, since commits wait for every lease holder). The driver
+//!   publishes state and read index before it sends anything.
+//! * **Caches outside the core.** With [`Config::fence_caches`], a new
+//!   primary is not ready until the driver reports (through
+//!   [`Replica::caches_fenced`]) that every cache earlier primaries kept
+//!   coherent was flushed.
 //! * **Disk identity.** A replica whose persisted incarnation differs from
 //!   its configured one (a new or restored disk) is a learner: it neither
 //!   votes nor campaigns nor serves reads until it caught up with a primary's
@@ -116,7 +125,7 @@
 //!             Err(e)      => answer the client (503 / redirect / retry),
 //!         },
 //!     }
-//!     let rd = r.ready();
+//!     let rd = r.ready();   // or: drive::advance(&mut r, &mut host)
 //!     // 1. persist durably, in this order: snapshot_to_install (replaces
 //!     //    the state machine; deletes log entries up to its seq, keeps
 //!     //    those after it), hard_state, truncate_after (delete entries
@@ -154,10 +163,10 @@
 //! Unit tests (`tests.rs`) are named after the rule they check. The seeded
 //! simulator (`tests/simulation.rs`, `tests/sim/`) runs thousands of
 //! schedules with crashes, partitions, message loss/duplication/reordering,
-//! disk replacement and clock skew; `tests/teeth.rs` switches off one
-//! mechanism at a time through [`UnsafeSwitches`] and asserts that the
-//! simulator finds a violation (and that the same schedule passes with the
-//! mechanism on).
+//! disk replacement and clock skew; its "teeth" tests switch off one
+//! mechanism at a time through [`UnsafeSwitches`] and assert that the
+//! simulator finds a violation of the property it protects (and that the
+//! same schedule passes with the mechanism on).
 
 pub mod drive;
 mod message;
