@@ -41,7 +41,7 @@ fn message() -> impl Strategy<Value = Message> {
         1 => (num(), num(), any::<bool>(), num())
             .prop_map(|(epoch, inc, granted, lease_wait_ms)| Message::VoteReply { epoch, inc, granted, lease_wait_ms }),
         1 => (num(), num(), version(), prop::collection::vec(entry(), 0..4), num(), num(), prop::option::of(echo()), num()).prop_map(
-            |(epoch, inc, prev, entries, commit, sent_at, echo, lease_ms)| Message::Append { epoch, inc, prev, entries, commit, sent_at, echo, lease_ms }
+            |(epoch, inc, prev, entries, commit, sent_at, echo, lease_ms)| Message::Append { epoch, inc, prev, entries, commit, sent_at, echo, lease_ms, to_inc: inc }
         ),
         1 => (num(), num(), any::<bool>(), num(), num(), any::<bool>(), num(), echo()).prop_map(
             |(epoch, inc, ok, match_seq, last_seq, learner, sent_at_echo, echo)| Message::AppendReply {
@@ -58,7 +58,7 @@ fn message() -> impl Strategy<Value = Message> {
             let entries = (0..n as u64)
                 .map(|i| Entry { version: Version { epoch, seq: ps + 1 + i }, request_id: format!("r{i}"), kind: EntryKind::Op(b"{}".to_vec()) })
                 .collect();
-            Message::Append { epoch, inc: 7, prev: Version { epoch: pe, seq: ps }, entries, commit, sent_at: 10, echo: None, lease_ms: if lease { 500 } else { 0 } }
+            Message::Append { epoch, inc: 7, prev: Version { epoch: pe, seq: ps }, entries, commit, sent_at: 10, echo: None, lease_ms: if lease { 500 } else { 0 }, to_inc: 7 }
         }),
     ]
 }

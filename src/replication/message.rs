@@ -106,6 +106,10 @@ pub enum Message {
         sent_at: u64,
         echo: Option<Echo>,
         lease_ms: u64,
+        /// The receiver's incarnation as the sender knows it (0: unknown):
+        /// a learner is promoted only by appends addressed to its own.
+        #[serde(default)]
+        to_inc: u64,
     },
     /// `ok`: the log matched `prev`; `match_seq` is then durable and equal to
     /// the primary's log. On `!ok`, `last_seq` hints where to resume.
@@ -176,7 +180,7 @@ impl Message {
             }
             Message::PreVoteReply { epoch, inc, .. } | Message::TimeoutNow { epoch, inc } => ok(*epoch) && ok(*inc),
             Message::VoteReply { epoch, inc, lease_wait_ms, .. } => ok(*epoch) && ok(*inc) && ok(*lease_wait_ms),
-            Message::Append { epoch, inc, prev, entries, commit, sent_at, echo, lease_ms } => {
+            Message::Append { epoch, inc, prev, entries, commit, sent_at, echo, lease_ms, .. } => {
                 ok(*epoch)
                     && ok(*inc)
                     && v_ok(prev)

@@ -222,6 +222,9 @@ pub struct UnsafeSwitches {
     pub commit_ignores_lease_holders: bool,
     /// Backup leases are not capped at what is left of the primary's.
     pub backup_lease_uncapped: bool,
+    /// A learner is promoted by any append that shows it caught up, even one
+    /// addressed to an earlier incarnation of its disk.
+    pub promote_on_any_append: bool,
 }
 
 /// Settings of one replica. Durations are in milliseconds of the driver's

@@ -355,9 +355,10 @@ impl Replica {
                 sent_at,
                 echo,
                 lease_ms,
+                to_inc,
                 ..
             } => self.on_append(
-                now, from, epoch, prev, entries, commit, sent_at, echo, lease_ms,
+                now, from, epoch, prev, entries, commit, sent_at, echo, lease_ms, to_inc,
             ),
             Message::AppendReply {
                 ok,
@@ -1041,6 +1042,7 @@ impl Replica {
             sent_at: now,
             echo: if lease_ms > 0 { p.echo } else { None },
             lease_ms,
+            to_inc: self.known_inc.get(&id).copied().unwrap_or(0),
         };
         self.msgs.push((id, msg));
     }
@@ -1281,6 +1283,7 @@ impl Replica {
         sent_at: u64,
         echo: Option<Echo>,
         lease_ms: u64,
+        to_inc: u64,
     ) {
         if self.role == Role::Primary && epoch == self.hs.epoch {
             return; // two primaries in one epoch cannot happen; ignore
@@ -1360,7 +1363,11 @@ impl Replica {
             let until = echo.at.saturating_add(lease_ms.min(self.cfg.lease_ms));
             self.lease_until = self.lease_until.max(until);
         }
-        if self.learner && matched >= commit {
+        // Promoted only by an append addressed to this disk: one sent to an
+        // earlier incarnation (delayed in the network) says nothing about
+        // what this disk holds relative to the primary's commit point now.
+        let to_me = to_inc == self.cfg.incarnation || self.cfg.unsafe_switches.promote_on_any_append;
+        if self.learner && matched >= commit && to_me {
             self.learner = false;
             self.hs.incarnation = self.cfg.incarnation;
             if self.hs.voted_for.is_none() {

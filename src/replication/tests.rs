@@ -203,6 +203,7 @@ fn messages_of_an_older_epoch_are_rejected() {
             sent_at: 1,
             echo: None,
             lease_ms: 0,
+            to_inc: 1,
         },
     );
     let rd = r.ready();
@@ -484,6 +485,7 @@ fn nonsense_messages_are_ignored_without_panicking() {
                 at: u64::MAX,
             }),
             lease_ms: u64::MAX,
+            to_inc: 1,
         },
         Message::AppendReply {
             epoch: u64::MAX,
@@ -572,6 +574,7 @@ fn messages_round_trip_through_json() {
             sent_at: 100,
             echo: Some(Echo { boot: 7, at: 99 }),
             lease_ms: 500,
+            to_inc: 1,
         },
         Message::AppendReply {
             epoch: 3,
@@ -666,6 +669,7 @@ fn random_garbage_never_panics() {
                             at: pick(&mut rng),
                         }),
                         lease_ms: pick(&mut rng),
+                        to_inc: 1,
                     }
                 }
                 5 => Message::AppendReply {
@@ -792,7 +796,7 @@ fn entries(epoch: u64, seqs: std::ops::RangeInclusive<u64>) -> Vec<Entry> {
 }
 
 fn append(epoch: u64, prev: Version, entries: Vec<Entry>, commit: u64) -> Message {
-    Message::Append { epoch, inc: 1, prev, entries, commit, sent_at: 1, echo: None, lease_ms: 0 }
+    Message::Append { epoch, inc: 1, prev, entries, commit, sent_at: 1, echo: None, lease_ms: 0, to_inc: 1 }
 }
 
 /// Steps a message into `r` and persists what it asks on `disk`.
@@ -870,4 +874,35 @@ fn a_snapshot_whose_last_entry_the_log_does_not_hold_replaces_the_whole_log() {
     assert!(disk.entries.is_empty(), "on disk either: {:?}", disk.entries);
     let b = Replica::new(Config::new(1, 1, vec![1, 2, 3], 8), &disk, 100);
     assert_eq!(b.status().last, Version::new(2, 12));
+}
+
+/// A learner on a new disk (incarnation 2) fed an append that shows it
+/// caught up, addressed to `to_inc`; returns whether it is still a learner.
+fn learner_after_append(to_inc: u64, promote_on_any: bool) -> bool {
+    let mut disk = MemStorage::default();
+    let mut cfg = Config::new(1, 2, vec![1, 2, 3], 7);
+    cfg.unsafe_switches.promote_on_any_append = promote_on_any;
+    let mut r = Replica::new(cfg, &disk, 0);
+    assert!(r.is_learner());
+    let msg = Message::Append {
+        epoch: 1,
+        inc: 1,
+        prev: Version::default(),
+        entries: entries(1, 1..=3),
+        commit: 3,
+        sent_at: 1,
+        echo: None,
+        lease_ms: 0,
+        to_inc,
+    };
+    deliver(&mut r, &mut disk, 3, msg);
+    r.is_learner()
+}
+
+#[test]
+fn a_learner_is_promoted_only_by_appends_addressed_to_its_own_incarnation() {
+    // One sent to the disk it replaced (say delayed in the network) says
+    // nothing about what this disk holds relative to the primary now.
+    assert!(learner_after_append(1, false), "promoted by an append addressed to the old disk");
+    assert!(!learner_after_append(2, false), "not promoted by one addressed to it");
 }
