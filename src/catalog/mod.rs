@@ -67,6 +67,9 @@ struct Catalog {
     names: HashMap<NodeId, String>,
     /// The other catalog replicas, to forward writes to the primary.
     peers: HashMap<NodeId, CatalogClient>,
+    /// (epoch, commit) of the disk's hard state at start-up: what `status`
+    /// reports while the replica is still starting.
+    disk: (u64, Version),
 }
 
 type Ctx = Arc<Catalog>;
@@ -149,6 +152,10 @@ pub async fn run(
         None => seed::default_books(),
     };
     let db = Db::open(&dir)?;
+    let disk = db
+        .hard_state()
+        .map_err(crate::storage::StorageError::from)?
+        .map_or((0, Version::default()), |hs| (hs.epoch, store::to_api(hs.commit)));
     let state = db.load_state().map_err(crate::storage::StorageError::from)?;
     tracing::info!(
         data_dir = %dir.display(),
@@ -173,6 +180,7 @@ pub async fn run(
         invalidator: RwLock::new(None),
         names: names.clone(),
         peers: peers.iter().map(|p| (p.process_id, CatalogClient::new(p.base_url(), http.clone()))).collect(),
+        disk,
     });
 
     let app = h::finish_with_body_limits(
@@ -244,22 +252,35 @@ pub async fn run(
 /// peer that answers is blank as well (epoch 0), and enough answer to make
 /// a majority with us. Any peer with history makes us a learner.
 async fn new_cluster(peers: &[crate::config::NodeConfig], http: &Http) -> bool {
-    // Blank peers that, with us, make a majority of the peers + 1 replicas.
-    let needed = peers.len().div_ceil(2);
     loop {
-        let mut blank = 0;
+        let mut answers = Vec::with_capacity(peers.len());
         for p in peers {
-            match crate::client::CatalogClient::new(p.base_url(), http.clone()).status().await {
-                Ok(s) if s.epoch > 0 || s.commit.seq > 0 => return false,
-                Ok(_) => blank += 1,
-                Err(_) => {}
-            }
+            let s = crate::client::CatalogClient::new(p.base_url(), http.clone()).status().await;
+            answers.push(s.ok().map(|s| (s.epoch, s.commit.seq)));
         }
-        if blank >= needed {
-            return true;
+        if let Some(founding) = founds_new_cluster(&answers) {
+            return founding;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The start-up decision of a blank replica from its peers' answers
+/// (`(epoch, commit seq)` of each peer's disk, `None`: no answer): `false`
+/// (a learner) as soon as one has history; `true` (a founding voter) once
+/// enough blank peers answered to make a majority with it; `None`: ask
+/// again. A peer that is itself still starting reports what its disk holds,
+/// never a blank it has not checked.
+fn founds_new_cluster(answers: &[Option<(u64, u64)>]) -> Option<bool> {
+    let needed = answers.len().div_ceil(2);
+    let mut blank = 0;
+    for a in answers.iter().flatten() {
+        match a {
+            (0, 0) => blank += 1,
+            _ => return Some(false),
+        }
+    }
+    (blank >= needed).then_some(true)
 }
 
 /// Sends the core's messages: one task per peer, each sending what has
@@ -503,15 +524,17 @@ async fn cache_lease(State(c): State<Ctx>, JsonBody(r): JsonBody<LeaseRequest>) 
 async fn status(State(c): State<Ctx>) -> Result<Json<NodeStatus>, ApiError> {
     let (reply, rx) = oneshot::channel();
     if c.send(Input::Status { reply }).is_err() {
-        // Still deciding how to start: report a blank replica.
+        // Still starting: report what the disk holds (a blank disk only if
+        // it is blank), so a blank peer deciding whether it founds a new
+        // cluster never takes a starting replica with history for blank.
         return Ok(Json(NodeStatus {
             name: c.name.clone(),
             role: "starting".into(),
             process_id: c.process_id,
-            epoch: 0,
+            epoch: c.disk.0,
             primary: None,
             applied: *c.shared.applied.borrow(),
-            commit: Version::default(),
+            commit: c.disk.1,
             in_view: false,
             view: vec![],
             books: c.shared.state().books.len() as u64,
@@ -546,4 +569,18 @@ async fn replication_in(State(c): State<Ctx>, JsonBody(batch): JsonBody<Replicat
         c.send(Input::Net { from: batch.from, msg })?;
     }
     Ok(Json(Health { message: "OK".into() }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::founds_new_cluster;
+
+    #[test]
+    fn a_blank_disk_founds_a_cluster_only_with_enough_blank_peers_and_none_with_history() {
+        assert_eq!(founds_new_cluster(&[Some((0, 0)), None]), Some(true), "one blank peer makes a majority of three");
+        assert_eq!(founds_new_cluster(&[None, None]), None, "nobody answered: ask again");
+        assert_eq!(founds_new_cluster(&[Some((0, 0)), Some((3, 40))]), Some(false), "a peer with history");
+        assert_eq!(founds_new_cluster(&[Some((2, 0)), None]), Some(false), "an epoch is history too");
+        assert_eq!(founds_new_cluster(&[Some((0, 0)), None, None, None]), None, "five replicas need two blank peers");
+    }
 }

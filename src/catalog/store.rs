@@ -153,7 +153,12 @@ impl Db {
 
     /// Whether the core never persisted anything here.
     pub fn is_blank(&self) -> rusqlite::Result<bool> {
-        Ok(self.meta::<HardState>("hard_state")?.is_none())
+        Ok(self.hard_state()?.is_none())
+    }
+
+    /// The core's persisted hard state, if it ever persisted one.
+    pub fn hard_state(&self) -> rusqlite::Result<Option<HardState>> {
+        self.meta::<HardState>("hard_state")
     }
 
     /// Records the hard state of a member of a brand-new cluster.
