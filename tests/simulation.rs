@@ -182,6 +182,34 @@ fn teeth_profile(name: &str, broken: bool) -> Options {
             o.read_every_ms = 2;
             o.fault_every_ms = (500, 3000);
         }
+        "drift" => {
+            // Leases counted as if clocks ran at one rate: the old primary,
+            // cut off alone on a slow clock, serves past what a new primary
+            // waits out on a fast one.
+            if broken {
+                o.drift_margin = Some(0.0);
+            }
+            o.timing = Some((2000, 20, 100));
+            o.partition_kinds = [1, 0, 0, 0, 0];
+            o.w_crash = 0;
+            o.w_disk = 0;
+            o.w_net = 0;
+            o.w_pause = 0;
+            o.w_partition = 4;
+            o.w_heal = 2;
+            o.chaos_ms = 6000;
+            o.quiet_ms = 6000;
+            o.read_every_ms = 2;
+            o.fault_every_ms = (500, 3000);
+        }
+        "pause_clock" => {
+            // Long pauses of the primary; reads as soon as it wakes.
+            o.reads_at_last_event = broken;
+            o.w_pause = 8;
+            o.w_crash = 1;
+            o.partition_kinds = [1, 0, 0, 0, 1];
+            o.read_every_ms = 2;
+        }
         "dedupe" => {
             o.no_dedupe = broken;
             o.w_crash = 8;
@@ -269,6 +297,26 @@ fn teeth_backup_leases_are_capped_at_the_primarys() {
 #[test]
 fn teeth_apply_dedupes_request_ids() {
     find_violation("dedupe", 2000, &["exactly once broken"]);
+}
+
+#[test]
+fn three_replicas_stop_the_world_pauses() {
+    run("3 replicas, pauses", 600_000_000, 500, |_| {
+        let mut o = Options::new(3);
+        o.w_pause = 6;
+        o.read_every_ms = 5;
+        o
+    });
+}
+
+#[test]
+fn teeth_leases_allow_for_clock_drift() {
+    find_violation("drift", 1000, &["stale read", "lacks committed entries"]);
+}
+
+#[test]
+fn teeth_a_paused_replica_checks_its_lease_when_it_serves() {
+    find_violation("pause_clock", 2000, &["stale read"]);
 }
 
 #[test]

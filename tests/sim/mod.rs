@@ -68,6 +68,12 @@ pub struct Options {
     pub w_heal: u32,
     pub w_net: u32,
     pub w_disk: u32,
+    /// Stop-the-world pauses: a node processes nothing for 1–3 leases while
+    /// time (and its clock) goes on; what was sent to it waits.
+    pub w_pause: u32,
+    /// Driver bug: a read is let through by the lease as of the node's last
+    /// event, not the clock when it is served (so a pause goes unnoticed).
+    pub reads_at_last_event: bool,
     /// Probability that a crash happens between persisting and sending.
     pub crash_mid_ready: f64,
     pub read_every_ms: u64,
@@ -81,6 +87,8 @@ pub struct Options {
     pub long_delay_max_ms: u64,
     /// Overrides of the core's timing (lease, heartbeat, election timeout).
     pub timing: Option<(u64, u64, u64)>,
+    /// Override of the core's drift margin (clocks here differ by up to 10 %).
+    pub drift_margin: Option<f64>,
     /// Lowest long-delay and duplication rates during the chaos.
     pub min_long_delay: f64,
     pub min_dup: f64,
@@ -106,6 +114,8 @@ impl Options {
             w_heal: 2,
             w_net: 2,
             w_disk: 1,
+            w_pause: 1,
+            reads_at_last_event: false,
             crash_mid_ready: 0.3,
             read_every_ms: 20,
             snapshot_threshold: 48,
@@ -113,6 +123,7 @@ impl Options {
             partition_kinds: [1, 1, 1, 1, 1],
             long_delay_max_ms: 600,
             timing: None,
+            drift_margin: None,
             min_long_delay: 0.0,
             min_dup: 0.0,
         }
@@ -171,6 +182,9 @@ pub fn config(id: NodeId, inc: u64, n: usize, seed: u64, opts: &Options) -> Conf
     c.snapshot_threshold = opts.snapshot_threshold;
     c.max_batch = 32;
     c.unsafe_switches = opts.switches.clone();
+    if let Some(m) = opts.drift_margin {
+        c.drift_margin = m;
+    }
     if let Some((lease, hb, election)) = opts.timing {
         c.lease_ms = lease;
         c.heartbeat_ms = hb;
@@ -352,6 +366,10 @@ struct Node {
     /// seq -> (client, rid) awaiting commit
     pending: BTreeMap<u64, (usize, String)>,
     crash_armed: bool,
+    /// Paused (stop-the-world) until this simulated time.
+    paused_until: u64,
+    /// Simulated time of the last event this node handled.
+    last_event: u64,
 }
 
 impl Node {
@@ -401,6 +419,7 @@ pub struct Stats {
     pub snapshots_installed: usize,
     pub disks_replaced: usize,
     pub crashes: usize,
+    pub pauses: usize,
     pub acked: usize,
     pub reads_served: usize,
     pub primaries: usize,
@@ -464,7 +483,9 @@ impl Sim {
         for i in 0..n {
             let inc = 1;
             let disk = MemStorage::bootstrap(inc);
-            let rate = 0.96 + rng.below(81) as f64 / 1000.0;
+            // Rates in [0.953, 1.048]: any two clocks differ by up to 9.97 %,
+            // just inside the 10 % drift margin every lease allows for.
+            let rate = 0.953 + rng.below(96) as f64 / 1000.0;
             let off = rng.below(1_000_000);
             let cfg = config(i as u64 + 1, inc, n, rng.next_u64(), &opts);
             let r = Replica::new(cfg, &disk, off);
@@ -480,6 +501,8 @@ impl Sim {
                 rate,
                 pending: BTreeMap::new(),
                 crash_armed: false,
+                paused_until: 0,
+                last_event: 0,
             });
         }
         let clients = (0..opts.clients)
@@ -586,6 +609,18 @@ impl Sim {
 
     fn handle(&mut self, ev: Ev) -> R<()> {
         match ev {
+            Ev::Tick(i) if self.nodes[i].paused_until > self.t => {
+                let wake = self.nodes[i].paused_until - self.t;
+                self.at(wake, Ev::Tick(i));
+            }
+            Ev::Deliver { to, from, msg } if self.nodes[to].paused_until > self.t => {
+                let wake = self.nodes[to].paused_until - self.t;
+                self.at(wake, Ev::Deliver { to, from, msg });
+            }
+            Ev::Request { client, node, rid, book } if self.nodes[node].paused_until > self.t => {
+                let wake = self.nodes[node].paused_until - self.t;
+                self.at(wake, Ev::Request { client, node, rid, book });
+            }
             Ev::Tick(i) => {
                 if self.nodes[i].up {
                     let now = self.nodes[i].local(self.t);
@@ -664,6 +699,7 @@ impl Sim {
     /// One turn of the shipped driver loop (`replication::drive`) at node
     /// `i`, with the simulator as its host; then the invariants.
     fn process(&mut self, i: usize) -> R<()> {
+        self.nodes[i].last_event = self.t;
         let Node { r, disk, store, pending, crash_armed, .. } = &mut self.nodes[i];
         let mut host = SimHost {
             node: i,
@@ -905,8 +941,8 @@ impl Sim {
     /// or not, at a random node; checked against what was answered.
     fn on_read(&mut self, client: usize) -> R<()> {
         let i = self.rng.below(self.nodes.len() as u64) as usize;
-        if !self.nodes[i].up {
-            return Ok(());
+        if !self.nodes[i].up || self.nodes[i].paused_until > self.t {
+            return Ok(()); // a paused node's readers are paused too
         }
         let versioned = self.rng.chance(0.5);
         let min = if versioned {
@@ -915,7 +951,7 @@ impl Sim {
             Version::default()
         };
         let node = &self.nodes[i];
-        let now = node.local(self.t);
+        let now = if self.opts.reads_at_last_event { node.local(node.last_event.max(node.boot_t)) } else { node.local(self.t) };
         let r = node.r.as_ref().unwrap();
         if r.read_gate(now, min) != ReadGate::Serve {
             return Ok(());
@@ -961,6 +997,7 @@ impl Sim {
         node.r = None;
         node.pending.clear();
         node.crash_armed = false;
+        node.paused_until = 0;
     }
 
     fn restart(&mut self, i: usize) -> R<()> {
@@ -1026,6 +1063,7 @@ impl Sim {
             o.w_heal,
             o.w_net,
             o.w_disk,
+            o.w_pause,
         ];
         let total: u32 = weights.iter().sum();
         let mut x = self.rng.below(total as u64) as u32;
@@ -1115,6 +1153,16 @@ impl Sim {
                 self.loss = [0.0, 0.02, 0.1, 0.3][self.rng.below(4) as usize];
                 self.dup = [0.0f64, 0.05, 0.2][self.rng.below(3) as usize].max(self.opts.min_dup);
                 self.long_delay = [0.0f64, 0.02, 0.1][self.rng.below(3) as usize].max(self.opts.min_long_delay);
+            }
+            6 => {
+                // Stop the world at the primary (often) or any live node.
+                let target = if self.rng.chance(0.5) { self.primary() } else { self.pick(true) };
+                if let Some(i) = target {
+                    let lease = self.opts.timing.map_or(500, |t| t.0);
+                    let d = lease + self.rng.below(2 * lease);
+                    self.nodes[i].paused_until = self.t + d;
+                    self.stats.pauses += 1;
+                }
             }
             _ => {
                 if let Some(i) = self.pick(false)
@@ -1473,6 +1521,7 @@ pub fn run_many(first_seed: u64, count: u64, make: impl Fn(u64) -> Options) -> R
         total.snapshots_installed += s.snapshots_installed;
         total.disks_replaced += s.disks_replaced;
         total.crashes += s.crashes;
+        total.pauses += s.pauses;
     }
     Ok(total)
 }
