@@ -83,6 +83,9 @@ struct Link {
 pub struct Invalidator {
     links: Vec<Arc<Link>>,
     lease: Duration,
+    /// `lease × (1 + drift)`: how long a lease granted now may run on the
+    /// frontend's clock, measured on ours.
+    lease_with_drift: Duration,
     epoch: u64,
 }
 
@@ -97,7 +100,7 @@ pub enum LeaseError {
 impl Invalidator {
     /// `assumed`: how long every frontend is treated as holding a lease
     /// from an earlier primary.
-    pub fn new(frontends: Vec<(String, FrontendClient)>, lease: Duration, assumed: Duration, epoch: u64) -> Self {
+    pub fn new(frontends: Vec<(String, FrontendClient)>, lease: Duration, drift: f64, assumed: Duration, epoch: u64) -> Self {
         let links = frontends
             .into_iter()
             .map(|(name, client)| {
@@ -110,7 +113,7 @@ impl Invalidator {
                 Arc::new(Link { name, state, queue })
             })
             .collect();
-        Self { links, lease, epoch }
+        Self { links, lease, lease_with_drift: lease.mul_f64(1.0 + drift), epoch }
     }
 
     /// Grants `frontend` a cache lease, unless it missed invalidations that
@@ -129,7 +132,9 @@ impl Invalidator {
             }
             st.withheld_until = None;
         }
-        let expiry = now + self.lease;
+        // The frontend counts `lease` on its own clock, which may run slower
+        // than ours by up to the drift margin.
+        let expiry = now + self.lease_with_drift;
         st.lease_expiry = Some(st.lease_expiry.map_or(expiry, |e| e.max(expiry)));
         let pending = st.pending.iter().flat_map(|(b, n)| std::iter::repeat_n(*b, *n as usize)).collect();
         Ok(LeaseGrant {
@@ -236,5 +241,22 @@ async fn push_loop(
 fn finish(batch: Vec<Pending>) {
     for p in batch {
         let _ = p.done.send(());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::Http;
+
+    #[tokio::test]
+    async fn a_granted_cache_lease_is_waited_out_with_the_drift_margin() {
+        let fe = FrontendClient::new("http://127.0.0.1:9", Http::new(None, Duration::from_millis(100)));
+        let lease = Duration::from_millis(1000);
+        let inv = Invalidator::new(vec![("frontend".into(), fe)], lease, 0.1, Duration::ZERO, 1);
+        let before = Instant::now();
+        inv.grant("frontend", Version::default()).unwrap();
+        let expiry = inv.links[0].state.lock().unwrap().lease_expiry.unwrap();
+        assert!(expiry >= before + Duration::from_millis(1100), "the primary may stop waiting before a slow clock's lease ends");
     }
 }

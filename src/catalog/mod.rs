@@ -346,7 +346,7 @@ async fn manage_invalidator(
             let primary = g.role == Some(replication::Role::Primary);
             if primary && current != Some(g.epoch) {
                 let assumed = (lease + replication_lease).mul_f64(1.0 + drift);
-                let new = Arc::new(Invalidator::new(frontends.clone(), lease, assumed, g.epoch));
+                let new = Arc::new(Invalidator::new(frontends.clone(), lease, drift, assumed, g.epoch));
                 *inv = Some((g.epoch, new.clone()));
                 let (weak, epoch) = (catalog.clone(), g.epoch);
                 tokio::spawn(async move {
