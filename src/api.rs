@@ -91,8 +91,7 @@ impl TopicSlug {
             && s.len() <= MAX_TOPIC_LEN
             && s.split('-').all(|w| {
                 !w.is_empty()
-                    && w
-                        .bytes()
+                    && w.bytes()
                         .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
             });
         if !ok {
@@ -141,7 +140,9 @@ impl fmt::Display for TopicSlug {
 
 /// An amount of money, held in cents; on the wire a JSON number (`1000.0`),
 /// as the original answered. At most two decimals, never negative.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 #[serde(try_from = "f64", into = "f64")]
 pub struct Money(u64);
 
@@ -193,9 +194,7 @@ pub struct RequestId(String);
 
 impl RequestId {
     pub fn parse(s: &str) -> Result<Self, ParseError> {
-        if s.is_empty()
-            || s.len() > MAX_REQUEST_ID_LEN
-            || !s.bytes().all(|b| b.is_ascii_graphic())
+        if s.is_empty() || s.len() > MAX_REQUEST_ID_LEN || !s.bytes().all(|b| b.is_ascii_graphic())
         {
             return Err(ParseError(format!(
                 "request id must be 1 to {MAX_REQUEST_ID_LEN} printable ASCII characters without spaces"
@@ -207,7 +206,10 @@ impl RequestId {
     /// The request id of a client's `Idempotency-Key`: the same key gives the
     /// same id at every frontend, so a retry survives a frontend restart.
     pub fn from_idempotency_key(key: &str) -> Result<Self, ParseError> {
-        if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        if key.is_empty()
+            || key.len() > MAX_IDEMPOTENCY_KEY_LEN
+            || !key.bytes().all(|b| b.is_ascii_graphic())
+        {
             return Err(ParseError(format!(
                 "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} printable ASCII characters without spaces"
             )));
@@ -247,7 +249,20 @@ impl fmt::Display for RequestId {
 /// The position of a committed write: the primary's epoch and the log's
 /// sequence number. Ordered lexicographically; every read answer and every
 /// write answer carries one, so caches and readers can tell old from new.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 pub struct Version {
     pub epoch: u64,
     pub seq: u64,
@@ -262,9 +277,15 @@ impl fmt::Display for Version {
 impl std::str::FromStr for Version {
     type Err = ParseError;
     fn from_str(s: &str) -> Result<Self, ParseError> {
-        let bad = || ParseError(format!("version must look like EPOCH.SEQ, got {:?}", truncate(s, 40)));
+        let bad = || {
+            ParseError(format!(
+                "version must look like EPOCH.SEQ, got {:?}",
+                truncate(s, 40)
+            ))
+        };
         let (e, q) = s.split_once('.').ok_or_else(bad)?;
-        let digits = |x: &str| !x.is_empty() && x.len() <= 20 && x.bytes().all(|b| b.is_ascii_digit());
+        let digits =
+            |x: &str| !x.is_empty() && x.len() <= 20 && x.bytes().all(|b| b.is_ascii_digit());
         if !digits(e) || !digits(q) {
             return Err(bad());
         }
@@ -353,7 +374,9 @@ pub struct Health {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum CatalogOp {
-    Buy { book_id: BookId },
+    Buy {
+        book_id: BookId,
+    },
     Update {
         book_id: BookId,
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -384,9 +407,19 @@ pub struct CatalogWrite {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum Outcome {
-    Bought { book_id: BookId, title: String, price: Money, order_id: u64 },
-    OutOfStock { book_id: BookId, title: String },
-    Updated { book: Book },
+    Bought {
+        book_id: BookId,
+        title: String,
+        price: Money,
+        order_id: u64,
+    },
+    OutOfStock {
+        book_id: BookId,
+        title: String,
+    },
+    Updated {
+        book: Book,
+    },
 }
 
 /// The catalog's answer to a write: the outcome and the version it committed at.
@@ -529,7 +562,17 @@ mod tests {
     #[test]
     fn book_ids_are_positive_integers() {
         assert_eq!(BookId::parse("7").unwrap().get(), 7);
-        for bad in ["0", "-1", "+1", "abc", "", " 1", "1.0", "99999999999999999999", "9223372036854775808"] {
+        for bad in [
+            "0",
+            "-1",
+            "+1",
+            "abc",
+            "",
+            " 1",
+            "1.0",
+            "99999999999999999999",
+            "9223372036854775808",
+        ] {
             assert!(BookId::parse(bad).is_err(), "{bad}");
         }
         assert!(BookId::parse("9223372036854775807").is_ok());
@@ -537,8 +580,14 @@ mod tests {
 
     #[test]
     fn topic_slugs_are_lower_case_words() {
-        assert_eq!(TopicSlug::of_name("distributed systems").unwrap().as_str(), "distributed-systems");
-        assert_eq!(TopicSlug::of_name("Graduate  School").unwrap().as_str(), "graduate-school");
+        assert_eq!(
+            TopicSlug::of_name("distributed systems").unwrap().as_str(),
+            "distributed-systems"
+        );
+        assert_eq!(
+            TopicSlug::of_name("Graduate  School").unwrap().as_str(),
+            "graduate-school"
+        );
         for bad in ["", "-a", "a-", "a--b", "A", "a b", "a/b", "..", "é"] {
             assert!(TopicSlug::parse(bad).is_err(), "{bad}");
         }

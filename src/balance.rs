@@ -42,12 +42,21 @@ pub struct Pool<C> {
 }
 
 impl<C: Clone + Send + Sync + 'static> Pool<C> {
-    pub fn new(what: &'static str, members: Vec<(String, C)>, pick: Pick, budget: Duration) -> Arc<Self> {
+    pub fn new(
+        what: &'static str,
+        members: Vec<(String, C)>,
+        pick: Pick,
+        budget: Duration,
+    ) -> Arc<Self> {
         Arc::new(Self {
             what,
             members: members
                 .into_iter()
-                .map(|(name, client)| Member { name, client, healthy: AtomicBool::new(true) })
+                .map(|(name, client)| Member {
+                    name,
+                    client,
+                    healthy: AtomicBool::new(true),
+                })
                 .collect(),
             next: AtomicUsize::new(0),
             pick,
@@ -67,7 +76,8 @@ impl<C: Clone + Send + Sync + 'static> Pool<C> {
             Pick::Sticky => self.next.load(Ordering::Relaxed),
         } % n.max(1);
         let ring = (0..n).map(|k| (start + k) % n);
-        let (mut up, down): (Vec<usize>, Vec<usize>) = ring.partition(|&i| self.members[i].is_healthy());
+        let (mut up, down): (Vec<usize>, Vec<usize>) =
+            ring.partition(|&i| self.members[i].is_healthy());
         up.extend(down);
         up
     }
@@ -109,7 +119,9 @@ impl<C: Clone + Send + Sync + 'static> Pool<C> {
                     }
                     Err(e) if !e.is_retryable() => return Err(e),
                     Err(e) => {
-                        if let ClientError::Status { primary: Some(p), .. } = &e
+                        if let ClientError::Status {
+                            primary: Some(p), ..
+                        } = &e
                             && let Some(j) = self.members.iter().position(|m| &m.name == p)
                             && j != i
                         {

@@ -114,9 +114,17 @@ impl Http {
             let message = serde_json::from_slice::<ErrorBody>(&bytes)
                 .map(|b| b.message)
                 .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).chars().take(200).collect());
-            return Err(ClientError::Status { url, status: status.as_u16(), message, primary });
+            return Err(ClientError::Status {
+                url,
+                status: status.as_u16(),
+                message,
+                primary,
+            });
         }
-        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode { url, detail: e.to_string() })
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
+            url,
+            detail: e.to_string(),
+        })
     }
 
     pub async fn get<T: DeserializeOwned>(&self, url: String) -> Result<T, ClientError> {
@@ -144,11 +152,18 @@ pub struct CatalogClient {
 
 impl CatalogClient {
     pub fn new(base: impl Into<String>, http: Http) -> Self {
-        Self { base: base.into(), http }
+        Self {
+            base: base.into(),
+            http,
+        }
     }
 
     /// Reads a book from this replica's state, at least at version `min`.
-    pub async fn lookup(&self, id: BookId, min: Option<Version>) -> Result<LookupResponse, ClientError> {
+    pub async fn lookup(
+        &self,
+        id: BookId,
+        min: Option<Version>,
+    ) -> Result<LookupResponse, ClientError> {
         let url = match min {
             Some(v) => format!("{}/lookup/{id}?min_version={v}", self.base),
             None => format!("{}/lookup/{id}", self.base),
@@ -165,7 +180,12 @@ impl CatalogClient {
     /// forward it). The order service and forwarding replicas use this.
     pub async fn write(&self, w: &CatalogWrite) -> Result<WriteResult, ClientError> {
         self.http
-            .call(Method::POST, format!("{}/internal/write", self.base), Some(w), &[(NO_FORWARD_HEADER, "1")])
+            .call(
+                Method::POST,
+                format!("{}/internal/write", self.base),
+                Some(w),
+                &[(NO_FORWARD_HEADER, "1")],
+            )
             .await
     }
 
@@ -173,26 +193,45 @@ impl CatalogClient {
     /// the primary forwards it there and relays the answer.
     pub async fn update(&self, u: &UpdateRequest) -> Result<WriteResult, ClientError> {
         self.http
-            .call(Method::PUT, format!("{}/catalog/update", self.base), Some(u), &[])
+            .call(
+                Method::PUT,
+                format!("{}/catalog/update", self.base),
+                Some(u),
+                &[],
+            )
             .await
     }
 
     /// `update`, to be applied at this replica only (no forwarding).
     pub async fn update_here(&self, u: &UpdateRequest) -> Result<WriteResult, ClientError> {
         self.http
-            .call(Method::PUT, format!("{}/catalog/update", self.base), Some(u), &[(NO_FORWARD_HEADER, "1")])
+            .call(
+                Method::PUT,
+                format!("{}/catalog/update", self.base),
+                Some(u),
+                &[(NO_FORWARD_HEADER, "1")],
+            )
             .await
     }
 
     pub async fn cache_lease(&self, frontend: &str) -> Result<LeaseGrant, ClientError> {
-        let body = LeaseRequest { frontend: frontend.to_string() };
+        let body = LeaseRequest {
+            frontend: frontend.to_string(),
+        };
         self.http
-            .call(Method::POST, format!("{}/internal/cache-lease", self.base), Some(&body), &[])
+            .call(
+                Method::POST,
+                format!("{}/internal/cache-lease", self.base),
+                Some(&body),
+                &[],
+            )
             .await
     }
 
     pub async fn status(&self) -> Result<NodeStatus, ClientError> {
-        self.http.get(format!("{}/internal/status", self.base)).await
+        self.http
+            .get(format!("{}/internal/status", self.base))
+            .await
     }
 
     pub async fn health(&self) -> Result<Health, ClientError> {
@@ -209,12 +248,20 @@ pub struct OrderClient {
 
 impl OrderClient {
     pub fn new(base: impl Into<String>, http: Http) -> Self {
-        Self { base: base.into(), http }
+        Self {
+            base: base.into(),
+            http,
+        }
     }
 
     pub async fn buy(&self, req: &OrderBuyRequest) -> Result<WriteResult, ClientError> {
         self.http
-            .call(Method::POST, format!("{}/internal/buy", self.base), Some(req), &[])
+            .call(
+                Method::POST,
+                format!("{}/internal/buy", self.base),
+                Some(req),
+                &[],
+            )
             .await
     }
 
@@ -240,7 +287,10 @@ pub struct FrontendClient {
 
 impl FrontendClient {
     pub fn new(base: impl Into<String>, http: Http) -> Self {
-        Self { base: base.into(), http }
+        Self {
+            base: base.into(),
+            http,
+        }
     }
 
     pub async fn search(&self, topic: &str) -> Result<SearchResponse, ClientError> {
@@ -251,17 +301,37 @@ impl FrontendClient {
         self.http.get(format!("{}/lookup/{id}", self.base)).await
     }
 
-    pub async fn buy(&self, id: &str, idempotency_key: Option<&str>) -> Result<BuyResponse, ClientError> {
-        let headers: Vec<(&str, &str)> = idempotency_key.map(|k| ("idempotency-key", k)).into_iter().collect();
+    pub async fn buy(
+        &self,
+        id: &str,
+        idempotency_key: Option<&str>,
+    ) -> Result<BuyResponse, ClientError> {
+        let headers: Vec<(&str, &str)> = idempotency_key
+            .map(|k| ("idempotency-key", k))
+            .into_iter()
+            .collect();
         self.http
-            .call::<(), BuyResponse>(Method::POST, format!("{}/buy/{id}", self.base), None, &headers)
+            .call::<(), BuyResponse>(
+                Method::POST,
+                format!("{}/buy/{id}", self.base),
+                None,
+                &headers,
+            )
             .await
     }
 
     /// Pushes cache invalidations (the catalog primary's call; token required).
-    pub async fn invalidate(&self, batch: &InvalidationBatch) -> Result<serde_json::Value, ClientError> {
+    pub async fn invalidate(
+        &self,
+        batch: &InvalidationBatch,
+    ) -> Result<serde_json::Value, ClientError> {
         self.http
-            .call(Method::POST, format!("{}/internal/invalidate", self.base), Some(batch), &[])
+            .call(
+                Method::POST,
+                format!("{}/internal/invalidate", self.base),
+                Some(batch),
+                &[],
+            )
             .await
     }
 

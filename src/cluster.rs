@@ -23,8 +23,13 @@ pub struct UpOptions {
 }
 
 /// Loads `DIR/cluster.toml`, or writes a new one (with a fresh token).
-pub fn load_or_create(dir: &Path, host: &str, catalogs: u64) -> anyhow::Result<(PathBuf, ClusterConfig, bool)> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create data directory {}", dir.display()))?;
+pub fn load_or_create(
+    dir: &Path,
+    host: &str,
+    catalogs: u64,
+) -> anyhow::Result<(PathBuf, ClusterConfig, bool)> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create data directory {}", dir.display()))?;
     let path = dir.join("cluster.toml");
     if path.exists() {
         let cfg = ClusterConfig::load(&path)?;
@@ -49,7 +54,10 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
             path.display()
         );
     } else {
-        println!("pygmy: using cluster {} (token in its `token` key)", path.display());
+        println!(
+            "pygmy: using cluster {} (token in its `token` key)",
+            path.display()
+        );
     }
     let exe = std::env::current_exe().context("cannot find the pygmy executable")?;
     let mut order: Vec<&crate::config::NodeConfig> = cfg.nodes.iter().collect();
@@ -65,7 +73,10 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
         if n.role == Role::Frontend && opts.no_cache {
             cmd.arg("--no-cache");
         }
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
         // SAFETY: prctl is async-signal-safe; it only asks the kernel to stop
         // the child if this process dies without stopping it.
         unsafe {
@@ -74,10 +85,15 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().with_context(|| format!("cannot start {}", n.name))?;
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {}", n.name))?;
         prefix_lines(&n.name, child.stdout.take());
         prefix_lines(&n.name, child.stderr.take());
-        nodes.push(Node { name: n.name.clone(), child });
+        nodes.push(Node {
+            name: n.name.clone(),
+            child,
+        });
     }
     let shutdown = crate::http::shutdown_signal();
     tokio::pin!(shutdown);
@@ -154,17 +170,27 @@ async fn wait_ready(cfg: &ClusterConfig) -> anyhow::Result<()> {
                 break;
             }
             if tokio::time::Instant::now() > deadline {
-                bail!("{} did not become healthy at {} within 60 s", n.name, n.addr);
+                bail!(
+                    "{} did not become healthy at {} within 60 s",
+                    n.name,
+                    n.addr
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
     // And the catalog serves: a primary holds the (founding) catalog.
     let http = Http::new(Some(cfg.token.clone()), Duration::from_millis(500));
-    let catalogs: Vec<_> = cfg.nodes_of(Role::Catalog).map(|n| crate::client::CatalogClient::new(n.base_url(), http.clone())).collect();
+    let catalogs: Vec<_> = cfg
+        .nodes_of(Role::Catalog)
+        .map(|n| crate::client::CatalogClient::new(n.base_url(), http.clone()))
+        .collect();
     loop {
         for c in &catalogs {
-            if c.status().await.is_ok_and(|s| s.role == "primary" && s.books > 0) {
+            if c.status()
+                .await
+                .is_ok_and(|s| s.role == "primary" && s.books > 0)
+            {
                 return Ok(());
             }
         }
@@ -198,5 +224,8 @@ async fn stop(nodes: &mut [Node]) {
             }
         }
     }
-    println!("pygmy: stopped — {clean} of {} processes exited cleanly", nodes.len());
+    println!(
+        "pygmy: stopped — {clean} of {} processes exited cleanly",
+        nodes.len()
+    );
 }

@@ -152,13 +152,22 @@ pub struct ClusterConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config {path} is not valid: {source}")]
-    Parse { path: PathBuf, source: Box<toml::de::Error> },
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
     #[error("invalid cluster config: {0}")]
     Invalid(String),
     #[error("cannot write config {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl ClusterConfig {
@@ -240,7 +249,10 @@ impl ClusterConfig {
         use std::os::unix::fs::OpenOptionsExt;
         let text = toml::to_string_pretty(self)
             .map_err(|e| ConfigError::Invalid(format!("cannot serialise config: {e}")))?;
-        let err = |source| ConfigError::Write { path: path.to_path_buf(), source };
+        let err = |source| ConfigError::Write {
+            path: path.to_path_buf(),
+            source,
+        };
         let tmp = path.with_extension("toml.tmp");
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -296,18 +308,28 @@ impl ClusterConfig {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
             {
-                return bad(format!("node name {:?} must be letters, digits, '-' or '_'", n.name));
+                return bad(format!(
+                    "node name {:?} must be letters, digits, '-' or '_'",
+                    n.name
+                ));
             }
             if !names.insert(n.name.clone()) {
                 return bad(format!("node name {} appears twice", n.name));
             }
             if !ids.insert((n.role, n.process_id)) {
-                return bad(format!("two {} nodes have process_id {}", n.role, n.process_id));
+                return bad(format!(
+                    "two {} nodes have process_id {}",
+                    n.role, n.process_id
+                ));
             }
             if n.process_id == 0 {
                 return bad(format!("{}: process_id must be positive", n.name));
             }
-            if n.addr.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+            if n.addr
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_none()
+            {
                 return bad(format!("{}: addr {:?} must be host:port", n.name, n.addr));
             }
             if let Some(l) = &n.listen
@@ -331,11 +353,16 @@ impl ClusterConfig {
         if t.retry_budget_ms < t.call_timeout_ms {
             return bad("retry_budget_ms must be at least call_timeout_ms".into());
         }
-        if t.heartbeat_ms == 0 || t.lease_ms <= t.heartbeat_ms || t.election_timeout_ms < t.lease_ms {
+        if t.heartbeat_ms == 0 || t.lease_ms <= t.heartbeat_ms || t.election_timeout_ms < t.lease_ms
+        {
             return bad("need heartbeat_ms < lease_ms <= election_timeout_ms".into());
         }
         let l = &self.limits;
-        if l.max_body_bytes == 0 || l.request_timeout_ms == 0 || l.head_timeout_ms == 0 || l.max_in_flight == 0 {
+        if l.max_body_bytes == 0
+            || l.request_timeout_ms == 0
+            || l.head_timeout_ms == 0
+            || l.max_in_flight == 0
+        {
             return bad("limits must be positive".into());
         }
         Ok(())
@@ -378,7 +405,10 @@ mod tests {
         cfg.validate().unwrap();
         let text = toml::to_string_pretty(&cfg).unwrap();
         assert!(text.starts_with("cluster_id"), "{text}");
-        assert!(text.contains("\ntoken = "), "token must be a top-level key: {text}");
+        assert!(
+            text.contains("\ntoken = "),
+            "token must be a top-level key: {text}"
+        );
         let back = ClusterConfig::parse(&text).unwrap();
         assert_eq!(back.nodes, cfg.nodes);
         assert_eq!(back.token, cfg.token);

@@ -49,24 +49,42 @@ pub struct Event {
 pub enum Violation {
     #[error("client-visible error: client {client}: {what}")]
     ClientError { client: usize, what: String },
-    #[error("read anomaly: a lookup answered stock {later} after another lookup had already answered {earlier}")]
+    #[error(
+        "read anomaly: a lookup answered stock {later} after another lookup had already answered {earlier}"
+    )]
     StockWentUp { earlier: u64, later: u64 },
-    #[error("read anomaly: a lookup answered stock {seen}, but {acked} buys were answered before it started (stock at most {most})")]
+    #[error(
+        "read anomaly: a lookup answered stock {seen}, but {acked} buys were answered before it started (stock at most {most})"
+    )]
     MissedAnsweredBuy { seen: u64, acked: u64, most: u64 },
-    #[error("read anomaly: a lookup answered stock {seen}, but only {sent} buys had been sent when it answered (stock at least {least})")]
+    #[error(
+        "read anomaly: a lookup answered stock {seen}, but only {sent} buys had been sent when it answered (stock at least {least})"
+    )]
     ShowedUnsentBuy { seen: u64, sent: u64, least: u64 },
     #[error("doubled: order id {order_id} was answered to two buys")]
     DoubledOrder { order_id: u64 },
-    #[error("lost or doubled: {bought} buys succeeded from stock {initial}, but {left} are left (expected {expected})")]
-    WrongFinalStock { initial: u64, bought: u64, left: u64, expected: i128 },
+    #[error(
+        "lost or doubled: {bought} buys succeeded from stock {initial}, but {left} are left (expected {expected})"
+    )]
+    WrongFinalStock {
+        initial: u64,
+        bought: u64,
+        left: u64,
+        expected: i128,
+    },
 }
 
 /// Checks `events` (in any order) against an `initial` stock and the stock
 /// `left` once every operation was answered.
 pub fn check(initial: u64, events: &[Event], left: u64) -> Result<(), Violation> {
     if let Some(e) = events.iter().find(|e| matches!(e.op, Op::Failed { .. })) {
-        let Op::Failed { what } = &e.op else { unreachable!() };
-        return Err(Violation::ClientError { client: e.client, what: what.clone() });
+        let Op::Failed { what } = &e.op else {
+            unreachable!()
+        };
+        return Err(Violation::ClientError {
+            client: e.client,
+            what: what.clone(),
+        });
     }
     let mut orders = HashMap::new();
     for e in events {
@@ -97,12 +115,20 @@ pub fn check(initial: u64, events: &[Event], left: u64) -> Result<(), Violation>
         let before = acked.partition_point(|t| *t < e.start) as u64;
         let most = initial.saturating_sub(before);
         if seen > most {
-            return Err(Violation::MissedAnsweredBuy { seen, acked: before, most });
+            return Err(Violation::MissedAnsweredBuy {
+                seen,
+                acked: before,
+                most,
+            });
         }
         let could = sent.partition_point(|t| *t <= e.end) as u64;
         let least = initial.saturating_sub(could);
         if seen < least {
-            return Err(Violation::ShowedUnsentBuy { seen, sent: could, least });
+            return Err(Violation::ShowedUnsentBuy {
+                seen,
+                sent: could,
+                least,
+            });
         }
     }
     // Stock never goes back up: for lookups in start order, compare with the
@@ -120,13 +146,21 @@ pub fn check(initial: u64, events: &[Event], left: u64) -> Result<(), Violation>
         if let Some(l) = lowest
             && seen > l
         {
-            return Err(Violation::StockWentUp { earlier: l, later: seen });
+            return Err(Violation::StockWentUp {
+                earlier: l,
+                later: seen,
+            });
         }
     }
     let bought = acked.len() as u64;
     let expected = initial as i128 - bought as i128;
     if left as i128 != expected {
-        return Err(Violation::WrongFinalStock { initial, bought, left, expected });
+        return Err(Violation::WrongFinalStock {
+            initial,
+            bought,
+            left,
+            expected,
+        });
     }
     Ok(())
 }
@@ -141,7 +175,12 @@ mod tests {
         let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
         ops.iter()
-            .map(|(c, s, e, op)| Event { client: *c, start: at(*s), end: at(*e), op: op.clone() })
+            .map(|(c, s, e, op)| Event {
+                client: *c,
+                start: at(*s),
+                end: at(*e),
+                op: op.clone(),
+            })
             .collect()
     }
 
@@ -177,19 +216,39 @@ mod tests {
             // still unanswered: it must show it too.
             (2, 11, 20, lookup(10)),
         ]);
-        assert_eq!(check(10, &h, 9), Err(Violation::StockWentUp { earlier: 9, later: 10 }));
+        assert_eq!(
+            check(10, &h, 9),
+            Err(Violation::StockWentUp {
+                earlier: 9,
+                later: 10
+            })
+        );
     }
 
     #[test]
     fn a_lookup_that_misses_an_answered_buy_is_a_read_anomaly() {
         let h = history(&[(1, 0, 10, bought(1)), (0, 11, 20, lookup(10))]);
-        assert_eq!(check(10, &h, 9), Err(Violation::MissedAnsweredBuy { seen: 10, acked: 1, most: 9 }));
+        assert_eq!(
+            check(10, &h, 9),
+            Err(Violation::MissedAnsweredBuy {
+                seen: 10,
+                acked: 1,
+                most: 9
+            })
+        );
     }
 
     #[test]
     fn a_lookup_that_shows_a_buy_not_yet_sent_is_a_read_anomaly() {
         let h = history(&[(0, 0, 10, lookup(9)), (1, 11, 20, bought(1))]);
-        assert_eq!(check(10, &h, 9), Err(Violation::ShowedUnsentBuy { seen: 9, sent: 0, least: 10 }));
+        assert_eq!(
+            check(10, &h, 9),
+            Err(Violation::ShowedUnsentBuy {
+                seen: 9,
+                sent: 0,
+                least: 10
+            })
+        );
     }
 
     #[test]
@@ -197,21 +256,38 @@ mod tests {
         let h = history(&[(1, 0, 10, bought(1)), (1, 11, 20, bought(2))]);
         assert_eq!(
             check(10, &h, 9),
-            Err(Violation::WrongFinalStock { initial: 10, bought: 2, left: 9, expected: 8 })
+            Err(Violation::WrongFinalStock {
+                initial: 10,
+                bought: 2,
+                left: 9,
+                expected: 8
+            })
         );
     }
 
     #[test]
     fn a_doubled_buy_is_found_in_the_stock_left_and_in_order_ids() {
         let h = history(&[(1, 0, 10, bought(1))]);
-        assert!(matches!(check(10, &h, 8), Err(Violation::WrongFinalStock { .. })));
+        assert!(matches!(
+            check(10, &h, 8),
+            Err(Violation::WrongFinalStock { .. })
+        ));
         let h = history(&[(1, 0, 10, bought(7)), (2, 0, 10, bought(7))]);
-        assert_eq!(check(10, &h, 8), Err(Violation::DoubledOrder { order_id: 7 }));
+        assert_eq!(
+            check(10, &h, 8),
+            Err(Violation::DoubledOrder { order_id: 7 })
+        );
     }
 
     #[test]
     fn a_client_visible_error_fails_the_history() {
         let h = history(&[(3, 0, 10, Op::Failed { what: "503".into() })]);
-        assert_eq!(check(10, &h, 10), Err(Violation::ClientError { client: 3, what: "503".into() }));
+        assert_eq!(
+            check(10, &h, 10),
+            Err(Violation::ClientError {
+                client: 3,
+                what: "503".into()
+            })
+        );
     }
 }

@@ -29,7 +29,10 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self { status, message: message.into() }
+        Self {
+            status,
+            message: message.into(),
+        }
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, message)
@@ -50,14 +53,26 @@ impl From<crate::api::ParseError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut res = (self.status, Json(ErrorBody { message: self.message })).into_response();
-        if self.status == StatusCode::SERVICE_UNAVAILABLE || self.status == StatusCode::TOO_MANY_REQUESTS {
-            res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        let mut res = (
+            self.status,
+            Json(ErrorBody {
+                message: self.message,
+            }),
+        )
+            .into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE
+            || self.status == StatusCode::TOO_MANY_REQUESTS
+        {
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
-        if self.status == StatusCode::PAYLOAD_TOO_LARGE || self.status == StatusCode::REQUEST_TIMEOUT {
+        if self.status == StatusCode::PAYLOAD_TOO_LARGE
+            || self.status == StatusCode::REQUEST_TIMEOUT
+        {
             // The unread rest of the request may still be on the wire: this
             // connection cannot carry another request.
-            res.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            res.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         res
     }
@@ -153,7 +168,9 @@ pub fn metrics_handle() -> Option<&'static PrometheusHandle> {
 /// Liveness, on every service.
 #[utoipa::path(get, path = "/healthcheck", tag = "operations", responses((status = 200, description = "The service is up", body = Health)))]
 pub async fn healthcheck() -> Json<Health> {
-    Json(Health { message: "OK".into() })
+    Json(Health {
+        message: "OK".into(),
+    })
 }
 
 async fn metrics_route() -> Response {
@@ -163,7 +180,11 @@ async fn metrics_route() -> Response {
             h.render(),
         )
             .into_response(),
-        None => ApiError::new(StatusCode::NOT_FOUND, "metrics are not enabled in this process").into_response(),
+        None => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "metrics are not enabled in this process",
+        )
+        .into_response(),
     }
 }
 
@@ -172,7 +193,10 @@ async fn not_found() -> ApiError {
 }
 
 async fn method_not_allowed() -> ApiError {
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route")
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed on this route",
+    )
 }
 
 async fn record_metrics(req: Request, next: Next) -> Response {
@@ -186,7 +210,8 @@ async fn record_metrics(req: Request, next: Next) -> Response {
     let res = next.run(req).await;
     let status = res.status().as_u16().to_string();
     metrics::counter!("pygmy_http_requests_total", "route" => route.clone(), "method" => method, "status" => status).increment(1);
-    metrics::histogram!("pygmy_http_request_seconds", "route" => route).record(start.elapsed().as_secs_f64());
+    metrics::histogram!("pygmy_http_request_seconds", "route" => route)
+        .record(start.elapsed().as_secs_f64());
     res
 }
 
@@ -209,7 +234,11 @@ async fn reject_ambiguous(req: Request, next: Next) -> Response {
 /// still arriving, or too large.
 async fn whole_body(State(limits): State<BodyLimits>, req: Request, next: Next) -> Response {
     use http_body::Body as _;
-    let limit = limits.for_route(req.extensions().get::<MatchedPath>().map(MatchedPath::as_str));
+    let limit = limits.for_route(
+        req.extensions()
+            .get::<MatchedPath>()
+            .map(MatchedPath::as_str),
+    );
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -223,14 +252,18 @@ async fn whole_body(State(limits): State<BodyLimits>, req: Request, next: Next) 
     }
     let (parts, body) = req.into_parts();
     match axum::body::to_bytes(body, limit).await {
-        Ok(bytes) => next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await,
+        Ok(bytes) => {
+            next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+                .await
+        }
         Err(e) => {
             let length_limit = std::error::Error::source(&e)
                 .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
             if length_limit {
                 too_large(limit).into_response()
             } else {
-                ApiError::bad_request(format!("the request body could not be read: {e}")).into_response()
+                ApiError::bad_request(format!("the request body could not be read: {e}"))
+                    .into_response()
             }
         }
     }
@@ -253,14 +286,20 @@ impl BodyLimits {
 }
 
 fn too_large(limit: usize) -> ApiError {
-    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("the request body is larger than {limit} bytes"))
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("the request body is larger than {limit} bytes"),
+    )
 }
 
 async fn overloaded(err: BoxError) -> ApiError {
     if err.is::<tower::load_shed::error::Overloaded>() {
         ApiError::unavailable("overloaded, retry shortly")
     } else {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("internal error: {err}"))
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("internal error: {err}"),
+        )
     }
 }
 
@@ -270,8 +309,15 @@ pub fn finish(router: Router, limits: &Limits) -> Router {
 }
 
 /// [`finish`], with larger body limits for the routes named (route template, bytes).
-pub fn finish_with_body_limits(router: Router, limits: &Limits, routes: &[(&'static str, usize)]) -> Router {
-    let body_limits = BodyLimits { default: limits.max_body_bytes, routes: routes.into() };
+pub fn finish_with_body_limits(
+    router: Router,
+    limits: &Limits,
+    routes: &[(&'static str, usize)],
+) -> Router {
+    let body_limits = BodyLimits {
+        default: limits.max_body_bytes,
+        routes: routes.into(),
+    };
     router
         .route("/healthcheck", get(healthcheck))
         .route("/metrics", get(metrics_route))
@@ -342,7 +388,10 @@ pub async fn serve(
         });
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("some connections were still busy after {DRAIN_TIMEOUT:?}; closing them");
     }
     Ok(())
@@ -367,14 +416,16 @@ pub async fn shutdown_signal() {
     }
 }
 
-
 /// One path segment (`{id}`, `{topic}`), its rejection a JSON 400.
 pub struct Segment(pub String);
 
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Segment {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
         match axum::extract::Path::<String>::from_request_parts(parts, state).await {
             Ok(axum::extract::Path(s)) => Ok(Segment(s)),
             Err(rej) => Err(ApiError::bad_request(rej.body_text())),
@@ -388,7 +439,10 @@ pub struct QueryArgs<T>(pub T);
 impl<S: Send + Sync, T: DeserializeOwned> axum::extract::FromRequestParts<S> for QueryArgs<T> {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
         match axum::extract::Query::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Query(v)) => Ok(QueryArgs(v)),
             Err(rej) => Err(ApiError::bad_request(rej.body_text())),
@@ -401,7 +455,9 @@ impl From<crate::client::ClientError> for ApiError {
     /// (no replica answered within the retry budget) is a 503.
     fn from(e: crate::client::ClientError) -> Self {
         match &e {
-            crate::client::ClientError::Status { status, message, .. } if !e.is_retryable() => {
+            crate::client::ClientError::Status {
+                status, message, ..
+            } if !e.is_retryable() => {
                 let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY);
                 ApiError::new(status, message.clone())
             }

@@ -55,7 +55,11 @@ pub enum NodeError {
 
 /// Binds node `name`'s listening address: `listen` if given, else the node's
 /// `listen`, else its `addr`.
-pub async fn bind(cfg: &ClusterConfig, name: &str, listen: Option<SocketAddr>) -> Result<tokio::net::TcpListener, NodeError> {
+pub async fn bind(
+    cfg: &ClusterConfig,
+    name: &str,
+    listen: Option<SocketAddr>,
+) -> Result<tokio::net::TcpListener, NodeError> {
     let node = cfg
         .node(name)
         .ok_or_else(|| NodeError::Config(format!("the config has no node named {name:?}")))?;

@@ -12,7 +12,11 @@ use pygmy::client::{CatalogClient, FrontendClient, Http, OrderClient};
 use pygmy::config::{ClusterConfig, Role};
 
 #[derive(Parser)]
-#[command(name = "pygmy", version, about = "Pygmy.com, the world's smallest bookstore — replicated, cached, fault tolerant")]
+#[command(
+    name = "pygmy",
+    version,
+    about = "Pygmy.com, the world's smallest bookstore — replicated, cached, fault tolerant"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -82,10 +86,16 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         match cli.command {
-            Cmd::Up { data_dir, no_cache, host } => {
+            Cmd::Up {
+                data_dir,
+                no_cache,
+                host,
+            } => {
                 let data_dir = match data_dir {
                     Some(d) => d,
                     None => {
@@ -94,9 +104,20 @@ fn main() -> anyhow::Result<()> {
                         d
                     }
                 };
-                pygmy::cluster::up(pygmy::cluster::UpOptions { data_dir, host, no_cache, catalogs: 3 }).await
+                pygmy::cluster::up(pygmy::cluster::UpOptions {
+                    data_dir,
+                    host,
+                    no_cache,
+                    catalogs: 3,
+                })
+                .await
             }
-            Cmd::Serve { config, name, listen, no_cache } => {
+            Cmd::Serve {
+                config,
+                name,
+                listen,
+                no_cache,
+            } => {
                 pygmy::telemetry::init(Some(&name));
                 let cfg = ClusterConfig::load(&config)?;
                 let listener = pygmy::bind(&cfg, &name, listen).await?;
@@ -106,25 +127,36 @@ fn main() -> anyhow::Result<()> {
                     .with_context(|| format!("node {name} failed"))
             }
             Cmd::Status { config } => status(ClusterConfig::load(&config)?).await,
-            Cmd::Log { config, name, limit } => {
+            Cmd::Log {
+                config,
+                name,
+                limit,
+            } => {
                 let cfg = ClusterConfig::load(&config)?;
                 let node = cfg.node(&name).context("no such node")?;
                 let http = Http::new(Some(cfg.token.clone()), Duration::from_secs(5));
-                let page = OrderClient::new(node.base_url(), http).log(limit, None).await?;
+                let page = OrderClient::new(node.base_url(), http)
+                    .log(limit, None)
+                    .await?;
                 println!("{}", serde_json::to_string_pretty(&page)?);
                 Ok(())
             }
             Cmd::Lookup { id, frontend } => print(client(&frontend).lookup(&id).await),
             Cmd::Search { topic, frontend } => print(client(&frontend).search(&topic).await),
-            Cmd::Buy { id, idempotency_key, frontend } => {
-                print(client(&frontend).buy(&id, idempotency_key.as_deref()).await)
-            }
+            Cmd::Buy {
+                id,
+                idempotency_key,
+                frontend,
+            } => print(client(&frontend).buy(&id, idempotency_key.as_deref()).await),
         }
     })
 }
 
 fn client(base: &str) -> FrontendClient {
-    FrontendClient::new(base.trim_end_matches('/'), Http::new(None, Duration::from_secs(15)))
+    FrontendClient::new(
+        base.trim_end_matches('/'),
+        Http::new(None, Duration::from_secs(15)),
+    )
 }
 
 fn print<T: serde::Serialize>(r: Result<T, pygmy::client::ClientError>) -> anyhow::Result<()> {
@@ -139,8 +171,16 @@ async fn status(cfg: ClusterConfig) -> anyhow::Result<()> {
         "node", "kind", "role", "epoch", "primary", "applied", "committed", "in view"
     );
     for n in &cfg.nodes {
-        let reach = FrontendClient::new(n.base_url(), http.clone()).health().await.is_ok();
-        let row = |role: &str, epoch: String, primary: &str, applied: String, commit: String, in_view: &str| {
+        let reach = FrontendClient::new(n.base_url(), http.clone())
+            .health()
+            .await
+            .is_ok();
+        let row = |role: &str,
+                   epoch: String,
+                   primary: &str,
+                   applied: String,
+                   commit: String,
+                   in_view: &str| {
             println!(
                 "{:<12} {:<9} {:<10} {:>6} {:<12} {:>12} {:>12} {:<8} {}",
                 n.name,
@@ -155,7 +195,10 @@ async fn status(cfg: ClusterConfig) -> anyhow::Result<()> {
             )
         };
         match (n.role, reach) {
-            (Role::Catalog, true) => match CatalogClient::new(n.base_url(), http.clone()).status().await {
+            (Role::Catalog, true) => match CatalogClient::new(n.base_url(), http.clone())
+                .status()
+                .await
+            {
                 Ok(s) => row(
                     &s.role,
                     s.epoch.to_string(),
@@ -164,7 +207,14 @@ async fn status(cfg: ClusterConfig) -> anyhow::Result<()> {
                     s.commit.to_string(),
                     if s.in_view { "yes" } else { "no" },
                 ),
-                Err(e) => row(&format!("? ({e})"), "-".into(), "-", "-".into(), "-".into(), "-"),
+                Err(e) => row(
+                    &format!("? ({e})"),
+                    "-".into(),
+                    "-",
+                    "-".into(),
+                    "-".into(),
+                    "-",
+                ),
             },
             (_, true) => row("up", "-".into(), "-", "-".into(), "-".into(), "-"),
             (_, false) => row("down", "-".into(), "-", "-".into(), "-".into(), "-"),

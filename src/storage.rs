@@ -14,9 +14,15 @@ pub const MAX_BATCH: usize = 512;
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     #[error("cannot create data directory {path}: {source}")]
-    CreateDir { path: PathBuf, source: std::io::Error },
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("data directory {path} is corrupt or unreadable: {source}")]
-    Corrupt { path: PathBuf, source: rusqlite::Error },
+    Corrupt {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
     #[error(
         "data directory {path} belongs to cluster {found_cluster} node {found_node}, not to cluster {cluster} node {node}; refusing to serve its data"
     )]
@@ -52,13 +58,20 @@ pub fn open(dir: &Path, file: &str) -> Result<Connection, StorageError> {
         source,
     })?;
     let path = dir.join(file);
-    let corrupt = |source| StorageError::Corrupt { path: path.clone(), source };
+    let corrupt = |source| StorageError::Corrupt {
+        path: path.clone(),
+        source,
+    };
     let conn = Connection::open(&path).map_err(corrupt)?;
-    conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(corrupt)?;
-    conn.pragma_update(None, "journal_mode", "WAL").map_err(corrupt)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(corrupt)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(corrupt)?;
     // FULL: the WAL is fsync'd at every commit, so a commit is durable when it returns.
-    conn.pragma_update(None, "synchronous", "FULL").map_err(corrupt)?;
-    conn.pragma_update(None, "foreign_keys", "ON").map_err(corrupt)?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(corrupt)?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(corrupt)?;
     let check: String = conn
         .query_row("PRAGMA quick_check", [], |r| r.get(0))
         .map_err(corrupt)?;
@@ -84,12 +97,23 @@ struct IdentityFile {
 /// Checks (or, for a new directory, records) who owns `dir`. A directory
 /// with data but no identity, or an identity of another cluster or node,
 /// is refused: serving it would serve wrong data.
-pub fn claim(dir: &Path, data_file: &str, cluster_id: &str, node: &str) -> Result<Identity, StorageError> {
+pub fn claim(
+    dir: &Path,
+    data_file: &str,
+    cluster_id: &str,
+    node: &str,
+) -> Result<Identity, StorageError> {
     let path = dir.join(IDENTITY_FILE);
-    let corrupt = |why: String| StorageError::Invalid(format!("data directory {} is corrupt: {why}", dir.display()));
+    let corrupt = |why: String| {
+        StorageError::Invalid(format!(
+            "data directory {} is corrupt: {why}",
+            dir.display()
+        ))
+    };
     match std::fs::read(&path) {
         Ok(bytes) => {
-            let id: IdentityFile = serde_json::from_slice(&bytes).map_err(|e| corrupt(format!("{IDENTITY_FILE}: {e}")))?;
+            let id: IdentityFile = serde_json::from_slice(&bytes)
+                .map_err(|e| corrupt(format!("{IDENTITY_FILE}: {e}")))?;
             if id.cluster_id != cluster_id || id.node != node {
                 return Err(StorageError::WrongOwner {
                     path: dir.to_path_buf(),
@@ -99,13 +123,23 @@ pub fn claim(dir: &Path, data_file: &str, cluster_id: &str, node: &str) -> Resul
                     node: node.to_string(),
                 });
             }
-            Ok(Identity { cluster_id: id.cluster_id, node: id.node, incarnation: id.incarnation, fresh: false })
+            Ok(Identity {
+                cluster_id: id.cluster_id,
+                node: id.node,
+                incarnation: id.incarnation,
+                fresh: false,
+            })
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if dir.join(data_file).exists() {
-                return Err(corrupt(format!("it holds {data_file} but no {IDENTITY_FILE}")));
+                return Err(corrupt(format!(
+                    "it holds {data_file} but no {IDENTITY_FILE}"
+                )));
             }
-            std::fs::create_dir_all(dir).map_err(|source| StorageError::CreateDir { path: dir.to_path_buf(), source })?;
+            std::fs::create_dir_all(dir).map_err(|source| StorageError::CreateDir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
             // Grows with every directory created (wall-clock microseconds), as
             // the replication core requires of incarnations.
             let incarnation = std::time::SystemTime::now()
@@ -113,10 +147,25 @@ pub fn claim(dir: &Path, data_file: &str, cluster_id: &str, node: &str) -> Resul
                 .map(|d| d.as_micros() as u64)
                 .unwrap_or(1)
                 .max(1);
-            let id = IdentityFile { cluster_id: cluster_id.to_string(), node: node.to_string(), incarnation };
-            write_durably(&path, &serde_json::to_vec_pretty(&id).expect("identity serialises"))
-                .map_err(|source| StorageError::CreateDir { path: path.clone(), source })?;
-            Ok(Identity { cluster_id: id.cluster_id, node: id.node, incarnation, fresh: true })
+            let id = IdentityFile {
+                cluster_id: cluster_id.to_string(),
+                node: node.to_string(),
+                incarnation,
+            };
+            write_durably(
+                &path,
+                &serde_json::to_vec_pretty(&id).expect("identity serialises"),
+            )
+            .map_err(|source| StorageError::CreateDir {
+                path: path.clone(),
+                source,
+            })?;
+            Ok(Identity {
+                cluster_id: id.cluster_id,
+                node: id.node,
+                incarnation,
+                fresh: true,
+            })
         }
         Err(e) => Err(corrupt(format!("cannot read {IDENTITY_FILE}: {e}"))),
     }
@@ -208,17 +257,30 @@ mod tests {
 
     #[test]
     fn a_data_dir_refuses_another_cluster_or_node() {
-        let dir = std::env::temp_dir().join(format!("pygmy-claim-{}", uuid::Uuid::new_v4().simple()));
+        let dir =
+            std::env::temp_dir().join(format!("pygmy-claim-{}", uuid::Uuid::new_v4().simple()));
         let first = claim(&dir, "t.sqlite", "c1", "catalog-1").unwrap();
         assert!(first.fresh);
         let again = claim(&dir, "t.sqlite", "c1", "catalog-1").unwrap();
         assert_eq!(again.incarnation, first.incarnation);
         assert!(!again.fresh);
-        assert!(matches!(claim(&dir, "t.sqlite", "c2", "catalog-1"), Err(StorageError::WrongOwner { .. })));
-        assert!(matches!(claim(&dir, "t.sqlite", "c1", "catalog-2"), Err(StorageError::WrongOwner { .. })));
+        assert!(matches!(
+            claim(&dir, "t.sqlite", "c2", "catalog-1"),
+            Err(StorageError::WrongOwner { .. })
+        ));
+        assert!(matches!(
+            claim(&dir, "t.sqlite", "c1", "catalog-2"),
+            Err(StorageError::WrongOwner { .. })
+        ));
         std::fs::remove_file(dir.join(IDENTITY_FILE)).unwrap();
         std::fs::write(dir.join("t.sqlite"), b"data").unwrap();
-        assert!(matches!(claim(&dir, "t.sqlite", "c1", "catalog-1"), Err(StorageError::Invalid(_))), "data without identity");
+        assert!(
+            matches!(
+                claim(&dir, "t.sqlite", "c1", "catalog-1"),
+                Err(StorageError::Invalid(_))
+            ),
+            "data without identity"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

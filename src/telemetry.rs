@@ -4,7 +4,8 @@ use tracing_subscriber::EnvFilter;
 
 /// Installs the global subscriber, tagging every line with `node` when given.
 pub fn init(node: Option<&str>) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,hyper=warn,reqwest=warn"));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,hyper=warn,reqwest=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)

@@ -38,7 +38,11 @@ impl Up {
                 }
             }
         });
-        Self { child, lines, seen: Vec::new() }
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
     }
 
     /// Waits for a stdout line containing `needle`.
@@ -51,7 +55,10 @@ impl Up {
                         return l;
                     }
                 }
-                Err(_) => panic!("`pygmy up` never printed {needle:?}; it printed {:#?}", self.seen),
+                Err(_) => panic!(
+                    "`pygmy up` never printed {needle:?}; it printed {:#?}",
+                    self.seen
+                ),
             }
         }
     }
@@ -75,7 +82,10 @@ async fn up_writes_the_cluster_file_runs_the_store_keeps_its_state_and_stops_cle
     let root = common::temp_dir("up");
     let data = root.join("pygmy-data");
     let host = common::unique_host();
-    let mut up = Up::start(&["--data-dir", data.to_str().unwrap(), "--host", &host], &root);
+    let mut up = Up::start(
+        &["--data-dir", data.to_str().unwrap(), "--host", &host],
+        &root,
+    );
     up.expect("new cluster written to");
     up.expect("the store is up");
 
@@ -84,40 +94,71 @@ async fn up_writes_the_cluster_file_runs_the_store_keeps_its_state_and_stops_cle
     assert_eq!(mode & 0o777, 0o600, "the file holding the token is private");
     let text = std::fs::read_to_string(&cfg_path).unwrap();
     let cfg = ClusterConfig::parse(&text).unwrap();
-    assert!(text.lines().any(|l| l.starts_with("token = ")), "token is a top-level key");
+    assert!(
+        text.lines().any(|l| l.starts_with("token = ")),
+        "token is a top-level key"
+    );
     let names: Vec<&str> = cfg.nodes.iter().map(|n| n.name.as_str()).collect();
-    for n in ["frontend", "order-1", "order-2", "order-3", "catalog-1", "catalog-2", "catalog-3"] {
+    for n in [
+        "frontend",
+        "order-1",
+        "order-2",
+        "order-3",
+        "catalog-1",
+        "catalog-2",
+        "catalog-3",
+    ] {
         assert!(names.contains(&n), "{n} in {names:?}");
     }
     assert!(cfg.nodes.iter().any(|n| n.addr == format!("{host}:5004")));
     assert!(cfg.nodes.iter().any(|n| n.addr == format!("{host}:5001")));
 
-    let fe = FrontendClient::new(format!("http://{host}:5004"), Http::new(None, Duration::from_secs(10)));
+    let fe = FrontendClient::new(
+        format!("http://{host}:5004"),
+        Http::new(None, Duration::from_secs(10)),
+    );
     fe.buy("2", None).await.unwrap();
     assert_eq!(fe.lookup("2").await.unwrap().stock, 999);
 
     // `pygmy status` shows every node; catalog-3 (highest id) is the primary
     // and every replica has applied the buy.
     let status = |path: std::path::PathBuf| {
-        let out = Command::new(common::BIN).args(["status", "--config", path.to_str().unwrap()]).output().unwrap();
+        let out = Command::new(common::BIN)
+            .args(["status", "--config", path.to_str().unwrap()])
+            .output()
+            .unwrap();
         assert!(out.status.success());
         String::from_utf8(out.stdout).unwrap()
     };
     let mut text = String::new();
     for _ in 0..1200 {
         text = status(cfg_path.clone());
-        let applied: Vec<&str> = text.lines().filter(|l| l.starts_with("catalog")).map(|l| l.split_whitespace().nth(5).unwrap_or("")).collect();
-        let c3_primary = text.lines().any(|l| l.starts_with("catalog-3") && l.contains(" primary "));
+        let applied: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("catalog"))
+            .map(|l| l.split_whitespace().nth(5).unwrap_or(""))
+            .collect();
+        let c3_primary = text
+            .lines()
+            .any(|l| l.starts_with("catalog-3") && l.contains(" primary "));
         if c3_primary && applied.len() == 3 && applied.iter().all(|a| *a == applied[0]) {
             break;
         }
         std::thread::sleep(Duration::from_millis(25));
     }
-    let row = |name: &str| text.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} missing:\n{text}")).to_string();
+    let row = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
+            .to_string()
+    };
     assert!(row("catalog-3").contains(" primary "), "{text}");
     for n in ["catalog-1", "catalog-2"] {
         let r = row(n);
-        assert!(r.contains(" backup ") && r.contains("catalog-3") && r.ends_with("yes"), "{text}");
+        assert!(
+            r.contains(" backup ") && r.contains("catalog-3") && r.ends_with("yes"),
+            "{text}"
+        );
     }
     for n in ["frontend", "order-1", "order-2", "order-3"] {
         assert!(row(n).contains(" up "), "{text}");
@@ -161,7 +202,14 @@ async fn serve_listens_where_the_flag_or_the_environment_says() {
     let flag = format!("{host}:6101");
     let env = format!("{host}:6102");
     let mut by_flag = Command::new(common::BIN)
-        .args(["serve", "--config", path.to_str().unwrap(), "catalog-1", "--listen", &flag])
+        .args([
+            "serve",
+            "--config",
+            path.to_str().unwrap(),
+            "catalog-1",
+            "--listen",
+            &flag,
+        ])
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
@@ -173,10 +221,14 @@ async fn serve_listens_where_the_flag_or_the_environment_says() {
         .unwrap();
     for addr in [&flag, &env] {
         let c = FrontendClient::new(format!("http://{addr}"), http.clone());
-        common::wait_until(&format!("a node answers on {addr}"), Duration::from_secs(30), || {
-            let c = c.clone();
-            async move { c.health().await.is_ok() }
-        })
+        common::wait_until(
+            &format!("a node answers on {addr}"),
+            Duration::from_secs(30),
+            || {
+                let c = c.clone();
+                async move { c.health().await.is_ok() }
+            },
+        )
         .await;
     }
     by_flag.kill().unwrap();
@@ -191,6 +243,10 @@ async fn serve_listens_where_the_flag_or_the_environment_says() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("is not valid"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not valid"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     std::fs::remove_dir_all(&root).unwrap();
 }

@@ -33,9 +33,15 @@ async fn raw(addr: &str, bytes: &[u8]) -> Option<u16> {
         }
     })
     .await;
-    assert!(read.is_ok(), "the server neither answered nor closed: {}", String::from_utf8_lossy(bytes));
+    assert!(
+        read.is_ok(),
+        "the server neither answered nor closed: {}",
+        String::from_utf8_lossy(bytes)
+    );
     let head = String::from_utf8_lossy(&buf);
-    head.strip_prefix("HTTP/1.1 ").and_then(|r| r.get(..3)).and_then(|c| c.parse().ok())
+    head.strip_prefix("HTTP/1.1 ")
+        .and_then(|r| r.get(..3))
+        .and_then(|c| c.parse().ok())
 }
 
 fn req(method: &str, path: &str, headers: &[&str], body: &str) -> Vec<u8> {
@@ -78,12 +84,27 @@ async fn hostile_requests_get_4xx_and_change_nothing() {
         let mut add = |name: &str, bytes: Vec<u8>| cases.push((format!("{node}: {name}"), bytes));
         let a = auth.as_str();
         for path in [
-            "/lookup/%00", "/lookup/1e3", "/lookup/0x10", "/lookup/99999999999999999999999999999999999",
-            "/lookup/", "/lookup/1/2", "/lookup/..%2F..%2Fetc%2Fpasswd", "/../buy/1", "/%2e%2e/buy/1",
-            "//lookup//1", "/search/..", "/search/%FF%FE", "/search/a%20b", "/buy/-1", "/buy/1.0",
+            "/lookup/%00",
+            "/lookup/1e3",
+            "/lookup/0x10",
+            "/lookup/99999999999999999999999999999999999",
+            "/lookup/",
+            "/lookup/1/2",
+            "/lookup/..%2F..%2Fetc%2Fpasswd",
+            "/../buy/1",
+            "/%2e%2e/buy/1",
+            "//lookup//1",
+            "/search/..",
+            "/search/%FF%FE",
+            "/search/a%20b",
+            "/buy/-1",
+            "/buy/1.0",
             // Query arguments of internal routes (the public routes take none and ignore them).
-            "/lookup/1?min_version=abc", "/lookup/1?min_version=1.99999999999999999999999",
-            "/log?limit=0", "/log?limit=abc", "/log?before=-1",
+            "/lookup/1?min_version=abc",
+            "/lookup/1?min_version=1.99999999999999999999999",
+            "/log?limit=0",
+            "/log?limit=abc",
+            "/log?before=-1",
         ] {
             if node == "frontend" && path.starts_with("/lookup/1?") {
                 continue;
@@ -91,34 +112,138 @@ async fn hostile_requests_get_4xx_and_change_nothing() {
             add(&format!("GET {path}"), req("GET", path, &[a], ""));
             add(&format!("POST {path}"), req("POST", path, &[a], ""));
         }
-        for (m, p) in [("GET", "/buy/1"), ("PUT", "/lookup/1"), ("POST", "/catalog/update"), ("DELETE", "/internal/write"), ("PATCH", "/internal/buy"), ("GET", "/internal/invalidate")] {
+        for (m, p) in [
+            ("GET", "/buy/1"),
+            ("PUT", "/lookup/1"),
+            ("POST", "/catalog/update"),
+            ("DELETE", "/internal/write"),
+            ("PATCH", "/internal/buy"),
+            ("GET", "/internal/invalidate"),
+        ] {
             add(&format!("{m} {p}"), req(m, p, &[a], ""));
         }
-        for (p, m) in [("/catalog/update", "PUT"), ("/internal/write", "POST"), ("/internal/buy", "POST"), ("/internal/invalidate", "POST"), ("/internal/cache-lease", "POST")] {
-            for body in ["{", "null", "[1,2]", "{\"id\": \"1\"}", "{\"book_id\": 1e400}", "\u{0}\u{1}", "{\"id\": 1, \"stock\": 18446744073709551616}", "{\"request_id\": \"\", \"op\": \"buy\", \"book_id\": 1}", "{\"request_id\": \"a b\", \"book_id\": 1}", "{\"frontend\": 7}"] {
+        for (p, m) in [
+            ("/catalog/update", "PUT"),
+            ("/internal/write", "POST"),
+            ("/internal/buy", "POST"),
+            ("/internal/invalidate", "POST"),
+            ("/internal/cache-lease", "POST"),
+        ] {
+            for body in [
+                "{",
+                "null",
+                "[1,2]",
+                "{\"id\": \"1\"}",
+                "{\"book_id\": 1e400}",
+                "\u{0}\u{1}",
+                "{\"id\": 1, \"stock\": 18446744073709551616}",
+                "{\"request_id\": \"\", \"op\": \"buy\", \"book_id\": 1}",
+                "{\"request_id\": \"a b\", \"book_id\": 1}",
+                "{\"frontend\": 7}",
+            ] {
                 add(&format!("{m} {p} {body:?}"), req(m, p, &[a, json], body));
             }
-            add(&format!("{m} {p} text/plain"), req(m, p, &[a, "Content-Type: text/plain"], "{\"id\": 1, \"stock\": 0}"));
-            add(&format!("{m} {p} two content types"), req(m, p, &[a, json, "Content-Type: text/xml"], "{\"id\": 1, \"stock\": 0}"));
-            add(&format!("{m} {p} no token"), req(m, p, &[json], "{\"id\": 1, \"stock\": 0}"));
-            add(&format!("{m} {p} two tokens"), req(m, p, &[a, "Authorization: Bearer nope-nope-nope-nope", json], "{\"id\": 1, \"stock\": 0}"));
-            add(&format!("{m} {p} basic auth"), req(m, p, &["Authorization: Basic YTpi", json], "{\"id\": 1, \"stock\": 0}"));
-            let big = format!("{{\"id\": 1, \"stock\": 0, \"x\": \"{}\"}}", "a".repeat(200_000));
+            add(
+                &format!("{m} {p} text/plain"),
+                req(
+                    m,
+                    p,
+                    &[a, "Content-Type: text/plain"],
+                    "{\"id\": 1, \"stock\": 0}",
+                ),
+            );
+            add(
+                &format!("{m} {p} two content types"),
+                req(
+                    m,
+                    p,
+                    &[a, json, "Content-Type: text/xml"],
+                    "{\"id\": 1, \"stock\": 0}",
+                ),
+            );
+            add(
+                &format!("{m} {p} no token"),
+                req(m, p, &[json], "{\"id\": 1, \"stock\": 0}"),
+            );
+            add(
+                &format!("{m} {p} two tokens"),
+                req(
+                    m,
+                    p,
+                    &[a, "Authorization: Bearer nope-nope-nope-nope", json],
+                    "{\"id\": 1, \"stock\": 0}",
+                ),
+            );
+            add(
+                &format!("{m} {p} basic auth"),
+                req(
+                    m,
+                    p,
+                    &["Authorization: Basic YTpi", json],
+                    "{\"id\": 1, \"stock\": 0}",
+                ),
+            );
+            let big = format!(
+                "{{\"id\": 1, \"stock\": 0, \"x\": \"{}\"}}",
+                "a".repeat(200_000)
+            );
             add(&format!("{m} {p} oversized"), req(m, p, &[a, json], &big));
         }
         add("conflicting content-length", b"POST /buy/1 HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 5\r\n\r\nhello".to_vec());
-        add("transfer-encoding not chunked", b"POST /buy/1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nhello".to_vec());
-        add("two hosts", b"POST /buy/1 HTTP/1.1\r\nHost: x\r\nHost: y\r\nContent-Length: 0\r\n\r\n".to_vec());
-        add("two idempotency keys", req("POST", "/buy/1", &["Idempotency-Key: a", "Idempotency-Key: b"], ""));
-        add("bad idempotency key", req("POST", "/buy/1", &["Idempotency-Key: \u{7f}x"], ""));
-        add("long idempotency key", req("POST", "/buy/1", &[&format!("Idempotency-Key: {}", "k".repeat(500))], ""));
-        add("huge header", req("GET", "/lookup/1", &[&format!("X-Junk: {}", "j".repeat(64 * 1024))], ""));
+        add(
+            "transfer-encoding not chunked",
+            b"POST /buy/1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nhello".to_vec(),
+        );
+        add(
+            "two hosts",
+            b"POST /buy/1 HTTP/1.1\r\nHost: x\r\nHost: y\r\nContent-Length: 0\r\n\r\n".to_vec(),
+        );
+        add(
+            "two idempotency keys",
+            req(
+                "POST",
+                "/buy/1",
+                &["Idempotency-Key: a", "Idempotency-Key: b"],
+                "",
+            ),
+        );
+        add(
+            "bad idempotency key",
+            req("POST", "/buy/1", &["Idempotency-Key: \u{7f}x"], ""),
+        );
+        add(
+            "long idempotency key",
+            req(
+                "POST",
+                "/buy/1",
+                &[&format!("Idempotency-Key: {}", "k".repeat(500))],
+                "",
+            ),
+        );
+        add(
+            "huge header",
+            req(
+                "GET",
+                "/lookup/1",
+                &[&format!("X-Junk: {}", "j".repeat(64 * 1024))],
+                "",
+            ),
+        );
         let many: Vec<String> = (0..200).map(|i| format!("X-H{i}: v")).collect();
         let many: Vec<&str> = many.iter().map(String::as_str).collect();
         add("too many headers", req("GET", "/lookup/1", &many, ""));
-        add("huge path", req("GET", &format!("/lookup/{}", "1".repeat(100_000)), &[], ""));
-        add("garbage", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n".to_vec());
-        add("bad version", b"GET /lookup/1 HTTP/9.9\r\nHost: x\r\n\r\n".to_vec());
+        add(
+            "huge path",
+            req("GET", &format!("/lookup/{}", "1".repeat(100_000)), &[], ""),
+        );
+        add(
+            "garbage",
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n".to_vec(),
+        );
+        add(
+            "bad version",
+            b"GET /lookup/1 HTTP/9.9\r\nHost: x\r\n\r\n".to_vec(),
+        );
         add("bad request line", b"GET\r\n\r\n".to_vec());
 
         for (name, bytes) in &cases {
@@ -127,28 +252,43 @@ async fn hostile_requests_get_4xx_and_change_nothing() {
 
         // Slow clients: a head trickled in, and a body that never arrives.
         let mut s = TcpStream::connect(&addr).await.unwrap();
-        s.write_all(b"GET /lookup/1 HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        s.write_all(b"GET /lookup/1 HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
         let mut buf = [0u8; 512];
         let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf))
             .await
             .expect("a slow head is cut off")
             .unwrap_or(0);
-        assert_4xx(&format!("{node}: slow head"), std::str::from_utf8(&buf[..n]).ok().and_then(|h| h.get(9..12)).and_then(|c| c.parse().ok()));
+        assert_4xx(
+            &format!("{node}: slow head"),
+            std::str::from_utf8(&buf[..n])
+                .ok()
+                .and_then(|h| h.get(9..12))
+                .and_then(|c| c.parse().ok()),
+        );
         let mut s = TcpStream::connect(&addr).await.unwrap();
-        let head = format!("PUT /catalog/update HTTP/1.1\r\nHost: x\r\n{auth}\r\n{json}\r\nContent-Length: 1000\r\n\r\n{{\"id\":");
+        let head = format!(
+            "PUT /catalog/update HTTP/1.1\r\nHost: x\r\n{auth}\r\n{json}\r\nContent-Length: 1000\r\n\r\n{{\"id\":"
+        );
         s.write_all(head.as_bytes()).await.unwrap();
         let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf))
             .await
             .expect("a slow body is cut off")
             .unwrap_or(0);
-        let status = std::str::from_utf8(&buf[..n]).ok().and_then(|h| h.get(9..12)).and_then(|c| c.parse::<u16>().ok());
+        let status = std::str::from_utf8(&buf[..n])
+            .ok()
+            .and_then(|h| h.get(9..12))
+            .and_then(|c| c.parse::<u16>().ok());
         assert_4xx(&format!("{node}: slow body"), status);
 
         // An idle connection (nothing sent, or nothing after an answer) is closed.
         for warm in [false, true] {
             let mut s = TcpStream::connect(&addr).await.unwrap();
             if warm {
-                s.write_all(b"GET /healthcheck HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+                s.write_all(b"GET /healthcheck HTTP/1.1\r\nHost: x\r\n\r\n")
+                    .await
+                    .unwrap();
                 let n = s.read(&mut buf).await.unwrap();
                 assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
             }
@@ -161,7 +301,10 @@ async fn hostile_requests_get_4xx_and_change_nothing() {
                 }
             })
             .await;
-            assert!(closed.is_ok(), "{node}: an idle connection (warm: {warm}) stays open");
+            assert!(
+                closed.is_ok(),
+                "{node}: an idle connection (warm: {warm}) stays open"
+            );
         }
 
         // And the node still serves.
@@ -170,8 +313,15 @@ async fn hostile_requests_get_4xx_and_change_nothing() {
     }
 
     assert_eq!(
-        c.books().await.into_iter().map(|b| (b.id, b.stock, b.cost)).collect::<Vec<_>>(),
-        books.into_iter().map(|b| (b.id, b.stock, b.cost)).collect::<Vec<_>>(),
+        c.books()
+            .await
+            .into_iter()
+            .map(|b| (b.id, b.stock, b.cost))
+            .collect::<Vec<_>>(),
+        books
+            .into_iter()
+            .map(|b| (b.id, b.stock, b.cost))
+            .collect::<Vec<_>>(),
         "hostile requests changed the store"
     );
     assert_eq!(c.order_log_len().await, 0);
@@ -192,7 +342,10 @@ async fn overload_is_shed_with_503_and_retry_after_and_the_rest_is_served() {
             let (raw, url) = (raw.clone(), url.clone());
             tokio::spawn(async move {
                 let res = raw.post(url).send().await.unwrap();
-                (res.status().as_u16(), res.headers().get("retry-after").is_some())
+                (
+                    res.status().as_u16(),
+                    res.headers().get("retry-after").is_some(),
+                )
             })
         })
         .collect();
@@ -204,9 +357,16 @@ async fn overload_is_shed_with_503_and_retry_after_and_the_rest_is_served() {
             other => panic!("neither served nor shed with Retry-After: {other:?}"),
         }
     }
-    assert!(shed > 0, "nothing was shed with 40 concurrent buys and a cap of 2");
+    assert!(
+        shed > 0,
+        "nothing was shed with 40 concurrent buys and a cap of 2"
+    );
     assert!(ok > 0, "nothing was served");
-    assert_eq!(c.stock(4).await, before - ok, "exactly the served buys happened");
+    assert_eq!(
+        c.stock(4).await,
+        before - ok,
+        "exactly the served buys happened"
+    );
 }
 
 /// Writes `bytes` (as far as the server reads them) and returns the status
@@ -233,11 +393,14 @@ async fn status_after(addr: &str, bytes: &[u8]) -> Option<u16> {
         }
         buf
     };
-    let (_, buf) = tokio::time::timeout(Duration::from_secs(20), async { tokio::join!(write, read) })
-        .await
-        .expect("the server neither answered nor closed");
+    let (_, buf) =
+        tokio::time::timeout(Duration::from_secs(20), async { tokio::join!(write, read) })
+            .await
+            .expect("the server neither answered nor closed");
     let head = String::from_utf8_lossy(&buf);
-    head.strip_prefix("HTTP/1.1 ").and_then(|r| r.get(..3)).and_then(|c| c.parse().ok())
+    head.strip_prefix("HTTP/1.1 ")
+        .and_then(|r| r.get(..3))
+        .and_then(|c| c.parse().ok())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -248,32 +411,59 @@ async fn a_request_over_the_body_limit_answers_413_and_a_buy_with_a_body_buys_no
     let big = vec![b'x'; 8 << 20];
 
     // An 8 MiB body, declared: 413 before the body is read, nothing bought.
-    let mut declared = format!("POST /buy/1 HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", big.len()).into_bytes();
+    let mut declared = format!(
+        "POST /buy/1 HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        big.len()
+    )
+    .into_bytes();
     declared.extend_from_slice(&big);
-    assert_eq!(status_after(&addr, &declared).await, Some(413), "declared 8 MiB buy");
+    assert_eq!(
+        status_after(&addr, &declared).await,
+        Some(413),
+        "declared 8 MiB buy"
+    );
 
     // The same, chunked (no length declared): 413 once the limit is passed.
-    let mut chunked = b"POST /buy/1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    let mut chunked =
+        b"POST /buy/1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
     for part in big.chunks(1 << 16) {
         chunked.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
         chunked.extend_from_slice(part);
         chunked.extend_from_slice(b"\r\n");
     }
     chunked.extend_from_slice(b"0\r\n\r\n");
-    assert_eq!(status_after(&addr, &chunked).await, Some(413), "chunked 8 MiB buy");
+    assert_eq!(
+        status_after(&addr, &chunked).await,
+        Some(413),
+        "chunked 8 MiB buy"
+    );
 
     // Any route, even one that reads no body.
-    let mut lookup = format!("GET /lookup/1 HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", big.len()).into_bytes();
+    let mut lookup = format!(
+        "GET /lookup/1 HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        big.len()
+    )
+    .into_bytes();
     lookup.extend_from_slice(&big[..1 << 16]);
-    assert_eq!(status_after(&addr, &lookup).await, Some(413), "declared 8 MiB lookup");
+    assert_eq!(
+        status_after(&addr, &lookup).await,
+        Some(413),
+        "declared 8 MiB lookup"
+    );
 
     // A buy with a small body it does not expect is refused.
     for (what, bytes) in [
-        ("json body", req("POST", "/buy/1", &["Content-Type: application/json"], "{}")),
+        (
+            "json body",
+            req("POST", "/buy/1", &["Content-Type: application/json"], "{}"),
+        ),
         ("text body", req("POST", "/buy/1", &[], "1")),
     ] {
         let status = raw(&addr, &bytes).await;
-        assert!(status.is_some_and(|s| (400..500).contains(&s)), "a buy with a {what}: {status:?}");
+        assert!(
+            status.is_some_and(|s| (400..500).contains(&s)),
+            "a buy with a {what}: {status:?}"
+        );
     }
 
     // A buy without a body still works, and only it happened.

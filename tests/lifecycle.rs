@@ -21,8 +21,14 @@ fn refuses(cfg_path: &std::path::Path, node: &str, needle: &str) {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{node} started on a bad data directory");
-    assert!(err.contains(needle), "{node}: expected {needle:?} in:\n{err}");
+    assert!(
+        !out.status.success(),
+        "{node} started on a bad data directory"
+    );
+    assert!(
+        err.contains(needle),
+        "{node}: expected {needle:?} in:\n{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,7 +106,10 @@ async fn buys_survive_sigterm_of(node: &str) {
                                 break;
                             }
                             Err(e) => {
-                                assert!(tokio::time::Instant::now() < deadline, "{key} never succeeded: {e}");
+                                assert!(
+                                    tokio::time::Instant::now() < deadline,
+                                    "{key} never succeeded: {e}"
+                                );
                                 assert!(e.is_retryable(), "{key}: final error {e}");
                                 tokio::time::sleep(Duration::from_millis(20)).await;
                             }
@@ -114,10 +123,18 @@ async fn buys_survive_sigterm_of(node: &str) {
         .collect();
     common::wait_until("buys are flowing", Duration::from_secs(30), || {
         let c = c.catalog("catalog-3");
-        async move { c.lookup(pygmy::api::BookId::new(1).unwrap(), None).await.is_ok_and(|b| b.stock + 10 <= start) }
+        async move {
+            c.lookup(pygmy::api::BookId::new(1).unwrap(), None)
+                .await
+                .is_ok_and(|b| b.stock + 10 <= start)
+        }
     })
     .await;
-    let node = if node == "the catalog primary" { c.primary().await } else { node.to_string() };
+    let node = if node == "the catalog primary" {
+        c.primary().await
+    } else {
+        node.to_string()
+    };
     let node = node.as_str();
     assert!(c.stop(node), "{node} exits cleanly on SIGTERM");
     c.restart(node).await;
@@ -130,7 +147,11 @@ async fn buys_survive_sigterm_of(node: &str) {
             assert!(ids.insert(id), "order id {id} given to two keys");
         }
     }
-    assert_eq!(c.stock(1).await, start - keys.len() as u64, "stopping {node}: every acknowledged buy applied exactly once");
+    assert_eq!(
+        c.stock(1).await,
+        start - keys.len() as u64,
+        "stopping {node}: every acknowledged buy applied exactly once"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -47,15 +47,24 @@ async fn client(i: usize, fes: [FrontendClient; 2], sh: Arc<Shared>) {
         let buy = (n + i as u64).is_multiple_of(3);
         let start = Instant::now();
         let op = if buy {
-            match fe.buy(&BOOK.to_string(), Some(&format!("lin-{i}-{n}"))).await {
-                Ok(r) => Op::Bought { order_id: r.order_id },
+            match fe
+                .buy(&BOOK.to_string(), Some(&format!("lin-{i}-{n}")))
+                .await
+            {
+                Ok(r) => Op::Bought {
+                    order_id: r.order_id,
+                },
                 Err(e) if e.status() == Some(409) => Op::OutOfStock,
-                Err(e) => Op::Failed { what: format!("buy through frontend {}: {e}", which + 1) },
+                Err(e) => Op::Failed {
+                    what: format!("buy through frontend {}: {e}", which + 1),
+                },
             }
         } else {
             match fe.lookup(&BOOK.to_string()).await {
                 Ok(r) => Op::Lookup { stock: r.stock },
-                Err(e) => Op::Failed { what: format!("lookup through frontend {}: {e}", which + 1) },
+                Err(e) => Op::Failed {
+                    what: format!("lookup through frontend {}: {e}", which + 1),
+                },
             }
         };
         let end = Instant::now();
@@ -71,24 +80,39 @@ async fn client(i: usize, fes: [FrontendClient; 2], sh: Arc<Shared>) {
             }
             _ => {}
         }
-        sh.events.lock().unwrap().push(Event { client: i, start, end, op });
+        sh.events.lock().unwrap().push(Event {
+            client: i,
+            start,
+            end,
+            op,
+        });
     }
 }
 
 /// Waits until `more` further buys succeeded.
 async fn buys(sh: &Shared, more: u64) {
     let target = sh.bought.load(Ordering::Relaxed) + more;
-    wait_until(&format!("{target} buys succeeded"), Duration::from_secs(60), || async {
-        sh.bought.load(Ordering::Relaxed) >= target
-    })
+    wait_until(
+        &format!("{target} buys succeeded"),
+        Duration::from_secs(60),
+        || async { sh.bought.load(Ordering::Relaxed) >= target },
+    )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn buys_and_lookups_through_two_frontends_are_linearizable_across_a_primary_crash_and_a_frontend_restart() {
+async fn buys_and_lookups_through_two_frontends_are_linearizable_across_a_primary_crash_and_a_frontend_restart()
+ {
     let mut c = TestCluster::start(Options {
         tweak: |cfg| {
-            let host = cfg.node("frontend").unwrap().addr.rsplit_once(':').unwrap().0.to_string();
+            let host = cfg
+                .node("frontend")
+                .unwrap()
+                .addr
+                .rsplit_once(':')
+                .unwrap()
+                .0
+                .to_string();
             cfg.nodes.push(NodeConfig {
                 name: "frontend-2".into(),
                 role: Role::Frontend,
@@ -112,7 +136,13 @@ async fn buys_and_lookups_through_two_frontends_are_linearizable_across_a_primar
         events: Mutex::new(Vec::new()),
     });
     let tasks: Vec<_> = (0..CLIENTS)
-        .map(|i| tokio::spawn(client(i, [c.frontend(), c.frontend_named("frontend-2")], sh.clone())))
+        .map(|i| {
+            tokio::spawn(client(
+                i,
+                [c.frontend(), c.frontend_named("frontend-2")],
+                sh.clone(),
+            ))
+        })
         .collect();
 
     buys(&sh, 30).await;
@@ -121,18 +151,27 @@ async fn buys_and_lookups_through_two_frontends_are_linearizable_across_a_primar
     buys(&sh, 40).await;
     c.restart(&primary).await;
     // It catches up and takes primaryship back (the highest process id).
-    wait_until(&format!("{primary} is primary again"), Duration::from_secs(60), || {
-        let p = c.catalog(&primary);
-        async move { p.status().await.is_ok_and(|s| s.role == "primary") && p.lookup(BookId::new(BOOK).unwrap(), None).await.is_ok() }
-    })
+    wait_until(
+        &format!("{primary} is primary again"),
+        Duration::from_secs(60),
+        || {
+            let p = c.catalog(&primary);
+            async move {
+                p.status().await.is_ok_and(|s| s.role == "primary")
+                    && p.lookup(BookId::new(BOOK).unwrap(), None).await.is_ok()
+            }
+        },
+    )
     .await;
     buys(&sh, 30).await;
 
     // Restart the caching frontend: its reads must be right from the start.
     sh.fe1_down.store(true, Ordering::SeqCst);
-    wait_until("requests to frontend 1 drained", Duration::from_secs(60), || async {
-        sh.fe1_in_flight.load(Ordering::SeqCst) == 0
-    })
+    wait_until(
+        "requests to frontend 1 drained",
+        Duration::from_secs(60),
+        || async { sh.fe1_in_flight.load(Ordering::SeqCst) == 0 },
+    )
     .await;
     c.kill9("frontend");
     c.restart("frontend").await;
@@ -145,7 +184,11 @@ async fn buys_and_lookups_through_two_frontends_are_linearizable_across_a_primar
     }
 
     // The stock left, once every replica holds the same.
-    let replicas: Vec<_> = c.names(Role::Catalog).into_iter().map(|n| c.catalog(&n)).collect();
+    let replicas: Vec<_> = c
+        .names(Role::Catalog)
+        .into_iter()
+        .map(|n| c.catalog(&n))
+        .collect();
     let deadline = Instant::now() + Duration::from_secs(30);
     let left = loop {
         let mut seen = Vec::new();
@@ -157,12 +200,21 @@ async fn buys_and_lookups_through_two_frontends_are_linearizable_across_a_primar
         if seen.len() == replicas.len() && seen.windows(2).all(|w| w[0] == w[1]) {
             break seen[0];
         }
-        assert!(Instant::now() < deadline, "the replicas do not converge: {seen:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the replicas do not converge: {seen:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let events = sh.events.lock().unwrap().clone();
-    let looked = [sh.looked_up[0].load(Ordering::Relaxed), sh.looked_up[1].load(Ordering::Relaxed)];
-    assert!(looked[0] > 50 && looked[1] > 50, "lookups through each frontend: {looked:?}");
+    let looked = [
+        sh.looked_up[0].load(Ordering::Relaxed),
+        sh.looked_up[1].load(Ordering::Relaxed),
+    ];
+    assert!(
+        looked[0] > 50 && looked[1] > 50,
+        "lookups through each frontend: {looked:?}"
+    );
     if let Err(v) = check(INITIAL, &events, left) {
         panic!("{v} (history of {} operations)", events.len());
     }

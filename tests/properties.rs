@@ -118,7 +118,11 @@ fn order_buy_request() -> impl Strategy<Value = OrderBuyRequest> {
 
 fn invalidation_batch() -> impl Strategy<Value = InvalidationBatch> {
     let item =
-        (book_id(), version(), any::<bool>()).prop_map(|(book_id, version, begin)| Invalidation { book_id, version, begin });
+        (book_id(), version(), any::<bool>()).prop_map(|(book_id, version, begin)| Invalidation {
+            book_id,
+            version,
+            begin,
+        });
     (
         any::<u64>(),
         any::<u64>(),

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use common::{Options, TestCluster, wait_until};
 use pygmy::api::{BookId, CatalogOp, CatalogWrite, Outcome, RequestId, WriteResult};
-use pygmy::config::Role;
 use pygmy::client::FrontendClient;
+use pygmy::config::Role;
 use tokio::task::JoinHandle;
 
 /// Clients buying book 1 and reading books 1..=7 through the frontend until
@@ -33,7 +33,10 @@ impl Load {
                 tokio::spawn(async move {
                     let mut ids = Vec::new();
                     while !stop.load(Ordering::Relaxed) {
-                        let b = fe.buy("1", None).await.unwrap_or_else(|e| panic!("client-visible buy error: {e}"));
+                        let b = fe
+                            .buy("1", None)
+                            .await
+                            .unwrap_or_else(|e| panic!("client-visible buy error: {e}"));
                         ids.push(b.order_id);
                         acked.fetch_add(1, Ordering::Relaxed);
                     }
@@ -48,9 +51,13 @@ impl Load {
                     let mut n = 0;
                     while !stop.load(Ordering::Relaxed) {
                         let id = (n + r as u64) % 7 + 1;
-                        fe.lookup(&id.to_string()).await.unwrap_or_else(|e| panic!("client-visible lookup error: {e}"));
+                        fe.lookup(&id.to_string())
+                            .await
+                            .unwrap_or_else(|e| panic!("client-visible lookup error: {e}"));
                         if n % 5 == 0 {
-                            fe.search("graduate-school").await.unwrap_or_else(|e| panic!("client-visible search error: {e}"));
+                            fe.search("graduate-school")
+                                .await
+                                .unwrap_or_else(|e| panic!("client-visible search error: {e}"));
                         }
                         n += 1;
                     }
@@ -58,7 +65,12 @@ impl Load {
                 })
             })
             .collect();
-        Self { stop, acked, buyers, readers }
+        Self {
+            stop,
+            acked,
+            buyers,
+            readers,
+        }
     }
 
     fn acked(&self) -> u64 {
@@ -68,10 +80,14 @@ impl Load {
     async fn wait_for_more(&self, n: u64) {
         let target = self.acked() + n;
         let acked = self.acked.clone();
-        wait_until(&format!("{n} more buys are acknowledged"), Duration::from_secs(30), || {
-            let acked = acked.clone();
-            async move { acked.load(Ordering::Relaxed) >= target }
-        })
+        wait_until(
+            &format!("{n} more buys are acknowledged"),
+            Duration::from_secs(30),
+            || {
+                let acked = acked.clone();
+                async move { acked.load(Ordering::Relaxed) >= target }
+            },
+        )
         .await;
     }
 
@@ -96,26 +112,36 @@ async fn role(c: &TestCluster, name: &str) -> Option<String> {
 /// Waits until every running catalog replica has applied the same version
 /// and holds the same stock of every book.
 async fn converged(c: &TestCluster) {
-    let names: Vec<String> = c.names(pygmy::config::Role::Catalog).into_iter().filter(|n| c.is_running(n)).collect();
+    let names: Vec<String> = c
+        .names(pygmy::config::Role::Catalog)
+        .into_iter()
+        .filter(|n| c.is_running(n))
+        .collect();
     let clients: Vec<_> = names.iter().map(|n| c.catalog(n)).collect();
-    wait_until("the catalog replicas converge", Duration::from_secs(30), || {
-        let clients = clients.clone();
-        async move {
-            let mut states = Vec::new();
-            for cl in &clients {
-                let Ok(s) = cl.status().await else { return false };
-                let mut stocks = Vec::new();
-                for id in 1..=7 {
-                    match cl.lookup(BookId::new(id).unwrap(), Some(s.applied)).await {
-                        Ok(b) => stocks.push((b.stock, b.cost)),
-                        Err(_) => return false,
+    wait_until(
+        "the catalog replicas converge",
+        Duration::from_secs(30),
+        || {
+            let clients = clients.clone();
+            async move {
+                let mut states = Vec::new();
+                for cl in &clients {
+                    let Ok(s) = cl.status().await else {
+                        return false;
+                    };
+                    let mut stocks = Vec::new();
+                    for id in 1..=7 {
+                        match cl.lookup(BookId::new(id).unwrap(), Some(s.applied)).await {
+                            Ok(b) => stocks.push((b.stock, b.cost)),
+                            Err(_) => return false,
+                        }
                     }
+                    states.push((s.applied, stocks));
                 }
-                states.push((s.applied, stocks));
+                states.windows(2).all(|w| w[0] == w[1])
             }
-            states.windows(2).all(|w| w[0] == w[1])
-        }
-    })
+        },
+    )
     .await;
 }
 
@@ -126,14 +152,19 @@ fn exactly_once(ids: &[u64]) -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_the_primary_during_buys_is_hidden_from_clients_and_it_takes_primaryship_back_when_it_returns() {
+async fn killing_the_primary_during_buys_is_hidden_from_clients_and_it_takes_primaryship_back_when_it_returns()
+ {
     let mut c = TestCluster::start(Options::default()).await;
     // The highest process id is primary: at once, or — if another replica
     // started its election first — by taking over soon after.
-    wait_until("catalog-3, the highest process id, is primary", Duration::from_secs(30), || {
-        let c3 = c.catalog("catalog-3");
-        async move { c3.status().await.is_ok_and(|s| s.role == "primary") }
-    })
+    wait_until(
+        "catalog-3, the highest process id, is primary",
+        Duration::from_secs(30),
+        || {
+            let c3 = c.catalog("catalog-3");
+            async move { c3.status().await.is_ok_and(|s| s.role == "primary") }
+        },
+    )
     .await;
     assert_eq!(c.primary().await, "catalog-3");
     c.set_stock(1, 1_000_000).await;
@@ -143,19 +174,31 @@ async fn killing_the_primary_during_buys_is_hidden_from_clients_and_it_takes_pri
 
     c.kill9("catalog-3");
     load.wait_for_more(30).await;
-    assert_eq!(c.primary().await, "catalog-2", "the next-highest replica serves writes");
+    assert_eq!(
+        c.primary().await,
+        "catalog-2",
+        "the next-highest replica serves writes"
+    );
 
     c.restart("catalog-3").await;
-    wait_until("catalog-3 catches up and takes primaryship back", Duration::from_secs(30), || {
-        let c3 = c.catalog("catalog-3");
-        async move { c3.status().await.is_ok_and(|s| s.role == "primary") }
-    })
+    wait_until(
+        "catalog-3 catches up and takes primaryship back",
+        Duration::from_secs(30),
+        || {
+            let c3 = c.catalog("catalog-3");
+            async move { c3.status().await.is_ok_and(|s| s.role == "primary") }
+        },
+    )
     .await;
     load.wait_for_more(30).await;
     let ids = load.finish().await;
 
     let n = exactly_once(&ids);
-    assert_eq!(c.stock(1).await, start - n as u64, "every acknowledged buy applied exactly once, none lost");
+    assert_eq!(
+        c.stock(1).await,
+        start - n as u64,
+        "every acknowledged buy applied exactly once, none lost"
+    );
     converged(&c).await;
     assert_eq!(role(&c, "catalog-2").await.as_deref(), Some("backup"));
 }
@@ -170,7 +213,11 @@ async fn killing_a_backup_during_buys_is_hidden_from_clients_and_it_catches_up_w
 
     c.kill9("catalog-1");
     load.wait_for_more(50).await;
-    assert_eq!(c.primary().await, "catalog-3", "a backup's crash does not move the primary");
+    assert_eq!(
+        c.primary().await,
+        "catalog-3",
+        "a backup's crash does not move the primary"
+    );
 
     c.restart("catalog-1").await;
     load.wait_for_more(30).await;
@@ -180,16 +227,25 @@ async fn killing_a_backup_during_buys_is_hidden_from_clients_and_it_catches_up_w
     assert_eq!(c.stock(1).await, start - n as u64);
     converged(&c).await;
     let s = c.catalog("catalog-3").status().await.unwrap();
-    wait_until("catalog-1 is back in the primary's view", Duration::from_secs(30), || {
-        let c3 = c.catalog("catalog-3");
-        async move { c3.status().await.is_ok_and(|s| s.view.contains(&"catalog-1".to_string())) }
-    })
+    wait_until(
+        "catalog-1 is back in the primary's view",
+        Duration::from_secs(30),
+        || {
+            let c3 = c.catalog("catalog-3");
+            async move {
+                c3.status()
+                    .await
+                    .is_ok_and(|s| s.view.contains(&"catalog-1".to_string()))
+            }
+        },
+    )
     .await;
     assert_eq!(s.role, "primary");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_a_majority_writes_answer_503_reads_last_until_the_lease_and_all_resumes_when_one_returns() {
+async fn without_a_majority_writes_answer_503_reads_last_until_the_lease_and_all_resumes_when_one_returns()
+ {
     let mut c = TestCluster::start(Options {
         // A lease long enough that "right after the crash" is surely within it.
         tweak: |cfg| {
@@ -214,14 +270,34 @@ async fn without_a_majority_writes_answer_503_reads_last_until_the_lease_and_all
     c.kill9("catalog-3");
     c.kill9("catalog-2");
     // Reads keep working while its lease lasts…
-    assert_eq!(survivor.lookup(BookId::new(2).unwrap(), None).await.unwrap().stock, before);
+    assert_eq!(
+        survivor
+            .lookup(BookId::new(2).unwrap(), None)
+            .await
+            .unwrap()
+            .stock,
+        before
+    );
     // …and stop once it has run out; writes never go through.
-    wait_until("catalog-1's lease runs out", Duration::from_secs(30), || {
-        let s = survivor.clone();
-        async move { s.lookup(BookId::new(2).unwrap(), None).await.is_err_and(|e| e.status() == Some(503)) }
-    })
+    wait_until(
+        "catalog-1's lease runs out",
+        Duration::from_secs(30),
+        || {
+            let s = survivor.clone();
+            async move {
+                s.lookup(BookId::new(2).unwrap(), None)
+                    .await
+                    .is_err_and(|e| e.status() == Some(503))
+            }
+        },
+    )
     .await;
-    let w = CatalogWrite { request_id: RequestId::parse("r:no-majority").unwrap(), op: CatalogOp::Buy { book_id: BookId::new(2).unwrap() } };
+    let w = CatalogWrite {
+        request_id: RequestId::parse("r:no-majority").unwrap(),
+        op: CatalogOp::Buy {
+            book_id: BookId::new(2).unwrap(),
+        },
+    };
     let err = survivor.write(&w).await.unwrap_err();
     assert_eq!(err.status(), Some(503), "{err}");
     // The original's admin route, which a live backup would forward: no
@@ -234,13 +310,20 @@ async fn without_a_majority_writes_answer_503_reads_last_until_the_lease_and_all
         .await
         .unwrap();
     assert_eq!(res.status().as_u16(), 503);
-    assert!(res.headers().contains_key("retry-after"), "503 without Retry-After");
+    assert!(
+        res.headers().contains_key("retry-after"),
+        "503 without Retry-After"
+    );
 
     // One replica returns: a majority again; writes and reads resume.
     c.restart("catalog-2").await;
     let bought = c.frontend().buy("2", Some("after-majority")).await.unwrap();
     assert_eq!(bought.book_id.get(), 2);
-    assert_eq!(c.stock(2).await, before - 1, "the refused write did not happen");
+    assert_eq!(
+        c.stock(2).await,
+        before - 1,
+        "the refused write did not happen"
+    );
     c.restart("catalog-3").await;
     converged(&c).await;
 }
@@ -249,7 +332,11 @@ async fn without_a_majority_writes_answer_503_reads_last_until_the_lease_and_all
 async fn a_backup_forwards_writes_to_the_primary_once_and_relays_the_answer() {
     let c = TestCluster::start(Options::default()).await;
     let primary = c.primary().await;
-    let backup = c.names(Role::Catalog).into_iter().find(|n| *n != primary).unwrap();
+    let backup = c
+        .names(Role::Catalog)
+        .into_iter()
+        .find(|n| *n != primary)
+        .unwrap();
     let book = BookId::new(3).unwrap();
 
     // The original's admin route at a backup, as the README shows it.
@@ -261,12 +348,24 @@ async fn a_backup_forwards_writes_to_the_primary_once_and_relays_the_answer() {
         .send()
         .await
         .unwrap();
-    assert_eq!(res.status().as_u16(), 200, "{}", res.text().await.unwrap_or_default());
+    assert_eq!(
+        res.status().as_u16(),
+        200,
+        "{}",
+        res.text().await.unwrap_or_default()
+    );
     let b = c.book(3).await;
-    assert_eq!((b.stock, b.cost.cents()), (50, 9950), "the primary applied the forwarded update");
+    assert_eq!(
+        (b.stock, b.cost.cents()),
+        (50, 9950),
+        "the primary applied the forwarded update"
+    );
 
     // An internal write at a backup is forwarded too, and answered as the primary answered.
-    let w = CatalogWrite { request_id: RequestId::parse("r:forwarded-buy").unwrap(), op: CatalogOp::Buy { book_id: book } };
+    let w = CatalogWrite {
+        request_id: RequestId::parse("r:forwarded-buy").unwrap(),
+        op: CatalogOp::Buy { book_id: book },
+    };
     let res = reqwest::Client::new()
         .post(format!("{}/internal/write", c.url(&backup)))
         .bearer_auth(&c.cfg.token)
@@ -285,9 +384,16 @@ async fn a_backup_forwards_writes_to_the_primary_once_and_relays_the_answer() {
 
     // A write marked as not to be forwarded (as a forwarded one is) is not
     // forwarded again: 421 naming the primary, and nothing happens.
-    let w2 = CatalogWrite { request_id: RequestId::parse("r:not-forwarded").unwrap(), op: CatalogOp::Buy { book_id: book } };
+    let w2 = CatalogWrite {
+        request_id: RequestId::parse("r:not-forwarded").unwrap(),
+        op: CatalogOp::Buy { book_id: book },
+    };
     match c.catalog(&backup).write(&w2).await {
-        Err(pygmy::client::ClientError::Status { status: 421, primary: Some(p), .. }) => assert_eq!(p, primary),
+        Err(pygmy::client::ClientError::Status {
+            status: 421,
+            primary: Some(p),
+            ..
+        }) => assert_eq!(p, primary),
         other => panic!("expected 421 naming {primary}: {other:?}"),
     }
     assert_eq!(c.stock(3).await, 49, "a write refused with 421 did nothing");
@@ -321,7 +427,11 @@ async fn catalog_when(
         {
             return h;
         }
-        assert!(tokio::time::Instant::now() < deadline, "{replica}'s catalog: {:?}", catalog_of(c, replica).await);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{replica}'s catalog: {:?}",
+            catalog_of(c, replica).await
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -338,11 +448,27 @@ async fn replicas_given_different_catalog_files_all_hold_the_founding_catalog() 
         std::fs::write(&path, serde_json::to_vec(&list).unwrap()).unwrap();
         path.to_str().unwrap().to_string()
     };
-    let a = file("a.json", &[(1, "A one", 11), (2, "A two", 12), (3, "A three", 13)]);
-    let b = file("b.json", &[(1, "B one", 21), (2, "B two", 22), (4, "B four", 24)]);
-    let env = |node: &str, f: &str| (node.to_string(), "PYGMY_CATALOG_FILE".to_string(), f.to_string());
+    let a = file(
+        "a.json",
+        &[(1, "A one", 11), (2, "A two", 12), (3, "A three", 13)],
+    );
+    let b = file(
+        "b.json",
+        &[(1, "B one", 21), (2, "B two", 22), (4, "B four", 24)],
+    );
+    let env = |node: &str, f: &str| {
+        (
+            node.to_string(),
+            "PYGMY_CATALOG_FILE".to_string(),
+            f.to_string(),
+        )
+    };
     let mut c = TestCluster::start(Options {
-        env: vec![env("catalog-1", &b), env("catalog-2", &a), env("catalog-3", &a)],
+        env: vec![
+            env("catalog-1", &b),
+            env("catalog-2", &a),
+            env("catalog-3", &a),
+        ],
         ..Options::default()
     })
     .await;
@@ -354,15 +480,25 @@ async fn replicas_given_different_catalog_files_all_hold_the_founding_catalog() 
     ];
     // Every replica holds the founding primary's catalog (catalog-3's file).
     for r in c.names(Role::Catalog) {
-        assert_eq!(catalog_when(&c, &r, |_| true).await, expect_a, "{r}'s catalog");
+        assert_eq!(
+            catalog_when(&c, &r, |_| true).await,
+            expect_a,
+            "{r}'s catalog"
+        );
     }
     // A replacement disk for catalog-1, still given the other file, learns
     // the catalog from the log too.
     c.kill9("catalog-1");
     std::fs::remove_dir_all(c.dir.join("catalog-1")).unwrap();
     c.restart("catalog-1").await;
-    c.frontend().buy("2", Some("after-replacement")).await.unwrap();
-    let held = catalog_when(&c, "catalog-1", |h| h[1].as_ref().is_some_and(|b| b.2 == 11)).await;
+    c.frontend()
+        .buy("2", Some("after-replacement"))
+        .await
+        .unwrap();
+    let held = catalog_when(&c, "catalog-1", |h| {
+        h[1].as_ref().is_some_and(|b| b.2 == 11)
+    })
+    .await;
     let mut expect = expect_a.clone();
     expect[1] = Some((2, "A two".to_string(), 11));
     assert_eq!(held, expect);

@@ -5,7 +5,9 @@
 
 use proptest::prelude::*;
 use pygmy::api::ReplicationBatch;
-use pygmy::replication::{Config, Echo, Entry, EntryKind, MemStorage, Message, Replica, Snapshot, Version};
+use pygmy::replication::{
+    Config, Echo, Entry, EntryKind, MemStorage, Message, Replica, Snapshot, Version,
+};
 
 fn num() -> impl Strategy<Value = u64> {
     prop_oneof![0u64..8, any::<u64>(), Just(u64::MAX), Just(u64::MAX - 1)]
@@ -16,16 +18,19 @@ fn version() -> impl Strategy<Value = Version> {
 }
 
 fn entry() -> impl Strategy<Value = Entry> {
-    (version(), "[a-z:0-9]{0,12}", prop::option::of(prop::collection::vec(any::<u8>(), 0..16))).prop_map(
-        |(version, request_id, op)| Entry {
+    (
+        version(),
+        "[a-z:0-9]{0,12}",
+        prop::option::of(prop::collection::vec(any::<u8>(), 0..16)),
+    )
+        .prop_map(|(version, request_id, op)| Entry {
             version,
             request_id,
             kind: match op {
                 Some(bytes) => EntryKind::Op(bytes),
                 None => EntryKind::EpochStart,
             },
-        },
-    )
+        })
 }
 
 fn echo() -> impl Strategy<Value = Echo> {

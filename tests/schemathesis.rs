@@ -24,7 +24,12 @@ fn schemathesis() -> PathBuf {
     let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("schemathesis-venv");
     let st = venv.join("bin/st");
     if !st.exists() {
-        let ok = Command::new("python3").arg("-m").arg("venv").arg(&venv).status().expect("python3 runs");
+        let ok = Command::new("python3")
+            .arg("-m")
+            .arg("venv")
+            .arg(&venv)
+            .status()
+            .expect("python3 runs");
         assert!(ok.success(), "python3 -m venv failed");
         let ok = Command::new(venv.join("bin/pip"))
             .args(["install", "--quiet", SCHEMATHESIS])
@@ -42,7 +47,17 @@ async fn schemathesis_finds_every_answer_documented_and_no_server_error() {
     let url = format!("{}/openapi.json", c.url("frontend"));
     let out = tokio::task::spawn_blocking(move || {
         Command::new(st)
-            .args(["run", &url, "--checks", "all", "--max-examples", "100", "--seed", "20261124", "--no-color"])
+            .args([
+                "run",
+                &url,
+                "--checks",
+                "all",
+                "--max-examples",
+                "100",
+                "--seed",
+                "20261124",
+                "--no-color",
+            ])
             .env("SCHEMATHESIS_TELEMETRY", "false")
             .current_dir(env!("CARGO_TARGET_TMPDIR"))
             .output()
@@ -50,7 +65,11 @@ async fn schemathesis_finds_every_answer_documented_and_no_server_error() {
     })
     .await
     .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success(), "schemathesis found problems:\n{text}");
     assert!(text.contains("passed"), "schemathesis ran no test:\n{text}");
     // It exercised the store for real: some buys went through.

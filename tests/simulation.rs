@@ -231,12 +231,20 @@ fn teeth_profile(name: &str, broken: bool) -> Options {
 
 #[test]
 fn teeth_persisted_votes() {
-    find_violation("vote", 6000, &["two primaries in epoch", "divergence", "lost at node"]);
+    find_violation(
+        "vote",
+        6000,
+        &["two primaries in epoch", "divergence", "lost at node"],
+    );
 }
 
 #[test]
 fn teeth_fencing_by_epoch() {
-    find_violation("stale_epoch", 4000, &["divergence", "two primaries in epoch", "lost at node"]);
+    find_violation(
+        "stale_epoch",
+        4000,
+        &["divergence", "two primaries in epoch", "lost at node"],
+    );
 }
 
 #[test]
@@ -271,7 +279,11 @@ fn teeth_versioned_reads() {
 
 #[test]
 fn teeth_incarnation_ids() {
-    find_violation("incarnation", 2000, &["two primaries in epoch", "divergence", "lost at node"]);
+    find_violation(
+        "incarnation",
+        2000,
+        &["two primaries in epoch", "divergence", "lost at node"],
+    );
 }
 
 #[test]
@@ -286,12 +298,20 @@ fn teeth_primary_reads_only_with_its_lease() {
 
 #[test]
 fn teeth_commits_wait_for_every_lease_holder() {
-    find_violation("commit_lease_holders", 2000, &["lacks committed entries", "stale read at backup"]);
+    find_violation(
+        "commit_lease_holders",
+        2000,
+        &["lacks committed entries", "stale read at backup"],
+    );
 }
 
 #[test]
 fn teeth_backup_leases_are_capped_at_the_primarys() {
-    find_violation("lease_cap", 1000, &["stale read at backup", "lacks committed entries"]);
+    find_violation(
+        "lease_cap",
+        1000,
+        &["stale read at backup", "lacks committed entries"],
+    );
 }
 
 #[test]
@@ -321,7 +341,9 @@ fn teeth_a_paused_replica_checks_its_lease_when_it_serves() {
 
 #[test]
 fn three_replicas_tiny_snapshots_heavy_reordering() {
-    run("3 replicas, tiny snapshots", 500_000_000, 1000, |_| Options::tiny_snapshots(3));
+    run("3 replicas, tiny snapshots", 500_000_000, 1000, |_| {
+        Options::tiny_snapshots(3)
+    });
 }
 
 #[test]

@@ -10,7 +10,8 @@ use pygmy::api::*;
 use pygmy::client::ClientError;
 
 fn status(e: ClientError) -> u16 {
-    e.status().unwrap_or_else(|| panic!("expected an HTTP error status, got {e}"))
+    e.status()
+        .unwrap_or_else(|| panic!("expected an HTTP error status, got {e}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -24,20 +25,33 @@ async fn seed_flows_search_lookup_buy_and_see_the_new_stock_through_the_cache() 
     assert_eq!(gs.items.len(), 3, "{gs:?}");
     assert_eq!(ds.items["RPCs for Dummies."].get(), 2);
     assert_eq!(gs.items["Spring in Pioneer Valley."].get(), 7);
-    assert!(fe.search("cooking").await.unwrap().items.is_empty(), "unknown topic: 200, no items");
+    assert!(
+        fe.search("cooking").await.unwrap().items.is_empty(),
+        "unknown topic: 200, no items"
+    );
 
     let book = fe.lookup("1").await.unwrap();
-    assert_eq!(book.title, "How to get a good grade in 677 in 20 minutes a day.");
+    assert_eq!(
+        book.title,
+        "How to get a good grade in 677 in 20 minutes a day."
+    );
     assert_eq!(book.stock, 1000);
     assert_eq!(f64::from(book.cost), 1000.0);
 
     // The second lookup is a cache hit.
     let hits = c.cache_stats().await["hits"].as_u64().unwrap();
     assert_eq!(fe.lookup("1").await.unwrap().stock, 1000);
-    assert_eq!(c.cache_stats().await["hits"].as_u64().unwrap(), hits + 1, "second lookup must hit the cache");
+    assert_eq!(
+        c.cache_stats().await["hits"].as_u64().unwrap(),
+        hits + 1,
+        "second lookup must hit the cache"
+    );
 
     let bought = fe.buy("1", None).await.unwrap();
-    assert_eq!(bought.message, "successfully purchased the book How to get a good grade in 677 in 20 minutes a day.");
+    assert_eq!(
+        bought.message,
+        "successfully purchased the book How to get a good grade in 677 in 20 minutes a day."
+    );
     assert_eq!(bought.book_id.get(), 1);
 
     // At once, through the cache: the entry was invalidated before the buy answered.
@@ -55,7 +69,15 @@ async fn bad_input_gets_its_4xx_and_changes_nothing() {
     let fe = c.frontend();
     let before = c.books().await;
 
-    for id in ["abc", "0", "-1", "1.5", "99999999999999999999999", "%20", "1%2F2"] {
+    for id in [
+        "abc",
+        "0",
+        "-1",
+        "1.5",
+        "99999999999999999999999",
+        "%20",
+        "1%2F2",
+    ] {
         assert_eq!(status(fe.lookup(id).await.unwrap_err()), 400, "lookup {id}");
         assert_eq!(status(fe.buy(id, None).await.unwrap_err()), 400, "buy {id}");
     }
@@ -64,7 +86,10 @@ async fn bad_input_gets_its_4xx_and_changes_nothing() {
     assert_eq!(status(fe.search("Bad%20Topic").await.unwrap_err()), 400);
     assert_eq!(status(fe.search("a--b").await.unwrap_err()), 400);
     assert!(fe.search("no-such-topic").await.unwrap().items.is_empty());
-    assert_eq!(status(fe.buy("1", Some("has space")).await.unwrap_err()), 400);
+    assert_eq!(
+        status(fe.buy("1", Some("has space")).await.unwrap_err()),
+        400
+    );
 
     let raw = reqwest::Client::new();
     let fe_url = c.url("frontend");
@@ -76,9 +101,11 @@ async fn bad_input_gets_its_4xx_and_changes_nothing() {
     for token in [None, Some("wrong-token-wrong-token")] {
         let mut reqs = vec![
             raw.put(format!("{cat}/catalog/update")).json(&update),
-            raw.post(format!("{cat}/internal/write")).json(&serde_json::json!({"request_id": "x", "op": "buy", "book_id": 1})),
+            raw.post(format!("{cat}/internal/write"))
+                .json(&serde_json::json!({"request_id": "x", "op": "buy", "book_id": 1})),
             raw.get(format!("{cat}/lookup/1")),
-            raw.post(format!("{order}/internal/buy")).json(&serde_json::json!({"book_id": 1, "request_id": "x"})),
+            raw.post(format!("{order}/internal/buy"))
+                .json(&serde_json::json!({"book_id": 1, "request_id": "x"})),
             raw.get(format!("{order}/log")),
             raw.post(format!("{fe_url}/internal/invalidate"))
                 .json(&serde_json::json!({"epoch": 99, "seq": 0, "items": []})),
@@ -95,7 +122,10 @@ async fn bad_input_gets_its_4xx_and_changes_nothing() {
 
     // Oversized and malformed bodies on the admin route, with the token.
     let auth = format!("Bearer {}", c.cfg.token);
-    let huge = format!("{{\"id\": 1, \"stock\": 0, \"pad\": \"{}\"}}", "x".repeat(1 << 20));
+    let huge = format!(
+        "{{\"id\": 1, \"stock\": 0, \"pad\": \"{}\"}}",
+        "x".repeat(1 << 20)
+    );
     // The server answers 413 as soon as it knows, and closes the connection:
     // the client sees either that answer or the connection closed while it
     // was still sending.
@@ -110,7 +140,15 @@ async fn bad_input_gets_its_4xx_and_changes_nothing() {
         Ok(res) => assert_eq!(res.status().as_u16(), 413),
         Err(e) => assert!(e.is_request() && !e.is_timeout(), "oversized body: {e:?}"),
     }
-    for body in ["{", "[]", "{\"id\": 0, \"stock\": 1}", "{\"id\": 1, \"stock\": -1}", "{\"id\": 1}", "{\"id\": 1, \"cost\": 0.001}", "{\"id\": 1, \"stock\": 1, \"evil\": 1}"] {
+    for body in [
+        "{",
+        "[]",
+        "{\"id\": 0, \"stock\": 1}",
+        "{\"id\": 1, \"stock\": -1}",
+        "{\"id\": 1}",
+        "{\"id\": 1, \"cost\": 0.001}",
+        "{\"id\": 1, \"stock\": 1, \"evil\": 1}",
+    ] {
         let res = raw
             .put(format!("{cat}/catalog/update"))
             .header("authorization", &auth)
@@ -134,8 +172,18 @@ async fn bad_input_gets_its_4xx_and_changes_nothing() {
     let res = raw.delete(format!("{fe_url}/buy/1")).send().await.unwrap();
     assert_eq!(res.status().as_u16(), 405);
 
-    assert_eq!(c.books().await.into_iter().map(|b| (b.id, b.stock, b.cost)).collect::<Vec<_>>(),
-        before.into_iter().map(|b| (b.id, b.stock, b.cost)).collect::<Vec<_>>(), "bad input changed the store");
+    assert_eq!(
+        c.books()
+            .await
+            .into_iter()
+            .map(|b| (b.id, b.stock, b.cost))
+            .collect::<Vec<_>>(),
+        before
+            .into_iter()
+            .map(|b| (b.id, b.stock, b.cost))
+            .collect::<Vec<_>>(),
+        "bad input changed the store"
+    );
     assert_eq!(c.order_log_len().await, 0);
 }
 
@@ -157,7 +205,11 @@ async fn fifty_concurrent_buys_of_a_book_with_stock_ten_sell_exactly_ten() {
         match t.await.unwrap() {
             Ok(b) => {
                 sold += 1;
-                assert!(orders.insert(b.order_id), "order id {} given twice", b.order_id);
+                assert!(
+                    orders.insert(b.order_id),
+                    "order id {} given twice",
+                    b.order_id
+                );
             }
             Err(e) => {
                 assert_eq!(status(e), 409);
@@ -205,7 +257,11 @@ async fn an_order_replica_killed_during_a_stream_of_buys_is_invisible_to_clients
         }
     }
     assert_eq!(all.len(), 240);
-    assert_eq!(c.stock(5).await, start - 240, "every acknowledged buy applied exactly once");
+    assert_eq!(
+        c.stock(5).await,
+        start - 240,
+        "every acknowledged buy applied exactly once"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -224,7 +280,15 @@ async fn a_buy_retried_with_the_same_idempotency_key_buys_once_even_after_a_fron
     assert_eq!(c.stock(2).await, start - 1, "the retry bought nothing more");
 
     // The same key for another book is refused, and buys nothing.
-    assert_eq!(status(c.frontend().buy("3", Some("order-abc-123")).await.unwrap_err()), 409);
+    assert_eq!(
+        status(
+            c.frontend()
+                .buy("3", Some("order-abc-123"))
+                .await
+                .unwrap_err()
+        ),
+        409
+    );
     // A different key buys again.
     c.frontend().buy("2", Some("order-abc-124")).await.unwrap();
     assert_eq!(c.stock(2).await, start - 2);
@@ -241,15 +305,25 @@ async fn a_lookup_racing_a_buy_never_leaves_a_stale_stock_cached() {
         b.unwrap();
         let truth = c.stock(4).await;
         let seen = fe.lookup("4").await.unwrap().stock;
-        assert_eq!(seen, truth, "round {round}: cache serves stock {seen}, the catalog has {truth}");
+        assert_eq!(
+            seen, truth,
+            "round {round}: cache serves stock {seen}, the catalog has {truth}"
+        );
     }
     let stats = c.cache_stats().await;
-    assert!(stats["hits"].as_u64().unwrap() > 0, "the cache was in use: {stats}");
+    assert!(
+        stats["hits"].as_u64().unwrap() > 0,
+        "the cache was in use: {stats}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_store_without_cache_serves_every_read_from_the_catalog() {
-    let c = TestCluster::start(Options { no_cache: true, ..Options::default() }).await;
+    let c = TestCluster::start(Options {
+        no_cache: true,
+        ..Options::default()
+    })
+    .await;
     let fe = c.frontend();
     for _ in 0..3 {
         assert_eq!(fe.lookup("6").await.unwrap().stock, 1000);

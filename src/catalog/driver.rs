@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::machine;
-use crate::replication::drive::{self, Host};
 use super::store::{self, Db, State};
 use crate::api::*;
+use crate::replication::drive::{self, Host};
 use crate::replication::{self, Message, NodeId, ProposeError, ReadGate, Replica, Role};
 
 /// Why a write was not done.
@@ -31,13 +31,24 @@ pub enum WriteError {
 }
 
 pub enum Input {
-    Net { from: NodeId, msg: Message },
+    Net {
+        from: NodeId,
+        msg: Message,
+    },
     /// `epoch`: the epoch whose caches were told a write begins (see
     /// `invalidation`); a write is proposed only in that epoch.
-    Write { write: CatalogWrite, epoch: Option<u64>, reply: oneshot::Sender<Result<WriteResult, WriteError>> },
+    Write {
+        write: CatalogWrite,
+        epoch: Option<u64>,
+        reply: oneshot::Sender<Result<WriteResult, WriteError>>,
+    },
     /// Every frontend cache was fenced for this epoch.
-    CachesFenced { epoch: u64 },
-    Status { reply: oneshot::Sender<replication::Status> },
+    CachesFenced {
+        epoch: u64,
+    },
+    Status {
+        reply: oneshot::Sender<replication::Status>,
+    },
 }
 
 /// What readers see, published by the driver after every step.
@@ -91,7 +102,8 @@ impl Shared {
     /// Whether this replica may serve reads now (it holds a lease).
     pub fn may_serve(&self) -> bool {
         let g = *self.gate.borrow();
-        g.serve_until.is_some_and(|until| self.clock.now_ms() < until)
+        g.serve_until
+            .is_some_and(|until| self.clock.now_ms() < until)
     }
 
     /// The applied position a read arriving now must be served at: at least
@@ -231,12 +243,22 @@ impl Driver {
             Input::Status { reply } => {
                 let _ = reply.send(self.replica.status());
             }
-            Input::Write { write, epoch, reply } => self.write(now, write, epoch, reply),
+            Input::Write {
+                write,
+                epoch,
+                reply,
+            } => self.write(now, write, epoch, reply),
             Input::CachesFenced { epoch } => self.replica.caches_fenced(epoch),
         }
     }
 
-    fn write(&mut self, now: u64, write: CatalogWrite, epoch: Option<u64>, reply: oneshot::Sender<Result<WriteResult, WriteError>>) {
+    fn write(
+        &mut self,
+        now: u64,
+        write: CatalogWrite,
+        epoch: Option<u64>,
+        reply: oneshot::Sender<Result<WriteResult, WriteError>>,
+    ) {
         let id = write.op.book_id();
         if !self.io.state.books.contains_key(&id) {
             let _ = reply.send(Err(WriteError::UnknownBook(id)));
@@ -244,7 +266,9 @@ impl Driver {
         }
         let rid = write.request_id.as_str().to_string();
         if self.replica.role() != Role::Primary {
-            let _ = reply.send(Err(WriteError::NotPrimary { primary: self.replica.status().primary }));
+            let _ = reply.send(Err(WriteError::NotPrimary {
+                primary: self.replica.status().primary,
+            }));
             return;
         }
         if self.replica.is_primary_ready() {
@@ -263,18 +287,26 @@ impl Driver {
         if epoch != Some(self.replica.epoch()) {
             // The caches were told of this write in another epoch (or not
             // at all): proposing it now could expose it past a cache.
-            let _ = reply.send(Err(WriteError::Unavailable("primaryship changed; retry with the same request id".into())));
+            let _ = reply.send(Err(WriteError::Unavailable(
+                "primaryship changed; retry with the same request id".into(),
+            )));
             return;
         }
         if let Some(seq) = self.io.in_flight.get(&rid) {
-            self.io.pending.entry(*seq).or_default().push(Waiter { request_id: rid, reply });
+            self.io.pending.entry(*seq).or_default().push(Waiter {
+                request_id: rid,
+                reply,
+            });
             return;
         }
         let op = machine::Command::from(write.op).encode();
         match self.replica.propose(now, rid.clone(), op) {
             Ok(v) => {
                 self.io.in_flight.insert(rid.clone(), v.seq);
-                self.io.pending.entry(v.seq).or_default().push(Waiter { request_id: rid, reply });
+                self.io.pending.entry(v.seq).or_default().push(Waiter {
+                    request_id: rid,
+                    reply,
+                });
             }
             Err(ProposeError::NotPrimary { primary }) => {
                 let _ = reply.send(Err(WriteError::NotPrimary { primary }));
@@ -290,13 +322,29 @@ impl Driver {
     /// catalog from the log, whatever catalog file it was given.
     fn maybe_seed(&mut self) {
         let epoch = self.replica.epoch();
-        if !self.io.state.books.is_empty() || !self.replica.is_primary_ready() || self.seed_proposed == Some(epoch) {
+        if !self.io.state.books.is_empty()
+            || !self.replica.is_primary_ready()
+            || self.seed_proposed == Some(epoch)
+        {
             return;
         }
-        let cmd = machine::Command::Seed { books: self.seed.clone() };
-        if self.replica.propose(self.io.shared.clock.now_ms(), machine::SEED_REQUEST_ID.into(), cmd.encode()).is_ok() {
+        let cmd = machine::Command::Seed {
+            books: self.seed.clone(),
+        };
+        if self
+            .replica
+            .propose(
+                self.io.shared.clock.now_ms(),
+                machine::SEED_REQUEST_ID.into(),
+                cmd.encode(),
+            )
+            .is_ok()
+        {
             self.seed_proposed = Some(epoch);
-            tracing::info!(books = self.seed.len(), "new cluster: proposing the founding catalog");
+            tracing::info!(
+                books = self.seed.len(),
+                "new cluster: proposing the founding catalog"
+            );
         }
     }
 
@@ -324,16 +372,28 @@ impl Driver {
             return;
         };
         if now.epoch != before.epoch && now.role == Role::Candidate {
-            tracing::info!(epoch = now.epoch, "election started for epoch {}", now.epoch);
+            tracing::info!(
+                epoch = now.epoch,
+                "election started for epoch {}",
+                now.epoch
+            );
         }
         if now.role != before.role || now.primary != before.primary {
             match (now.role, now.primary) {
-                (Role::Primary, _) => tracing::info!(epoch = now.epoch, "election won: primary for epoch {}", now.epoch),
+                (Role::Primary, _) => tracing::info!(
+                    epoch = now.epoch,
+                    "election won: primary for epoch {}",
+                    now.epoch
+                ),
                 (_, Some(p)) if Some(p) != before.primary => {
                     tracing::info!(epoch = now.epoch, primary = %self.name(p), "following primary {} in epoch {}", self.name(p), now.epoch);
                     self.syncing = Some(store::to_api(now.applied));
                 }
-                (_, None) if before.primary.is_some() => tracing::info!(epoch = now.epoch, "primary {} lost; no primary known", before.primary.map(|p| self.name(p)).unwrap_or_default()),
+                (_, None) if before.primary.is_some() => tracing::info!(
+                    epoch = now.epoch,
+                    "primary {} lost; no primary known",
+                    before.primary.map(|p| self.name(p)).unwrap_or_default()
+                ),
                 _ => {}
             }
         }
@@ -393,7 +453,10 @@ fn serve_until(r: &Replica, now: u64, lease_ms: u64) -> Option<u64> {
 
 impl Io {
     fn name(&self, id: NodeId) -> String {
-        self.names.get(&id).cloned().unwrap_or_else(|| format!("replica {id}"))
+        self.names
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| format!("replica {id}"))
     }
 }
 
@@ -403,7 +466,10 @@ impl Host for Io {
 
     /// Persists and applies in one SQLite transaction: one fsync for
     /// everything that queued up meanwhile (group commit).
-    fn persist_and_apply(&mut self, rd: &replication::Ready) -> rusqlite::Result<Vec<store::AppliedEntry>> {
+    fn persist_and_apply(
+        &mut self,
+        rd: &replication::Ready,
+    ) -> rusqlite::Result<Vec<store::AppliedEntry>> {
         if let Some(s) = &rd.snapshot_to_install {
             tracing::info!(version = %store::to_api(s.version), bytes = s.data.len(), "sync received: installing the primary's snapshot");
         }
@@ -412,7 +478,11 @@ impl Host for Io {
         let took = started.elapsed();
         metrics::histogram!("pygmy_catalog_persist_seconds").record(took.as_secs_f64());
         if took > self.slow {
-            tracing::warn!(ms = took.as_millis() as u64, "slow disk: persisting one step took {} ms", took.as_millis());
+            tracing::warn!(
+                ms = took.as_millis() as u64,
+                "slow disk: persisting one step took {} ms",
+                took.as_millis()
+            );
         }
         self.dirty |= !applied.is_empty() || rd.snapshot_to_install.is_some();
         Ok(applied)
@@ -420,7 +490,8 @@ impl Host for Io {
 
     fn publish(&mut self, replica: &Replica) {
         if std::mem::take(&mut self.dirty) {
-            *self.shared.state.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(self.state.clone());
+            *self.shared.state.write().unwrap_or_else(|p| p.into_inner()) =
+                Arc::new(self.state.clone());
             self.shared.applied.send_replace(self.state.version);
         }
         let now = self.shared.clock.now_ms();
@@ -449,13 +520,20 @@ impl Host for Io {
 
     fn answer(&mut self, applied: Vec<store::AppliedEntry>) {
         for a in applied {
-            let Some(waiters) = self.pending.remove(&a.version.seq) else { continue };
+            let Some(waiters) = self.pending.remove(&a.version.seq) else {
+                continue;
+            };
             self.in_flight.retain(|_, s| *s != a.version.seq);
             for w in waiters {
                 let r = match (&a.outcome, w.request_id == a.request_id) {
-                    (Some((o, first)), true) => Ok(WriteResult { outcome: o.clone(), version: *first }),
+                    (Some((o, first)), true) => Ok(WriteResult {
+                        outcome: o.clone(),
+                        version: *first,
+                    }),
                     // The entry this write had was replaced in a view change.
-                    _ => Err(WriteError::Unavailable("the write was superseded; retry with the same request id".into())),
+                    _ => Err(WriteError::Unavailable(
+                        "the write was superseded; retry with the same request id".into(),
+                    )),
                 };
                 let _ = w.reply.send(r);
             }
@@ -463,7 +541,10 @@ impl Host for Io {
     }
 
     fn take_snapshot(&mut self) -> rusqlite::Result<(replication::Version, Vec<u8>)> {
-        Ok((store::to_core(self.state.version), self.db.snapshot_bytes(&self.state)?))
+        Ok((
+            store::to_core(self.state.version),
+            self.db.snapshot_bytes(&self.state)?,
+        ))
     }
 
     fn store_snapshot(&mut self, snapshot: &replication::Snapshot) -> rusqlite::Result<()> {

@@ -93,27 +93,43 @@ pub struct Invalidator {
 pub enum LeaseError {
     #[error("unknown frontend {0:?}")]
     UnknownFrontend(String),
-    #[error("cache lease withheld for {0} ms: this frontend missed invalidations and must let its cache lapse")]
+    #[error(
+        "cache lease withheld for {0} ms: this frontend missed invalidations and must let its cache lapse"
+    )]
     Withheld(u64),
 }
 
 impl Invalidator {
     /// `assumed`: how long every frontend is treated as holding a lease
     /// from an earlier primary.
-    pub fn new(frontends: Vec<(String, FrontendClient)>, lease: Duration, drift: f64, assumed: Duration, epoch: u64) -> Self {
+    pub fn new(
+        frontends: Vec<(String, FrontendClient)>,
+        lease: Duration,
+        drift: f64,
+        assumed: Duration,
+        epoch: u64,
+    ) -> Self {
         let links = frontends
             .into_iter()
             .map(|(name, client)| {
                 let (queue, rx) = mpsc::unbounded_channel();
                 // The previous primary may have granted a lease just before it
                 // stopped: treat every frontend as leased until that one surely ran out.
-                let state = LinkState { lease_expiry: Some(Instant::now() + assumed), ..LinkState::default() };
+                let state = LinkState {
+                    lease_expiry: Some(Instant::now() + assumed),
+                    ..LinkState::default()
+                };
                 let state = Arc::new(Mutex::new(state));
                 tokio::spawn(push_loop(name.clone(), state.clone(), client, rx, epoch));
                 Arc::new(Link { name, state, queue })
             })
             .collect();
-        Self { links, lease, lease_with_drift: lease.mul_f64(1.0 + drift), epoch }
+        Self {
+            links,
+            lease,
+            lease_with_drift: lease.mul_f64(1.0 + drift),
+            epoch,
+        }
     }
 
     /// Grants `frontend` a cache lease, unless it missed invalidations that
@@ -136,7 +152,11 @@ impl Invalidator {
         // than ours by up to the drift margin.
         let expiry = now + self.lease_with_drift;
         st.lease_expiry = Some(st.lease_expiry.map_or(expiry, |e| e.max(expiry)));
-        let pending = st.pending.iter().flat_map(|(b, n)| std::iter::repeat_n(*b, *n as usize)).collect();
+        let pending = st
+            .pending
+            .iter()
+            .flat_map(|(b, n)| std::iter::repeat_n(*b, *n as usize))
+            .collect();
         Ok(LeaseGrant {
             epoch: self.epoch,
             next_seq: st.next_seq,
@@ -150,14 +170,24 @@ impl Invalidator {
     /// frontend stopped serving it from its cache (or surely stopped serving
     /// from its cache at all). Each `begin` needs its [`Invalidator::end`].
     pub async fn begin(&self, book: BookId) {
-        self.push(Some(Invalidation { book_id: book, version: Version::default(), begin: true })).await
+        self.push(Some(Invalidation {
+            book_id: book,
+            version: Version::default(),
+            begin: true,
+        }))
+        .await
     }
 
     /// The write begun on `book` is over: committed at `version` (or
     /// refused; `version` is then any applied version). Returns once every
     /// frontend has it or surely stopped serving from its cache.
     pub async fn end(&self, book: BookId, version: Version) {
-        self.push(Some(Invalidation { book_id: book, version, begin: false })).await
+        self.push(Some(Invalidation {
+            book_id: book,
+            version,
+            begin: false,
+        }))
+        .await
     }
 
     /// The new epoch's first batch: returns once every frontend flushed its
@@ -251,12 +281,18 @@ mod tests {
 
     #[tokio::test]
     async fn a_granted_cache_lease_is_waited_out_with_the_drift_margin() {
-        let fe = FrontendClient::new("http://127.0.0.1:9", Http::new(None, Duration::from_millis(100)));
+        let fe = FrontendClient::new(
+            "http://127.0.0.1:9",
+            Http::new(None, Duration::from_millis(100)),
+        );
         let lease = Duration::from_millis(1000);
         let inv = Invalidator::new(vec![("frontend".into(), fe)], lease, 0.1, Duration::ZERO, 1);
         let before = Instant::now();
         inv.grant("frontend", Version::default()).unwrap();
         let expiry = inv.links[0].state.lock().unwrap().lease_expiry.unwrap();
-        assert!(expiry >= before + Duration::from_millis(1100), "the primary may stop waiting before a slow clock's lease ends");
+        assert!(
+            expiry >= before + Duration::from_millis(1100),
+            "the primary may stop waiting before a slow clock's lease ends"
+        );
     }
 }

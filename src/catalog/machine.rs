@@ -35,14 +35,24 @@ pub enum Command {
         cost: Option<Money>,
     },
     /// The founding catalog; applied only to an empty one.
-    Seed { books: Vec<Book> },
+    Seed {
+        books: Vec<Book>,
+    },
 }
 
 impl From<CatalogOp> for Command {
     fn from(op: CatalogOp) -> Self {
         match op {
             CatalogOp::Buy { book_id } => Command::Buy { book_id },
-            CatalogOp::Update { book_id, stock, cost } => Command::Update { book_id, stock, cost },
+            CatalogOp::Update {
+                book_id,
+                stock,
+                cost,
+            } => Command::Update {
+                book_id,
+                stock,
+                cost,
+            },
         }
     }
 }
@@ -64,7 +74,12 @@ pub trait Tables {
     fn put_book(&mut self, book: &Book) -> Result<(), Self::Error>;
     fn is_empty(&mut self) -> Result<bool, Self::Error>;
     fn answer(&mut self, request_id: &str) -> Result<Option<(Outcome, Version)>, Self::Error>;
-    fn put_answer(&mut self, request_id: &str, outcome: &Outcome, version: Version) -> Result<(), Self::Error>;
+    fn put_answer(
+        &mut self,
+        request_id: &str,
+        outcome: &Outcome,
+        version: Version,
+    ) -> Result<(), Self::Error>;
 }
 
 /// Switches that break the state machine on purpose, so the simulator can
@@ -115,9 +130,17 @@ pub fn apply<T: Tables>(
     let outcome = match cmd {
         Command::Buy { .. } if book.stock > 0 || sw.decrement_unchecked => {
             book.stock = book.stock.wrapping_sub(1);
-            Outcome::Bought { book_id: id, title: book.title.clone(), price: book.cost, order_id: version.seq }
+            Outcome::Bought {
+                book_id: id,
+                title: book.title.clone(),
+                price: book.cost,
+                order_id: version.seq,
+            }
         }
-        Command::Buy { .. } => Outcome::OutOfStock { book_id: id, title: book.title.clone() },
+        Command::Buy { .. } => Outcome::OutOfStock {
+            book_id: id,
+            title: book.title.clone(),
+        },
         Command::Update { stock, cost, .. } => {
             if let Some(s) = stock {
                 book.stock = s;
@@ -171,17 +194,30 @@ impl Tables for MemTables {
     fn answer(&mut self, request_id: &str) -> Result<Option<(Outcome, Version)>, Self::Error> {
         Ok(self.answers.get(request_id).cloned())
     }
-    fn put_answer(&mut self, request_id: &str, outcome: &Outcome, version: Version) -> Result<(), Self::Error> {
-        self.answers.insert(request_id.to_string(), (outcome.clone(), version));
+    fn put_answer(
+        &mut self,
+        request_id: &str,
+        outcome: &Outcome,
+        version: Version,
+    ) -> Result<(), Self::Error> {
+        self.answers
+            .insert(request_id.to_string(), (outcome.clone(), version));
         Ok(())
     }
 }
 
 impl MemTables {
     pub fn to_snapshot(&self) -> SnapshotData {
-        let mut applied: Vec<_> = self.answers.iter().map(|(r, (o, v))| (r.clone(), *v, o.clone())).collect();
+        let mut applied: Vec<_> = self
+            .answers
+            .iter()
+            .map(|(r, (o, v))| (r.clone(), *v, o.clone()))
+            .collect();
         applied.sort_by(|a, b| a.0.cmp(&b.0));
-        SnapshotData { books: self.books.values().cloned().collect(), applied }
+        SnapshotData {
+            books: self.books.values().cloned().collect(),
+            applied,
+        }
     }
 
     pub fn from_snapshot(s: SnapshotData) -> Self {
@@ -210,7 +246,10 @@ mod tests {
     }
 
     fn buy() -> Vec<u8> {
-        Command::Buy { book_id: BookId::new(1).unwrap() }.encode()
+        Command::Buy {
+            book_id: BookId::new(1).unwrap(),
+        }
+        .encode()
     }
 
     fn v(seq: u64) -> Version {
@@ -220,9 +259,13 @@ mod tests {
     #[test]
     fn a_buy_checks_and_decrements_in_one_step() {
         let mut t = store(1);
-        let (o, _) = apply(&mut t, "a", &buy(), v(1), Switches::default()).unwrap().unwrap();
+        let (o, _) = apply(&mut t, "a", &buy(), v(1), Switches::default())
+            .unwrap()
+            .unwrap();
         assert!(matches!(o, Outcome::Bought { order_id: 1, .. }));
-        let (o, _) = apply(&mut t, "b", &buy(), v(2), Switches::default()).unwrap().unwrap();
+        let (o, _) = apply(&mut t, "b", &buy(), v(2), Switches::default())
+            .unwrap()
+            .unwrap();
         assert!(matches!(o, Outcome::OutOfStock { .. }));
         assert_eq!(t.books[&BookId::new(1).unwrap()].stock, 0);
     }
@@ -240,17 +283,36 @@ mod tests {
     #[test]
     fn the_seed_fills_only_an_empty_catalog() {
         let mut t = MemTables::default();
-        let seed = |stock| Command::Seed { books: store(stock).books.into_values().collect() }.encode();
-        assert_eq!(apply(&mut t, SEED_REQUEST_ID, &seed(7), v(2), Switches::default()).unwrap(), None);
+        let seed = |stock| {
+            Command::Seed {
+                books: store(stock).books.into_values().collect(),
+            }
+            .encode()
+        };
+        assert_eq!(
+            apply(&mut t, SEED_REQUEST_ID, &seed(7), v(2), Switches::default()).unwrap(),
+            None
+        );
         assert_eq!(t.books[&BookId::new(1).unwrap()].stock, 7);
         apply(&mut t, "seed-again", &seed(9), v(3), Switches::default()).unwrap();
-        assert_eq!(t.books[&BookId::new(1).unwrap()].stock, 7, "a second seed changes nothing");
+        assert_eq!(
+            t.books[&BookId::new(1).unwrap()].stock,
+            7,
+            "a second seed changes nothing"
+        );
     }
 
     #[test]
     fn log_commands_read_the_wire_ops_bytes() {
-        let op = CatalogOp::Update { book_id: BookId::new(3).unwrap(), stock: Some(2), cost: None };
+        let op = CatalogOp::Update {
+            book_id: BookId::new(3).unwrap(),
+            stock: Some(2),
+            cost: None,
+        };
         let bytes = serde_json::to_vec(&op).unwrap();
-        assert_eq!(serde_json::from_slice::<Command>(&bytes).unwrap(), Command::from(op));
+        assert_eq!(
+            serde_json::from_slice::<Command>(&bytes).unwrap(),
+            Command::from(op)
+        );
     }
 }

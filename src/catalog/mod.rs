@@ -35,7 +35,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::NodeError;
 use crate::api::*;
-use crate::client::{CatalogClient, ClientError, FrontendClient, Http, NO_FORWARD_HEADER, PRIMARY_HEADER};
+use crate::client::{
+    CatalogClient, ClientError, FrontendClient, Http, NO_FORWARD_HEADER, PRIMARY_HEADER,
+};
 use crate::config::{ClusterConfig, Role};
 use crate::http::{self as h, ApiError, JsonBody, QueryArgs, Segment};
 use crate::replication::{self, Message, NodeId, ReadGate, Replica};
@@ -77,19 +79,32 @@ type Ctx = Arc<Catalog>;
 impl Catalog {
     fn send(&self, input: Input) -> Result<(), ApiError> {
         let guard = self.inputs.read().unwrap_or_else(|p| p.into_inner());
-        let tx = guard.as_ref().ok_or_else(|| ApiError::unavailable("this replica is still starting"))?;
-        tx.try_send(input).map_err(|_| ApiError::unavailable("this replica is overloaded, retry shortly"))
+        let tx = guard
+            .as_ref()
+            .ok_or_else(|| ApiError::unavailable("this replica is still starting"))?;
+        tx.try_send(input)
+            .map_err(|_| ApiError::unavailable("this replica is overloaded, retry shortly"))
     }
 
     fn name_of(&self, id: NodeId) -> String {
-        self.names.get(&id).cloned().unwrap_or_else(|| id.to_string())
+        self.names
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| id.to_string())
     }
 
     /// Forwards a write this replica cannot apply to the primary it follows
     /// (once: marked so the primary does not forward it again) and relays
     /// the answer.
-    async fn forward(&self, primary: Option<NodeId>, write: &CatalogWrite) -> Result<Json<WriteResult>, Response> {
-        let Some(client) = primary.filter(|p| *p != self.process_id).and_then(|p| self.peers.get(&p)) else {
+    async fn forward(
+        &self,
+        primary: Option<NodeId>,
+        write: &CatalogWrite,
+    ) -> Result<Json<WriteResult>, Response> {
+        let Some(client) = primary
+            .filter(|p| *p != self.process_id)
+            .and_then(|p| self.peers.get(&p))
+        else {
             return Err(self.not_primary(primary));
         };
         let name = self.name_of(primary.unwrap_or_default());
@@ -130,7 +145,11 @@ impl Catalog {
                 }
                 res
             }
-            None => ApiError::unavailable(format!("{} is not the primary and knows of none yet", self.name)).into_response(),
+            None => ApiError::unavailable(format!(
+                "{} is not the primary and knows of none yet",
+                self.name
+            ))
+            .into_response(),
         }
     }
 }
@@ -142,8 +161,13 @@ pub async fn run(
     name: &str,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
-    let node = cfg.node(name).ok_or_else(|| NodeError::Config(format!("no node {name}")))?.clone();
-    let dir = cfg.data_dir(&node).ok_or_else(|| NodeError::Config(format!("{name} has no data_dir")))?;
+    let node = cfg
+        .node(name)
+        .ok_or_else(|| NodeError::Config(format!("no node {name}")))?
+        .clone();
+    let dir = cfg
+        .data_dir(&node)
+        .ok_or_else(|| NodeError::Config(format!("{name} has no data_dir")))?;
     let identity = crate::storage::claim(&dir, "catalog.sqlite", &cfg.cluster_id, name)?;
     // The books this replica would found a new cluster with (read now, so a
     // bad catalog file stops the start); a running cluster's come from its log.
@@ -155,8 +179,12 @@ pub async fn run(
     let disk = db
         .hard_state()
         .map_err(crate::storage::StorageError::from)?
-        .map_or((0, Version::default()), |hs| (hs.epoch, store::to_api(hs.commit)));
-    let state = db.load_state().map_err(crate::storage::StorageError::from)?;
+        .map_or((0, Version::default()), |hs| {
+            (hs.epoch, store::to_api(hs.commit))
+        });
+    let state = db
+        .load_state()
+        .map_err(crate::storage::StorageError::from)?;
     tracing::info!(
         data_dir = %dir.display(),
         incarnation = identity.incarnation,
@@ -164,14 +192,28 @@ pub async fn run(
         "catalog store open{}",
         if identity.fresh { " (new data directory)" } else { "" }
     );
-    let peers: Vec<_> = cfg.nodes_of(Role::Catalog).filter(|n| n.name != name).cloned().collect();
-    let http = Http::new(Some(cfg.token.clone()), Duration::from_millis(cfg.timing.call_timeout_ms));
-    let names: HashMap<NodeId, String> =
-        cfg.nodes_of(Role::Catalog).map(|n| (n.process_id, n.name.clone())).collect();
+    let peers: Vec<_> = cfg
+        .nodes_of(Role::Catalog)
+        .filter(|n| n.name != name)
+        .cloned()
+        .collect();
+    let http = Http::new(
+        Some(cfg.token.clone()),
+        Duration::from_millis(cfg.timing.call_timeout_ms),
+    );
+    let names: HashMap<NodeId, String> = cfg
+        .nodes_of(Role::Catalog)
+        .map(|n| (n.process_id, n.name.clone()))
+        .collect();
     let clock = Clock::new();
     let (gate_tx, _) = watch::channel(Gate::default());
     let (applied_tx, _) = watch::channel(state.version);
-    let shared = Arc::new(Shared { state: RwLock::new(Arc::new(state.clone())), gate: gate_tx, applied: applied_tx, clock });
+    let shared = Arc::new(Shared {
+        state: RwLock::new(Arc::new(state.clone())),
+        gate: gate_tx,
+        applied: applied_tx,
+        clock,
+    });
     let catalog = Arc::new(Catalog {
         name: name.to_string(),
         process_id: node.process_id,
@@ -179,7 +221,10 @@ pub async fn run(
         inputs: RwLock::new(None),
         invalidator: RwLock::new(None),
         names: names.clone(),
-        peers: peers.iter().map(|p| (p.process_id, CatalogClient::new(p.base_url(), http.clone()))).collect(),
+        peers: peers
+            .iter()
+            .map(|p| (p.process_id, CatalogClient::new(p.base_url(), http.clone())))
+            .collect(),
         disk,
     });
 
@@ -199,14 +244,21 @@ pub async fn run(
     if blank {
         let voter = new_cluster(&peers, &http).await;
         if voter {
-            db.bootstrap(&replication::HardState { incarnation: identity.incarnation, ..Default::default() })
-                .map_err(crate::storage::StorageError::from)?;
+            db.bootstrap(&replication::HardState {
+                incarnation: identity.incarnation,
+                ..Default::default()
+            })
+            .map_err(crate::storage::StorageError::from)?;
             tracing::info!("first start of a new cluster: joining as a voting member");
         } else {
-            tracing::info!("new data directory in a running cluster: joining as a learner until caught up");
+            tracing::info!(
+                "new data directory in a running cluster: joining as a learner until caught up"
+            );
         }
     }
-    let persisted = db.load_persisted().map_err(crate::storage::StorageError::from)?;
+    let persisted = db
+        .load_persisted()
+        .map_err(crate::storage::StorageError::from)?;
     let t = &cfg.timing;
     let mut rcfg = replication::Config::new(
         node.process_id,
@@ -223,9 +275,25 @@ pub async fn run(
     let replica = Replica::new(rcfg, &persisted, clock.now_ms());
     let (inputs_tx, inputs_rx) = std::sync::mpsc::sync_channel(100_000);
     let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
-    tokio::spawn(transport(node.process_id, outbox_rx, peers.clone(), http.clone(), t.call_timeout_ms));
+    tokio::spawn(transport(
+        node.process_id,
+        outbox_rx,
+        peers.clone(),
+        http.clone(),
+        t.call_timeout_ms,
+    ));
     let tick = Duration::from_millis((t.heartbeat_ms / 5).clamp(1, 10));
-    let driver = Driver::new(replica, db, state, shared.clone(), inputs_rx, outbox_tx, names, tick, seed_books);
+    let driver = Driver::new(
+        replica,
+        db,
+        state,
+        shared.clone(),
+        inputs_rx,
+        outbox_tx,
+        names,
+        tick,
+        seed_books,
+    );
     std::thread::Builder::new()
         .name(format!("{name}-driver"))
         .spawn(move || driver.run())
@@ -234,15 +302,32 @@ pub async fn run(
 
     let frontends: Vec<(String, FrontendClient)> = cfg
         .nodes_of(Role::Frontend)
-        .map(|n| (n.name.clone(), FrontendClient::new(n.base_url(), http.clone())))
+        .map(|n| {
+            (
+                n.name.clone(),
+                FrontendClient::new(n.base_url(), http.clone()),
+            )
+        })
         .collect();
     let cache_lease = Duration::from_millis(t.cache_lease_ms);
     let replication_lease = Duration::from_millis(t.lease_ms);
-    tokio::spawn(manage_invalidator(Arc::downgrade(&catalog), frontends, cache_lease, replication_lease, drift));
+    tokio::spawn(manage_invalidator(
+        Arc::downgrade(&catalog),
+        frontends,
+        cache_lease,
+        replication_lease,
+        drift,
+    ));
 
-    let res = server.await.map_err(|e| NodeError::Config(format!("server task failed: {e}")))?;
+    let res = server
+        .await
+        .map_err(|e| NodeError::Config(format!("server task failed: {e}")))?;
     // Stop the driver: drop the only sender of its inputs.
-    catalog.inputs.write().unwrap_or_else(|p| p.into_inner()).take();
+    catalog
+        .inputs
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
     res?;
     tracing::info!("catalog {name} stopped");
     Ok(())
@@ -255,7 +340,9 @@ async fn new_cluster(peers: &[crate::config::NodeConfig], http: &Http) -> bool {
     loop {
         let mut answers = Vec::with_capacity(peers.len());
         for p in peers {
-            let s = crate::client::CatalogClient::new(p.base_url(), http.clone()).status().await;
+            let s = crate::client::CatalogClient::new(p.base_url(), http.clone())
+                .status()
+                .await;
             answers.push(s.ok().map(|s| (s.epoch, s.commit.seq)));
         }
         if let Some(founding) = founds_new_cluster(&answers) {
@@ -308,7 +395,12 @@ async fn transport(
                     }
                 }
                 let batch = ReplicationBatch { from: me, messages };
-                let call = http.call::<_, serde_json::Value>(reqwest::Method::POST, url.clone(), Some(&batch), &[]);
+                let call = http.call::<_, serde_json::Value>(
+                    reqwest::Method::POST,
+                    url.clone(),
+                    Some(&batch),
+                    &[],
+                );
                 let _ = tokio::time::timeout(Duration::from_millis(timeout_ms), call).await;
             }
         });
@@ -346,7 +438,13 @@ async fn manage_invalidator(
             let primary = g.role == Some(replication::Role::Primary);
             if primary && current != Some(g.epoch) {
                 let assumed = (lease + replication_lease).mul_f64(1.0 + drift);
-                let new = Arc::new(Invalidator::new(frontends.clone(), lease, drift, assumed, g.epoch));
+                let new = Arc::new(Invalidator::new(
+                    frontends.clone(),
+                    lease,
+                    drift,
+                    assumed,
+                    g.epoch,
+                ));
                 *inv = Some((g.epoch, new.clone()));
                 let (weak, epoch) = (catalog.clone(), g.epoch);
                 tokio::spawn(async move {
@@ -397,10 +495,16 @@ async fn read_gate(c: &Catalog, min: Version) -> Result<Arc<store::State>, ApiEr
         match c.shared.read_gate(target) {
             ReadGate::Serve => return Ok(c.shared.state()),
             ReadGate::Refuse => {
-                return Err(ApiError::unavailable(format!("{} may not serve reads now (no lease)", c.name)));
+                return Err(ApiError::unavailable(format!(
+                    "{} may not serve reads now (no lease)",
+                    c.name
+                )));
             }
             ReadGate::NotYet => {
-                if tokio::time::timeout_at(deadline, applied.changed()).await.is_err() {
+                if tokio::time::timeout_at(deadline, applied.changed())
+                    .await
+                    .is_err()
+                {
                     return Err(ApiError::unavailable(format!(
                         "{} has not yet applied position {target} (it is at {})",
                         c.name,
@@ -423,10 +527,16 @@ async fn lookup(
         None => Version::default(),
     };
     let state = read_gate(&c, min).await?;
-    state.lookup(id).map(Json).ok_or_else(|| ApiError::not_found(format!("no book with id {id}")))
+    state
+        .lookup(id)
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("no book with id {id}")))
 }
 
-async fn search(State(c): State<Ctx>, Segment(topic): Segment) -> Result<Json<SearchResponse>, ApiError> {
+async fn search(
+    State(c): State<Ctx>,
+    Segment(topic): Segment,
+) -> Result<Json<SearchResponse>, ApiError> {
     let topic = TopicSlug::parse(&topic)?;
     let state = read_gate(&c, Version::default()).await?;
     Ok(Json(state.search(&topic)))
@@ -435,11 +545,19 @@ async fn search(State(c): State<Ctx>, Segment(topic): Segment) -> Result<Json<Se
 /// The one write path: the replicated log (committed on the view, applied),
 /// then cache invalidation at every frontend, then the answer. A retried
 /// request id gets its first answer, and its invalidation again.
-async fn apply(c: &Catalog, write: CatalogWrite, may_forward: bool) -> Result<Json<WriteResult>, Response> {
+async fn apply(
+    c: &Catalog,
+    write: CatalogWrite,
+    may_forward: bool,
+) -> Result<Json<WriteResult>, Response> {
     let book = write.op.book_id();
     // Only a primary holds an invalidator: tell every cache the write
     // begins before it can be proposed (and so become visible).
-    let inv = c.invalidator.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let inv = c
+        .invalidator
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     if let Some((_, inv)) = &inv {
         inv.begin(book).await;
     }
@@ -451,7 +569,11 @@ async fn apply(c: &Catalog, write: CatalogWrite, may_forward: bool) -> Result<Js
     let (reply, rx) = oneshot::channel();
     let forwardable = may_forward.then(|| write.clone());
     let epoch = inv.as_ref().map(|(e, _)| *e);
-    if let Err(e) = c.send(Input::Write { write, epoch, reply }) {
+    if let Err(e) = c.send(Input::Write {
+        write,
+        epoch,
+        reply,
+    }) {
         end(*c.shared.applied.borrow());
         return Err(e.into_response());
     }
@@ -464,7 +586,9 @@ async fn apply(c: &Catalog, write: CatalogWrite, may_forward: bool) -> Result<Js
                     Some(w) => c.forward(primary, &w).await,
                     None => Err(c.not_primary(primary)),
                 },
-                WriteError::UnknownBook(id) => Err(ApiError::not_found(format!("no book with id {id}")).into_response()),
+                WriteError::UnknownBook(id) => {
+                    Err(ApiError::not_found(format!("no book with id {id}")).into_response())
+                }
                 WriteError::Unavailable(why) => Err(ApiError::unavailable(why).into_response()),
             };
         }
@@ -478,7 +602,12 @@ async fn apply(c: &Catalog, write: CatalogWrite, may_forward: bool) -> Result<Js
         Some((_, inv)) => inv.end(book, result.version).await,
         // Committed, but no longer primary: the next primary answers the
         // retry (same request id) and invalidates then.
-        None => return Err(ApiError::unavailable("primaryship changed; retry with the same request id").into_response()),
+        None => {
+            return Err(ApiError::unavailable(
+                "primaryship changed; retry with the same request id",
+            )
+            .into_response());
+        }
     }
     Ok(Json(result))
 }
@@ -488,34 +617,68 @@ fn may_forward(headers: &HeaderMap) -> bool {
     !headers.contains_key(NO_FORWARD_HEADER)
 }
 
-async fn write(State(c): State<Ctx>, headers: HeaderMap, JsonBody(w): JsonBody<CatalogWrite>) -> Result<Json<WriteResult>, Response> {
+async fn write(
+    State(c): State<Ctx>,
+    headers: HeaderMap,
+    JsonBody(w): JsonBody<CatalogWrite>,
+) -> Result<Json<WriteResult>, Response> {
     apply(&c, w, may_forward(&headers)).await
 }
 
-async fn update(State(c): State<Ctx>, headers: HeaderMap, JsonBody(u): JsonBody<UpdateRequest>) -> Result<Json<WriteResult>, Response> {
+async fn update(
+    State(c): State<Ctx>,
+    headers: HeaderMap,
+    JsonBody(u): JsonBody<UpdateRequest>,
+) -> Result<Json<WriteResult>, Response> {
     if u.stock.is_none() && u.cost.is_none() {
-        return Err(ApiError::bad_request("nothing to update: give stock and/or cost").into_response());
+        return Err(
+            ApiError::bad_request("nothing to update: give stock and/or cost").into_response(),
+        );
     }
     if u.stock.is_some_and(|s| s > MAX_STOCK) {
-        return Err(ApiError::bad_request(format!("stock must be at most {MAX_STOCK}")).into_response());
+        return Err(
+            ApiError::bad_request(format!("stock must be at most {MAX_STOCK}")).into_response(),
+        );
     }
     let request_id = match u.request_id {
         Some(r) => r,
-        None => RequestId::parse(&format!("u:{}", uuid::Uuid::new_v4().simple())).map_err(|e| ApiError::from(e).into_response())?,
+        None => RequestId::parse(&format!("u:{}", uuid::Uuid::new_v4().simple()))
+            .map_err(|e| ApiError::from(e).into_response())?,
     };
-    let w = CatalogWrite { request_id, op: CatalogOp::Update { book_id: u.id, stock: u.stock, cost: u.cost } };
+    let w = CatalogWrite {
+        request_id,
+        op: CatalogOp::Update {
+            book_id: u.id,
+            stock: u.stock,
+            cost: u.cost,
+        },
+    };
     apply(&c, w, may_forward(&headers)).await
 }
 
-async fn cache_lease(State(c): State<Ctx>, JsonBody(r): JsonBody<LeaseRequest>) -> Result<Json<LeaseGrant>, Response> {
+async fn cache_lease(
+    State(c): State<Ctx>,
+    JsonBody(r): JsonBody<LeaseRequest>,
+) -> Result<Json<LeaseGrant>, Response> {
     let g = *c.shared.gate.borrow();
-    let inv = c.invalidator.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let inv = c
+        .invalidator
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     match inv {
         // A catalog not yet seeded has nothing to cache (an empty search
         // cached now would hide the books once the seed commits).
-        Some((epoch, inv)) if g.primary_ready && g.epoch == epoch && c.shared.may_serve() && !c.shared.state().books.is_empty() => {
+        Some((epoch, inv))
+            if g.primary_ready
+                && g.epoch == epoch
+                && c.shared.may_serve()
+                && !c.shared.state().books.is_empty() =>
+        {
             let version = *c.shared.applied.borrow();
-            inv.grant(&r.frontend, version).map(Json).map_err(|e| ApiError::from(e).into_response())
+            inv.grant(&r.frontend, version)
+                .map(Json)
+                .map_err(|e| ApiError::from(e).into_response())
         }
         _ => Err(c.not_primary(g.primary)),
     }
@@ -540,7 +703,9 @@ async fn status(State(c): State<Ctx>) -> Result<Json<NodeStatus>, ApiError> {
             books: c.shared.state().books.len() as u64,
         }));
     }
-    let s = rx.await.map_err(|_| ApiError::unavailable("this replica is stopping"))?;
+    let s = rx
+        .await
+        .map_err(|_| ApiError::unavailable("this replica is stopping"))?;
     let role = match s.role {
         _ if s.learner => "learner",
         replication::Role::Primary => "primary",
@@ -561,14 +726,25 @@ async fn status(State(c): State<Ctx>) -> Result<Json<NodeStatus>, ApiError> {
     }))
 }
 
-async fn replication_in(State(c): State<Ctx>, JsonBody(batch): JsonBody<ReplicationBatch>) -> Result<Json<Health>, ApiError> {
+async fn replication_in(
+    State(c): State<Ctx>,
+    JsonBody(batch): JsonBody<ReplicationBatch>,
+) -> Result<Json<Health>, ApiError> {
     if !c.names.contains_key(&batch.from) || batch.from == c.process_id {
-        return Err(ApiError::bad_request(format!("unknown sender {}", batch.from)));
+        return Err(ApiError::bad_request(format!(
+            "unknown sender {}",
+            batch.from
+        )));
     }
     for msg in batch.messages {
-        c.send(Input::Net { from: batch.from, msg })?;
+        c.send(Input::Net {
+            from: batch.from,
+            msg,
+        })?;
     }
-    Ok(Json(Health { message: "OK".into() }))
+    Ok(Json(Health {
+        message: "OK".into(),
+    }))
 }
 
 #[cfg(test)]
@@ -577,10 +753,30 @@ mod tests {
 
     #[test]
     fn a_blank_disk_founds_a_cluster_only_with_enough_blank_peers_and_none_with_history() {
-        assert_eq!(founds_new_cluster(&[Some((0, 0)), None]), Some(true), "one blank peer makes a majority of three");
-        assert_eq!(founds_new_cluster(&[None, None]), None, "nobody answered: ask again");
-        assert_eq!(founds_new_cluster(&[Some((0, 0)), Some((3, 40))]), Some(false), "a peer with history");
-        assert_eq!(founds_new_cluster(&[Some((2, 0)), None]), Some(false), "an epoch is history too");
-        assert_eq!(founds_new_cluster(&[Some((0, 0)), None, None, None]), None, "five replicas need two blank peers");
+        assert_eq!(
+            founds_new_cluster(&[Some((0, 0)), None]),
+            Some(true),
+            "one blank peer makes a majority of three"
+        );
+        assert_eq!(
+            founds_new_cluster(&[None, None]),
+            None,
+            "nobody answered: ask again"
+        );
+        assert_eq!(
+            founds_new_cluster(&[Some((0, 0)), Some((3, 40))]),
+            Some(false),
+            "a peer with history"
+        );
+        assert_eq!(
+            founds_new_cluster(&[Some((2, 0)), None]),
+            Some(false),
+            "an epoch is history too"
+        );
+        assert_eq!(
+            founds_new_cluster(&[Some((0, 0)), None, None, None]),
+            None,
+            "five replicas need two blank peers"
+        );
     }
 }

@@ -49,11 +49,15 @@ impl State {
     }
 
     pub fn lookup(&self, id: BookId) -> Option<LookupResponse> {
-        self.books.get(&id).map(|b| LookupResponse::new(b, self.version))
+        self.books
+            .get(&id)
+            .map(|b| LookupResponse::new(b, self.version))
     }
 
     pub fn search(&self, topic: &TopicSlug) -> SearchResponse {
-        SearchResponse { items: self.topics.get(topic.as_str()).cloned().unwrap_or_default() }
+        SearchResponse {
+            items: self.topics.get(topic.as_str()).cloned().unwrap_or_default(),
+        }
     }
 }
 
@@ -130,7 +134,10 @@ fn corrupt(what: impl std::fmt::Display) -> rusqlite::Error {
 }
 
 fn version_of(epoch: i64, seq: i64) -> Version {
-    Version { epoch: epoch as u64, seq: seq as u64 }
+    Version {
+        epoch: epoch as u64,
+        seq: seq as u64,
+    }
 }
 
 impl Db {
@@ -148,7 +155,8 @@ impl Db {
             .conn
             .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
             .optional()?;
-        v.map(|v| serde_json::from_str(&v).map_err(corrupt)).transpose()
+        v.map(|v| serde_json::from_str(&v).map_err(corrupt))
+            .transpose()
     }
 
     /// Whether the core never persisted anything here.
@@ -172,7 +180,9 @@ impl Db {
 
     pub fn load_state(&self) -> rusqlite::Result<State> {
         let mut state = State::default();
-        let mut q = self.conn.prepare("SELECT id, title, topic, cost_cents, stock FROM books")?;
+        let mut q = self
+            .conn
+            .prepare("SELECT id, title, topic, cost_cents, stock FROM books")?;
         for b in q.query_map([], read_book)? {
             state.insert(b?);
         }
@@ -184,12 +194,21 @@ impl Db {
         let hard_state = self.meta("hard_state")?.unwrap_or_default();
         let snapshot = self
             .conn
-            .query_row("SELECT epoch, seq, data FROM snapshot WHERE id = 1", [], |r| {
-                Ok(Snapshot { version: to_core(version_of(r.get(0)?, r.get(1)?)), data: r.get(2)? })
-            })
+            .query_row(
+                "SELECT epoch, seq, data FROM snapshot WHERE id = 1",
+                [],
+                |r| {
+                    Ok(Snapshot {
+                        version: to_core(version_of(r.get(0)?, r.get(1)?)),
+                        data: r.get(2)?,
+                    })
+                },
+            )
             .optional()?;
         let mut entries = Vec::new();
-        let mut q = self.conn.prepare("SELECT seq, epoch, request_id, op FROM rlog ORDER BY seq")?;
+        let mut q = self
+            .conn
+            .prepare("SELECT seq, epoch, request_id, op FROM rlog ORDER BY seq")?;
         let rows = q.query_map([], |r| {
             let op: Option<String> = r.get(3)?;
             Ok(Entry {
@@ -204,7 +223,11 @@ impl Db {
         for e in rows {
             entries.push(e?);
         }
-        Ok(Persisted { hard_state, snapshot, entries })
+        Ok(Persisted {
+            hard_state,
+            snapshot,
+            entries,
+        })
     }
 
     /// The answer a request id got, if it was applied.
@@ -215,7 +238,10 @@ impl Db {
             .query_row([request_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .optional()?;
         row.map(|(o, e, s)| {
-            Ok(WriteResult { outcome: serde_json::from_str(&o).map_err(corrupt)?, version: version_of(e, s) })
+            Ok(WriteResult {
+                outcome: serde_json::from_str(&o).map_err(corrupt)?,
+                version: version_of(e, s),
+            })
         })
         .transpose()
     }
@@ -223,7 +249,11 @@ impl Db {
     /// Persists a `Ready` and applies its committed entries, in one
     /// transaction; then brings `state` up to date. Entries at or below the
     /// applied version (handed out again after a restart) are skipped.
-    pub fn handle(&mut self, rd: &replication::Ready, state: &mut State) -> rusqlite::Result<Vec<AppliedEntry>> {
+    pub fn handle(
+        &mut self,
+        rd: &replication::Ready,
+        state: &mut State,
+    ) -> rusqlite::Result<Vec<AppliedEntry>> {
         let tx = self.conn.transaction()?;
         let mut reload = false;
         if let Some(snap) = &rd.snapshot_to_install {
@@ -240,22 +270,37 @@ impl Db {
             tx.execute("DELETE FROM rlog WHERE seq > ?1", [t as i64])?;
         }
         if !rd.entries.is_empty() {
-            let mut ins = tx.prepare_cached("INSERT OR REPLACE INTO rlog (seq, epoch, request_id, op) VALUES (?1, ?2, ?3, ?4)")?;
+            let mut ins = tx.prepare_cached(
+                "INSERT OR REPLACE INTO rlog (seq, epoch, request_id, op) VALUES (?1, ?2, ?3, ?4)",
+            )?;
             for e in &rd.entries {
                 let op = match &e.kind {
                     EntryKind::Op(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
                     EntryKind::EpochStart => None,
                 };
-                ins.execute(params![e.version.seq as i64, e.version.epoch as i64, e.request_id, op])?;
+                ins.execute(params![
+                    e.version.seq as i64,
+                    e.version.epoch as i64,
+                    e.request_id,
+                    op
+                ])?;
             }
         }
         let mut applied = Vec::new();
         let mut version = if reload {
-            rd.snapshot_to_install.as_ref().map(|s| to_api(s.version)).unwrap_or_default()
+            rd.snapshot_to_install
+                .as_ref()
+                .map(|s| to_api(s.version))
+                .unwrap_or_default()
         } else {
             state.version
         };
-        let mut tables = SqlTables { tx: &tx, state, changed: HashMap::new(), reloaded: reload };
+        let mut tables = SqlTables {
+            tx: &tx,
+            state,
+            changed: HashMap::new(),
+            reloaded: reload,
+        };
         for e in &rd.committed {
             if e.version.seq <= version.seq {
                 continue;
@@ -263,10 +308,20 @@ impl Db {
             let v = to_api(e.version);
             let outcome = match &e.kind {
                 EntryKind::EpochStart => None,
-                EntryKind::Op(bytes) => machine::apply(&mut tables, &e.request_id, bytes, v, machine::Switches::default())?,
+                EntryKind::Op(bytes) => machine::apply(
+                    &mut tables,
+                    &e.request_id,
+                    bytes,
+                    v,
+                    machine::Switches::default(),
+                )?,
             };
             version = v;
-            applied.push(AppliedEntry { version: v, request_id: e.request_id.clone(), outcome });
+            applied.push(AppliedEntry {
+                version: v,
+                request_id: e.request_id.clone(),
+                outcome,
+            });
         }
         let changed = std::mem::take(&mut tables.changed);
         if version != state.version || reload {
@@ -289,11 +344,24 @@ impl Db {
 
     /// The state machine at its applied version, as snapshot bytes.
     pub fn snapshot_bytes(&self, state: &State) -> rusqlite::Result<Vec<u8>> {
-        let mut q = self.conn.prepare("SELECT request_id, epoch, seq, outcome FROM applied")?;
+        let mut q = self
+            .conn
+            .prepare("SELECT request_id, epoch, seq, outcome FROM applied")?;
         let mut applied = Vec::new();
-        for row in q.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get::<_, String>(3)?)))? {
+        for row in q.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get::<_, String>(3)?,
+            ))
+        })? {
             let (id, e, s, o) = row?;
-            applied.push((id, version_of(e, s), serde_json::from_str(&o).map_err(corrupt)?));
+            applied.push((
+                id,
+                version_of(e, s),
+                serde_json::from_str(&o).map_err(corrupt)?,
+            ));
         }
         let mut books: Vec<Book> = state.books.values().cloned().collect();
         books.sort_by_key(|b| b.id);
@@ -305,25 +373,46 @@ impl Db {
         let tx = self.conn.transaction()?;
         tx.execute(
             "INSERT OR REPLACE INTO snapshot (id, epoch, seq, data) VALUES (1, ?1, ?2, ?3)",
-            params![snap.version.epoch as i64, snap.version.seq as i64, snap.data],
+            params![
+                snap.version.epoch as i64,
+                snap.version.seq as i64,
+                snap.data
+            ],
         )?;
-        tx.execute("DELETE FROM rlog WHERE seq <= ?1", [snap.version.seq as i64])?;
+        tx.execute(
+            "DELETE FROM rlog WHERE seq <= ?1",
+            [snap.version.seq as i64],
+        )?;
         tx.commit()
     }
 }
 
 pub fn to_api(v: replication::Version) -> Version {
-    Version { epoch: v.epoch, seq: v.seq }
+    Version {
+        epoch: v.epoch,
+        seq: v.seq,
+    }
 }
 
 pub fn to_core(v: Version) -> replication::Version {
-    replication::Version { epoch: v.epoch, seq: v.seq }
+    replication::Version {
+        epoch: v.epoch,
+        seq: v.seq,
+    }
 }
 
 fn insert_books(tx: &Transaction<'_>, books: &[Book]) -> rusqlite::Result<()> {
-    let mut ins = tx.prepare("INSERT INTO books (id, title, topic, cost_cents, stock) VALUES (?1, ?2, ?3, ?4, ?5)")?;
+    let mut ins = tx.prepare(
+        "INSERT INTO books (id, title, topic, cost_cents, stock) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
     for b in books {
-        ins.execute(params![b.id.get() as i64, b.title, b.topic, b.cost.cents() as i64, b.stock as i64])?;
+        ins.execute(params![
+            b.id.get() as i64,
+            b.title,
+            b.topic,
+            b.cost.cents() as i64,
+            b.stock as i64
+        ])?;
     }
     Ok(())
 }
@@ -334,15 +423,23 @@ fn install_snapshot(tx: &Transaction<'_>, snap: &Snapshot) -> rusqlite::Result<(
     tx.execute("DELETE FROM applied", [])?;
     // Entries after the snapshot stay (the core truncates them separately
     // when they do not follow it).
-    tx.execute("DELETE FROM rlog WHERE seq <= ?1", [snap.version.seq as i64])?;
+    tx.execute(
+        "DELETE FROM rlog WHERE seq <= ?1",
+        [snap.version.seq as i64],
+    )?;
     insert_books(tx, &data.books)?;
-    let mut ins = tx.prepare("INSERT INTO applied (request_id, epoch, seq, outcome) VALUES (?1, ?2, ?3, ?4)")?;
+    let mut ins = tx
+        .prepare("INSERT INTO applied (request_id, epoch, seq, outcome) VALUES (?1, ?2, ?3, ?4)")?;
     for (id, v, o) in &data.applied {
         ins.execute(params![id, v.epoch as i64, v.seq as i64, to_json(o)])?;
     }
     tx.execute(
         "INSERT OR REPLACE INTO snapshot (id, epoch, seq, data) VALUES (1, ?1, ?2, ?3)",
-        params![snap.version.epoch as i64, snap.version.seq as i64, snap.data],
+        params![
+            snap.version.epoch as i64,
+            snap.version.seq as i64,
+            snap.data
+        ],
     )?;
     Ok(())
 }
@@ -365,7 +462,9 @@ impl machine::Tables for SqlTables<'_> {
             Some(b) => Ok(Some(b.clone())),
             None if self.reloaded => self
                 .tx
-                .prepare_cached("SELECT id, title, topic, cost_cents, stock FROM books WHERE id = ?1")?
+                .prepare_cached(
+                    "SELECT id, title, topic, cost_cents, stock FROM books WHERE id = ?1",
+                )?
                 .query_row([id.get() as i64], read_book)
                 .optional(),
             None => Ok(self.state.books.get(&id).cloned()),
@@ -384,7 +483,8 @@ impl machine::Tables for SqlTables<'_> {
     }
 
     fn is_empty(&mut self) -> rusqlite::Result<bool> {
-        self.tx.query_row("SELECT NOT EXISTS (SELECT 1 FROM books)", [], |r| r.get(0))
+        self.tx
+            .query_row("SELECT NOT EXISTS (SELECT 1 FROM books)", [], |r| r.get(0))
     }
 
     fn answer(&mut self, request_id: &str) -> rusqlite::Result<Option<(Outcome, Version)>> {
@@ -398,10 +498,22 @@ impl machine::Tables for SqlTables<'_> {
             .transpose()
     }
 
-    fn put_answer(&mut self, request_id: &str, outcome: &Outcome, version: Version) -> rusqlite::Result<()> {
+    fn put_answer(
+        &mut self,
+        request_id: &str,
+        outcome: &Outcome,
+        version: Version,
+    ) -> rusqlite::Result<()> {
         self.tx
-            .prepare_cached("INSERT INTO applied (request_id, epoch, seq, outcome) VALUES (?1, ?2, ?3, ?4)")?
-            .execute(params![request_id, version.epoch as i64, version.seq as i64, to_json(outcome)])?;
+            .prepare_cached(
+                "INSERT INTO applied (request_id, epoch, seq, outcome) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![
+                request_id,
+                version.epoch as i64,
+                version.seq as i64,
+                to_json(outcome)
+            ])?;
         Ok(())
     }
 }
@@ -441,13 +553,18 @@ mod tests {
         // applied gets the first entry's answer: the same order_id and
         // version." The retry was proposed again (a new primary did not yet
         // know the first had committed); applying it answers as the first.
-        let dir = std::env::temp_dir().join(format!("pygmy-store-{}", uuid::Uuid::new_v4().simple()));
+        let dir =
+            std::env::temp_dir().join(format!("pygmy-store-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
         crate::storage::claim(&dir, "catalog.sqlite", "c", "catalog-1").unwrap();
         let mut db = Db::open(&dir).unwrap();
         let mut state = db.load_state().unwrap();
-        let seed = machine::Command::Seed { books: crate::catalog::seed::default_books() };
-        let buy = machine::Command::Buy { book_id: BookId::new(1).unwrap() };
+        let seed = machine::Command::Seed {
+            books: crate::catalog::seed::default_books(),
+        };
+        let buy = machine::Command::Buy {
+            book_id: BookId::new(1).unwrap(),
+        };
         let log = vec![
             entry(1, 1, "epoch-start-1", None),
             entry(1, 2, machine::SEED_REQUEST_ID, Some(&seed)),
@@ -455,14 +572,28 @@ mod tests {
             entry(2, 4, "epoch-start-2", None),
             entry(2, 5, "k:once", Some(&buy)),
         ];
-        let rd = Ready { entries: log.clone(), committed: log, ..Ready::default() };
+        let rd = Ready {
+            entries: log.clone(),
+            committed: log,
+            ..Ready::default()
+        };
         let applied = db.handle(&rd, &mut state).unwrap();
         let first = applied[2].outcome.clone().unwrap();
         let again = applied[4].outcome.clone().unwrap();
         assert_eq!(first.1, Version { epoch: 1, seq: 3 });
-        assert_eq!(again, first, "the retry's own entry answers as the first one did");
-        assert!(matches!(first.0, Outcome::Bought { order_id: 3, .. }), "{first:?}");
-        assert_eq!(state.books[&BookId::new(1).unwrap()].stock, 999, "bought once");
+        assert_eq!(
+            again, first,
+            "the retry's own entry answers as the first one did"
+        );
+        assert!(
+            matches!(first.0, Outcome::Bought { order_id: 3, .. }),
+            "{first:?}"
+        );
+        assert_eq!(
+            state.books[&BookId::new(1).unwrap()].stock,
+            999,
+            "bought once"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::api::{BookId, InvalidationBatch, LeaseGrant, LookupResponse, SearchResponse, TopicSlug, Version};
+use crate::api::{
+    BookId, InvalidationBatch, LeaseGrant, LookupResponse, SearchResponse, TopicSlug, Version,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Key {
@@ -54,7 +56,10 @@ struct Inner {
 impl Inner {
     fn flush(&mut self, why: &str) {
         if !self.books.is_empty() || !self.topics.is_empty() {
-            tracing::info!(entries = self.books.len() + self.topics.len(), "cache flushed: {why}");
+            tracing::info!(
+                entries = self.books.len() + self.topics.len(),
+                "cache flushed: {why}"
+            );
         }
         self.books.clear();
         self.topics.clear();
@@ -73,7 +78,11 @@ impl Inner {
     }
 
     fn floor(&self, id: BookId) -> Version {
-        self.floors.get(&id).copied().unwrap_or_default().max(self.floor_all)
+        self.floors
+            .get(&id)
+            .copied()
+            .unwrap_or_default()
+            .max(self.floor_all)
     }
 
     fn raise_floor(&mut self, id: BookId, v: Version) {
@@ -84,7 +93,9 @@ impl Inner {
 
     fn make_room(&mut self, capacity: usize) {
         while self.books.len() + self.topics.len() >= capacity {
-            let Some(k) = self.fifo.pop_front() else { break };
+            let Some(k) = self.fifo.pop_front() else {
+                break;
+            };
             match k {
                 Key::Book(id) => self.books.remove(&id).map(|_| ()),
                 Key::Topic(t) => self.topics.remove(&t).map(|_| ()),
@@ -162,7 +173,11 @@ impl Cache {
         }
         let v = {
             let inner = self.lock();
-            if inner.lease_valid(Instant::now()) { inner.books.get(&id).cloned() } else { None }
+            if inner.lease_valid(Instant::now()) {
+                inner.books.get(&id).cloned()
+            } else {
+                None
+            }
         };
         self.count(v.is_some());
         v
@@ -174,7 +189,11 @@ impl Cache {
         }
         let v = {
             let inner = self.lock();
-            if inner.lease_valid(Instant::now()) { inner.topics.get(topic).cloned() } else { None }
+            if inner.lease_valid(Instant::now()) {
+                inner.topics.get(topic).cloned()
+            } else {
+                None
+            }
         };
         self.count(v.is_some());
         v
@@ -183,8 +202,13 @@ impl Cache {
     /// Call before reading a book from a replica.
     pub fn ticket(&self, id: Option<BookId>) -> Ticket {
         let inner = self.lock();
-        let min = id.map(|id| inner.floor(id)).filter(|v| *v > Version::default());
-        Ticket { generation: inner.generation, min_version: min }
+        let min = id
+            .map(|id| inner.floor(id))
+            .filter(|v| *v > Version::default());
+        Ticket {
+            generation: inner.generation,
+            min_version: min,
+        }
     }
 
     /// Caches a book read with `ticket`, unless something newer was announced since.
@@ -341,7 +365,16 @@ mod tests {
 
     fn leased() -> Cache {
         let c = Cache::new(true, 100);
-        c.renew(Instant::now(), &LeaseGrant { epoch: 1, next_seq: 0, lease_ms: 60_000, version: v(1, 0), pending: vec![] });
+        c.renew(
+            Instant::now(),
+            &LeaseGrant {
+                epoch: 1,
+                next_seq: 0,
+                lease_ms: 60_000,
+                version: v(1, 0),
+                pending: vec![],
+            },
+        );
         c
     }
 
@@ -350,7 +383,15 @@ mod tests {
         let c = leased();
         let id = BookId::new(1).unwrap();
         let t = c.ticket(Some(id));
-        c.invalidate(&InvalidationBatch { epoch: 1, seq: 0, items: vec![Invalidation { book_id: id, version: v(1, 5), begin: false }] });
+        c.invalidate(&InvalidationBatch {
+            epoch: 1,
+            seq: 0,
+            items: vec![Invalidation {
+                book_id: id,
+                version: v(1, 5),
+                begin: false,
+            }],
+        });
         assert!(!c.fill_book(t, book(1, 10, v(1, 4))), "stale fill accepted");
         assert_eq!(c.ticket(Some(id)).min_version, Some(v(1, 5)));
         assert!(c.fill_book(c.ticket(Some(id)), book(1, 9, v(1, 5))));
@@ -362,8 +403,20 @@ mod tests {
         let c = Cache::new(true, 100);
         let id = BookId::new(1).unwrap();
         assert!(!c.fill_book(c.ticket(Some(id)), book(1, 10, v(1, 1))));
-        c.renew(Instant::now() - Duration::from_millis(50), &LeaseGrant { epoch: 1, next_seq: 0, lease_ms: 10, version: v(1, 1), pending: vec![] });
-        assert!(!c.fill_book(c.ticket(Some(id)), book(1, 10, v(1, 1))), "expired lease");
+        c.renew(
+            Instant::now() - Duration::from_millis(50),
+            &LeaseGrant {
+                epoch: 1,
+                next_seq: 0,
+                lease_ms: 10,
+                version: v(1, 1),
+                pending: vec![],
+            },
+        );
+        assert!(
+            !c.fill_book(c.ticket(Some(id)), book(1, 10, v(1, 1))),
+            "expired lease"
+        );
     }
 
     #[test]
@@ -371,9 +424,17 @@ mod tests {
         let c = leased();
         let id = BookId::new(2).unwrap();
         assert!(c.fill_book(c.ticket(Some(id)), book(2, 10, v(1, 1))));
-        c.invalidate(&InvalidationBatch { epoch: 1, seq: 0, items: vec![] });
+        c.invalidate(&InvalidationBatch {
+            epoch: 1,
+            seq: 0,
+            items: vec![],
+        });
         assert!(c.lookup(id).is_some());
-        c.invalidate(&InvalidationBatch { epoch: 1, seq: 2, items: vec![] });
+        c.invalidate(&InvalidationBatch {
+            epoch: 1,
+            seq: 2,
+            items: vec![],
+        });
         assert!(c.lookup(id).is_none(), "gap must flush");
     }
 
@@ -384,20 +445,44 @@ mod tests {
         let t = c.ticket(Some(id));
         assert!(c.fill_book(t, book(3, 10, v(1, 1))));
         let t = c.ticket(Some(id));
-        c.renew(Instant::now(), &LeaseGrant { epoch: 2, next_seq: 0, lease_ms: 60_000, version: v(2, 1), pending: vec![] });
+        c.renew(
+            Instant::now(),
+            &LeaseGrant {
+                epoch: 2,
+                next_seq: 0,
+                lease_ms: 60_000,
+                version: v(2, 1),
+                pending: vec![],
+            },
+        );
         assert!(c.lookup(id).is_none());
-        assert!(!c.fill_book(t, book(3, 10, v(1, 1))), "fill from before the flush");
+        assert!(
+            !c.fill_book(t, book(3, 10, v(1, 1))),
+            "fill from before the flush"
+        );
     }
 
     #[test]
     fn the_cache_is_bounded() {
         let c = Cache::new(true, 10);
-        c.renew(Instant::now(), &LeaseGrant { epoch: 1, next_seq: 0, lease_ms: 60_000, version: v(1, 0), pending: vec![] });
+        c.renew(
+            Instant::now(),
+            &LeaseGrant {
+                epoch: 1,
+                next_seq: 0,
+                lease_ms: 60_000,
+                version: v(1, 0),
+                pending: vec![],
+            },
+        );
         for i in 1..=100 {
             c.fill_book(c.ticket(None), book(i, 1, v(1, 1)));
         }
         assert!(c.stats().entries <= 10);
-        assert!(c.lookup(BookId::new(100).unwrap()).is_some(), "newest stays");
+        assert!(
+            c.lookup(BookId::new(100).unwrap()).is_some(),
+            "newest stays"
+        );
     }
 
     fn batch(epoch: u64, seq: u64, items: &[(u64, bool, Version)]) -> InvalidationBatch {
@@ -406,7 +491,11 @@ mod tests {
             seq,
             items: items
                 .iter()
-                .map(|&(id, begin, version)| Invalidation { book_id: BookId::new(id).unwrap(), version, begin })
+                .map(|&(id, begin, version)| Invalidation {
+                    book_id: BookId::new(id).unwrap(),
+                    version,
+                    begin,
+                })
                 .collect(),
         }
     }
@@ -417,10 +506,19 @@ mod tests {
         let id = BookId::new(4).unwrap();
         assert!(c.fill_book(c.ticket(Some(id)), book(4, 10, v(1, 1))));
         c.invalidate(&batch(1, 0, &[(4, true, v(0, 0))]));
-        assert!(c.lookup(id).is_none(), "a begun write drops the cached value");
-        assert!(!c.fill_book(c.ticket(Some(id)), book(4, 10, v(1, 1))), "no fill while a write is begun");
+        assert!(
+            c.lookup(id).is_none(),
+            "a begun write drops the cached value"
+        );
+        assert!(
+            !c.fill_book(c.ticket(Some(id)), book(4, 10, v(1, 1))),
+            "no fill while a write is begun"
+        );
         c.invalidate(&batch(1, 1, &[(4, false, v(1, 2))]));
-        assert!(!c.fill_book(c.ticket(Some(id)), book(4, 10, v(1, 1))), "a fill older than the write's end");
+        assert!(
+            !c.fill_book(c.ticket(Some(id)), book(4, 10, v(1, 1))),
+            "a fill older than the write's end"
+        );
         assert!(c.fill_book(c.ticket(Some(id)), book(4, 9, v(1, 2))));
         assert_eq!(c.lookup(id).unwrap().stock, 9);
     }
@@ -429,9 +527,18 @@ mod tests {
     fn a_lease_granted_while_writes_are_begun_keeps_their_books_out() {
         let c = Cache::new(true, 100);
         let id = BookId::new(5).unwrap();
-        let grant = LeaseGrant { epoch: 1, next_seq: 3, lease_ms: 60_000, version: v(1, 1), pending: vec![id] };
+        let grant = LeaseGrant {
+            epoch: 1,
+            next_seq: 3,
+            lease_ms: 60_000,
+            version: v(1, 1),
+            pending: vec![id],
+        };
         c.renew(Instant::now(), &grant);
-        assert!(!c.fill_book(c.ticket(Some(id)), book(5, 10, v(1, 1))), "begun before the grant");
+        assert!(
+            !c.fill_book(c.ticket(Some(id)), book(5, 10, v(1, 1))),
+            "begun before the grant"
+        );
         // A batch from before the grant changes no count…
         c.invalidate(&batch(1, 2, &[(5, false, v(1, 1))]));
         assert!(!c.fill_book(c.ticket(Some(id)), book(5, 10, v(1, 1))));
@@ -447,12 +554,39 @@ mod tests {
         assert!(c.fill_book(c.ticket(Some(id)), book(6, 10, v(1, 1))));
         c.invalidate(&batch(2, 0, &[]));
         assert!(c.lookup(id).is_none());
-        assert!(!c.fill_book(c.ticket(Some(id)), book(6, 10, v(1, 1))), "no lease after the fence");
+        assert!(
+            !c.fill_book(c.ticket(Some(id)), book(6, 10, v(1, 1))),
+            "no lease after the fence"
+        );
         // A late grant of the old primary does not bring the lease back.
-        c.renew(Instant::now(), &LeaseGrant { epoch: 1, next_seq: 5, lease_ms: 60_000, version: v(1, 1), pending: vec![] });
-        assert!(!c.fill_book(c.ticket(Some(id)), book(6, 10, v(1, 1))), "an old epoch's grant");
-        c.renew(Instant::now(), &LeaseGrant { epoch: 2, next_seq: 1, lease_ms: 60_000, version: v(2, 3), pending: vec![] });
-        assert!(!c.fill_book(c.ticket(Some(id)), book(6, 10, v(1, 1))), "below the new primary's version");
+        c.renew(
+            Instant::now(),
+            &LeaseGrant {
+                epoch: 1,
+                next_seq: 5,
+                lease_ms: 60_000,
+                version: v(1, 1),
+                pending: vec![],
+            },
+        );
+        assert!(
+            !c.fill_book(c.ticket(Some(id)), book(6, 10, v(1, 1))),
+            "an old epoch's grant"
+        );
+        c.renew(
+            Instant::now(),
+            &LeaseGrant {
+                epoch: 2,
+                next_seq: 1,
+                lease_ms: 60_000,
+                version: v(2, 3),
+                pending: vec![],
+            },
+        );
+        assert!(
+            !c.fill_book(c.ticket(Some(id)), book(6, 10, v(1, 1))),
+            "below the new primary's version"
+        );
         assert!(c.fill_book(c.ticket(Some(id)), book(6, 10, v(2, 3))));
     }
 }

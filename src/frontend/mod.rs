@@ -48,29 +48,52 @@ pub async fn run(
     opts: Options,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
-    cfg.node(name).ok_or_else(|| NodeError::Config(format!("no node {name}")))?;
+    cfg.node(name)
+        .ok_or_else(|| NodeError::Config(format!("no node {name}")))?;
     let t = &cfg.timing;
-    let http = Http::new(Some(cfg.token.clone()), Duration::from_millis(t.call_timeout_ms));
+    let http = Http::new(
+        Some(cfg.token.clone()),
+        Duration::from_millis(t.call_timeout_ms),
+    );
     let budget = Duration::from_millis(t.retry_budget_ms);
     let catalogs: Vec<(String, CatalogClient)> = cfg
         .nodes_of(Role::Catalog)
-        .map(|n| (n.name.clone(), CatalogClient::new(n.base_url(), http.clone())))
+        .map(|n| {
+            (
+                n.name.clone(),
+                CatalogClient::new(n.base_url(), http.clone()),
+            )
+        })
         .collect();
     let catalog = Pool::new("catalog", catalogs.clone(), Pick::RoundRobin, budget);
     // An order replica may itself retry the catalog for a whole budget (a
     // failover): give it that long before trying another.
-    let order_http = Http::new(Some(cfg.token.clone()), Duration::from_millis(t.retry_budget_ms + t.call_timeout_ms));
+    let order_http = Http::new(
+        Some(cfg.token.clone()),
+        Duration::from_millis(t.retry_budget_ms + t.call_timeout_ms),
+    );
     let orders = Pool::new(
         "order",
         cfg.nodes_of(Role::Order)
-            .map(|n| (n.name.clone(), OrderClient::new(n.base_url(), order_http.clone())))
+            .map(|n| {
+                (
+                    n.name.clone(),
+                    OrderClient::new(n.base_url(), order_http.clone()),
+                )
+            })
             .collect(),
         Pick::RoundRobin,
         budget * 2,
     );
     let probe = Duration::from_millis(t.health_interval_ms);
-    catalog.spawn_probe(probe, |c: CatalogClient| async move { c.health().await.is_ok() });
-    orders.spawn_probe(probe, |o: OrderClient| async move { o.health().await.is_ok() });
+    catalog.spawn_probe(
+        probe,
+        |c: CatalogClient| async move { c.health().await.is_ok() },
+    );
+    orders.spawn_probe(
+        probe,
+        |o: OrderClient| async move { o.health().await.is_ok() },
+    );
     let fe: Shared = Arc::new(Frontend {
         cache: Cache::new(!opts.no_cache, cfg.limits.cache_entries),
         catalog,
@@ -79,7 +102,12 @@ pub async fn run(
     if !opts.no_cache {
         let lease = Duration::from_millis(t.cache_lease_ms);
         let primary = Pool::new("catalog", catalogs, Pick::Sticky, lease / 2);
-        tokio::spawn(renew_lease(Arc::downgrade(&fe), primary, name.to_string(), lease));
+        tokio::spawn(renew_lease(
+            Arc::downgrade(&fe),
+            primary,
+            name.to_string(),
+            lease,
+        ));
     }
     let public = Router::new()
         .route("/search/{topic}", get(search))
@@ -89,7 +117,9 @@ pub async fn run(
     let internal = Router::new()
         .route("/internal/invalidate", post(invalidate))
         .route("/internal/cache", get(cache_stats));
-    let app = public.merge(h::internal(internal, &cfg.token)).with_state(fe);
+    let app = public
+        .merge(h::internal(internal, &cfg.token))
+        .with_state(fe);
     let app = h::finish(app, &cfg.limits);
     tracing::info!(
         addr = %listener.local_addr()?,
@@ -102,7 +132,12 @@ pub async fn run(
 }
 
 /// Keeps the cache lease alive: asks the primary every quarter lease.
-async fn renew_lease(fe: std::sync::Weak<Frontend>, primary: Arc<Pool<CatalogClient>>, name: String, lease: Duration) {
+async fn renew_lease(
+    fe: std::sync::Weak<Frontend>,
+    primary: Arc<Pool<CatalogClient>>,
+    name: String,
+    lease: Duration,
+) {
     let mut tick = tokio::time::interval(lease / 4);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
@@ -110,15 +145,19 @@ async fn renew_lease(fe: std::sync::Weak<Frontend>, primary: Arc<Pool<CatalogCli
         tick.tick().await;
         let Some(fe) = fe.upgrade() else { return };
         let sent = Instant::now();
-        match primary.call(|c| {
-            let name = name.clone();
-            async move { c.cache_lease(&name).await }
-        })
-        .await
+        match primary
+            .call(|c| {
+                let name = name.clone();
+                async move { c.cache_lease(&name).await }
+            })
+            .await
         {
             Ok(grant) => {
                 if failing {
-                    tracing::info!(epoch = grant.epoch, "cache lease renewed by the catalog primary");
+                    tracing::info!(
+                        epoch = grant.epoch,
+                        "cache lease renewed by the catalog primary"
+                    );
                 }
                 failing = false;
                 fe.cache.renew(sent, &grant);
@@ -145,7 +184,10 @@ async fn renew_lease(fe: std::sync::Weak<Frontend>, primary: Arc<Pool<CatalogCli
         (status = 503, description = "No catalog replica could answer in time", body = ErrorBody),
     )
 )]
-async fn search(State(fe): State<Shared>, Segment(topic): Segment) -> Result<Json<Arc<SearchResponse>>, ApiError> {
+async fn search(
+    State(fe): State<Shared>,
+    Segment(topic): Segment,
+) -> Result<Json<Arc<SearchResponse>>, ApiError> {
     let topic = TopicSlug::parse(&topic)?;
     if let Some(hit) = fe.cache.search(&topic) {
         return Ok(Json(hit));
@@ -176,14 +218,21 @@ async fn search(State(fe): State<Shared>, Segment(topic): Segment) -> Result<Jso
         (status = 503, description = "No catalog replica could answer in time", body = ErrorBody),
     )
 )]
-async fn lookup(State(fe): State<Shared>, Segment(id): Segment) -> Result<Json<Arc<LookupResponse>>, ApiError> {
+async fn lookup(
+    State(fe): State<Shared>,
+    Segment(id): Segment,
+) -> Result<Json<Arc<LookupResponse>>, ApiError> {
     let id = BookId::parse(&id)?;
     if let Some(hit) = fe.cache.lookup(id) {
         return Ok(Json(hit));
     }
     let ticket = fe.cache.ticket(Some(id));
     let min = ticket.min_version;
-    let res = Arc::new(fe.catalog.call(|c| async move { c.lookup(id, min).await }).await?);
+    let res = Arc::new(
+        fe.catalog
+            .call(|c| async move { c.lookup(id, min).await })
+            .await?,
+    );
     fe.cache.fill_book(ticket, res.clone());
     Ok(Json(res))
 }
@@ -192,7 +241,9 @@ fn request_id(headers: &HeaderMap) -> Result<RequestId, ApiError> {
     let mut keys = headers.get_all("idempotency-key").iter();
     match (keys.next(), keys.next()) {
         (None, _) => Ok(RequestId::mint()),
-        (Some(_), Some(_)) => Err(ApiError::bad_request("give at most one Idempotency-Key header")),
+        (Some(_), Some(_)) => Err(ApiError::bad_request(
+            "give at most one Idempotency-Key header",
+        )),
         (Some(k), None) => {
             let k = k
                 .to_str()
@@ -229,18 +280,30 @@ async fn buy(
     // The whole request has arrived (see `http::finish`); a buy carries
     // nothing in its body, so anything there is a mistaken request.
     if !body.is_empty() {
-        return Err(ApiError::bad_request("POST /buy/{id} takes no body: send the book id in the path only"));
+        return Err(ApiError::bad_request(
+            "POST /buy/{id} takes no body: send the book id in the path only",
+        ));
     }
     let id = BookId::parse(&id)?;
     let request_id = request_id(&headers)?;
-    let req = OrderBuyRequest { book_id: id, request_id };
-    let result = fe.orders.call(|o| {
-        let req = req.clone();
-        async move { o.buy(&req).await }
-    })
-    .await?;
+    let req = OrderBuyRequest {
+        book_id: id,
+        request_id,
+    };
+    let result = fe
+        .orders
+        .call(|o| {
+            let req = req.clone();
+            async move { o.buy(&req).await }
+        })
+        .await?;
     match result.outcome {
-        Outcome::Bought { book_id, title, price, order_id } if book_id == id => {
+        Outcome::Bought {
+            book_id,
+            title,
+            price,
+            order_id,
+        } if book_id == id => {
             fe.cache.note_write(id, result.version);
             Ok(Json(BuyResponse {
                 message: format!("successfully purchased the book {title}"),
@@ -262,9 +325,14 @@ async fn buy(
     }
 }
 
-async fn invalidate(State(fe): State<Shared>, JsonBody(batch): JsonBody<InvalidationBatch>) -> Json<Health> {
+async fn invalidate(
+    State(fe): State<Shared>,
+    JsonBody(batch): JsonBody<InvalidationBatch>,
+) -> Json<Health> {
     fe.cache.invalidate(&batch);
-    Json(Health { message: "OK".into() })
+    Json(Health {
+        message: "OK".into(),
+    })
 }
 
 async fn cache_stats(State(fe): State<Shared>) -> Json<CacheStats> {

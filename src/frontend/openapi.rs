@@ -24,7 +24,11 @@ pub struct ApiDoc;
 /// The document as JSON (built once).
 pub fn json() -> &'static str {
     static DOC: OnceLock<String> = OnceLock::new();
-    DOC.get_or_init(|| ApiDoc::openapi().to_pretty_json().expect("the OpenAPI document serialises"))
+    DOC.get_or_init(|| {
+        ApiDoc::openapi()
+            .to_pretty_json()
+            .expect("the OpenAPI document serialises")
+    })
 }
 
 pub async fn serve() -> impl IntoResponse {

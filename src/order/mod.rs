@@ -38,14 +38,26 @@ pub async fn run(
     name: &str,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
-    let node = cfg.node(name).ok_or_else(|| NodeError::Config(format!("no node {name}")))?;
-    let dir = cfg.data_dir(node).ok_or_else(|| NodeError::Config(format!("{name} has no data_dir")))?;
+    let node = cfg
+        .node(name)
+        .ok_or_else(|| NodeError::Config(format!("no node {name}")))?;
+    let dir = cfg
+        .data_dir(node)
+        .ok_or_else(|| NodeError::Config(format!("{name} has no data_dir")))?;
     let store = OrderStore::open(&dir, &cfg.cluster_id, name)?;
-    let http = Http::new(Some(cfg.token.clone()), Duration::from_millis(cfg.timing.call_timeout_ms));
+    let http = Http::new(
+        Some(cfg.token.clone()),
+        Duration::from_millis(cfg.timing.call_timeout_ms),
+    );
     let catalog = Pool::new(
         "catalog",
         cfg.nodes_of(Role::Catalog)
-            .map(|n| (n.name.clone(), CatalogClient::new(n.base_url(), http.clone())))
+            .map(|n| {
+                (
+                    n.name.clone(),
+                    CatalogClient::new(n.base_url(), http.clone()),
+                )
+            })
             .collect(),
         Pick::Sticky,
         Duration::from_millis(cfg.timing.retry_budget_ms),
@@ -54,24 +66,42 @@ pub async fn run(
     let routes = Router::new()
         .route("/internal/buy", post(buy))
         .route("/log", get(log));
-    let app = h::finish(h::internal(routes, &cfg.token).with_state(state), &cfg.limits);
+    let app = h::finish(
+        h::internal(routes, &cfg.token).with_state(state),
+        &cfg.limits,
+    );
     tracing::info!(addr = %listener.local_addr()?, data_dir = %dir.display(), "order {name} serving");
     h::serve(listener, app, cfg.limits.clone(), shutdown).await?;
     tracing::info!("order {name} stopped");
     Ok(())
 }
 
-async fn buy(State(o): State<Shared>, JsonBody(req): JsonBody<OrderBuyRequest>) -> Result<Json<WriteResult>, ApiError> {
-    if let Some(first) = o.store.get(&req.request_id).await.map_err(ApiError::unavailable)? {
+async fn buy(
+    State(o): State<Shared>,
+    JsonBody(req): JsonBody<OrderBuyRequest>,
+) -> Result<Json<WriteResult>, ApiError> {
+    if let Some(first) = o
+        .store
+        .get(&req.request_id)
+        .await
+        .map_err(ApiError::unavailable)?
+    {
         tracing::debug!(request_id = %req.request_id, "request already handled; answering as before");
         return Ok(Json(first));
     }
-    let write = CatalogWrite { request_id: req.request_id.clone(), op: CatalogOp::Buy { book_id: req.book_id } };
-    let result = o.catalog.call(|c| {
-        let write = write.clone();
-        async move { c.write(&write).await }
-    })
-    .await?;
+    let write = CatalogWrite {
+        request_id: req.request_id.clone(),
+        op: CatalogOp::Buy {
+            book_id: req.book_id,
+        },
+    };
+    let result = o
+        .catalog
+        .call(|c| {
+            let write = write.clone();
+            async move { c.write(&write).await }
+        })
+        .await?;
     o.store
         .record(req.request_id, result.clone())
         .await
@@ -86,10 +116,18 @@ struct LogArgs {
     before: Option<u64>,
 }
 
-async fn log(State(o): State<Shared>, QueryArgs(args): QueryArgs<LogArgs>) -> Result<Json<OrderLogPage>, ApiError> {
+async fn log(
+    State(o): State<Shared>,
+    QueryArgs(args): QueryArgs<LogArgs>,
+) -> Result<Json<OrderLogPage>, ApiError> {
     let limit = args.limit.unwrap_or(50);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::bad_request("limit must be between 1 and 1000"));
     }
-    Ok(Json(o.store.page(limit, args.before).await.map_err(ApiError::unavailable)?))
+    Ok(Json(
+        o.store
+            .page(limit, args.before)
+            .await
+            .map_err(ApiError::unavailable)?,
+    ))
 }

@@ -45,7 +45,11 @@ impl OrderStore {
         conn.execute_batch(SCHEMA)?;
         let reader = storage::open(dir, "orders.sqlite")?;
         let writer = storage::spawn_writer(node, conn, commit);
-        Ok(Self { writer, reader: Arc::new(Mutex::new(reader)), identity })
+        Ok(Self {
+            writer,
+            reader: Arc::new(Mutex::new(reader)),
+            identity,
+        })
     }
 
     /// The answer this replica gave `request_id` before, if any.
@@ -58,7 +62,8 @@ impl OrderStore {
                 .prepare_cached("SELECT result FROM orders WHERE request_id = ?1")
                 .and_then(|mut q| q.query_row([rid], |r| r.get(0)).optional())
                 .map_err(|e| e.to_string())?;
-            json.map(|j| serde_json::from_str(&j).map_err(|e| e.to_string())).transpose()
+            json.map(|j| serde_json::from_str(&j).map_err(|e| e.to_string()))
+                .transpose()
         })
         .await
         .map_err(|e| e.to_string())?
@@ -68,10 +73,15 @@ impl OrderStore {
     pub async fn record(&self, request_id: RequestId, result: WriteResult) -> Result<(), String> {
         let (reply, rx) = oneshot::channel();
         self.writer
-            .send(Job { request_id, result, reply })
+            .send(Job {
+                request_id,
+                result,
+                reply,
+            })
             .await
             .map_err(|_| "the order log writer has stopped".to_string())?;
-        rx.await.map_err(|_| "the order log writer has stopped".to_string())?
+        rx.await
+            .map_err(|_| "the order log writer has stopped".to_string())?
     }
 
     /// Newest first; `before` is a `seq` from an earlier page.
@@ -141,11 +151,28 @@ fn commit(conn: &mut Connection, batch: Vec<Job>) {
             let now = storage::now_rfc3339();
             for j in &batch {
                 let (order_id, book_id, title, price, outcome) = match &j.result.outcome {
-                    Outcome::Bought { book_id, title, price, order_id } => {
-                        (Some(*order_id as i64), *book_id, title.as_str(), price.cents(), "bought")
+                    Outcome::Bought {
+                        book_id,
+                        title,
+                        price,
+                        order_id,
+                    } => (
+                        Some(*order_id as i64),
+                        *book_id,
+                        title.as_str(),
+                        price.cents(),
+                        "bought",
+                    ),
+                    Outcome::OutOfStock { book_id, title } => {
+                        (None, *book_id, title.as_str(), 0, "out_of_stock")
                     }
-                    Outcome::OutOfStock { book_id, title } => (None, *book_id, title.as_str(), 0, "out_of_stock"),
-                    Outcome::Updated { book } => (None, book.id, book.title.as_str(), book.cost.cents(), "updated"),
+                    Outcome::Updated { book } => (
+                        None,
+                        book.id,
+                        book.title.as_str(),
+                        book.cost.cents(),
+                        "updated",
+                    ),
                 };
                 ins.execute(params![
                     j.request_id.as_str(),

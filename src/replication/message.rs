@@ -174,13 +174,39 @@ impl Message {
         let ok = |n: u64| n < SANE_LIMIT;
         let v_ok = |v: &Version| ok(v.epoch) && ok(v.seq);
         match self {
-            Message::PreVote { epoch, inc, log_epoch, last_seq }
-            | Message::Vote { epoch, inc, log_epoch, last_seq, .. } => {
-                ok(*epoch) && ok(*inc) && ok(*log_epoch) && ok(*last_seq) && log_epoch <= epoch
+            Message::PreVote {
+                epoch,
+                inc,
+                log_epoch,
+                last_seq,
             }
-            Message::PreVoteReply { epoch, inc, .. } | Message::TimeoutNow { epoch, inc } => ok(*epoch) && ok(*inc),
-            Message::VoteReply { epoch, inc, lease_wait_ms, .. } => ok(*epoch) && ok(*inc) && ok(*lease_wait_ms),
-            Message::Append { epoch, inc, prev, entries, commit, sent_at, echo, lease_ms, .. } => {
+            | Message::Vote {
+                epoch,
+                inc,
+                log_epoch,
+                last_seq,
+                ..
+            } => ok(*epoch) && ok(*inc) && ok(*log_epoch) && ok(*last_seq) && log_epoch <= epoch,
+            Message::PreVoteReply { epoch, inc, .. } | Message::TimeoutNow { epoch, inc } => {
+                ok(*epoch) && ok(*inc)
+            }
+            Message::VoteReply {
+                epoch,
+                inc,
+                lease_wait_ms,
+                ..
+            } => ok(*epoch) && ok(*inc) && ok(*lease_wait_ms),
+            Message::Append {
+                epoch,
+                inc,
+                prev,
+                entries,
+                commit,
+                sent_at,
+                echo,
+                lease_ms,
+                ..
+            } => {
                 ok(*epoch)
                     && ok(*inc)
                     && v_ok(prev)
@@ -190,16 +216,46 @@ impl Message {
                     && echo.is_none_or(|e| ok(e.at))
                     && prev.epoch <= *epoch
                     && entries.iter().enumerate().all(|(i, e)| {
-                        v_ok(&e.version) && e.version.epoch <= *epoch && e.version.seq == prev.seq + 1 + i as u64
+                        v_ok(&e.version)
+                            && e.version.epoch <= *epoch
+                            && e.version.seq == prev.seq + 1 + i as u64
                     })
-                    && entries.windows(2).all(|w| w[0].version.epoch <= w[1].version.epoch)
-                    && entries.first().is_none_or(|e| e.version.epoch >= prev.epoch)
+                    && entries
+                        .windows(2)
+                        .all(|w| w[0].version.epoch <= w[1].version.epoch)
+                    && entries
+                        .first()
+                        .is_none_or(|e| e.version.epoch >= prev.epoch)
             }
-            Message::AppendReply { epoch, inc, match_seq, last_seq, sent_at_echo, echo, .. } => {
-                ok(*epoch) && ok(*inc) && ok(*match_seq) && ok(*last_seq) && ok(*sent_at_echo) && ok(echo.at)
+            Message::AppendReply {
+                epoch,
+                inc,
+                match_seq,
+                last_seq,
+                sent_at_echo,
+                echo,
+                ..
+            } => {
+                ok(*epoch)
+                    && ok(*inc)
+                    && ok(*match_seq)
+                    && ok(*last_seq)
+                    && ok(*sent_at_echo)
+                    && ok(echo.at)
             }
-            Message::InstallSnapshot { epoch, inc, snapshot, commit, sent_at } => {
-                ok(*epoch) && ok(*inc) && v_ok(&snapshot.version) && ok(*commit) && ok(*sent_at) && snapshot.version.epoch <= *epoch
+            Message::InstallSnapshot {
+                epoch,
+                inc,
+                snapshot,
+                commit,
+                sent_at,
+            } => {
+                ok(*epoch)
+                    && ok(*inc)
+                    && v_ok(&snapshot.version)
+                    && ok(*commit)
+                    && ok(*sent_at)
+                    && snapshot.version.epoch <= *epoch
             }
         }
     }

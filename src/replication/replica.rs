@@ -517,7 +517,8 @@ impl Replica {
             Role::Primary => {
                 if self.is_primary_ready()
                     && now_ms >= self.writes_allowed_at
-                    && (now_ms < self.primary_lease_until() || self.cfg.unsafe_switches.primary_reads_without_lease)
+                    && (now_ms < self.primary_lease_until()
+                        || self.cfg.unsafe_switches.primary_reads_without_lease)
                 {
                     answer(have)
                 } else {
@@ -1366,7 +1367,8 @@ impl Replica {
         // Promoted only by an append addressed to this disk: one sent to an
         // earlier incarnation (delayed in the network) says nothing about
         // what this disk holds relative to the primary's commit point now.
-        let to_me = to_inc == self.cfg.incarnation || self.cfg.unsafe_switches.promote_on_any_append;
+        let to_me =
+            to_inc == self.cfg.incarnation || self.cfg.unsafe_switches.promote_on_any_append;
         if self.learner && matched >= commit && to_me {
             self.learner = false;
             self.hs.incarnation = self.cfg.incarnation;
@@ -1399,8 +1401,13 @@ impl Replica {
             // entry, the entries after it stay (this replica may have
             // acknowledged them: an append can overtake the snapshot sent
             // for an older rejection); otherwise the whole log goes.
-            let keep = self.log.version_at(v.seq) == Some(v) && !self.cfg.unsafe_switches.snapshot_drops_suffix;
-            let suffix = if keep { self.log.slice(v.seq + 1, self.log.last_seq()) } else { Vec::new() };
+            let keep = self.log.version_at(v.seq) == Some(v)
+                && !self.cfg.unsafe_switches.snapshot_drops_suffix;
+            let suffix = if keep {
+                self.log.slice(v.seq + 1, self.log.last_seq())
+            } else {
+                Vec::new()
+            };
             if !keep {
                 self.mark_truncate(v.seq);
             }

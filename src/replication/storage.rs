@@ -72,8 +72,13 @@ impl MemStorage {
     pub fn persist(&mut self, ready: &Ready) {
         if let Some(snap) = &ready.snapshot_to_install {
             let base = self.base_seq();
-            self.entries.retain(|e| e.version.seq > snap.version.seq && e.version.seq > base);
-            if self.entries.first().is_some_and(|e| e.version.seq != snap.version.seq + 1) {
+            self.entries
+                .retain(|e| e.version.seq > snap.version.seq && e.version.seq > base);
+            if self
+                .entries
+                .first()
+                .is_some_and(|e| e.version.seq != snap.version.seq + 1)
+            {
                 self.entries.clear(); // not contiguous after the snapshot
             }
             self.snapshot = Some(snap.clone());

@@ -39,7 +39,11 @@ impl Net {
                 if !self.up[i] {
                     continue;
                 }
-                let mut host = MemHost { disk: &mut self.disks[i], applied: &mut self.applied[i], out: Vec::new() };
+                let mut host = MemHost {
+                    disk: &mut self.disks[i],
+                    applied: &mut self.applied[i],
+                    out: Vec::new(),
+                };
                 let Ok(_) = drive::advance(&mut self.nodes[i], &mut host);
                 for (to, m) in host.out {
                     msgs.push((i as NodeId + 1, to, m));
@@ -120,7 +124,12 @@ impl drive::Host for MemHost<'_> {
         self.applied.extend(applied);
     }
     fn take_snapshot(&mut self) -> Result<(Version, Vec<u8>), Self::Error> {
-        Ok((self.applied.last().map_or(Version::default(), |e| e.version), Vec::new()))
+        Ok((
+            self.applied
+                .last()
+                .map_or(Version::default(), |e| e.version),
+            Vec::new(),
+        ))
     }
     fn store_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), Self::Error> {
         self.disk.compact(snapshot.clone());
@@ -791,12 +800,26 @@ fn after_a_full_restart_an_election_starts_by_itself_and_nothing_is_lost() {
 }
 
 fn entries(epoch: u64, seqs: std::ops::RangeInclusive<u64>) -> Vec<Entry> {
-    seqs.map(|seq| Entry { version: Version::new(epoch, seq), request_id: format!("r{seq}"), kind: EntryKind::Op(vec![1]) })
-        .collect()
+    seqs.map(|seq| Entry {
+        version: Version::new(epoch, seq),
+        request_id: format!("r{seq}"),
+        kind: EntryKind::Op(vec![1]),
+    })
+    .collect()
 }
 
 fn append(epoch: u64, prev: Version, entries: Vec<Entry>, commit: u64) -> Message {
-    Message::Append { epoch, inc: 1, prev, entries, commit, sent_at: 1, echo: None, lease_ms: 0, to_inc: 1 }
+    Message::Append {
+        epoch,
+        inc: 1,
+        prev,
+        entries,
+        commit,
+        sent_at: 1,
+        echo: None,
+        lease_ms: 0,
+        to_inc: 1,
+    }
 }
 
 /// Steps a message into `r` and persists what it asks on `disk`.
@@ -825,16 +848,54 @@ fn snapshot_overtaken(drop_suffix: bool) -> (Replica, MemStorage, u64) {
     let mut cfg = Config::new(1, 1, vec![1, 2, 3], 7);
     cfg.unsafe_switches.snapshot_drops_suffix = drop_suffix;
     let mut b = Replica::new(cfg, &disk, 0);
-    let rd = deliver(&mut b, &mut disk, 3, append(1, Version::default(), entries(1, 1..=10), 0));
+    let rd = deliver(
+        &mut b,
+        &mut disk,
+        3,
+        append(1, Version::default(), entries(1, 1..=10), 0),
+    );
     assert_eq!(acked(&rd), Some((true, 10)));
-    let rd = deliver(&mut b, &mut disk, 3, append(1, Version::new(1, 12), entries(1, 13..=14), 10));
-    assert_eq!(acked(&rd).map(|a| a.0), Some(false), "overtaking append rejected");
-    let rd = deliver(&mut b, &mut disk, 3, append(1, Version::new(1, 10), entries(1, 11..=12), 10));
+    let rd = deliver(
+        &mut b,
+        &mut disk,
+        3,
+        append(1, Version::new(1, 12), entries(1, 13..=14), 10),
+    );
+    assert_eq!(
+        acked(&rd).map(|a| a.0),
+        Some(false),
+        "overtaking append rejected"
+    );
+    let rd = deliver(
+        &mut b,
+        &mut disk,
+        3,
+        append(1, Version::new(1, 10), entries(1, 11..=12), 10),
+    );
     assert_eq!(acked(&rd), Some((true, 12)));
-    let rd = deliver(&mut b, &mut disk, 3, append(1, Version::new(1, 12), entries(1, 13..=14), 10));
+    let rd = deliver(
+        &mut b,
+        &mut disk,
+        3,
+        append(1, Version::new(1, 12), entries(1, 13..=14), 10),
+    );
     assert_eq!(acked(&rd), Some((true, 14)));
-    let snap = Snapshot { version: Version::new(1, 12), data: b"state at 12".to_vec() };
-    let rd = deliver(&mut b, &mut disk, 3, Message::InstallSnapshot { epoch: 1, inc: 1, snapshot: snap, commit: 12, sent_at: 2 });
+    let snap = Snapshot {
+        version: Version::new(1, 12),
+        data: b"state at 12".to_vec(),
+    };
+    let rd = deliver(
+        &mut b,
+        &mut disk,
+        3,
+        Message::InstallSnapshot {
+            epoch: 1,
+            inc: 1,
+            snapshot: snap,
+            commit: 12,
+            sent_at: 2,
+        },
+    );
     assert!(rd.snapshot_to_install.is_some());
     (b, disk, 14)
 }
@@ -844,7 +905,11 @@ fn a_snapshot_whose_last_entry_the_log_holds_keeps_the_entries_after_it() {
     // "If the log already holds the snapshot's last entry, the suffix after
     // it stays, on disk too" (Raft's InstallSnapshot rule).
     let (b, disk, acked) = snapshot_overtaken(false);
-    assert_eq!(b.status().last, Version::new(1, acked), "the acknowledged suffix stays in memory");
+    assert_eq!(
+        b.status().last,
+        Version::new(1, acked),
+        "the acknowledged suffix stays in memory"
+    );
     assert_eq!(b.snapshot_version(), Version::new(1, 12));
     let on_disk: Vec<u64> = disk.entries.iter().map(|e| e.version.seq).collect();
     assert_eq!(on_disk, vec![13, 14], "and on disk");
@@ -858,8 +923,14 @@ fn teeth_a_snapshot_that_drops_the_suffix_loses_acknowledged_entries() {
     // acknowledged as durable: a phantom copy the primary may commit on.
     let (b, disk, acked) = snapshot_overtaken(true);
     let held = b.status().last.seq;
-    assert!(held < acked, "acknowledged up to {acked}, holds up to {held}: no entry was lost");
-    assert!(disk.entries.iter().all(|e| e.version.seq <= held), "the disk lost them too");
+    assert!(
+        held < acked,
+        "acknowledged up to {acked}, holds up to {held}: no entry was lost"
+    );
+    assert!(
+        disk.entries.iter().all(|e| e.version.seq <= held),
+        "the disk lost them too"
+    );
 }
 
 #[test]
@@ -867,11 +938,38 @@ fn a_snapshot_whose_last_entry_the_log_does_not_hold_replaces_the_whole_log() {
     let mut disk = MemStorage::bootstrap(1);
     let mut b = Replica::new(Config::new(1, 1, vec![1, 2, 3], 7), &disk, 0);
     // An uncommitted suffix of epoch 1 that epoch 2 replaced.
-    deliver(&mut b, &mut disk, 3, append(1, Version::default(), entries(1, 1..=14), 0));
-    let snap = Snapshot { version: Version::new(2, 12), data: b"state at 12".to_vec() };
-    deliver(&mut b, &mut disk, 2, Message::InstallSnapshot { epoch: 2, inc: 1, snapshot: snap, commit: 12, sent_at: 2 });
-    assert_eq!(b.status().last, Version::new(2, 12), "nothing of the old log survives");
-    assert!(disk.entries.is_empty(), "on disk either: {:?}", disk.entries);
+    deliver(
+        &mut b,
+        &mut disk,
+        3,
+        append(1, Version::default(), entries(1, 1..=14), 0),
+    );
+    let snap = Snapshot {
+        version: Version::new(2, 12),
+        data: b"state at 12".to_vec(),
+    };
+    deliver(
+        &mut b,
+        &mut disk,
+        2,
+        Message::InstallSnapshot {
+            epoch: 2,
+            inc: 1,
+            snapshot: snap,
+            commit: 12,
+            sent_at: 2,
+        },
+    );
+    assert_eq!(
+        b.status().last,
+        Version::new(2, 12),
+        "nothing of the old log survives"
+    );
+    assert!(
+        disk.entries.is_empty(),
+        "on disk either: {:?}",
+        disk.entries
+    );
     let b = Replica::new(Config::new(1, 1, vec![1, 2, 3], 8), &disk, 100);
     assert_eq!(b.status().last, Version::new(2, 12));
 }
@@ -903,6 +1001,12 @@ fn learner_after_append(to_inc: u64, promote_on_any: bool) -> bool {
 fn a_learner_is_promoted_only_by_appends_addressed_to_its_own_incarnation() {
     // One sent to the disk it replaced (say delayed in the network) says
     // nothing about what this disk holds relative to the primary now.
-    assert!(learner_after_append(1, false), "promoted by an append addressed to the old disk");
-    assert!(!learner_after_append(2, false), "not promoted by one addressed to it");
+    assert!(
+        learner_after_append(1, false),
+        "promoted by an append addressed to the old disk"
+    );
+    assert!(
+        !learner_after_append(2, false),
+        "not promoted by one addressed to it"
+    );
 }

@@ -26,11 +26,19 @@ static CLUSTERS: AtomicU32 = AtomicU32::new(0);
 pub fn unique_host() -> String {
     let pid = std::process::id();
     let n = CLUSTERS.fetch_add(1, Ordering::Relaxed);
-    format!("127.{}.{}.{}", 20 + pid % 200, (pid / 200) % 250, 1 + n % 250)
+    format!(
+        "127.{}.{}.{}",
+        20 + pid % 200,
+        (pid / 200) % 250,
+        1 + n % 250
+    )
 }
 
 pub fn temp_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("pygmy-test-{tag}-{}", uuid::Uuid::new_v4().simple()));
+    let d = std::env::temp_dir().join(format!(
+        "pygmy-test-{tag}-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
     std::fs::create_dir_all(&d).unwrap();
     d
 }
@@ -66,7 +74,13 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Self { catalogs: 3, no_cache: false, no_cache_nodes: &[], env: Vec::new(), tweak: |_| {} }
+        Self {
+            catalogs: 3,
+            no_cache: false,
+            no_cache_nodes: &[],
+            env: Vec::new(),
+            tweak: |_| {},
+        }
     }
 }
 
@@ -111,14 +125,25 @@ impl TestCluster {
         }
         // A settled cluster: the highest process id is the primary (at once,
         // or after taking over from a replica that started its election first).
-        let highest = c.cfg.nodes_of(Role::Catalog).max_by_key(|n| n.process_id).unwrap().name.clone();
+        let highest = c
+            .cfg
+            .nodes_of(Role::Catalog)
+            .max_by_key(|n| n.process_id)
+            .unwrap()
+            .name
+            .clone();
         let h = c.catalog(&highest);
-        wait_until(&format!("{highest} is the serving primary"), Duration::from_secs(30), || {
-            let h = h.clone();
-            async move {
-                h.status().await.is_ok_and(|s| s.role == "primary") && h.lookup(BookId::new(1).unwrap(), None).await.is_ok()
-            }
-        })
+        wait_until(
+            &format!("{highest} is the serving primary"),
+            Duration::from_secs(30),
+            || {
+                let h = h.clone();
+                async move {
+                    h.status().await.is_ok_and(|s| s.role == "primary")
+                        && h.lookup(BookId::new(1).unwrap(), None).await.is_ok()
+                }
+            },
+        )
         .await;
         if !opts.no_cache {
             c.wait_cache_lease().await;
@@ -133,7 +158,10 @@ impl TestCluster {
             .open(self.dir.join(format!("{name}.log")))
             .unwrap();
         let mut cmd = Command::new(BIN);
-        cmd.arg("serve").arg("--config").arg(&self.config_path).arg(name);
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg(name);
         if (self.no_cache && name == "frontend") || self.no_cache_nodes.contains(&name) {
             cmd.arg("--no-cache");
         }
@@ -177,10 +205,14 @@ impl TestCluster {
 
     pub async fn wait_healthy(&self, name: &str) {
         let c = FrontendClient::new(self.url(name), self.http.clone());
-        wait_until(&format!("{name} is healthy"), Duration::from_secs(30), || {
-            let c = c.clone();
-            async move { c.health().await.is_ok() }
-        })
+        wait_until(
+            &format!("{name} is healthy"),
+            Duration::from_secs(30),
+            || {
+                let c = c.clone();
+                async move { c.health().await.is_ok() }
+            },
+        )
         .await;
     }
 
@@ -188,19 +220,26 @@ impl TestCluster {
     pub async fn wait_cache_lease(&self) {
         let http = self.http.clone();
         let url = format!("{}/internal/cache", self.url("frontend"));
-        wait_until("the frontend holds a cache lease", Duration::from_secs(30), || {
-            let (http, url) = (http.clone(), url.clone());
-            async move {
-                http.get::<serde_json::Value>(url)
-                    .await
-                    .is_ok_and(|s| s["lease_valid"] == serde_json::Value::Bool(true))
-            }
-        })
+        wait_until(
+            "the frontend holds a cache lease",
+            Duration::from_secs(30),
+            || {
+                let (http, url) = (http.clone(), url.clone());
+                async move {
+                    http.get::<serde_json::Value>(url)
+                        .await
+                        .is_ok_and(|s| s["lease_valid"] == serde_json::Value::Bool(true))
+                }
+            },
+        )
         .await;
     }
 
     pub async fn cache_stats(&self) -> serde_json::Value {
-        self.http.get(format!("{}/internal/cache", self.url("frontend"))).await.unwrap()
+        self.http
+            .get(format!("{}/internal/cache", self.url("frontend")))
+            .await
+            .unwrap()
     }
 
     /// SIGKILL, and wait until the process is gone.
@@ -249,7 +288,10 @@ impl TestCluster {
                     return name;
                 }
             }
-            assert!(tokio::time::Instant::now() < deadline, "no catalog primary within 30 s");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no catalog primary within 30 s"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -265,7 +307,10 @@ impl TestCluster {
             match f().await {
                 Ok(v) => return v,
                 Err(e) => {
-                    assert!(tokio::time::Instant::now() < deadline, "{what}: still failing after 30 s: {e}");
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "{what}: still failing after 30 s: {e}"
+                    );
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             }
@@ -276,7 +321,10 @@ impl TestCluster {
     pub async fn book(&self, id: u64) -> LookupResponse {
         let p = self.primary().await;
         let c = self.catalog(&p);
-        self.retry("read from the primary", || c.lookup(BookId::new(id).unwrap(), None)).await
+        self.retry("read from the primary", || {
+            c.lookup(BookId::new(id).unwrap(), None)
+        })
+        .await
     }
 
     /// Every book as the catalog primary holds it.
@@ -295,7 +343,12 @@ impl TestCluster {
     pub async fn set_stock(&self, id: u64, stock: u64) {
         let p = self.primary().await;
         let c = self.catalog(&p);
-        let u = UpdateRequest { id: BookId::new(id).unwrap(), stock: Some(stock), cost: None, request_id: None };
+        let u = UpdateRequest {
+            id: BookId::new(id).unwrap(),
+            stock: Some(stock),
+            cost: None,
+            request_id: None,
+        };
         self.retry("update at the primary", || c.update(&u)).await;
     }
 

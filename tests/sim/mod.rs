@@ -33,8 +33,8 @@ use pygmy::api::{Book, BookId, Money, Outcome, Version as ApiVersion};
 use pygmy::catalog::machine::{self, Command, MemTables, SnapshotData};
 use pygmy::replication::drive::{self, Host};
 use pygmy::replication::{
-    Config, Entry, EntryKind, MemStorage, Message, NodeId, ProposeError, ReadGate, Ready, Replica, Role,
-    Snapshot, SplitMix64, UnsafeSwitches, Version,
+    Config, Entry, EntryKind, MemStorage, Message, NodeId, ProposeError, ReadGate, Ready, Replica,
+    Role, Snapshot, SplitMix64, UnsafeSwitches, Version,
 };
 use serde::{Deserialize, Serialize};
 
@@ -232,16 +232,29 @@ impl Store {
                 },
             );
         }
-        Store { tables, last: Version::default(), sold: BTreeMap::new() }
+        Store {
+            tables,
+            last: Version::default(),
+            sold: BTreeMap::new(),
+        }
     }
 
     fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(&StoreSnapshot { data: self.tables.to_snapshot(), last: self.last }).unwrap()
+        serde_json::to_vec(&StoreSnapshot {
+            data: self.tables.to_snapshot(),
+            last: self.last,
+        })
+        .unwrap()
     }
 
     fn decode(bytes: &[u8]) -> Result<Self, String> {
-        let s: StoreSnapshot = serde_json::from_slice(bytes).map_err(|e| format!("bad snapshot: {e}"))?;
-        let mut store = Store { tables: MemTables::from_snapshot(s.data), last: s.last, sold: BTreeMap::new() };
+        let s: StoreSnapshot =
+            serde_json::from_slice(bytes).map_err(|e| format!("bad snapshot: {e}"))?;
+        let mut store = Store {
+            tables: MemTables::from_snapshot(s.data),
+            last: s.last,
+            sold: BTreeMap::new(),
+        };
         store.recount();
         Ok(store)
     }
@@ -262,12 +275,18 @@ impl Store {
 
     /// The answer a request id got: (bought?, version first applied at).
     fn answer(&self, rid: &str) -> Option<(bool, Version)> {
-        self.tables.answers.get(rid).map(|(o, v)| (matches!(o, Outcome::Bought { .. }), to_core(*v)))
+        self.tables
+            .answers
+            .get(rid)
+            .map(|(o, v)| (matches!(o, Outcome::Bought { .. }), to_core(*v)))
     }
 }
 
 fn to_api(v: Version) -> ApiVersion {
-    ApiVersion { epoch: v.epoch, seq: v.seq }
+    ApiVersion {
+        epoch: v.epoch,
+        seq: v.seq,
+    }
 }
 
 fn to_core(v: ApiVersion) -> Version {
@@ -617,9 +636,22 @@ impl Sim {
                 let wake = self.nodes[to].paused_until - self.t;
                 self.at(wake, Ev::Deliver { to, from, msg });
             }
-            Ev::Request { client, node, rid, book } if self.nodes[node].paused_until > self.t => {
+            Ev::Request {
+                client,
+                node,
+                rid,
+                book,
+            } if self.nodes[node].paused_until > self.t => {
                 let wake = self.nodes[node].paused_until - self.t;
-                self.at(wake, Ev::Request { client, node, rid, book });
+                self.at(
+                    wake,
+                    Ev::Request {
+                        client,
+                        node,
+                        rid,
+                        book,
+                    },
+                );
             }
             Ev::Tick(i) => {
                 if self.nodes[i].up {
@@ -700,7 +732,14 @@ impl Sim {
     /// `i`, with the simulator as its host; then the invariants.
     fn process(&mut self, i: usize) -> R<()> {
         self.nodes[i].last_event = self.t;
-        let Node { r, disk, store, pending, crash_armed, .. } = &mut self.nodes[i];
+        let Node {
+            r,
+            disk,
+            store,
+            pending,
+            crash_armed,
+            ..
+        } = &mut self.nodes[i];
         let mut host = SimHost {
             node: i,
             disk,
@@ -708,7 +747,10 @@ impl Sim {
             pending,
             ck: &mut self.ck,
             initial: self.opts.stock,
-            sw: machine::Switches { decrement_unchecked: self.opts.check_at_propose, no_dedupe: self.opts.no_dedupe },
+            sw: machine::Switches {
+                decrement_unchecked: self.opts.check_at_propose,
+                no_dedupe: self.opts.no_dedupe,
+            },
             crash_armed: *crash_armed,
             crashed: false,
             out: Vec::new(),
@@ -716,7 +758,13 @@ impl Sim {
             snapshots_installed: 0,
         };
         let res = drive::advance(r.as_mut().unwrap(), &mut host);
-        let SimHost { crashed, out, answers, snapshots_installed, .. } = host;
+        let SimHost {
+            crashed,
+            out,
+            answers,
+            snapshots_installed,
+            ..
+        } = host;
         res.map_err(|e| self.fail(e))?;
         self.stats.snapshots_installed += snapshots_installed;
         // Whenever a replica may serve reads, its log holds every entry a
@@ -857,7 +905,10 @@ impl Sim {
             self.answer(client, Reply::Retry { rid });
             return Ok(());
         }
-        let op = Command::Buy { book_id: book_id(book) }.encode();
+        let op = Command::Buy {
+            book_id: book_id(book),
+        }
+        .encode();
         match r.propose(now, rid.clone(), op) {
             Ok(v) => {
                 node.pending.insert(v.seq, (client, rid));
@@ -951,7 +1002,11 @@ impl Sim {
             Version::default()
         };
         let node = &self.nodes[i];
-        let now = if self.opts.reads_at_last_event { node.local(node.last_event.max(node.boot_t)) } else { node.local(self.t) };
+        let now = if self.opts.reads_at_last_event {
+            node.local(node.last_event.max(node.boot_t))
+        } else {
+            node.local(self.t)
+        };
         let r = node.r.as_ref().unwrap();
         if r.read_gate(now, min) != ReadGate::Serve {
             return Ok(());
@@ -976,7 +1031,11 @@ impl Sim {
         // committed (and so possibly seen or acknowledged) before it.
         let exposed = self.ck.exposed;
         if have < exposed {
-            let role = if r.role() == Role::Primary { "primary" } else { "backup" };
+            let role = if r.role() == Role::Primary {
+                "primary"
+            } else {
+                "backup"
+            };
             return Err(self.fail(format!(
                 "stale read at {role} {}: applied {have}, but a client already saw seq {exposed}",
                 i + 1
@@ -1152,11 +1211,16 @@ impl Sim {
             4 => {
                 self.loss = [0.0, 0.02, 0.1, 0.3][self.rng.below(4) as usize];
                 self.dup = [0.0f64, 0.05, 0.2][self.rng.below(3) as usize].max(self.opts.min_dup);
-                self.long_delay = [0.0f64, 0.02, 0.1][self.rng.below(3) as usize].max(self.opts.min_long_delay);
+                self.long_delay =
+                    [0.0f64, 0.02, 0.1][self.rng.below(3) as usize].max(self.opts.min_long_delay);
             }
             6 => {
                 // Stop the world at the primary (often) or any live node.
-                let target = if self.rng.chance(0.5) { self.primary() } else { self.pick(true) };
+                let target = if self.rng.chance(0.5) {
+                    self.primary()
+                } else {
+                    self.pick(true)
+                };
                 if let Some(i) = target {
                     let lease = self.opts.timing.map_or(500, |t| t.0);
                     let d = lease + self.rng.below(2 * lease);
@@ -1273,8 +1337,16 @@ impl Sim {
         }
         // Exactly once: what was sold is what the applied request ids say.
         for n in &self.nodes {
-            let bought = n.store.tables.answers.values().filter(|(o, _)| matches!(o, Outcome::Bought { .. })).count() as u64;
-            let total: u64 = (0..self.opts.books).map(|b| self.opts.stock.wrapping_sub(n.store.stock(b))).sum();
+            let bought = n
+                .store
+                .tables
+                .answers
+                .values()
+                .filter(|(o, _)| matches!(o, Outcome::Bought { .. }))
+                .count() as u64;
+            let total: u64 = (0..self.opts.books)
+                .map(|b| self.opts.stock.wrapping_sub(n.store.stock(b)))
+                .sum();
             if bought != total {
                 return Err(self.fail(format!(
                     "node {}: {bought} successful request ids but {total} books sold",
@@ -1387,7 +1459,11 @@ impl SimHost<'_> {
             return Ok(None); // replay after restart: already in the snapshot
         }
         if seq != self.store.last.seq + 1 {
-            return Err(format!("node {} applies seq {seq} after {}", i + 1, self.store.last.seq));
+            return Err(format!(
+                "node {} applies seq {seq} after {}",
+                i + 1,
+                self.store.last.seq
+            ));
         }
         match self.ck.committed.get(&seq) {
             Some((v, rid)) if *v != e.version || *rid != e.request_id => {
@@ -1402,7 +1478,9 @@ impl SimHost<'_> {
             }
             Some(_) => {}
             None => {
-                self.ck.committed.insert(seq, (e.version, e.request_id.clone()));
+                self.ck
+                    .committed
+                    .insert(seq, (e.version, e.request_id.clone()));
             }
         }
         self.store.last = e.version;
@@ -1418,7 +1496,11 @@ impl SimHost<'_> {
                 let sold = self.store.sold.get(&book_id).copied().unwrap_or(0);
                 let stock = self.store.tables.books[&book_id].stock;
                 if stock > self.initial {
-                    return Err(format!("oversell at node {}: book {book_id} stock {} sold {sold}", i + 1, stock as i64));
+                    return Err(format!(
+                        "oversell at node {}: book {book_id} stock {} sold {sold}",
+                        i + 1,
+                        stock as i64
+                    ));
                 }
                 if self.initial - stock != sold {
                     return Err(format!(
@@ -1432,7 +1514,10 @@ impl SimHost<'_> {
         if let Some((client, rid)) = self.pending.remove(&seq)
             && rid == e.request_id
         {
-            let (ok, version) = self.store.answer(&rid).expect("an applied request id has an answer");
+            let (ok, version) = self
+                .store
+                .answer(&rid)
+                .expect("an applied request id has an answer");
             return Ok(Some((client, Reply::Ack { rid, ok, version })));
         }
         Ok(None)
