@@ -215,7 +215,12 @@ async fn storefront_browse_search_buy_in_a_browser() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_view_shows_a_failover_as_it_happens() {
     let Some(driver) = driver().await else { return };
-    let mut cluster = TestCluster::start(Options::default()).await;
+    // A short retry budget, so a buy without a catalog majority gets its 503 soon.
+    let mut cluster = TestCluster::start(Options {
+        tweak: |c| c.timing.retry_budget_ms = c.timing.call_timeout_ms,
+        ..Options::default()
+    })
+    .await;
     let fe = cluster.url("frontend");
     let http = reqwest::Client::new();
 
@@ -307,6 +312,38 @@ async fn operator_view_shows_a_failover_as_it_happens() {
         async move { c.lookup(BookId::new(4).unwrap(), None).await.is_ok_and(|b| b.stock == 77) }
     })
     .await;
+
+    // Without a catalog majority a shopper is told the store is failing
+    // over; once it is back, finishing the purchase buys exactly once.
+    let shopper = driver.session(1280, 800).await;
+    shopper.goto(&format!("{fe}/#/book/6")).await;
+    shopper.wait_text("#book-title", "Why theory classes are so hard.").await;
+    let stock = shown_stock(&shopper).await;
+    let orders = cluster.order_log_len().await;
+    let others: Vec<String> = cluster.names(Role::Catalog).into_iter().filter(|n| *n != first).collect();
+    cluster.kill9(&first);
+    cluster.kill9(&others[1]);
+    s.wait_text("#primary-name", "none").await;
+    shopper.click("#buy").await;
+    shopper.wait_text("#buy-result", "switching over to a backup").await;
+    assert_eq!(shopper.text("#buy").await.unwrap(), "Finish purchase");
+    assert_accessible(&shopper, "a buy during a failover").await;
+    shopper.screenshot(&shots().join("storefront-failing-over.png")).await;
+    s.screenshot(&shots().join("ops-no-majority.png")).await;
+    cluster.restart(&others[1]).await;
+    s.wait_js(
+        "a primary is back",
+        "return ['none', ''].indexOf(document.querySelector('#primary-name')?.textContent ?? '') < 0;",
+        json!([]),
+    )
+    .await;
+    shopper.click("#buy").await;
+    let outcome = buy_outcome(&shopper).await;
+    assert!(outcome.contains("Bought"), "{outcome}");
+    wait_stock(&shopper, stock - 1).await;
+    assert_eq!(cluster.stock(6).await, stock - 1, "bought exactly once");
+    assert_eq!(cluster.order_log_len().await, orders + 1);
+    shopper.close().await;
 
     let errors = console_errors(&s).await;
     assert!(

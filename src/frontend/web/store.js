@@ -24,6 +24,7 @@ class StoreError extends Error {
 }
 
 const UNAVAILABLE = "The store is switching over to a backup server right now. Please try again in a moment.";
+const SOLD_OUT = "None in stock: try anyway";
 const OFFLINE = "We cannot reach the store. Check your connection and try again.";
 
 async function api(method, path, headers) {
@@ -145,7 +146,7 @@ async function showBook(id) {
   const buy = el("button", { type: "button", id: "buy", text: "Buy for " + money(b.cost) });
   const result = el("div", { id: "buy-result", role: "status", "aria-live": "polite" });
   buy.addEventListener("click", () => purchase(b, buy, result));
-  if (b.stock === 0) buy.textContent = "Buy (out of stock?)";
+  if (b.stock === 0) buy.textContent = SOLD_OUT;
   show(b.title, el("div", { class: "card" }, facts, buy), result);
   if (sessionStorage.getItem(intentKey(b.id))) {
     say(result, "warn", "Your last purchase of this book got no answer. Press Buy to finish it: it is the same order, so you pay at most once.");
@@ -188,6 +189,7 @@ async function purchase(book, button, box) {
   try {
     const fresh = await api("GET", "/lookup/" + book.id);
     $("#book-stock").textContent = String(fresh.stock);
+    if (fresh.stock === 0) button.textContent = SOLD_OUT;
   } catch (_) { /* the stock shown stays as it was */ }
 }
 
@@ -204,8 +206,11 @@ async function route() {
       await showBook(arg);
     } else await showHome();
   } catch (err) {
-    if (err.status === 404 || err.status === 400) {
+    if (kind === "book" && (err.status === 404 || err.status === 400)) {
       show("Book not found", el("p", { class: "msg bad", role: "alert", text: "There is no book number " + arg + " in our store." }),
+        el("p", {}, el("a", { href: "#/", text: "See all books" })));
+    } else if (kind !== "book" && (err.status === 404 || err.status === 400)) {
+      show("Page not found", el("p", { class: "msg bad", role: "alert", text: "There is no such page in our store." }),
         el("p", {}, el("a", { href: "#/", text: "See all books" })));
     } else failure("The store could not answer", err);
   }
