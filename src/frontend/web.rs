@@ -125,7 +125,17 @@ pub(super) fn token_routes() -> Router<Shared> {
 
 /// `GET /topics`: slug → display name. Topics never change while the
 /// catalog runs, so the first answer is kept.
-async fn topics(State(fe): State<Shared>) -> Result<Json<Arc<TopicsResponse>>, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/topics",
+    tag = "store",
+    summary = "Every topic",
+    responses(
+        (status = 200, description = "Topic slug → display name", body = TopicsResponse),
+        (status = 503, description = "No catalog replica could answer in time", body = ErrorBody),
+    )
+)]
+pub(super) async fn topics(State(fe): State<Shared>) -> Result<Json<Arc<TopicsResponse>>, ApiError> {
     let t = fe
         .web
         .topics
