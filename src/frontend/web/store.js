@@ -194,7 +194,8 @@ async function purchase(book, button, box) {
 }
 
 async function route() {
-  const h = decodeURIComponent(location.hash.replace(/^#\/?/, ""));
+  let h = location.hash.replace(/^#\/?/, "");
+  try { h = decodeURIComponent(h); } catch (_) { /* keep it as typed */ }
   const [kind, ...rest] = h.split("/");
   const arg = rest.join("/");
   notice("", "");
