@@ -162,10 +162,14 @@ async fn storefront_browse_search_buy_in_a_browser() {
     phone.goto(&format!("{fe}/#/book/999")).await;
     phone.wait_text("#view", "There is no book number 999").await;
     assert_accessible(&phone, "an unknown book").await;
+    phone.goto(&format!("{fe}/#/book/%E0%A4")).await;
+    phone.wait_text("#view", "There is no book number").await;
     cluster.set_stock(5, 0).await;
     phone.goto(&format!("{fe}/#/book/5")).await;
     wait_stock(&phone, 0).await;
-    phone.click("#buy").await;
+    // With the keyboard: focus the button, press Enter.
+    phone.js("document.getElementById('buy').focus();", json!([])).await;
+    phone.press("\u{E007}").await;
     assert!(buy_outcome(&phone).await.contains("is out of stock"));
     assert_eq!(cluster.stock(5).await, 0);
 
