@@ -340,6 +340,12 @@ pub struct SearchResponse {
     pub items: std::collections::BTreeMap<String, BookId>,
 }
 
+/// `GET /topics`: every topic of the catalog, slug → display name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TopicsResponse {
+    pub topics: std::collections::BTreeMap<String, String>,
+}
+
 /// `POST /buy/{id}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BuyResponse {

@@ -175,6 +175,10 @@ impl CatalogClient {
         self.http.get(format!("{}/search/{topic}", self.base)).await
     }
 
+    pub async fn topics(&self) -> Result<TopicsResponse, ClientError> {
+        self.http.get(format!("{}/topics", self.base)).await
+    }
+
     /// Sends a write to this replica, to be applied there only: a replica
     /// that is not the primary answers 421 naming the primary (it does not
     /// forward it). The order service and forwarding replicas use this.

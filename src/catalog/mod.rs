@@ -468,6 +468,7 @@ fn router(state: Ctx, token: &str) -> Router {
     let internal = Router::new()
         .route("/lookup/{id}", get(lookup))
         .route("/search/{topic}", get(search))
+        .route("/topics", get(topics))
         .route("/internal/write", post(write))
         .route("/catalog/update", put(update))
         .route("/internal/cache-lease", post(cache_lease))
@@ -540,6 +541,22 @@ async fn search(
     let topic = TopicSlug::parse(&topic)?;
     let state = read_gate(&c, Version::default()).await?;
     Ok(Json(state.search(&topic)))
+}
+
+/// Every topic: slug → display name.
+async fn topics(State(c): State<Ctx>) -> Result<Json<TopicsResponse>, ApiError> {
+    let state = read_gate(&c, Version::default()).await?;
+    let topics = state
+        .books
+        .values()
+        .filter_map(|b| {
+            Some((
+                TopicSlug::of_name(&b.topic).ok()?.to_string(),
+                b.topic.clone(),
+            ))
+        })
+        .collect();
+    Ok(Json(TopicsResponse { topics }))
 }
 
 /// The one write path: the replicated log (committed on the view, applied),

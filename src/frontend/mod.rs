@@ -5,6 +5,7 @@
 
 pub mod cache;
 pub mod openapi;
+pub mod web;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,6 +31,8 @@ struct Frontend {
     catalog: Arc<Pool<CatalogClient>>,
     /// Buys: round-robin over order replicas.
     orders: Arc<Pool<OrderClient>>,
+    /// The storefront's and the operator view's state.
+    web: web::Web,
 }
 
 type Shared = Arc<Frontend>;
@@ -96,9 +99,11 @@ pub async fn run(
     );
     let fe: Shared = Arc::new(Frontend {
         cache: Cache::new(!opts.no_cache, cfg.limits.cache_entries),
+        web: web::Web::new(&cfg, name),
         catalog,
         orders,
     });
+    web::spawn_observer(Arc::downgrade(&fe));
     if !opts.no_cache {
         let lease = Duration::from_millis(t.cache_lease_ms);
         let primary = Pool::new("catalog", catalogs, Pick::Sticky, lease / 2);
@@ -113,10 +118,16 @@ pub async fn run(
         .route("/search/{topic}", get(search))
         .route("/lookup/{id}", get(lookup))
         .route("/buy/{id}", post(buy))
-        .route("/openapi.json", get(openapi::serve));
+        .route("/openapi.json", get(openapi::serve))
+        .merge(web::public_routes())
+        .route_layer(axum::middleware::from_fn_with_state(
+            fe.clone(),
+            web::observe,
+        ));
     let internal = Router::new()
         .route("/internal/invalidate", post(invalidate))
-        .route("/internal/cache", get(cache_stats));
+        .route("/internal/cache", get(cache_stats))
+        .merge(web::token_routes());
     let app = public
         .merge(h::internal(internal, &cfg.token))
         .with_state(fe);

@@ -7,7 +7,9 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use utoipa::OpenApi;
 
-use crate::api::{BuyResponse, ErrorBody, Health, LookupResponse, SearchResponse, Version};
+use crate::api::{
+    BuyResponse, ErrorBody, Health, LookupResponse, SearchResponse, TopicsResponse, Version,
+};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -15,8 +17,8 @@ use crate::api::{BuyResponse, ErrorBody, Health, LookupResponse, SearchResponse,
         title = "pygmy",
         description = "Pygmy.com, the world's smallest bookstore: search, lookup and buy. Errors are {\"message\": ...} with an honest status code.",
     ),
-    paths(super::search, super::lookup, super::buy, crate::http::healthcheck),
-    components(schemas(SearchResponse, LookupResponse, BuyResponse, ErrorBody, Health, Version)),
+    paths(super::search, super::lookup, super::buy, super::web::topics, crate::http::healthcheck),
+    components(schemas(SearchResponse, LookupResponse, BuyResponse, TopicsResponse, ErrorBody, Health, Version)),
     tags((name = "store", description = "The bookstore"), (name = "operations", description = "Operating the store"))
 )]
 pub struct ApiDoc;
