@@ -343,7 +343,7 @@ async fn stop(nodes: &mut [Node]) {
             terminate(&mut n.child);
         }
         let waits = tier.into_iter().map(|n| async move {
-            match tokio::time::timeout(KILL_TIMEOUT, n.child.wait()).await {
+            let ok = match tokio::time::timeout(KILL_TIMEOUT, n.child.wait()).await {
                 Ok(Ok(s)) if s.success() => true,
                 Ok(Ok(s)) => {
                     if n.running {
@@ -364,10 +364,16 @@ async fn stop(nodes: &mut [Node]) {
                     kill(&mut n.child).await;
                     false
                 }
-            }
+            };
+            (ok, n.name.clone())
         });
-        for ok in join_local(waits).await {
+        let mut names = Vec::new();
+        for (ok, name) in join_local(waits).await {
             clean += usize::from(ok);
+            names.push(name);
+        }
+        if !names.is_empty() {
+            println!("pygmy: {role} tier stopped: {}", names.join(", "));
         }
     }
     println!(
