@@ -16,15 +16,23 @@ struct Up {
     child: Child,
     lines: mpsc::Receiver<String>,
     seen: Vec<String>,
+    /// The child leads a process group (stopped as a whole on drop).
+    group: bool,
 }
 
 impl Up {
     fn start(args: &[&str], cwd: &std::path::Path) -> Self {
-        let mut child = Command::new(common::BIN)
-            .arg("up")
+        let mut cmd = Command::new(common::BIN);
+        cmd.arg("up")
             .args(args)
             .current_dir(cwd)
-            .stdin(Stdio::null())
+            .stdin(Stdio::null());
+        Self::spawn(cmd)
+    }
+
+    /// Spawns `cmd` (a `pygmy up`), reading its stdout.
+    fn spawn(mut cmd: Command) -> Self {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -42,6 +50,7 @@ impl Up {
             child,
             lines,
             seen: Vec::new(),
+            group: false,
         }
     }
 
@@ -72,6 +81,17 @@ impl Up {
 
 impl Drop for Up {
     fn drop(&mut self) {
+        if self.group {
+            // A shell running `pygmy up`: stop the whole job, letting
+            // `pygmy up` stop its nodes, before anything is killed.
+            // SAFETY: a signal to the process group of a child we started.
+            unsafe { libc::killpg(self.child.id() as i32, libc::SIGTERM) };
+            let deadline = std::time::Instant::now() + Duration::from_secs(40);
+            while matches!(self.child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -605,4 +625,192 @@ async fn readyz_separates_ready_to_serve_from_up() {
         );
         assert!(client.health().await.is_ok(), "{n} is still up");
     }
+}
+
+/// README commands this test does not run, and why.
+const README_NOT_RUN: &[(&str, &str)] = &[
+    (
+        "cargo install --path .",
+        "the build: the test runs the binary cargo built for it, first on PATH",
+    ),
+    ("cargo test", "the suite this test is part of"),
+    (
+        "cargo install cargo-fuzz",
+        "fuzzing: a separate, ~20 min build",
+    ),
+    ("fuzz/run.sh", "fuzzing: a separate, ~20 min build"),
+];
+
+/// The README's admin example sends its update to catalog-1, a backup.
+const FORWARDED_UPDATE: &str = "localhost:5001/catalog/update";
+
+/// The commands of README.md's ```sh blocks, continuation lines joined.
+fn readme_commands() -> Vec<String> {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let mut cmds = Vec::new();
+    let mut in_sh = false;
+    let mut pending = String::new();
+    for line in text.lines() {
+        let t = line.trim();
+        if !in_sh {
+            in_sh = t == "```sh";
+            continue;
+        }
+        if t == "```" {
+            in_sh = false;
+            continue;
+        }
+        if let Some(head) = line.strip_suffix('\\') {
+            pending.push_str(head);
+            continue;
+        }
+        pending.push_str(line);
+        let cmd = std::mem::take(&mut pending).trim().to_string();
+        if !cmd.is_empty() && !cmd.starts_with('#') {
+            cmds.push(cmd);
+        }
+    }
+    cmds
+}
+
+/// Holds an exclusive lock shared by every checkout's README test: the
+/// README's examples use the store's fixed ports on 127.0.0.1.
+struct PortsLock {
+    _file: std::fs::File,
+}
+
+impl PortsLock {
+    fn take() -> Self {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(std::env::temp_dir().join("pygmy-readme-ports.lock"))
+            .unwrap();
+        // SAFETY: flock on a file descriptor we own; released when it closes.
+        assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
+        Self { _file: f }
+    }
+}
+
+#[test]
+fn every_readme_shell_example_works_verbatim() {
+    let cmds = readme_commands();
+    let _lock = PortsLock::take();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while (5001..=5007).any(|p| std::net::TcpStream::connect(("127.0.0.1", p)).is_ok()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "something else listens on 127.0.0.1:5001-5007, which the README's examples use"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let root = common::temp_dir("readme");
+    // curl fails on an error status (as the README's reader would notice it).
+    std::fs::write(root.join(".curlrc"), "fail-with-body\nsilent\nshow-error\n").unwrap();
+    let bin_dir = std::path::Path::new(common::BIN).parent().unwrap();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let sh = |script: &str| {
+        let mut c = Command::new("sh");
+        c.args(["-ec", script])
+            .current_dir(&root)
+            .env("PATH", &path)
+            .env("CURL_HOME", &root)
+            .env_remove("PYGMY_CONFIG")
+            .env_remove("PYGMY_FRONTEND")
+            .env_remove("PYGMY_DATA_DIR")
+            .stdin(Stdio::null());
+        c
+    };
+
+    let mut up: Option<Up> = None;
+    let mut prelude = String::new();
+    let mut ran = Vec::new();
+    let mut failures = Vec::new();
+    let mut forwarded: Option<String> = None;
+    for cmd in &cmds {
+        if let Some((_, why)) = README_NOT_RUN.iter().find(|(p, _)| cmd.starts_with(p)) {
+            println!("not run: {cmd} ({why})");
+            continue;
+        }
+        if cmd == "pygmy up" || cmd.starts_with("pygmy up ") {
+            // Runs until Ctrl-C: started in the background, in a process
+            // group of its own as a terminal's foreground job would be.
+            assert!(up.is_none(), "one `pygmy up` in the README");
+            let mut c = sh(cmd);
+            std::os::unix::process::CommandExt::process_group(&mut c, 0);
+            let mut started = Up::spawn(c);
+            started.group = true;
+            started.expect("the store is up");
+            up = Some(started);
+            ran.push(cmd.clone());
+            continue;
+        }
+        assert!(up.is_some(), "the README starts the store before {cmd:?}");
+        let is_assignment = cmd.split_once('=').is_some_and(|(k, _)| {
+            !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        });
+        let script = format!("{prelude}{cmd}\n");
+        if is_assignment {
+            prelude = script.clone();
+        }
+        let mut child = sh(&script)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().unwrap();
+        ran.push(cmd.clone());
+        if !out.status.success() {
+            let report = format!(
+                "{cmd}\n  exit: {}\n  stdout: {}\n  stderr: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            if cmd.contains(FORWARDED_UPDATE) {
+                forwarded = Some(report);
+            } else {
+                failures.push(report);
+            }
+        }
+    }
+    let mut up = up.expect("the README starts the store with `pygmy up`");
+    // Ctrl-C: SIGINT to the foreground job's process group.
+    // SAFETY: a signal to the group of the shell we started.
+    unsafe { libc::killpg(up.child.id() as i32, libc::SIGINT) };
+    let line = up.expect("stopped —");
+    assert!(line.contains("7 of 7 processes exited cleanly"), "{line}");
+    drop(up);
+    std::fs::remove_dir_all(&root).unwrap();
+    assert!(
+        ran.iter().any(|c| c.contains("pygmy status")) && ran.len() > 8,
+        "the README's examples ran: {ran:#?}"
+    );
+    assert!(
+        failures.is_empty(),
+        "README examples failed:\n{}",
+        failures.join("\n")
+    );
+    // Marked: the README's admin example targets catalog-1, a backup. It
+    // answers 200 only once backups forward writes to the primary; until
+    // then it answers 421 and this assertion fails.
+    assert!(
+        forwarded.is_none(),
+        "the README's update on a backup (catalog-1) must be forwarded to the primary and answer 200:\n{}",
+        forwarded.unwrap_or_default()
+    );
 }
