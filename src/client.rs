@@ -342,4 +342,9 @@ impl FrontendClient {
     pub async fn health(&self) -> Result<Health, ClientError> {
         self.http.get(format!("{}/healthcheck", self.base)).await
     }
+
+    /// `GET /readyz` of any node (not only a frontend): ready to serve.
+    pub async fn ready(&self) -> Result<Health, ClientError> {
+        self.http.get(format!("{}/readyz", self.base)).await
+    }
 }

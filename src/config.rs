@@ -246,7 +246,6 @@ impl ClusterConfig {
     /// Writes the file, readable by its owner only (it holds the token).
     pub fn save(&self, path: &Path) -> Result<(), ConfigError> {
         use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
         let text = toml::to_string_pretty(self)
             .map_err(|e| ConfigError::Invalid(format!("cannot serialise config: {e}")))?;
         let err = |source| ConfigError::Write {
@@ -254,13 +253,11 @@ impl ClusterConfig {
             source,
         };
         let tmp = path.with_extension("toml.tmp");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(err)?;
+        let mut f = std::fs::OpenOptions::new();
+        f.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut f, 0o600);
+        let mut f = f.open(&tmp).map_err(err)?;
         f.write_all(text.as_bytes()).map_err(err)?;
         f.sync_all().map_err(err)?;
         std::fs::rename(&tmp, path).map_err(err)?;

@@ -21,6 +21,7 @@
 //! * [`order`]     — purchases and the durable order log.
 //! * [`frontend`]  — the public API and its cache.
 //! * [`history`]   — checks what clients saw (linearizable reads, nothing lost).
+//! * [`readiness`] — `/readyz`: ready to serve, not just up.
 //! * [`cluster`]   — `pygmy up`: the whole store as separate processes.
 //! * [`telemetry`] — logs.
 
@@ -34,6 +35,7 @@ pub mod frontend;
 pub mod history;
 pub mod http;
 pub mod order;
+pub mod readiness;
 pub mod replication;
 pub mod storage;
 pub mod telemetry;

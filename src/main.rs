@@ -1,21 +1,35 @@
 //! The `pygmy` binary: parses arguments, loads config, starts logging, and
-//! calls the library.
+//! calls the library. The operator commands live in `ops.rs`.
+
+mod ops;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
-use pygmy::client::{CatalogClient, FrontendClient, Http, OrderClient};
-use pygmy::config::{ClusterConfig, Role};
+use ops::{ConfigArg, Fail, FrontendArg};
+
+/// Exit codes, shown by `pygmy --help` and in the README.
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  the store answered with an error (unknown book, out of stock, token refused, bad input),
+     or a node failed
+  2  bad usage: unknown command or flag, missing or unreadable cluster file
+  3  `pygmy status`: the cluster is unhealthy (a node unreachable, or no primary known)
+  4  nothing answered: is `pygmy up` running (or --config / --frontend pointing elsewhere)?
+
+The cluster file is --config FILE, else $PYGMY_CONFIG, else ./pygmy-data/cluster.toml.";
 
 #[derive(Parser)]
 #[command(
     name = "pygmy",
     version,
-    about = "Pygmy.com, the world's smallest bookstore — replicated, cached, fault tolerant"
+    about = "Pygmy.com, the world's smallest bookstore — replicated, cached, fault tolerant",
+    after_help = EXIT_CODES
 )]
 struct Cli {
     #[command(subcommand)]
@@ -24,9 +38,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run the whole store on this machine: 1 frontend, 3 order and the catalog replicas, as separate processes.
+    /// Run the whole store on this machine: 1 frontend, 3 order and 3 catalog replicas, as separate processes.
+    #[command(
+        after_help = "Example:\n  pygmy up                      # data and cluster file in ./pygmy-data\n  pygmy up --data-dir /srv/pygmy --no-cache"
+    )]
     Up {
-        /// Where the cluster file and every node's data live (created on first start).
+        /// Where the cluster file and every node's data live (created on first start) [default: ./pygmy-data].
         #[arg(long, env = "PYGMY_DATA_DIR")]
         data_dir: Option<PathBuf>,
         /// Run the frontend without its cache.
@@ -36,11 +53,13 @@ enum Cmd {
         #[arg(long, default_value = "127.0.0.1")]
         host: String,
     },
-    /// Run one node of a cluster.
+    /// Run one node of a cluster (what `pygmy up` runs for each node; use it to run nodes on other hosts).
+    #[command(
+        after_help = "Example:\n  pygmy serve catalog-3\n  pygmy serve --config /etc/pygmy/cluster.toml --listen 0.0.0.0:5004 frontend"
+    )]
     Serve {
-        /// The cluster file.
-        #[arg(long, env = "PYGMY_CONFIG")]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
         /// The node to run: frontend, order-2, catalog-1, …
         name: String,
         /// Listen here instead of the node's configured address.
@@ -50,175 +69,177 @@ enum Cmd {
         #[arg(long)]
         no_cache: bool,
     },
-    /// Show every node: reachable or not and, for catalog replicas, role, epoch, primary, applied version, view.
+    /// Show every node — reachable, ready and, for catalog replicas, role, epoch, primary, versions, view —
+    /// probing them concurrently. Exits 3 when a node is unreachable or no primary is known.
+    #[command(after_help = "Example:\n  pygmy status\n  pygmy status --output json | jq .primary")]
     Status {
-        #[arg(long, env = "PYGMY_CONFIG")]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
     },
-    /// Show an order replica's log, newest first.
-    Log {
-        #[arg(long, env = "PYGMY_CONFIG")]
-        config: PathBuf,
-        /// The order node (order-1, …).
-        name: String,
-        #[arg(long, default_value_t = 20)]
+    /// Show an order replica's order log, newest first, a page at a time.
+    #[command(
+        alias = "log",
+        after_help = "Example:\n  pygmy orders                  # the first order replica's newest 20\n  pygmy orders order-2 --limit 5 --before 42"
+    )]
+    Orders {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The order replica (order-1, …) [default: the first in the cluster file].
+        node: Option<String>,
+        /// Orders per page (1 to 1000).
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
         limit: u32,
-    },
-    /// Client calls against a frontend.
-    Lookup {
-        id: String,
-        #[arg(long, default_value = "http://127.0.0.1:5004", env = "PYGMY_FRONTEND")]
-        frontend: String,
-    },
-    Search {
-        topic: String,
-        #[arg(long, default_value = "http://127.0.0.1:5004", env = "PYGMY_FRONTEND")]
-        frontend: String,
-    },
-    Buy {
-        id: String,
+        /// Only orders older than this position (the `seq` column; the last page says what to pass).
         #[arg(long)]
-        idempotency_key: Option<String>,
-        #[arg(long, default_value = "http://127.0.0.1:5004", env = "PYGMY_FRONTEND")]
-        frontend: String,
+        before: Option<u64>,
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Admin: set a book's stock and/or cost (the token is read from the cluster file).
+    #[command(after_help = "Example:\n  pygmy update 3 --stock 50 --cost 99.5")]
+    Update(UpdateArgs),
+    /// Look a book up by id (through the frontend).
+    #[command(after_help = "Example:\n  pygmy lookup 1")]
+    Lookup {
+        /// The book's id.
+        id: String,
+        #[command(flatten)]
+        frontend: FrontendArg,
+    },
+    /// Search the books of a topic (through the frontend).
+    #[command(after_help = "Example:\n  pygmy search distributed-systems")]
+    Search {
+        /// The topic's slug: distributed-systems, graduate-school, …
+        topic: String,
+        #[command(flatten)]
+        frontend: FrontendArg,
+    },
+    /// Buy one copy of a book. It sends an Idempotency-Key (generated unless --key is given) and
+    /// retries with the same key, so running it again with that key after a timeout cannot buy twice.
+    #[command(
+        after_help = "Example:\n  pygmy buy 1\n  pygmy buy 1 --key 5f0c…       # the key a timed-out run printed: buys at most once"
+    )]
+    Buy {
+        /// The book's id.
+        id: String,
+        /// The Idempotency-Key to send (printed by every run, to reuse after a timeout).
+        #[arg(long, alias = "idempotency-key")]
+        key: Option<String>,
+        #[command(flatten)]
+        frontend: FrontendArg,
+    },
+    /// Print shell completions.
+    #[command(
+        after_help = "Example:\n  pygmy completions bash > ~/.local/share/bash-completion/completions/pygmy\n  pygmy completions zsh > \"${fpath[1]}/_pygmy\""
+    )]
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
     },
 }
 
-fn main() -> anyhow::Result<()> {
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args(["stock", "cost"])))]
+struct UpdateArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// The book's id.
+    book: String,
+    /// The new stock.
+    #[arg(long)]
+    stock: Option<u64>,
+    /// The new cost (at most two decimals).
+    #[arg(long)]
+    cost: Option<f64>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?;
-    rt.block_on(async move {
-        match cli.command {
-            Cmd::Up {
-                data_dir,
-                no_cache,
-                host,
-            } => {
-                let data_dir = match data_dir {
-                    Some(d) => d,
-                    None => {
-                        let d = PathBuf::from("pygmy-data");
-                        println!("pygmy: no --data-dir given; using ./{}", d.display());
-                        d
-                    }
-                };
-                pygmy::cluster::up(pygmy::cluster::UpOptions {
-                    data_dir,
-                    host,
-                    no_cache,
-                    catalogs: 3,
-                })
-                .await
-            }
-            Cmd::Serve {
-                config,
-                name,
-                listen,
-                no_cache,
-            } => {
-                pygmy::telemetry::init(Some(&name));
-                let cfg = ClusterConfig::load(&config)?;
-                let listener = pygmy::bind(&cfg, &name, listen).await?;
-                let opts = pygmy::frontend::Options { no_cache };
-                pygmy::run_node(listener, cfg, &name, opts, pygmy::http::shutdown_signal())
-                    .await
-                    .with_context(|| format!("node {name} failed"))
-            }
-            Cmd::Status { config } => status(ClusterConfig::load(&config)?).await,
-            Cmd::Log {
-                config,
-                name,
-                limit,
-            } => {
-                let cfg = ClusterConfig::load(&config)?;
-                let node = cfg.node(&name).context("no such node")?;
-                let http = Http::new(Some(cfg.token.clone()), Duration::from_secs(5));
-                let page = OrderClient::new(node.base_url(), http)
-                    .log(limit, None)
-                    .await?;
-                println!("{}", serde_json::to_string_pretty(&page)?);
-                Ok(())
-            }
-            Cmd::Lookup { id, frontend } => print(client(&frontend).lookup(&id).await),
-            Cmd::Search { topic, frontend } => print(client(&frontend).search(&topic).await),
-            Cmd::Buy {
-                id,
-                idempotency_key,
-                frontend,
-            } => print(client(&frontend).buy(&id, idempotency_key.as_deref()).await),
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pygmy: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
         }
-    })
-}
-
-fn client(base: &str) -> FrontendClient {
-    FrontendClient::new(
-        base.trim_end_matches('/'),
-        Http::new(None, Duration::from_secs(15)),
-    )
-}
-
-fn print<T: serde::Serialize>(r: Result<T, pygmy::client::ClientError>) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(&r?)?);
-    Ok(())
-}
-
-async fn status(cfg: ClusterConfig) -> anyhow::Result<()> {
-    let http = Http::new(Some(cfg.token.clone()), Duration::from_secs(2));
-    println!(
-        "{:<12} {:<9} {:<10} {:>6} {:<12} {:>12} {:>12} {:<8} reachable",
-        "node", "kind", "role", "epoch", "primary", "applied", "committed", "in view"
-    );
-    for n in &cfg.nodes {
-        let reach = FrontendClient::new(n.base_url(), http.clone())
-            .health()
-            .await
-            .is_ok();
-        let row = |role: &str,
-                   epoch: String,
-                   primary: &str,
-                   applied: String,
-                   commit: String,
-                   in_view: &str| {
-            println!(
-                "{:<12} {:<9} {:<10} {:>6} {:<12} {:>12} {:>12} {:<8} {}",
-                n.name,
-                n.role.to_string(),
-                role,
-                epoch,
-                primary,
-                applied,
-                commit,
-                in_view,
-                if reach { "yes" } else { "no" }
-            )
-        };
-        match (n.role, reach) {
-            (Role::Catalog, true) => match CatalogClient::new(n.base_url(), http.clone())
-                .status()
-                .await
-            {
-                Ok(s) => row(
-                    &s.role,
-                    s.epoch.to_string(),
-                    s.primary.as_deref().unwrap_or("-"),
-                    s.applied.to_string(),
-                    s.commit.to_string(),
-                    if s.in_view { "yes" } else { "no" },
-                ),
-                Err(e) => row(
-                    &format!("? ({e})"),
-                    "-".into(),
-                    "-",
-                    "-".into(),
-                    "-".into(),
-                    "-",
-                ),
-            },
-            (_, true) => row("up", "-".into(), "-", "-".into(), "-".into(), "-"),
-            (_, false) => row("down", "-".into(), "-", "-".into(), "-".into(), "-"),
+    };
+    match rt.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            if !f.msg.is_empty() {
+                eprintln!("pygmy: {}", f.msg);
+            }
+            ExitCode::from(f.code)
         }
     }
-    Ok(())
+}
+
+async fn run(cmd: Cmd) -> Result<(), Fail> {
+    match cmd {
+        Cmd::Up {
+            data_dir,
+            no_cache,
+            host,
+        } => {
+            let data_dir = match data_dir {
+                Some(d) => d,
+                None => {
+                    let d = PathBuf::from(ops::DEFAULT_DATA_DIR);
+                    println!("pygmy: no --data-dir given; using ./{}", d.display());
+                    d
+                }
+            };
+            pygmy::cluster::up(pygmy::cluster::UpOptions {
+                data_dir,
+                host,
+                no_cache,
+                catalogs: 3,
+            })
+            .await
+            .map_err(Fail::from)
+        }
+        Cmd::Serve {
+            config,
+            name,
+            listen,
+            no_cache,
+        } => {
+            let (_, cfg) = config.load()?;
+            pygmy::telemetry::init(Some(&name));
+            let listener = pygmy::bind(&cfg, &name, listen)
+                .await
+                .map_err(anyhow::Error::from)?;
+            let opts = pygmy::frontend::Options { no_cache };
+            pygmy::run_node(listener, cfg, &name, opts, pygmy::http::shutdown_signal())
+                .await
+                .with_context(|| format!("node {name} failed"))
+                .map_err(Fail::from)
+        }
+        Cmd::Status { config, output } => ops::status(config, output).await,
+        Cmd::Orders {
+            config,
+            node,
+            limit,
+            before,
+            output,
+        } => ops::orders(config, node, limit, before, output).await,
+        Cmd::Update(u) => ops::update(u.config, &u.book, u.stock, u.cost).await,
+        Cmd::Lookup { id, frontend } => ops::lookup(frontend, &id).await,
+        Cmd::Search { topic, frontend } => ops::search(frontend, &topic).await,
+        Cmd::Buy { id, key, frontend } => ops::buy(frontend, &id, key).await,
+        Cmd::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "pygmy", &mut std::io::stdout());
+            Ok(())
+        }
+    }
 }

@@ -16,15 +16,23 @@ struct Up {
     child: Child,
     lines: mpsc::Receiver<String>,
     seen: Vec<String>,
+    /// The child leads a process group (stopped as a whole on drop).
+    group: bool,
 }
 
 impl Up {
     fn start(args: &[&str], cwd: &std::path::Path) -> Self {
-        let mut child = Command::new(common::BIN)
-            .arg("up")
+        let mut cmd = Command::new(common::BIN);
+        cmd.arg("up")
             .args(args)
             .current_dir(cwd)
-            .stdin(Stdio::null())
+            .stdin(Stdio::null());
+        Self::spawn(cmd)
+    }
+
+    /// Spawns `cmd` (a `pygmy up`), reading its stdout.
+    fn spawn(mut cmd: Command) -> Self {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -42,6 +50,7 @@ impl Up {
             child,
             lines,
             seen: Vec::new(),
+            group: false,
         }
     }
 
@@ -72,6 +81,17 @@ impl Up {
 
 impl Drop for Up {
     fn drop(&mut self) {
+        if self.group {
+            // A shell running `pygmy up`: stop the whole job, letting
+            // `pygmy up` stop its nodes, before anything is killed.
+            // SAFETY: a signal to the process group of a child we started.
+            unsafe { libc::killpg(self.child.id() as i32, libc::SIGTERM) };
+            let deadline = std::time::Instant::now() + Duration::from_secs(40);
+            while matches!(self.child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -249,4 +269,548 @@ async fn serve_listens_where_the_flag_or_the_environment_says() {
         String::from_utf8_lossy(&out.stderr)
     );
     std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// Runs `pygmy ARGS` in `cwd` with `env`; (exit code, stdout, stderr).
+fn pygmy(args: &[&str], cwd: &std::path::Path, env: &[(&str, &str)]) -> (i32, String, String) {
+    let out = Command::new(common::BIN)
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("PYGMY_CONFIG")
+        .env_remove("PYGMY_FRONTEND")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The children of process `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    let out = Command::new("pgrep")
+        .args(["-P", &pid.to_string()])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_finds_the_cluster_reports_health_pages_orders_updates_and_buys_once_per_key() {
+    let root = common::temp_dir("ops");
+    let host = common::unique_host();
+    let mut up = Up::start(&["--host", &host], &root);
+    up.expect("the store is up");
+    let elsewhere = common::temp_dir("ops-elsewhere");
+    let cfg_path = root.join("pygmy-data").join("cluster.toml");
+    let cfg_env = cfg_path.to_str().unwrap();
+
+    // Start-up progress was shown, ending at 7/7.
+    assert!(
+        up.seen.iter().any(|l| l.contains("7/7 ready")),
+        "{:#?}",
+        up.seen
+    );
+
+    // `status` finds ./pygmy-data/cluster.toml, or $PYGMY_CONFIG, or --config.
+    let settled = |cwd: &std::path::Path, env: &[(&str, &str)], extra: &[&str]| {
+        let mut args = vec!["status", "--output", "json"];
+        args.extend_from_slice(extra);
+        let (code, out, err) = pygmy(&args, cwd, env);
+        let v: serde_json::Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out} {err}"));
+        (code, v)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let (code, v) = loop {
+        let (code, v) = settled(&root, &[], &[]);
+        let all_ready = v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["ready"] == true);
+        if (code == 0 && all_ready) || std::time::Instant::now() > deadline {
+            break (code, v);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(code, 0, "{v:#}");
+    assert_eq!(v["healthy"], true, "{v:#}");
+    assert_eq!(v["primary"], "catalog-3", "{v:#}");
+    assert_eq!(v["nodes"].as_array().unwrap().len(), 7);
+    let (code, v) = settled(&elsewhere, &[("PYGMY_CONFIG", cfg_env)], &[]);
+    assert_eq!((code, &v["primary"]), (0, &serde_json::json!("catalog-3")));
+    let (code, v) = settled(&elsewhere, &[], &["--config", cfg_env]);
+    assert_eq!((code, &v["healthy"]), (0, &serde_json::json!(true)));
+    // Without a cluster file, it says what to do.
+    let (code, _, err) = pygmy(&["status"], &elsewhere, &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("run `pygmy up`"), "{err}");
+
+    // `update` reads the token from the cluster file.
+    let (code, out, err) = pygmy(
+        &["update", "4", "--stock", "7", "--cost", "12.5"],
+        &root,
+        &[],
+    );
+    assert_eq!(code, 0, "{out} {err}");
+    let (code, out, _) = pygmy(&["lookup", "4"], &root, &[]);
+    assert_eq!(code, 0);
+    let book: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (book["stock"].as_u64(), book["cost"].as_f64()),
+        (Some(7), Some(12.5))
+    );
+    let (code, _, err) = pygmy(&["update", "4"], &root, &[]);
+    assert_eq!(code, 2, "nothing to change is a usage error: {err}");
+
+    // `buy` prints its key; the same key again buys nothing more.
+    let (code, out, err) = pygmy(&["buy", "4"], &root, &[]);
+    assert_eq!(code, 0, "{err}");
+    let key = err
+        .split("Idempotency-Key: ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no key printed: {err}"))
+        .to_string();
+    let first: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let (code, out, err) = pygmy(&["buy", "4", "--key", &key], &root, &[]);
+    assert_eq!(code, 0, "{err}");
+    let again: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(first["order_id"], again["order_id"]);
+    let (_, out, _) = pygmy(&["lookup", "4"], &root, &[]);
+    let book: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(book["stock"].as_u64(), Some(6), "one copy bought, not two");
+    // Out of stock is an answered error: exit 1, the store's message.
+    for _ in 0..6 {
+        assert_eq!(pygmy(&["buy", "4"], &root, &[]).0, 0);
+    }
+    let (code, _, err) = pygmy(&["buy", "4"], &root, &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("409"), "{err}");
+
+    // `orders` pages one replica's log; `log` is the old name of it.
+    let mut logs = Vec::new();
+    let mut bought = std::collections::BTreeSet::new();
+    for node in ["order-1", "order-2", "order-3"] {
+        let (code, out, err) = pygmy(
+            &["orders", node, "--output", "json", "--limit", "1000"],
+            &root,
+            &[],
+        );
+        assert_eq!(code, 0, "{err}");
+        let page: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let orders = page["orders"].as_array().unwrap();
+        for o in orders {
+            if o["outcome"] == "bought" {
+                bought.insert(o["order_id"].as_u64().unwrap());
+            }
+            if o["request_id"] == format!("k:{key}") {
+                assert_eq!(o["order_id"], first["order_id"], "{o}");
+            }
+        }
+        logs.push((node, orders.len()));
+    }
+    assert_eq!(
+        bought.len(),
+        7,
+        "seven copies bought, each with its own order id: {bought:?}"
+    );
+    let (node, n) = logs.iter().copied().max_by_key(|(_, n)| *n).unwrap();
+    assert!(n >= 2, "{logs:?}");
+    let (_, first_page, _) = pygmy(&["orders", node, "--limit", "1"], &root, &[]);
+    let next = first_page
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("older: pygmy orders {node} --limit 1 --before ")))
+        .unwrap_or_else(|| panic!("no next page: {first_page}"))
+        .to_string();
+    let (code, second_page, _) = pygmy(
+        &["log", node, "--limit", "1", "--before", &next],
+        &root,
+        &[],
+    );
+    assert_eq!(code, 0);
+    let rows = |t: &str| -> Vec<String> {
+        t.lines()
+            .skip(1)
+            .filter(|l| !l.starts_with("older:"))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(rows(&first_page).len(), 1, "{first_page}");
+    assert_eq!(rows(&second_page).len(), 1, "{second_page}");
+    assert_ne!(rows(&first_page), rows(&second_page));
+
+    // Completions and help.
+    let (code, out, _) = pygmy(&["completions", "bash"], &root, &[]);
+    assert_eq!(code, 0);
+    assert!(out.contains("orders") && out.contains("completions"));
+    for cmd in [
+        "up",
+        "serve",
+        "status",
+        "orders",
+        "update",
+        "lookup",
+        "search",
+        "buy",
+        "completions",
+    ] {
+        let (code, out, _) = pygmy(&[cmd, "--help"], &root, &[]);
+        assert_eq!(code, 0);
+        assert!(
+            out.contains("Example:") && out.contains(&format!("pygmy {cmd}")),
+            "{cmd}: {out}"
+        );
+    }
+    assert!(pygmy(&["--help"], &root, &[]).1.contains("Exit codes:"));
+
+    // Children run in process groups of their own.
+    let kids = children(up.child.id());
+    assert_eq!(kids.len(), 7, "{kids:?}");
+    let up_group = unsafe { libc::getpgid(up.child.id() as i32) };
+    for k in &kids {
+        let g = unsafe { libc::getpgid(*k as i32) };
+        assert_eq!(g, *k as i32, "node {k} leads its own group");
+        assert_ne!(g, up_group);
+    }
+
+    // A node down: `status` says so and exits 3; nothing up: "is `pygmy up` running?".
+    let order2 = std::fs::read_to_string(&cfg_path).unwrap();
+    let cfg = ClusterConfig::parse(&order2).unwrap();
+    let o2 = cfg.node("order-2").unwrap().addr.clone();
+    for k in &kids {
+        let ps = Command::new("ps")
+            .args(["-o", "args=", "-p", &k.to_string()])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&ps.stdout)
+            .trim_end()
+            .ends_with(" order-2")
+        {
+            unsafe { libc::kill(*k as i32, libc::SIGKILL) };
+        }
+    }
+    up.expect("order-2 exited");
+    let (code, out, err) = pygmy(&["status"], &root, &[]);
+    assert_eq!(code, 3, "{out} {err}");
+    assert!(
+        err.contains(&format!("order-2 at {o2} is unreachable")),
+        "{err}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("order-2") && l.contains(" down ")),
+        "{out}"
+    );
+
+    // Ctrl-C stops the tiers in order: frontend, order, catalog.
+    unsafe { libc::kill(up.child.id() as i32, libc::SIGINT) };
+    let f = up.expect("frontend tier stopped");
+    let o = up.expect("order tier stopped");
+    let c = up.expect("catalog tier stopped");
+    assert!(
+        o.contains("order-1") && c.contains("catalog-3"),
+        "{f} {o} {c}"
+    );
+    up.expect("stopped —");
+    assert!(up.child.wait().unwrap().success());
+    let (code, _, err) = pygmy(&["lookup", "1"], &root, &[]);
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("is `pygmy up` running?"), "{err}");
+    let (code, _, err) = pygmy(&["status"], &root, &[]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("is `pygmy up` running?"), "{err}");
+    drop(up);
+    std::fs::remove_dir_all(&root).unwrap();
+    std::fs::remove_dir_all(&elsewhere).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_fails_fast_naming_a_node_that_exits_during_start_up() {
+    let root = common::temp_dir("up-fails");
+    let data = root.join("pygmy-data");
+    let host = common::unique_host();
+    std::fs::create_dir_all(&data).unwrap();
+    ClusterConfig::local(&host, 3)
+        .save(&data.join("cluster.toml"))
+        .unwrap();
+    // order-2's port is taken: it cannot listen and exits.
+    let taken = std::net::TcpListener::bind((host.as_str(), 5006)).unwrap();
+    let mut child = Command::new(common::BIN)
+        .args(["up", "--host", &host])
+        .current_dir(&root)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    let status = child.wait().unwrap();
+    drop(taken);
+    assert!(!status.success());
+    assert!(
+        err.contains("order-2 exited during start-up"),
+        "the failing node is named: {err}"
+    );
+    assert!(
+        err.lines()
+            .skip_while(|l| !l.contains("order-2 exited during start-up"))
+            .any(|l| l.contains("cannot listen on")),
+        "its last log lines are shown: {err}"
+    );
+    for port in 5001..=5007 {
+        assert!(
+            std::net::TcpStream::connect((host.as_str(), port)).is_err(),
+            "the other nodes were stopped ({host}:{port} still answers)"
+        );
+    }
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_separates_ready_to_serve_from_up() {
+    let mut c = common::TestCluster::start(common::Options::default()).await;
+    let http = Http::new(None, Duration::from_secs(5));
+    let urls: std::collections::HashMap<String, String> = c
+        .cfg
+        .nodes
+        .iter()
+        .map(|n| (n.name.clone(), c.url(&n.name)))
+        .collect();
+    let node = |name: &str| FrontendClient::new(urls[name].clone(), http.clone());
+    for n in c
+        .cfg
+        .nodes
+        .iter()
+        .map(|n| n.name.clone())
+        .collect::<Vec<_>>()
+    {
+        let client = node(&n);
+        common::wait_until(&format!("{n} is ready"), Duration::from_secs(30), || {
+            let client = client.clone();
+            async move { client.ready().await.is_ok() }
+        })
+        .await;
+    }
+    // Two catalog replicas of three gone: the last knows no primary, so it
+    // is up but not ready.
+    c.kill9("catalog-3");
+    c.kill9("catalog-2");
+    let c1 = node("catalog-1");
+    common::wait_until("catalog-1 is not ready", Duration::from_secs(30), || {
+        let c1 = c1.clone();
+        async move { c1.ready().await.is_err() }
+    })
+    .await;
+    let err = c1.ready().await.unwrap_err();
+    assert_eq!(err.status(), Some(503), "{err}");
+    assert!(c1.health().await.is_ok(), "catalog-1 is still up");
+    // No catalog at all: order and frontend are up, not ready.
+    c.kill9("catalog-1");
+    for n in ["order-1", "frontend"] {
+        let client = node(n);
+        let err = client.ready().await.unwrap_err();
+        assert_eq!(err.status(), Some(503), "{n}: {err}");
+        assert!(
+            err.to_string().contains("no catalog replica answers"),
+            "{n}: {err}"
+        );
+        assert!(client.health().await.is_ok(), "{n} is still up");
+    }
+}
+
+/// README commands this test does not run, and why.
+const README_NOT_RUN: &[(&str, &str)] = &[
+    (
+        "cargo install --path .",
+        "the build: the test runs the binary cargo built for it, first on PATH",
+    ),
+    ("cargo test", "the suite this test is part of"),
+    (
+        "cargo install cargo-fuzz",
+        "fuzzing: a separate, ~20 min build",
+    ),
+    ("fuzz/run.sh", "fuzzing: a separate, ~20 min build"),
+];
+
+/// The README's admin example sends its update to catalog-1, a backup.
+const FORWARDED_UPDATE: &str = "localhost:5001/catalog/update";
+
+/// The commands of README.md's ```sh blocks, continuation lines joined.
+fn readme_commands() -> Vec<String> {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let mut cmds = Vec::new();
+    let mut in_sh = false;
+    let mut pending = String::new();
+    for line in text.lines() {
+        let t = line.trim();
+        if !in_sh {
+            in_sh = t == "```sh";
+            continue;
+        }
+        if t == "```" {
+            in_sh = false;
+            continue;
+        }
+        if let Some(head) = line.strip_suffix('\\') {
+            pending.push_str(head);
+            continue;
+        }
+        pending.push_str(line);
+        let cmd = std::mem::take(&mut pending).trim().to_string();
+        if !cmd.is_empty() && !cmd.starts_with('#') {
+            cmds.push(cmd);
+        }
+    }
+    cmds
+}
+
+/// Holds an exclusive lock shared by every checkout's README test: the
+/// README's examples use the store's fixed ports on 127.0.0.1.
+struct PortsLock {
+    _file: std::fs::File,
+}
+
+impl PortsLock {
+    fn take() -> Self {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(std::env::temp_dir().join("pygmy-readme-ports.lock"))
+            .unwrap();
+        // SAFETY: flock on a file descriptor we own; released when it closes.
+        assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
+        Self { _file: f }
+    }
+}
+
+#[test]
+fn every_readme_shell_example_works_verbatim() {
+    let cmds = readme_commands();
+    let _lock = PortsLock::take();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while (5001..=5007).any(|p| std::net::TcpStream::connect(("127.0.0.1", p)).is_ok()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "something else listens on 127.0.0.1:5001-5007, which the README's examples use"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let root = common::temp_dir("readme");
+    // curl fails on an error status (as the README's reader would notice it).
+    std::fs::write(root.join(".curlrc"), "fail-with-body\nsilent\nshow-error\n").unwrap();
+    let bin_dir = std::path::Path::new(common::BIN).parent().unwrap();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let sh = |script: &str| {
+        let mut c = Command::new("sh");
+        c.args(["-ec", script])
+            .current_dir(&root)
+            .env("PATH", &path)
+            .env("CURL_HOME", &root)
+            .env_remove("PYGMY_CONFIG")
+            .env_remove("PYGMY_FRONTEND")
+            .env_remove("PYGMY_DATA_DIR")
+            .stdin(Stdio::null());
+        c
+    };
+
+    let mut up: Option<Up> = None;
+    let mut prelude = String::new();
+    let mut ran = Vec::new();
+    let mut failures = Vec::new();
+    let mut forwarded: Option<String> = None;
+    for cmd in &cmds {
+        if let Some((_, why)) = README_NOT_RUN.iter().find(|(p, _)| cmd.starts_with(p)) {
+            println!("not run: {cmd} ({why})");
+            continue;
+        }
+        if cmd == "pygmy up" || cmd.starts_with("pygmy up ") {
+            // Runs until Ctrl-C: started in the background, in a process
+            // group of its own as a terminal's foreground job would be.
+            assert!(up.is_none(), "one `pygmy up` in the README");
+            let mut c = sh(cmd);
+            std::os::unix::process::CommandExt::process_group(&mut c, 0);
+            let mut started = Up::spawn(c);
+            started.group = true;
+            started.expect("the store is up");
+            up = Some(started);
+            ran.push(cmd.clone());
+            continue;
+        }
+        assert!(up.is_some(), "the README starts the store before {cmd:?}");
+        let is_assignment = cmd.split_once('=').is_some_and(|(k, _)| {
+            !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        });
+        let script = format!("{prelude}{cmd}\n");
+        if is_assignment {
+            prelude = script.clone();
+        }
+        let mut child = sh(&script)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().unwrap();
+        ran.push(cmd.clone());
+        if !out.status.success() {
+            let report = format!(
+                "{cmd}\n  exit: {}\n  stdout: {}\n  stderr: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            if cmd.contains(FORWARDED_UPDATE) {
+                forwarded = Some(report);
+            } else {
+                failures.push(report);
+            }
+        }
+    }
+    let mut up = up.expect("the README starts the store with `pygmy up`");
+    // Ctrl-C: SIGINT to the foreground job's process group.
+    // SAFETY: a signal to the group of the shell we started.
+    unsafe { libc::killpg(up.child.id() as i32, libc::SIGINT) };
+    let line = up.expect("stopped —");
+    assert!(line.contains("7 of 7 processes exited cleanly"), "{line}");
+    drop(up);
+    std::fs::remove_dir_all(&root).unwrap();
+    assert!(
+        ran.iter().any(|c| c.contains("pygmy status")) && ran.len() > 8,
+        "the README's examples ran: {ran:#?}"
+    );
+    assert!(
+        failures.is_empty(),
+        "README examples failed:\n{}",
+        failures.join("\n")
+    );
+    // Marked: the README's admin example targets catalog-1, a backup. It
+    // answers 200 only once backups forward writes to the primary; until
+    // then it answers 421 and this assertion fails.
+    assert!(
+        forwarded.is_none(),
+        "the README's update on a backup (catalog-1) must be forwarded to the primary and answer 200:\n{}",
+        forwarded.unwrap_or_default()
+    );
 }

@@ -477,7 +477,21 @@ fn router(state: Ctx, token: &str) -> Router {
             "/internal/replication",
             post(replication_in).layer(axum::extract::DefaultBodyLimit::max(MAX_REPLICATION_BODY)),
         );
-    h::internal(internal, token).with_state(state)
+    let public = Router::new().route("/readyz", get(readyz));
+    public.merge(h::internal(internal, token)).with_state(state)
+}
+
+/// `GET /readyz`: ready when this replica knows a primary and either is that
+/// primary, ready for writes, or holds a lease to serve reads (and forwards
+/// writes to the primary).
+async fn readyz(State(c): State<Ctx>) -> Result<Json<Health>, ApiError> {
+    let g = *c.shared.gate.borrow();
+    let serves = c.shared.may_serve();
+    crate::readiness::answer(match (g.primary, g.primary_ready || serves) {
+        (None, _) => Some(format!("{} knows no primary", c.name)),
+        (Some(_), false) => Some(format!("{} may not serve yet (no lease)", c.name)),
+        (Some(_), true) => None,
+    })
 }
 
 #[derive(Deserialize)]

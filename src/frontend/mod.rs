@@ -119,6 +119,7 @@ pub async fn run(
         .route("/lookup/{id}", get(lookup))
         .route("/buy/{id}", post(buy))
         .route("/openapi.json", get(openapi::serve))
+        .route("/readyz", get(readyz))
         .merge(web::public_routes())
         .route_layer(axum::middleware::from_fn_with_state(
             fe.clone(),
@@ -181,6 +182,27 @@ async fn renew_lease(
             }
         }
     }
+}
+
+/// `GET /readyz`: ready when a catalog replica and an order replica answer.
+async fn readyz(State(fe): State<Shared>) -> Result<Json<Health>, ApiError> {
+    let catalogs = fe.catalog.members().iter().map(|m| {
+        let c = m.client.clone();
+        async move { c.health().await.is_ok() }
+    });
+    let orders = fe.orders.members().iter().map(|m| {
+        let c = m.client.clone();
+        async move { c.health().await.is_ok() }
+    });
+    let (c, o) = tokio::join!(
+        crate::readiness::any(catalogs.collect::<Vec<_>>()),
+        crate::readiness::any(orders.collect::<Vec<_>>())
+    );
+    crate::readiness::answer(match (c, o) {
+        (false, _) => Some("no catalog replica answers".into()),
+        (_, false) => Some("no order replica answers".into()),
+        _ => None,
+    })
 }
 
 #[utoipa::path(

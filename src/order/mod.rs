@@ -66,14 +66,28 @@ pub async fn run(
     let routes = Router::new()
         .route("/internal/buy", post(buy))
         .route("/log", get(log));
+    let public = Router::new().route("/readyz", get(readyz));
     let app = h::finish(
-        h::internal(routes, &cfg.token).with_state(state),
+        public
+            .merge(h::internal(routes, &cfg.token))
+            .with_state(state),
         &cfg.limits,
     );
     tracing::info!(addr = %listener.local_addr()?, data_dir = %dir.display(), "order {name} serving");
     h::serve(listener, app, cfg.limits.clone(), shutdown).await?;
     tracing::info!("order {name} stopped");
     Ok(())
+}
+
+/// `GET /readyz`: ready when a catalog replica answers.
+async fn readyz(State(o): State<Shared>) -> Result<Json<Health>, ApiError> {
+    let probes = o.catalog.members().iter().map(|m| {
+        let c = m.client.clone();
+        async move { c.health().await.is_ok() }
+    });
+    crate::readiness::answer(
+        (!crate::readiness::any(probes).await).then(|| "no catalog replica answers".to_string()),
+    )
 }
 
 async fn buy(
