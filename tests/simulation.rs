@@ -36,14 +36,14 @@ fn run(name: &str, first: u64, default_count: u64, make: impl Fn(u64) -> Options
 
 #[test]
 fn three_replicas_a() {
-    run("3 replicas (a)", 100_000_000, 4000, |seed| {
+    run("3 replicas (a)", 100_000_000, 3000, |seed| {
         Options::varied(3, seed)
     });
 }
 
 #[test]
 fn three_replicas_b() {
-    run("3 replicas (b)", 200_000_000, 4000, |seed| {
+    run("3 replicas (b)", 200_000_000, 3000, |seed| {
         Options::varied(3, seed)
     });
 }
