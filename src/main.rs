@@ -130,6 +130,12 @@ enum Cmd {
         #[command(flatten)]
         frontend: FrontendArg,
     },
+    /// Exit 0 when URL answers 200 within 2 s, 1 otherwise (container healthchecks: images have no curl).
+    #[command(after_help = "Example:\n  pygmy healthcheck http://127.0.0.1:5001/healthcheck")]
+    Healthcheck {
+        #[arg(default_value = "http://127.0.0.1:5004/healthcheck")]
+        url: String,
+    },
     /// Print shell completions.
     #[command(
         after_help = "Example:\n  pygmy completions bash > ~/.local/share/bash-completion/completions/pygmy\n  pygmy completions zsh > \"${fpath[1]}/_pygmy\""
@@ -237,6 +243,12 @@ async fn run(cmd: Cmd) -> Result<(), Fail> {
         Cmd::Lookup { id, frontend } => ops::lookup(frontend, &id).await,
         Cmd::Search { topic, frontend } => ops::search(frontend, &topic).await,
         Cmd::Buy { id, key, frontend } => ops::buy(frontend, &id, key).await,
+        Cmd::Healthcheck { url } => {
+            let http = pygmy::client::Http::new(None, std::time::Duration::from_secs(2));
+            let h: serde_json::Value = http.get(url).await.map_err(anyhow::Error::from)?;
+            println!("{h}");
+            Ok(())
+        }
         Cmd::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "pygmy", &mut std::io::stdout());
             Ok(())
