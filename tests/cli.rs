@@ -639,6 +639,22 @@ const README_NOT_RUN: &[(&str, &str)] = &[
         "fuzzing: a separate, ~20 min build",
     ),
     ("fuzz/run.sh", "fuzzing: a separate, ~20 min build"),
+    (
+        "deploy/build-image.sh",
+        "a release build; tests/compose.rs builds the image with this script",
+    ),
+    (
+        "export PYGMY_TOKEN=",
+        "the compose deployment: tests/compose.rs brings compose.yaml up",
+    ),
+    (
+        "docker-compose",
+        "the compose deployment: tests/compose.rs brings compose.yaml up",
+    ),
+    (
+        "kubectl",
+        "needs a Kubernetes cluster; tests/k8s.rs checks the manifests",
+    ),
 ];
 
 /// The README's admin example sends its update to catalog-1, a backup.
