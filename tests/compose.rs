@@ -9,6 +9,8 @@
 //! Everything it creates (containers, network, volumes, image) is removed
 //! when it ends, failed or not. Without a Docker engine it says so and skips.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -151,13 +153,12 @@ impl Deployment {
 
 impl Drop for Deployment {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            if let Ok(o) = self
+        if std::thread::panicking()
+            && let Ok(o) = self
                 .compose(&["logs", "--no-color", "--tail", "40"])
                 .output()
-            {
-                eprintln!("{}", String::from_utf8_lossy(&o.stdout));
-            }
+        {
+            eprintln!("{}", String::from_utf8_lossy(&o.stdout));
         }
         let _ = self
             .compose(&["down", "-v", "--remove-orphans", "-t", "2"])

@@ -36,7 +36,12 @@ fn documents() -> Vec<Value> {
             .arg(&f)
             .output()
             .expect("python3 runs");
-        assert!(out.status.success(), "{}: {}", f.display(), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            f.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
         docs.extend(v);
     }
@@ -56,16 +61,31 @@ fn port_of(addr: &str) -> u64 {
 /// The pod template's container: its port, probes and args.
 fn check_container(what: &str, workload: &Value, port: u64) -> Value {
     let c = &workload["spec"]["template"]["spec"]["containers"][0];
-    assert_eq!(c["ports"][0]["containerPort"], port, "{what}: containerPort");
+    assert_eq!(
+        c["ports"][0]["containerPort"], port,
+        "{what}: containerPort"
+    );
     for probe in ["readinessProbe", "livenessProbe"] {
-        assert_eq!(c[probe]["httpGet"]["path"], "/healthcheck", "{what}: {probe}");
+        assert_eq!(
+            c[probe]["httpGet"]["path"], "/healthcheck",
+            "{what}: {probe}"
+        );
         assert_eq!(c[probe]["httpGet"]["port"], port, "{what}: {probe} port");
     }
     let env = c["env"].as_array().unwrap();
-    let token = env.iter().find(|e| e["name"] == "PYGMY_TOKEN").expect("PYGMY_TOKEN from a Secret");
-    assert!(token["valueFrom"]["secretKeyRef"].is_object(), "{what}: the token comes from a Secret");
+    let token = env
+        .iter()
+        .find(|e| e["name"] == "PYGMY_TOKEN")
+        .expect("PYGMY_TOKEN from a Secret");
+    assert!(
+        token["valueFrom"]["secretKeyRef"].is_object(),
+        "{what}: the token comes from a Secret"
+    );
     let mounts = c["volumeMounts"].as_array().unwrap();
-    assert!(mounts.iter().any(|m| m["mountPath"] == "/etc/pygmy"), "{what}: the cluster file is mounted");
+    assert!(
+        mounts.iter().any(|m| m["mountPath"] == "/etc/pygmy"),
+        "{what}: the cluster file is mounted"
+    );
     c.clone()
 }
 
@@ -82,10 +102,17 @@ fn the_manifests_match_the_cluster_file() {
     for (role, set) in [(Role::Catalog, "catalog"), (Role::Order, "order")] {
         let sts = find(&docs, "StatefulSet", set);
         let nodes: Vec<_> = cfg.nodes_of(role).collect();
-        assert_eq!(sts["spec"]["replicas"], nodes.len() as u64, "{set}: one pod per node");
+        assert_eq!(
+            sts["spec"]["replicas"],
+            nodes.len() as u64,
+            "{set}: one pod per node"
+        );
         let service = sts["spec"]["serviceName"].as_str().unwrap();
         let svc = find(&docs, "Service", service);
-        assert_eq!(svc["spec"]["clusterIP"], "None", "{set}: a headless Service gives stable pod names");
+        assert_eq!(
+            svc["spec"]["clusterIP"], "None",
+            "{set}: a headless Service gives stable pod names"
+        );
         let labels = &sts["spec"]["template"]["metadata"]["labels"];
         for (k, v) in svc["spec"]["selector"].as_object().unwrap() {
             assert_eq!(&labels[k], v, "{set}: the Service selects the pods");
@@ -93,21 +120,62 @@ fn the_manifests_match_the_cluster_file() {
         let port = port_of(&nodes[0].addr);
         assert_eq!(svc["spec"]["ports"][0]["port"], port);
         let c = check_container(set, sts, port);
-        assert_eq!(c["args"], serde_json::json!(["serve", "$(POD_NAME)"]), "{set}: the pod name is the node name");
-        let pod_name = c["env"].as_array().unwrap().iter().find(|e| e["name"] == "POD_NAME").unwrap();
-        assert_eq!(pod_name["valueFrom"]["fieldRef"]["fieldPath"], "metadata.name");
-        assert!(sts["spec"]["volumeClaimTemplates"].as_array().is_some_and(|v| !v.is_empty()), "{set}: a volume each");
+        assert_eq!(
+            c["args"],
+            serde_json::json!(["serve", "$(POD_NAME)"]),
+            "{set}: the pod name is the node name"
+        );
+        let pod_name = c["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "POD_NAME")
+            .unwrap();
+        assert_eq!(
+            pod_name["valueFrom"]["fieldRef"]["fieldPath"],
+            "metadata.name"
+        );
+        assert!(
+            sts["spec"]["volumeClaimTemplates"]
+                .as_array()
+                .is_some_and(|v| !v.is_empty()),
+            "{set}: a volume each"
+        );
         let mut ids: Vec<u64> = Vec::new();
         for n in &nodes {
             let ordinal = n.process_id - 1;
-            assert_eq!(n.name, format!("{set}-{ordinal}"), "pod {set}-{ordinal} must be process id {}", n.process_id);
-            assert_eq!(n.addr, format!("{}.{service}:{port}", n.name), "{}: address", n.name);
-            assert_eq!(n.listen.as_deref(), Some(format!("0.0.0.0:{port}").as_str()), "{}: listen", n.name);
-            assert_eq!(n.data_dir.as_deref(), Some(Path::new("/data")), "{}: data on the volume", n.name);
+            assert_eq!(
+                n.name,
+                format!("{set}-{ordinal}"),
+                "pod {set}-{ordinal} must be process id {}",
+                n.process_id
+            );
+            assert_eq!(
+                n.addr,
+                format!("{}.{service}:{port}", n.name),
+                "{}: address",
+                n.name
+            );
+            assert_eq!(
+                n.listen.as_deref(),
+                Some(format!("0.0.0.0:{port}").as_str()),
+                "{}: listen",
+                n.name
+            );
+            assert_eq!(
+                n.data_dir.as_deref(),
+                Some(Path::new("/data")),
+                "{}: data on the volume",
+                n.name
+            );
             ids.push(n.process_id);
         }
         ids.sort();
-        assert_eq!(ids, (1..=nodes.len() as u64).collect::<Vec<_>>(), "{set}: ids are the ordinals + 1");
+        assert_eq!(
+            ids,
+            (1..=nodes.len() as u64).collect::<Vec<_>>(),
+            "{set}: ids are the ordinals + 1"
+        );
     }
 
     // The frontend: a Deployment behind a Service of its node's name and port.
@@ -126,7 +194,9 @@ fn validate(files: &[PathBuf]) -> std::process::Output {
         .args(["--strict", "--quiet"])
         .args(files)
         .output()
-        .expect("kubernetes-validate is on PATH (.ci/run installs it: pip install kubernetes-validate)")
+        .expect(
+            "kubernetes-validate is on PATH (.ci/run installs it: pip install kubernetes-validate)",
+        )
 }
 
 #[test]
@@ -148,5 +218,8 @@ fn the_manifests_pass_the_kubernetes_schemas() {
     std::fs::write(&bad, text.replace("serviceName:", "servicName:")).unwrap();
     let out = validate(std::slice::from_ref(&bad));
     std::fs::remove_dir_all(&dir).unwrap();
-    assert!(!out.status.success(), "a misspelt field passed the schema check");
+    assert!(
+        !out.status.success(),
+        "a misspelt field passed the schema check"
+    );
 }
