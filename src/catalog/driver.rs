@@ -260,15 +260,17 @@ impl Driver {
         reply: oneshot::Sender<Result<WriteResult, WriteError>>,
     ) {
         let id = write.op.book_id();
-        if !self.io.state.books.contains_key(&id) {
-            let _ = reply.send(Err(WriteError::UnknownBook(id)));
-            return;
-        }
         let rid = write.request_id.as_str().to_string();
+        // Only the primary knows the catalog for sure: a replica that is
+        // behind (a new disk, say) may not hold the book yet.
         if self.replica.role() != Role::Primary {
             let _ = reply.send(Err(WriteError::NotPrimary {
                 primary: self.replica.status().primary,
             }));
+            return;
+        }
+        if !self.io.state.books.contains_key(&id) {
+            let _ = reply.send(Err(WriteError::UnknownBook(id)));
             return;
         }
         if self.replica.is_primary_ready() {
