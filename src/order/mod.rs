@@ -60,9 +60,10 @@ pub async fn run(
             })
             .collect(),
         Pick::Sticky,
-        Duration::from_millis(cfg.timing.retry_budget_ms),
+        Duration::from_millis(cfg.timing.retry_budget_ms).min(crate::frontend::public_budget(&cfg)),
     );
     let state: Shared = Arc::new(Order { store, catalog });
+    crate::metrics::register(crate::config::Role::Order);
     let routes = Router::new()
         .route("/internal/buy", post(buy))
         .route("/log", get(log));
