@@ -657,6 +657,7 @@ async fn write(
     headers: HeaderMap,
     JsonBody(w): JsonBody<CatalogWrite>,
 ) -> Result<Json<WriteResult>, Response> {
+    tracing::debug!(write_id = %w.request_id, "write received");
     apply(&c, w, may_forward(&headers)).await
 }
 

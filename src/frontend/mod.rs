@@ -329,6 +329,11 @@ async fn buy(
         Err(e) if e.status.is_client_error() => "invalid",
         Err(_) => "failed",
     });
+    if let Err(e) = &answer {
+        tracing::debug!(status = e.status.as_u16(), "buy refused: {}", e.message);
+    } else {
+        tracing::debug!("buy answered");
+    }
     answer
 }
 

@@ -104,6 +104,7 @@ async fn buy(
         tracing::debug!(request_id = %req.request_id, "request already handled; answering as before");
         return Ok(Json(first));
     }
+    tracing::debug!(write_id = %req.request_id, book = %req.book_id, "buy received");
     let write = CatalogWrite {
         request_id: req.request_id.clone(),
         op: CatalogOp::Buy {
