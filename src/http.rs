@@ -311,18 +311,27 @@ async fn overloaded(err: BoxError) -> ApiError {
 }
 
 /// Answers a request that outlasts `limits.request_timeout_ms` with a JSON
-/// 504 (never an empty body). Every retry budget inside the store is cut to
-/// fit within this time, so this only fires when a handler is stuck.
+/// problem (never an empty body): 504 if the store took too long, 408 if
+/// the request has a body (the client may not have sent all of it). Every
+/// retry budget inside the store is cut to fit within this time, so a 504
+/// only comes from a handler that is stuck. (The public routes take no
+/// body; the internal ones that do are called by cluster members only.)
 async fn time_limit(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+    let h = req.headers();
+    let has_body = h.contains_key(header::TRANSFER_ENCODING)
+        || h.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).is_some_and(|v| v.trim() != "0");
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(res) => res,
         Err(_) => {
-            let mut res = ApiError::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                format!("no answer within {} ms; retry (a buy with the same Idempotency-Key)", limit.as_millis()),
-            )
-            .kind(PROBLEM_TIMEOUT)
-            .into_response();
+            let (status, detail) = if has_body {
+                (StatusCode::REQUEST_TIMEOUT, format!("the request was not received and answered within {} ms", limit.as_millis()))
+            } else {
+                (
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!("no answer within {} ms; retry (a buy with the same Idempotency-Key)", limit.as_millis()),
+                )
+            };
+            let mut res = ApiError::new(status, detail).kind(PROBLEM_TIMEOUT).into_response();
             // The unread rest of the request may still be on the wire.
             res.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
             res
@@ -507,5 +516,9 @@ mod tests {
         assert!(!constant_time_eq(b"abc", b"ab"));
         assert!(!constant_time_eq(b"", b"a"));
         assert!(constant_time_eq(b"", b""));
+        // Lengths that differ by a multiple of 65 536 are still different.
+        let long = [b"abc".as_slice(), &[0u8; 65_536]].concat();
+        assert!(!constant_time_eq(b"abc", &long));
+        assert!(!constant_time_eq(&long, b"abc"));
     }
 }
