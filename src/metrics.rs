@@ -44,7 +44,14 @@ pub const REPL_LEASE_REFUSALS: &str = "pygmy_replication_lease_refusals_total";
 pub const CATALOG_PERSIST: &str = "pygmy_catalog_persist_duration_seconds";
 
 /// Outcomes a buy is counted under at the frontend.
-pub const BUY_OUTCOMES: &[&str] = &["bought", "out_of_stock", "key_reused", "not_found", "invalid", "failed"];
+pub const BUY_OUTCOMES: &[&str] = &[
+    "bought",
+    "out_of_stock",
+    "key_reused",
+    "not_found",
+    "invalid",
+    "failed",
+];
 /// Catalog replica roles (the `role` label of [`REPL_ROLE`]).
 pub const ROLES: &[&str] = &["follower", "candidate", "primary", "learner"];
 
@@ -57,7 +64,11 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
     HANDLE
         .get_or_init(|| {
             let _ = STARTED.set(start_time_seconds());
-            let handle = PrometheusBuilder::new().set_buckets(BUCKETS).ok()?.install_recorder().ok()?;
+            let handle = PrometheusBuilder::new()
+                .set_buckets(BUCKETS)
+                .ok()?
+                .install_recorder()
+                .ok()?;
             describe();
             let upkeep = handle.clone();
             std::thread::Builder::new()
@@ -82,21 +93,53 @@ pub fn render() -> Option<String> {
 }
 
 fn describe() {
-    describe_counter!(HTTP_REQUESTS, "HTTP requests answered, by route template, method and status class");
-    describe_histogram!(HTTP_DURATION, Unit::Seconds, "Time to answer an HTTP request, by route template and method");
+    describe_counter!(
+        HTTP_REQUESTS,
+        "HTTP requests answered, by route template, method and status class"
+    );
+    describe_histogram!(
+        HTTP_DURATION,
+        Unit::Seconds,
+        "Time to answer an HTTP request, by route template and method"
+    );
     describe_counter!(CACHE_HITS, "Frontend reads answered from the cache");
-    describe_counter!(CACHE_MISSES, "Frontend reads that had to ask a catalog replica");
+    describe_counter!(
+        CACHE_MISSES,
+        "Frontend reads that had to ask a catalog replica"
+    );
     describe_counter!(BUYS, "Buys answered by the frontend, by outcome");
-    describe_counter!(POOL_RETRIES, "Calls to a replica that failed and were tried again (same or another replica), by pool");
-    describe_gauge!(POOL_HEALTHY, "1 if the replica answered its last health probe or call, else 0, by pool and replica");
-    describe_gauge!(REPL_ROLE, "1 for this catalog replica's current replication role, 0 for the others");
+    describe_counter!(
+        POOL_RETRIES,
+        "Calls to a replica that failed and were tried again (same or another replica), by pool"
+    );
+    describe_gauge!(
+        POOL_HEALTHY,
+        "1 if the replica answered its last health probe or call, else 0, by pool and replica"
+    );
+    describe_gauge!(
+        REPL_ROLE,
+        "1 for this catalog replica's current replication role, 0 for the others"
+    );
     describe_gauge!(REPL_EPOCH, "The catalog replica's current epoch (term)");
-    describe_gauge!(REPL_COMMIT, "Sequence number of the newest committed catalog write this replica knows of");
-    describe_gauge!(REPL_APPLIED, "Sequence number of the newest catalog write this replica has applied");
+    describe_gauge!(
+        REPL_COMMIT,
+        "Sequence number of the newest committed catalog write this replica knows of"
+    );
+    describe_gauge!(
+        REPL_APPLIED,
+        "Sequence number of the newest catalog write this replica has applied"
+    );
     describe_gauge!(REPL_VIEW, "Replicas in the primary's view (0 on a backup)");
     describe_counter!(REPL_ELECTIONS, "Elections this catalog replica started");
-    describe_counter!(REPL_LEASE_REFUSALS, "Reads this catalog replica refused for lack of a read lease");
-    describe_histogram!(CATALOG_PERSIST, Unit::Seconds, "Time to persist one replication step to disk");
+    describe_counter!(
+        REPL_LEASE_REFUSALS,
+        "Reads this catalog replica refused for lack of a read lease"
+    );
+    describe_histogram!(
+        CATALOG_PERSIST,
+        Unit::Seconds,
+        "Time to persist one replication step to disk"
+    );
 }
 
 /// Creates the metrics a node of `role` exports, at zero, so every series
@@ -138,7 +181,8 @@ pub fn retry(pool: &'static str) {
 
 /// A replica's health as its pool sees it.
 pub fn replica_health(pool: &'static str, replica: &str, healthy: bool) {
-    metrics::gauge!(POOL_HEALTHY, "pool" => pool, "replica" => replica.to_owned()).set(if healthy { 1.0 } else { 0.0 });
+    metrics::gauge!(POOL_HEALTHY, "pool" => pool, "replica" => replica.to_owned())
+        .set(if healthy { 1.0 } else { 0.0 });
 }
 
 /// The catalog replica's replication state.
@@ -197,7 +241,8 @@ pub async fn track(req: Request, next: Next) -> Response {
     let res = next.run(req).await;
     let status = status_label(res.status().as_u16());
     metrics::counter!(HTTP_REQUESTS, "route" => route.clone(), "method" => method, "status" => status).increment(1);
-    metrics::histogram!(HTTP_DURATION, "route" => route, "method" => method).record(start.elapsed().as_secs_f64());
+    metrics::histogram!(HTTP_DURATION, "route" => route, "method" => method)
+        .record(start.elapsed().as_secs_f64());
     res
 }
 
@@ -215,12 +260,21 @@ mod process {
     use std::fmt::Write;
 
     fn metric(page: &mut String, name: &str, kind: &str, help: &str, value: f64) {
-        let _ = write!(page, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n\n");
+        let _ = write!(
+            page,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n\n"
+        );
     }
 
     pub fn render(page: &mut String, started: Option<f64>) {
         if let Some(s) = started {
-            metric(page, "process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.", s);
+            metric(
+                page,
+                "process_start_time_seconds",
+                "gauge",
+                "Start time of the process since unix epoch in seconds.",
+                s,
+            );
         }
         #[cfg(target_os = "linux")]
         linux::render(page);
@@ -268,7 +322,12 @@ mod process {
         pub fn uptime_seconds() -> Option<f64> {
             let fields = stat_fields()?;
             let started_ticks = field(&fields, 22)?;
-            let boot_uptime: f64 = std::fs::read_to_string("/proc/uptime").ok()?.split_whitespace().next()?.parse().ok()?;
+            let boot_uptime: f64 = std::fs::read_to_string("/proc/uptime")
+                .ok()?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()?;
             Some(boot_uptime - started_ticks / ticks_per_second())
         }
 
@@ -276,22 +335,55 @@ mod process {
             if let Some(fields) = stat_fields() {
                 if let (Some(u), Some(s)) = (field(&fields, 14), field(&fields, 15)) {
                     let cpu = (u + s) / ticks_per_second();
-                    metric(page, "process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.", cpu);
+                    metric(
+                        page,
+                        "process_cpu_seconds_total",
+                        "counter",
+                        "Total user and system CPU time spent in seconds.",
+                        cpu,
+                    );
                 }
                 if let Some(v) = field(&fields, 23) {
-                    metric(page, "process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.", v);
+                    metric(
+                        page,
+                        "process_virtual_memory_bytes",
+                        "gauge",
+                        "Virtual memory size in bytes.",
+                        v,
+                    );
                 }
                 if let Some(rss) = field(&fields, 24) {
-                    metric(page, "process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", rss * page_size());
+                    metric(
+                        page,
+                        "process_resident_memory_bytes",
+                        "gauge",
+                        "Resident memory size in bytes.",
+                        rss * page_size(),
+                    );
                 }
             }
             if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
-                metric(page, "process_open_fds", "gauge", "Number of open file descriptors.", dir.count() as f64);
+                metric(
+                    page,
+                    "process_open_fds",
+                    "gauge",
+                    "Number of open file descriptors.",
+                    dir.count() as f64,
+                );
             }
-            let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+            let mut lim = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
             // SAFETY: getrlimit writes into the struct we own.
             if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
-                metric(page, "process_max_fds", "gauge", "Maximum number of open file descriptors.", lim.rlim_cur as f64);
+                metric(
+                    page,
+                    "process_max_fds",
+                    "gauge",
+                    "Maximum number of open file descriptors.",
+                    lim.rlim_cur as f64,
+                );
             }
         }
     }
@@ -304,7 +396,10 @@ mod tests {
     #[test]
     fn labels_come_from_closed_sets() {
         assert_eq!(method_label(&Method::GET), "GET");
-        assert_eq!(method_label(&Method::from_bytes(b"FROBNICATE").unwrap()), "other");
+        assert_eq!(
+            method_label(&Method::from_bytes(b"FROBNICATE").unwrap()),
+            "other"
+        );
         assert_eq!(status_label(404), "4xx");
         assert_eq!(status_label(999), "5xx");
     }
@@ -314,10 +409,21 @@ mod tests {
     fn process_metrics_are_read_from_proc() {
         let mut page = String::new();
         process::render(&mut page, Some(1.0));
-        for name in ["process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds", "process_start_time_seconds"] {
-            let line = page.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{name} missing:\n{page}"));
+        for name in [
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_open_fds",
+            "process_start_time_seconds",
+        ] {
+            let line = page
+                .lines()
+                .find(|l| l.starts_with(&format!("{name} ")))
+                .unwrap_or_else(|| panic!("{name} missing:\n{page}"));
             let v: f64 = line.split(' ').nth(1).unwrap().parse().unwrap();
-            assert!(v > 0.0 || (name == "process_cpu_seconds_total" && v == 0.0), "{line}");
+            assert!(
+                v > 0.0 || (name == "process_cpu_seconds_total" && v == 0.0),
+                "{line}"
+            );
         }
         assert!(process::uptime_seconds().unwrap() >= 0.0);
     }

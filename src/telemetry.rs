@@ -17,8 +17,8 @@ use axum::middleware::Next;
 use axum::response::Response;
 use tracing::Instrument;
 use tracing_subscriber::EnvFilter;
-use tracing_subscriber::fmt::format::{self, FormatEvent, FormatFields, Writer};
 use tracing_subscriber::fmt::FmtContext;
+use tracing_subscriber::fmt::format::{self, FormatEvent, FormatFields, Writer};
 use tracing_subscriber::registry::LookupSpan;
 
 /// The request id header, in and out.
@@ -50,20 +50,35 @@ pub fn use_colour(is_terminal: bool, no_color: Option<std::ffi::OsString>) -> bo
 
 /// Installs the global subscriber, tagging every line with `node` when given.
 pub fn init(node: Option<&str>, format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,hyper=warn,reqwest=warn"));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,hyper=warn,reqwest=warn"));
     let ansi = format == LogFormat::Text
-        && use_colour(std::io::IsTerminal::is_terminal(&std::io::stderr()), std::env::var_os("NO_COLOR"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
+        && use_colour(
+            std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            std::env::var_os("NO_COLOR"),
+        );
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
     let node = node.map(str::to_owned);
     let _ = match format {
         LogFormat::Text => builder
-            .event_format(Tagged { node, json: false, inner: format::Format::default().with_target(false) })
+            .event_format(Tagged {
+                node,
+                json: false,
+                inner: format::Format::default().with_target(false),
+            })
             .try_init(),
         LogFormat::Json => builder
             .event_format(Tagged {
                 node,
                 json: true,
-                inner: format::Format::default().json().flatten_event(true).with_current_span(false).with_span_list(true),
+                inner: format::Format::default()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(false)
+                    .with_span_list(true),
             })
             .fmt_fields(format::JsonFields::new())
             .try_init(),
@@ -83,7 +98,12 @@ where
     N: for<'a> FormatFields<'a> + 'static,
     F: FormatEvent<S, N>,
 {
-    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &tracing::Event<'_>) -> fmt::Result {
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> fmt::Result {
         let Some(node) = &self.node else {
             return self.inner.format_event(ctx, writer, event);
         };
@@ -92,7 +112,8 @@ where
             return self.inner.format_event(ctx, writer, event);
         }
         let mut line = String::new();
-        self.inner.format_event(ctx, Writer::new(&mut line), event)?;
+        self.inner
+            .format_event(ctx, Writer::new(&mut line), event)?;
         // The inner line is `{...}\n`: add the node as the first member.
         let node = serde_json::to_string(node).map_err(|_| fmt::Error)?;
         match line.strip_prefix('{') {
@@ -119,7 +140,9 @@ pub async fn request_id(req: Request, next: Next) -> Response {
     }
     .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
     let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path());
-    let mut res = REQUEST_ID.scope(id.clone(), next.run(req).instrument(span)).await;
+    let mut res = REQUEST_ID
+        .scope(id.clone(), next.run(req).instrument(span))
+        .await;
     if let Ok(v) = HeaderValue::from_str(&id) {
         res.headers_mut().insert(REQUEST_ID_HEADER, v);
     }
@@ -135,13 +158,22 @@ mod tests {
         assert!(use_colour(true, None));
         assert!(!use_colour(false, None));
         assert!(!use_colour(true, Some("1".into())));
-        assert!(use_colour(true, Some("".into())), "an empty NO_COLOR does not count");
+        assert!(
+            use_colour(true, Some("".into())),
+            "an empty NO_COLOR does not count"
+        );
     }
 
     #[test]
     fn only_sane_incoming_ids_are_kept() {
-        assert_eq!(incoming_id(&HeaderValue::from_static("abc-123")), Some("abc-123".into()));
+        assert_eq!(
+            incoming_id(&HeaderValue::from_static("abc-123")),
+            Some("abc-123".into())
+        );
         assert_eq!(incoming_id(&HeaderValue::from_static("a b")), None);
-        assert_eq!(incoming_id(&HeaderValue::from_str(&"x".repeat(65)).unwrap()), None);
+        assert_eq!(
+            incoming_id(&HeaderValue::from_str(&"x".repeat(65)).unwrap()),
+            None
+        );
     }
 }

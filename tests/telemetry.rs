@@ -24,7 +24,9 @@ fn json_logs() {
 }
 
 async fn metrics_page(c: &TestCluster, node: &str) -> String {
-    let res = reqwest::get(format!("{}/metrics", c.url(node))).await.unwrap();
+    let res = reqwest::get(format!("{}/metrics", c.url(node)))
+        .await
+        .unwrap();
     assert_eq!(res.status(), 200);
     res.text().await.unwrap()
 }
@@ -61,24 +63,47 @@ async fn metrics_follow_prometheus_conventions_and_cover_the_dashboard() {
     let names: Vec<String> = c.cfg.nodes.iter().map(|n| n.name.clone()).collect();
     for node in &names {
         let page = metrics_page(&c, node).await;
-        let helped: BTreeSet<&str> = page.lines().filter_map(|l| l.strip_prefix("# HELP ")?.split(' ').next()).collect();
+        let helped: BTreeSet<&str> = page
+            .lines()
+            .filter_map(|l| l.strip_prefix("# HELP ")?.split(' ').next())
+            .collect();
         for t in page.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
             let (name, kind) = t.split_once(' ').unwrap();
             assert!(helped.contains(name), "{node}: {name} has no # HELP");
-            assert_ne!(kind, "summary", "{node}: {name} is a summary, not a histogram");
+            assert_ne!(
+                kind, "summary",
+                "{node}: {name} is a summary, not a histogram"
+            );
         }
-        assert!(page.contains("pygmy_http_request_duration_seconds_bucket{"), "{node}: no histogram buckets:\n{page}");
-        assert!(page.contains(r#"status="2xx""#), "{node}: status is not a class:\n{page}");
+        assert!(
+            page.contains("pygmy_http_request_duration_seconds_bucket{"),
+            "{node}: no histogram buckets:\n{page}"
+        );
+        assert!(
+            page.contains(r#"status="2xx""#),
+            "{node}: status is not a class:\n{page}"
+        );
         all.extend(series_names(&page));
     }
     let fe = metrics_page(&c, "frontend").await;
-    assert!(fe.contains(r#"pygmy_buys_total{outcome="bought"} 1"#), "one buy counted:\n{fe}");
-    assert!(fe.contains(r#"route="/buy/{id}""#), "requests are counted by route template:\n{fe}");
+    assert!(
+        fe.contains(r#"pygmy_buys_total{outcome="bought"} 1"#),
+        "one buy counted:\n{fe}"
+    );
+    assert!(
+        fe.contains(r#"route="/buy/{id}""#),
+        "requests are counted by route template:\n{fe}"
+    );
 
     // Every metric the shipped dashboard queries exists.
-    let dash: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/grafana-dashboard.json")).unwrap())
-            .unwrap();
+    let dash: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/grafana-dashboard.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
     let mut queried = BTreeSet::new();
     for p in dash["panels"].as_array().unwrap() {
         for t in p["targets"].as_array().unwrap() {
@@ -92,12 +117,22 @@ async fn metrics_follow_prometheus_conventions_and_cover_the_dashboard() {
     }
     assert!(queried.len() >= 15, "the dashboard names {queried:?}");
     let missing: Vec<&String> = queried.iter().filter(|m| !all.contains(*m)).collect();
-    assert!(missing.is_empty(), "the dashboard queries metrics no node exports: {missing:?}\nexported: {all:?}");
+    assert!(
+        missing.is_empty(),
+        "the dashboard queries metrics no node exports: {missing:?}\nexported: {all:?}"
+    );
 
     // The scrape config names every node of `pygmy up`.
-    let scrape = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/prometheus.yml")).unwrap();
+    let scrape = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/prometheus.yml"
+    ))
+    .unwrap();
     for port in 5001..=5007 {
-        assert!(scrape.contains(&format!("127.0.0.1:{port}")), "deploy/prometheus.yml misses port {port}");
+        assert!(
+            scrape.contains(&format!("127.0.0.1:{port}")),
+            "deploy/prometheus.yml misses port {port}"
+        );
     }
 
     // With no catalog replica, a read is a problem details 503 that names
@@ -105,7 +140,9 @@ async fn metrics_follow_prometheus_conventions_and_cover_the_dashboard() {
     for n in c.names(Role::Catalog) {
         c.kill9(&n);
     }
-    let res = reqwest::get(format!("{}/search/no-such-topic-here", c.url("frontend"))).await.unwrap();
+    let res = reqwest::get(format!("{}/search/no-such-topic-here", c.url("frontend")))
+        .await
+        .unwrap();
     assert_eq!(res.status(), 503);
     assert_eq!(res.headers()["content-type"], "application/problem+json");
     let body: serde_json::Value = res.json().await.unwrap();
@@ -115,7 +152,10 @@ async fn metrics_follow_prometheus_conventions_and_cover_the_dashboard() {
     let text = body.to_string();
     for n in &c.cfg.nodes {
         let host = n.addr.rsplit_once(':').unwrap().0;
-        assert!(!text.contains(host) && !text.contains(&n.name), "the answer shows an internal address or name: {text}");
+        assert!(
+            !text.contains(host) && !text.contains(&n.name),
+            "the answer shows an internal address or name: {text}"
+        );
     }
 }
 
@@ -138,7 +178,9 @@ async fn random_methods_and_paths_leave_metrics_and_memory_flat() {
         (0..n)
             .map(|_| {
                 let len = 1 + (next() % 200) as usize;
-                let method: String = (0..len).map(|_| alphabet[(next() % 26) as usize] as char).collect();
+                let method: String = (0..len)
+                    .map(|_| alphabet[(next() % 26) as usize] as char)
+                    .collect();
                 let path = format!("/{:x}/{:x}", next(), next());
                 (method, path)
             })
@@ -153,7 +195,11 @@ async fn random_methods_and_paths_leave_metrics_and_memory_flat() {
                 tasks.spawn(async move {
                     for (m, p) in chunk {
                         let method = reqwest::Method::from_bytes(m.as_bytes()).unwrap();
-                        let res = http.request(method, format!("{base}{p}")).send().await.unwrap();
+                        let res = http
+                            .request(method, format!("{base}{p}"))
+                            .send()
+                            .await
+                            .unwrap();
                         assert!(res.status().is_client_error(), "{m} {p}: {}", res.status());
                     }
                 });
@@ -186,7 +232,10 @@ async fn random_methods_and_paths_leave_metrics_and_memory_flat() {
         page_before.len(),
         page_after.len()
     );
-    assert!(page_after.contains(r#"method="other""#), "unknown methods share one label:\n{page_after}");
+    assert!(
+        page_after.contains(r#"method="other""#),
+        "unknown methods share one label:\n{page_after}"
+    );
     assert!(
         rss_after <= rss_before + 16 * 1024,
         "the frontend's RSS grew from {rss_before} KiB to {rss_after} KiB over 10 000 requests"
@@ -212,11 +261,19 @@ async fn a_request_id_follows_a_buy_through_every_tier_and_every_line_names_its_
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["x-request-id"], "trace-me-42");
     // Without one, the frontend mints an id and answers with it.
-    let res = http.get(format!("{}/lookup/1", c.url("frontend"))).send().await.unwrap();
+    let res = http
+        .get(format!("{}/lookup/1", c.url("frontend")))
+        .send()
+        .await
+        .unwrap();
     let minted = res.headers()["x-request-id"].to_str().unwrap().to_owned();
     assert_eq!(minted.len(), 32, "{minted}");
     // Errors carry it too.
-    let res = http.get(format!("{}/lookup/0", c.url("frontend"))).send().await.unwrap();
+    let res = http
+        .get(format!("{}/lookup/0", c.url("frontend")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 400);
     assert!(res.headers().contains_key("x-request-id"));
     assert_eq!(res.headers()["content-type"], "application/problem+json");
@@ -227,17 +284,28 @@ async fn a_request_id_follows_a_buy_through_every_tier_and_every_line_names_its_
         log_of(node)
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["spans"].as_array().is_some_and(|s| s.iter().any(|s| s["request_id"] == "trace-me-42")))
+            .filter(|v| {
+                v["spans"]
+                    .as_array()
+                    .is_some_and(|s| s.iter().any(|s| s["request_id"] == "trace-me-42"))
+            })
             .count()
     };
-    common::wait_until("the buy's lines carry its request id in all three tiers", Duration::from_secs(10), || {
-        let ok = tagged("frontend") > 0 && tagged(&primary) > 0 && c.names(Role::Order).iter().any(|o| tagged(o) > 0);
-        async move { ok }
-    })
+    common::wait_until(
+        "the buy's lines carry its request id in all three tiers",
+        Duration::from_secs(10),
+        || {
+            let ok = tagged("frontend") > 0
+                && tagged(&primary) > 0
+                && c.names(Role::Order).iter().any(|o| tagged(o) > 0);
+            async move { ok }
+        },
+    )
     .await;
     for n in &c.cfg.nodes {
         for line in log_of(&n.name).lines().filter(|l| !l.trim().is_empty()) {
-            let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{}: not JSON ({e}): {line}", n.name));
+            let v: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("{}: not JSON ({e}): {line}", n.name));
             assert_eq!(v["node"], n.name.as_str(), "{line}");
         }
     }
