@@ -117,7 +117,10 @@ impl<C: Clone + Send + Sync + 'static> Pool<C> {
                     Ok(r) => r,
                     Err(_) => Err(ClientError::Unreachable {
                         url: m.name.clone(),
-                        detail: format!("no answer within the {} ms retry budget", self.budget.as_millis()),
+                        detail: format!(
+                            "no answer within the {} ms retry budget",
+                            self.budget.as_millis()
+                        ),
                     }),
                 };
                 match attempt {

@@ -38,7 +38,11 @@ pub const PROBLEM_TIMEOUT: &str = "/problems/timeout";
 
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self { status, message: message.into(), kind: "about:blank" }
+        Self {
+            status,
+            message: message.into(),
+            kind: "about:blank",
+        }
     }
     /// The same error with a specific problem `type`.
     pub fn kind(mut self, kind: &'static str) -> Self {
@@ -66,16 +70,25 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let problem = Problem {
             kind: self.kind.to_string(),
-            title: self.status.canonical_reason().unwrap_or("Error").to_string(),
+            title: self
+                .status
+                .canonical_reason()
+                .unwrap_or("Error")
+                .to_string(),
             status: self.status.as_u16(),
             detail: self.message.clone(),
             message: self.message,
         };
         let mut res = (self.status, Json(problem)).into_response();
-        res.headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
-        if self.status == StatusCode::SERVICE_UNAVAILABLE || self.status == StatusCode::TOO_MANY_REQUESTS {
-            res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        res.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if self.status == StatusCode::SERVICE_UNAVAILABLE
+            || self.status == StatusCode::TOO_MANY_REQUESTS
+        {
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if self.status == StatusCode::PAYLOAD_TOO_LARGE
             || self.status == StatusCode::REQUEST_TIMEOUT
@@ -145,12 +158,17 @@ fn token_refusal(token: &str, headers: &axum::http::HeaderMap) -> Option<ApiErro
     let mut values = headers.get_all(header::AUTHORIZATION).iter();
     let presented = match (values.next(), values.next()) {
         (Some(v), None) => v.to_str().ok().and_then(|s| s.strip_prefix("Bearer ")),
-        (Some(_), Some(_)) => return Some(ApiError::bad_request("more than one Authorization header")),
+        (Some(_), Some(_)) => {
+            return Some(ApiError::bad_request("more than one Authorization header"));
+        }
         _ => None,
     };
     match presented {
         Some(p) if constant_time_eq(p.as_bytes(), token.as_bytes()) => None,
-        Some(_) => Some(ApiError::new(StatusCode::UNAUTHORIZED, "wrong cluster token")),
+        Some(_) => Some(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "wrong cluster token",
+        )),
         None => Some(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "this route needs the cluster token: Authorization: Bearer <token>",
@@ -175,7 +193,14 @@ pub fn internal<S: Clone + Send + Sync + 'static>(router: Router<S>, token: &str
     router
         .method_not_allowed_fallback(move |headers: axum::http::HeaderMap| {
             let refusal = token_refusal(&fallback_token, &headers);
-            async move { refusal.unwrap_or_else(|| ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route")) }
+            async move {
+                refusal.unwrap_or_else(|| {
+                    ApiError::new(
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        "method not allowed on this route",
+                    )
+                })
+            }
         })
         .route_layer(middleware::from_fn_with_state(token, require_token))
 }
@@ -195,11 +220,7 @@ pub async fn healthcheck() -> Json<Health> {
 
 async fn metrics_route() -> Response {
     match crate::metrics::render() {
-        Some(page) => (
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-            page,
-        )
-            .into_response(),
+        Some(page) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], page).into_response(),
         None => ApiError::new(
             StatusCode::NOT_FOUND,
             "metrics are not enabled in this process",
@@ -319,21 +340,35 @@ async fn overloaded(err: BoxError) -> ApiError {
 async fn time_limit(State(limit): State<Duration>, req: Request, next: Next) -> Response {
     let h = req.headers();
     let has_body = h.contains_key(header::TRANSFER_ENCODING)
-        || h.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).is_some_and(|v| v.trim() != "0");
+        || h.get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim() != "0");
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(res) => res,
         Err(_) => {
             let (status, detail) = if has_body {
-                (StatusCode::REQUEST_TIMEOUT, format!("the request was not received and answered within {} ms", limit.as_millis()))
+                (
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!(
+                        "the request was not received and answered within {} ms",
+                        limit.as_millis()
+                    ),
+                )
             } else {
                 (
                     StatusCode::GATEWAY_TIMEOUT,
-                    format!("no answer within {} ms; retry (a buy with the same Idempotency-Key)", limit.as_millis()),
+                    format!(
+                        "no answer within {} ms; retry (a buy with the same Idempotency-Key)",
+                        limit.as_millis()
+                    ),
                 )
             };
-            let mut res = ApiError::new(status, detail).kind(PROBLEM_TIMEOUT).into_response();
+            let mut res = ApiError::new(status, detail)
+                .kind(PROBLEM_TIMEOUT)
+                .into_response();
             // The unread rest of the request may still be on the wire.
-            res.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            res.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
             res
         }
     }
@@ -492,7 +527,11 @@ impl From<crate::client::ClientError> for ApiError {
     /// (no replica answered within the retry budget) is a 503.
     fn from(e: crate::client::ClientError) -> Self {
         match &e {
-            crate::client::ClientError::Status { status: s @ (400 | 404 | 409 | 422), message, .. } if !e.is_retryable() => {
+            crate::client::ClientError::Status {
+                status: s @ (400 | 404 | 409 | 422),
+                message,
+                ..
+            } if !e.is_retryable() => {
                 let status = StatusCode::from_u16(*s).unwrap_or(StatusCode::BAD_REQUEST);
                 ApiError::new(status, message.clone())
             }

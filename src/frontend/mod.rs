@@ -51,10 +51,14 @@ pub async fn run(
     opts: Options,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
-    cfg.node(name).ok_or_else(|| NodeError::Config(format!("no node {name}")))?;
+    cfg.node(name)
+        .ok_or_else(|| NodeError::Config(format!("no node {name}")))?;
     crate::metrics::register(Role::Frontend);
     let t = &cfg.timing;
-    let http = Http::new(Some(cfg.token.clone()), Duration::from_millis(t.call_timeout_ms));
+    let http = Http::new(
+        Some(cfg.token.clone()),
+        Duration::from_millis(t.call_timeout_ms),
+    );
     // Every retry budget ends before the request timeout, so a request
     // never times out here while one of its retries still runs.
     let budget = Duration::from_millis(t.retry_budget_ms).min(public_budget(&cfg));
@@ -146,7 +150,11 @@ pub async fn run(
 /// request timeout less one call's time (and never under half of it).
 pub fn public_budget(cfg: &ClusterConfig) -> Duration {
     let limit = cfg.limits.request_timeout_ms;
-    Duration::from_millis(limit.saturating_sub(cfg.timing.call_timeout_ms).max(limit / 2))
+    Duration::from_millis(
+        limit
+            .saturating_sub(cfg.timing.call_timeout_ms)
+            .max(limit / 2),
+    )
 }
 
 /// Keeps the cache lease alive: asks the primary every quarter lease.
