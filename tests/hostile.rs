@@ -556,6 +556,16 @@ async fn the_http_edge_refuses_hostless_requests_hides_routes_and_bounds_replica
 
     // /internal/replication refuses unknown fields and oversized bodies.
     let cat = addr("catalog-1");
+    let known = r#"{"from": 2, "messages": []}"#;
+    assert_eq!(
+        raw(
+            &cat,
+            &req("POST", "/internal/replication", &[&auth, json], known)
+        )
+        .await,
+        Some(200),
+        "the same batch without the unknown field"
+    );
     let unknown = r#"{"from": 2, "messages": [], "junk": 1}"#;
     assert_eq!(
         raw(
