@@ -366,6 +366,23 @@ pub struct ErrorBody {
     pub message: String,
 }
 
+/// Every error answer: an RFC 9457 problem details object
+/// (`application/problem+json`). `message` repeats `detail` as an extension
+/// member, so clients of the original (which read `message`) still work.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Problem {
+    /// A URI reference naming the kind of problem; `about:blank` when the status says it all.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The status's short, fixed summary.
+    pub title: String,
+    pub status: u16,
+    /// What happened, for a person.
+    pub detail: String,
+    /// Same as `detail` (what the original's clients read).
+    pub message: String,
+}
+
 /// `GET /healthcheck`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Health {
@@ -552,6 +569,7 @@ pub struct NodeStatus {
 
 /// A batch of replication messages from one replica.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ReplicationBatch {
     pub from: u64,
     pub messages: Vec<crate::replication::Message>,

@@ -84,6 +84,7 @@ impl<C: Clone + Send + Sync + 'static> Pool<C> {
 
     fn set_health(&self, i: usize, healthy: bool, why: &str) {
         let m = &self.members[i];
+        crate::metrics::replica_health(self.what, &m.name, healthy);
         if m.healthy.swap(healthy, Ordering::Relaxed) != healthy {
             if healthy {
                 tracing::info!(replica = %m.name, "{} {} is available again", self.what, m.name);
@@ -109,7 +110,20 @@ impl<C: Clone + Send + Sync + 'static> Pool<C> {
             let mut tries = redirect.take().into_iter().chain(order).peekable();
             while let Some(i) = tries.next() {
                 let m = &self.members[i];
-                match f(m.client.clone()).await {
+                // No attempt outlives the budget: the caller's own deadline
+                // (its request timeout) is set just beyond it.
+                let left = deadline.saturating_duration_since(Instant::now());
+                let attempt = match tokio::time::timeout(left, f(m.client.clone())).await {
+                    Ok(r) => r,
+                    Err(_) => Err(ClientError::Unreachable {
+                        url: m.name.clone(),
+                        detail: format!(
+                            "no answer within the {} ms retry budget",
+                            self.budget.as_millis()
+                        ),
+                    }),
+                };
+                match attempt {
                     Ok(v) => {
                         if self.pick == Pick::Sticky {
                             self.next.store(i, Ordering::Relaxed);
@@ -130,6 +144,7 @@ impl<C: Clone + Send + Sync + 'static> Pool<C> {
                         if matches!(e, ClientError::Unreachable { .. }) {
                             self.set_health(i, false, &e.to_string());
                         }
+                        crate::metrics::retry(self.what);
                         let next = redirect.or_else(|| tries.peek().copied());
                         tracing::debug!(error = %e, "{} {} failed; next {:?}", self.what, m.name, next.map(|j| &self.members[j].name));
                         last = Some(e);

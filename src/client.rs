@@ -93,6 +93,9 @@ impl Http {
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
+        if let Some(id) = crate::telemetry::current_request_id() {
+            req = req.header(crate::telemetry::REQUEST_ID_HEADER, id);
+        }
         if let Some(b) = body {
             req = req.json(b);
         }

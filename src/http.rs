@@ -3,8 +3,8 @@
 //! health and metrics routes, and `serve` with graceful shutdown.
 
 use std::future::Future;
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{FromRequest, MatchedPath, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -12,27 +12,42 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{BoxError, Json, Router};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
 use tower::ServiceBuilder;
 
-use crate::api::{ErrorBody, Health};
+use crate::api::{Health, Problem};
 use crate::config::Limits;
 
-/// An error answer: a status code and a message for a person.
+/// An error answer: a status code and a message for a person, sent as an
+/// RFC 9457 problem details object ([`crate::api::Problem`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
+    /// The problem's `type` URI reference; `about:blank` unless set.
+    pub kind: &'static str,
 }
+
+/// `type` of a buy refused for lack of stock.
+pub const PROBLEM_OUT_OF_STOCK: &str = "/problems/out-of-stock";
+/// `type` of an Idempotency-Key reused for a different request.
+pub const PROBLEM_KEY_REUSED: &str = "/problems/idempotency-key-reused";
+/// `type` of a request that ran out of time.
+pub const PROBLEM_TIMEOUT: &str = "/problems/timeout";
 
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
         Self {
             status,
             message: message.into(),
+            kind: "about:blank",
         }
+    }
+    /// The same error with a specific problem `type`.
+    pub fn kind(mut self, kind: &'static str) -> Self {
+        self.kind = kind;
+        self
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, message)
@@ -53,13 +68,22 @@ impl From<crate::api::ParseError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut res = (
-            self.status,
-            Json(ErrorBody {
-                message: self.message,
-            }),
-        )
-            .into_response();
+        let problem = Problem {
+            kind: self.kind.to_string(),
+            title: self
+                .status
+                .canonical_reason()
+                .unwrap_or("Error")
+                .to_string(),
+            status: self.status.as_u16(),
+            detail: self.message.clone(),
+            message: self.message,
+        };
+        let mut res = (self.status, Json(problem)).into_response();
+        res.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
         if self.status == StatusCode::SERVICE_UNAVAILABLE
             || self.status == StatusCode::TOO_MANY_REQUESTS
         {
@@ -119,50 +143,71 @@ where
     }
 }
 
-/// Compares without an early exit, so the time taken does not tell how much matched.
+/// Compares two secrets in time that depends on neither their contents nor
+/// their lengths: both are hashed to fixed-length SHA-256 digests first, and
+/// the digests are compared without an early exit (`subtle`).
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = (a.len() ^ b.len()) as u8 | ((a.len() ^ b.len()) >> 8) as u8;
-    for (i, x) in a.iter().enumerate() {
-        let y = b.get(i).copied().unwrap_or(0);
-        diff |= x ^ y;
-    }
-    diff == 0
+    use sha2::{Digest, Sha256};
+    use subtle::ConstantTimeEq;
+    let (da, db) = (Sha256::digest(a), Sha256::digest(b));
+    da.as_slice().ct_eq(db.as_slice()).into()
 }
 
-/// Middleware of internal and admin routes: `Authorization: Bearer <cluster token>`.
-pub async fn require_token(State(token): State<Arc<str>>, req: Request, next: Next) -> Response {
-    let mut values = req.headers().get_all(header::AUTHORIZATION).iter();
+/// Whether `headers` carry the cluster token; the refusal if not.
+fn token_refusal(token: &str, headers: &axum::http::HeaderMap) -> Option<ApiError> {
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
     let presented = match (values.next(), values.next()) {
         (Some(v), None) => v.to_str().ok().and_then(|s| s.strip_prefix("Bearer ")),
         (Some(_), Some(_)) => {
-            return ApiError::bad_request("more than one Authorization header").into_response();
+            return Some(ApiError::bad_request("more than one Authorization header"));
         }
         _ => None,
     };
     match presented {
-        Some(p) if constant_time_eq(p.as_bytes(), token.as_bytes()) => next.run(req).await,
-        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "wrong cluster token").into_response(),
-        None => ApiError::new(
+        Some(p) if constant_time_eq(p.as_bytes(), token.as_bytes()) => None,
+        Some(_) => Some(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "wrong cluster token",
+        )),
+        None => Some(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "this route needs the cluster token: Authorization: Bearer <token>",
-        )
-        .into_response(),
+        )),
     }
 }
 
-/// Adds `route_layer(require_token)` to a router of internal routes.
-pub fn internal<S: Clone + Send + Sync + 'static>(router: Router<S>, token: &str) -> Router<S> {
-    let token: Arc<str> = Arc::from(token);
-    router.route_layer(middleware::from_fn_with_state(token, require_token))
+/// Middleware of internal and admin routes: `Authorization: Bearer <cluster token>`.
+pub async fn require_token(State(token): State<Arc<str>>, req: Request, next: Next) -> Response {
+    match token_refusal(&token, req.headers()) {
+        None => next.run(req).await,
+        Some(e) => e.into_response(),
+    }
 }
 
-static METRICS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+/// Adds `route_layer(require_token)` to a router of internal routes. A
+/// method a route does not have is also answered only after the token
+/// check, so a 405 tells nobody without the token which routes exist.
+pub fn internal<S: Clone + Send + Sync + 'static>(router: Router<S>, token: &str) -> Router<S> {
+    let token: Arc<str> = Arc::from(token);
+    let fallback_token = token.clone();
+    router
+        .method_not_allowed_fallback(move |headers: axum::http::HeaderMap| {
+            let refusal = token_refusal(&fallback_token, &headers);
+            async move {
+                refusal.unwrap_or_else(|| {
+                    ApiError::new(
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        "method not allowed on this route",
+                    )
+                })
+            }
+        })
+        .route_layer(middleware::from_fn_with_state(token, require_token))
+}
 
-/// The process's Prometheus recorder (installed on first use).
-pub fn metrics_handle() -> Option<&'static PrometheusHandle> {
-    METRICS
-        .get_or_init(|| PrometheusBuilder::new().install_recorder().ok())
-        .as_ref()
+/// The process's Prometheus recorder (installed on first use; see [`crate::metrics`]).
+pub fn metrics_handle() -> Option<&'static metrics_exporter_prometheus::PrometheusHandle> {
+    crate::metrics::handle()
 }
 
 /// Liveness, on every service.
@@ -174,12 +219,8 @@ pub async fn healthcheck() -> Json<Health> {
 }
 
 async fn metrics_route() -> Response {
-    match metrics_handle() {
-        Some(h) => (
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-            h.render(),
-        )
-            .into_response(),
+    match crate::metrics::render() {
+        Some(page) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], page).into_response(),
         None => ApiError::new(
             StatusCode::NOT_FOUND,
             "metrics are not enabled in this process",
@@ -199,30 +240,19 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
-async fn record_metrics(req: Request, next: Next) -> Response {
-    let start = Instant::now();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
-    let method = req.method().as_str().to_owned();
-    let res = next.run(req).await;
-    let status = res.status().as_u16().to_string();
-    metrics::counter!("pygmy_http_requests_total", "route" => route.clone(), "method" => method, "status" => status).increment(1);
-    metrics::histogram!("pygmy_http_request_seconds", "route" => route)
-        .record(start.elapsed().as_secs_f64());
-    res
-}
-
-/// Refuses requests with conflicting Host headers. (Conflicting framing —
+/// Refuses requests with conflicting Host headers, and HTTP/1.1 requests
+/// without one (RFC 9112 §3.2). (Conflicting framing —
 /// two Content-Lengths, a Transfer-Encoding that does not end in chunked —
 /// is refused by hyper's parser; Transfer-Encoding with Content-Length is
 /// resolved by it as RFC 9112 §6.3 says, Content-Length dropped.)
 async fn reject_ambiguous(req: Request, next: Next) -> Response {
     let h = req.headers();
-    if h.get_all(header::HOST).iter().count() > 1 {
+    let hosts = h.get_all(header::HOST).iter().count();
+    if hosts > 1 {
         return ApiError::bad_request("more than one Host header").into_response();
+    }
+    if hosts == 0 && req.version() == axum::http::Version::HTTP_11 {
+        return ApiError::bad_request("an HTTP/1.1 request needs a Host header").into_response();
     }
     next.run(req).await
 }
@@ -296,10 +326,51 @@ async fn overloaded(err: BoxError) -> ApiError {
     if err.is::<tower::load_shed::error::Overloaded>() {
         ApiError::unavailable("overloaded, retry shortly")
     } else {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("internal error: {err}"),
-        )
+        tracing::error!(error = %err, "request failed");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+    }
+}
+
+/// Answers a request that outlasts `limits.request_timeout_ms` with a JSON
+/// problem (never an empty body): 504 if the store took too long, 408 if
+/// the request has a body (the client may not have sent all of it). Every
+/// retry budget inside the store is cut to fit within this time, so a 504
+/// only comes from a handler that is stuck. (The public routes take no
+/// body; the internal ones that do are called by cluster members only.)
+async fn time_limit(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+    let h = req.headers();
+    let has_body = h.contains_key(header::TRANSFER_ENCODING)
+        || h.get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim() != "0");
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(res) => res,
+        Err(_) => {
+            let (status, detail) = if has_body {
+                (
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!(
+                        "the request was not received and answered within {} ms",
+                        limit.as_millis()
+                    ),
+                )
+            } else {
+                (
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "no answer within {} ms; retry (a buy with the same Idempotency-Key)",
+                        limit.as_millis()
+                    ),
+                )
+            };
+            let mut res = ApiError::new(status, detail)
+                .kind(PROBLEM_TIMEOUT)
+                .into_response();
+            // The unread rest of the request may still be on the wire.
+            res.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            res
+        }
     }
 }
 
@@ -324,13 +395,14 @@ pub fn finish_with_body_limits(
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(reject_ambiguous))
-        .layer(middleware::from_fn(record_metrics))
+        .layer(middleware::from_fn(crate::metrics::track))
         .layer(axum::extract::DefaultBodyLimit::max(limits.max_body_bytes))
         .layer(middleware::from_fn_with_state(body_limits, whole_body))
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
+        .layer(middleware::from_fn_with_state(
             Duration::from_millis(limits.request_timeout_ms),
+            time_limit,
         ))
+        .layer(middleware::from_fn(crate::telemetry::request_id))
         .layer(
             ServiceBuilder::new()
                 .layer(axum::error_handling::HandleErrorLayer::new(overloaded))
@@ -456,12 +528,18 @@ impl From<crate::client::ClientError> for ApiError {
     fn from(e: crate::client::ClientError) -> Self {
         match &e {
             crate::client::ClientError::Status {
-                status, message, ..
+                status: s @ (400 | 404 | 409 | 422),
+                message,
+                ..
             } if !e.is_retryable() => {
-                let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY);
+                let status = StatusCode::from_u16(*s).unwrap_or(StatusCode::BAD_REQUEST);
                 ApiError::new(status, message.clone())
             }
-            _ => ApiError::unavailable(format!("no replica could serve the request in time: {e}")),
+            _ => {
+                // The error names internal addresses: log it, never answer with it.
+                tracing::warn!(error = %e, "no replica could serve the request");
+                ApiError::unavailable("no replica could serve the request in time; retry shortly")
+            }
         }
     }
 }
@@ -477,5 +555,9 @@ mod tests {
         assert!(!constant_time_eq(b"abc", b"ab"));
         assert!(!constant_time_eq(b"", b"a"));
         assert!(constant_time_eq(b"", b""));
+        // Lengths that differ by a multiple of 65 536 are still different.
+        let long = [b"abc".as_slice(), &[0u8; 65_536]].concat();
+        assert!(!constant_time_eq(b"abc", &long));
+        assert!(!constant_time_eq(&long, b"abc"));
     }
 }

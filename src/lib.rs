@@ -23,7 +23,8 @@
 //! * [`history`]   — checks what clients saw (linearizable reads, nothing lost).
 //! * [`readiness`] — `/readyz`: ready to serve, not just up.
 //! * [`cluster`]   — `pygmy up`: the whole store as separate processes.
-//! * [`telemetry`] — logs.
+//! * [`metrics`]   — Prometheus metrics with bounded labels.
+//! * [`telemetry`] — logs and request ids.
 
 pub mod api;
 pub mod balance;
@@ -34,6 +35,7 @@ pub mod config;
 pub mod frontend;
 pub mod history;
 pub mod http;
+pub mod metrics;
 pub mod order;
 pub mod readiness;
 pub mod replication;

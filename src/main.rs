@@ -68,6 +68,9 @@ enum Cmd {
         /// Frontend only: no cache.
         #[arg(long)]
         no_cache: bool,
+        /// Log lines as text or as one JSON object each.
+        #[arg(long, value_enum, default_value = "text", env = "PYGMY_LOG_FORMAT")]
+        log_format: pygmy::telemetry::LogFormat,
     },
     /// Show every node — reachable, ready and, for catalog replicas, role, epoch, primary, versions, view —
     /// probing them concurrently. Exits 3 when a node is unreachable or no primary is known.
@@ -219,9 +222,10 @@ async fn run(cmd: Cmd) -> Result<(), Fail> {
             name,
             listen,
             no_cache,
+            log_format,
         } => {
             let (_, cfg) = config.load()?;
-            pygmy::telemetry::init(Some(&name));
+            pygmy::telemetry::init(Some(&name), log_format);
             let listener = pygmy::bind(&cfg, &name, listen)
                 .await
                 .map_err(anyhow::Error::from)?;

@@ -471,3 +471,138 @@ async fn a_request_over_the_body_limit_answers_413_and_a_buy_with_a_body_buys_no
     assert_eq!(c.stock(1).await, before - 1, "only the plain buy bought");
     assert_eq!(c.order_log_len().await, 1);
 }
+
+/// Sends raw bytes; returns the whole answer (head and body) as text.
+async fn raw_text(addr: &str, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.expect("connects");
+    s.write_all(bytes).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut buf))
+        .await
+        .expect("the server answers and closes")
+        .unwrap();
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_edge_refuses_hostless_requests_hides_routes_and_bounds_replication() {
+    let c = TestCluster::start(Options {
+        tweak: |cfg| cfg.limits.request_timeout_ms = 1_000,
+        ..Options::default()
+    })
+    .await;
+    let auth = format!("Authorization: Bearer {}", c.cfg.token);
+    let json = "Content-Type: application/json";
+    let addr = |n: &str| c.cfg.node(n).unwrap().addr.clone();
+
+    for node in ["frontend", "order-1", "catalog-1"] {
+        // HTTP/1.1 needs a Host header (RFC 9112 §3.2); HTTP/1.0 does not.
+        let no_host = raw(
+            &addr(node),
+            b"GET /healthcheck HTTP/1.1\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert_eq!(no_host, Some(400), "{node}: HTTP/1.1 without Host");
+        let old = raw_text(&addr(node), b"GET /healthcheck HTTP/1.0\r\n\r\n").await;
+        assert!(
+            old.get(8..12) == Some(" 200"),
+            "{node}: HTTP/1.0 without Host answered {old}"
+        );
+
+        // Errors are problem details, with `message` kept.
+        let text = raw_text(&addr(node), &req("GET", "/no/such/route", &[], "")).await;
+        assert!(text.starts_with("HTTP/1.1 404"), "{text}");
+        assert!(
+            text.to_ascii_lowercase()
+                .contains("content-type: application/problem+json"),
+            "{text}"
+        );
+        let body: serde_json::Value =
+            serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        assert_eq!(body["status"], 404);
+        assert_eq!(body["title"], "Not Found");
+        assert_eq!(body["type"], "about:blank");
+        assert_eq!(body["detail"], body["message"]);
+    }
+
+    // Without the token, a wrong method on an internal route is a 401 like
+    // any other: no 405 tells which routes exist. With it, the 405 is honest.
+    for (node, m, p) in [
+        ("catalog-1", "GET", "/internal/write"),
+        ("order-1", "PATCH", "/internal/buy"),
+        ("frontend", "GET", "/internal/invalidate"),
+        ("catalog-1", "GET", "/internal/replication"),
+    ] {
+        assert_eq!(
+            raw(&addr(node), &req(m, p, &[], "")).await,
+            Some(401),
+            "{node}: {m} {p} without the token"
+        );
+        assert_eq!(
+            raw(
+                &addr(node),
+                &req(m, p, &["Authorization: Bearer wrong"], "")
+            )
+            .await,
+            Some(401),
+            "{node}: {m} {p} with a wrong token"
+        );
+        assert_eq!(
+            raw(&addr(node), &req(m, p, &[&auth], "")).await,
+            Some(405),
+            "{node}: {m} {p} with the token"
+        );
+    }
+
+    // /internal/replication refuses unknown fields and oversized bodies.
+    let cat = addr("catalog-1");
+    let known = r#"{"from": 2, "messages": []}"#;
+    assert_eq!(
+        raw(
+            &cat,
+            &req("POST", "/internal/replication", &[&auth, json], known)
+        )
+        .await,
+        Some(200),
+        "the same batch without the unknown field"
+    );
+    let unknown = r#"{"from": 2, "messages": [], "junk": 1}"#;
+    assert_eq!(
+        raw(
+            &cat,
+            &req("POST", "/internal/replication", &[&auth, json], unknown)
+        )
+        .await,
+        Some(400),
+        "unknown field"
+    );
+    let unknown_inner =
+        r#"{"from": 2, "messages": [{"TimeoutNow": {"epoch": 1, "inc": 1, "junk": 1}}]}"#;
+    assert_eq!(
+        raw(
+            &cat,
+            &req(
+                "POST",
+                "/internal/replication",
+                &[&auth, json],
+                unknown_inner
+            )
+        )
+        .await,
+        Some(400),
+        "unknown field in a message"
+    );
+    // A declared length over the limit is refused before a byte of the body is read.
+    let huge = format!(
+        "POST /internal/replication HTTP/1.1\r\nHost: x\r\n{auth}\r\n{json}\r\nContent-Length: {}\r\n\r\n{{",
+        pygmy::catalog::MAX_REPLICATION_BODY + 1
+    );
+    assert_eq!(
+        raw(&cat, huge.as_bytes()).await,
+        Some(413),
+        "oversized replication body"
+    );
+    // Still a healthy replica.
+    c.wait_healthy("catalog-1").await;
+    c.book(1).await;
+}

@@ -48,6 +48,10 @@ async fn schemathesis_finds_every_answer_documented_and_no_server_error() {
     let out = tokio::task::spawn_blocking(move || {
         Command::new(st)
             .args([
+                "--config-file",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/tests/schemathesis.toml"),
+            ])
+            .args([
                 "run",
                 &url,
                 "--checks",

@@ -287,7 +287,7 @@ async fn a_buy_retried_with_the_same_idempotency_key_buys_once_even_after_a_fron
                 .await
                 .unwrap_err()
         ),
-        409
+        422
     );
     // A different key buys again.
     c.frontend().buy("2", Some("order-abc-124")).await.unwrap();

@@ -369,11 +369,13 @@ impl Driver {
     /// One readable line per fault-tolerance event.
     fn log_changes(&mut self) {
         let now = self.replica.status();
+        crate::metrics::replication(&now);
         let Some(before) = self.last_status.replace(now.clone()) else {
             tracing::info!(epoch = now.epoch, role = ?now.role, learner = now.learner, "replica started");
             return;
         };
         if now.epoch != before.epoch && now.role == Role::Candidate {
+            metrics::counter!(crate::metrics::REPL_ELECTIONS).increment(1);
             tracing::info!(
                 epoch = now.epoch,
                 "election started for epoch {}",
@@ -478,7 +480,7 @@ impl Host for Io {
         let started = Instant::now();
         let applied = self.db.handle(rd, &mut self.state)?;
         let took = started.elapsed();
-        metrics::histogram!("pygmy_catalog_persist_seconds").record(took.as_secs_f64());
+        metrics::histogram!(crate::metrics::CATALOG_PERSIST).record(took.as_secs_f64());
         if took > self.slow {
             tracing::warn!(
                 ms = took.as_millis() as u64,

@@ -53,12 +53,15 @@ pub async fn run(
 ) -> Result<(), NodeError> {
     cfg.node(name)
         .ok_or_else(|| NodeError::Config(format!("no node {name}")))?;
+    crate::metrics::register(Role::Frontend);
     let t = &cfg.timing;
     let http = Http::new(
         Some(cfg.token.clone()),
         Duration::from_millis(t.call_timeout_ms),
     );
-    let budget = Duration::from_millis(t.retry_budget_ms);
+    // Every retry budget ends before the request timeout, so a request
+    // never times out here while one of its retries still runs.
+    let budget = Duration::from_millis(t.retry_budget_ms).min(public_budget(&cfg));
     let catalogs: Vec<(String, CatalogClient)> = cfg
         .nodes_of(Role::Catalog)
         .map(|n| {
@@ -86,7 +89,7 @@ pub async fn run(
             })
             .collect(),
         Pick::RoundRobin,
-        budget * 2,
+        (Duration::from_millis(t.retry_budget_ms) * 2).min(public_budget(&cfg)),
     );
     let probe = Duration::from_millis(t.health_interval_ms);
     catalog.spawn_probe(
@@ -141,6 +144,17 @@ pub async fn run(
     h::serve(listener, app, cfg.limits.clone(), shutdown).await?;
     tracing::info!("frontend {name} stopped");
     Ok(())
+}
+
+/// The longest a frontend may spend on one public request's calls: the
+/// request timeout less one call's time (and never under half of it).
+pub fn public_budget(cfg: &ClusterConfig) -> Duration {
+    let limit = cfg.limits.request_timeout_ms;
+    Duration::from_millis(
+        limit
+            .saturating_sub(cfg.timing.call_timeout_ms)
+            .max(limit / 2),
+    )
 }
 
 /// Keeps the cache lease alive: asks the primary every quarter lease.
@@ -213,8 +227,9 @@ async fn readyz(State(fe): State<Shared>) -> Result<Json<Health>, ApiError> {
     params(("topic" = String, Path, description = "The topic's slug: lower-case words joined by '-'", pattern = r"^[a-z0-9]+(-[a-z0-9]+)*$", max_length = 128, example = "distributed-systems")),
     responses(
         (status = 200, description = "Title → id of every book of the topic (none for an unknown topic)", body = SearchResponse),
-        (status = 400, description = "Not a topic slug", body = ErrorBody),
-        (status = 503, description = "No catalog replica could answer in time", body = ErrorBody),
+        (status = 400, description = "Not a topic slug", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "No catalog replica could answer in time", body = Problem, content_type = "application/problem+json"),
+        (status = 504, description = "No answer within the request timeout", body = Problem, content_type = "application/problem+json"),
     )
 )]
 async fn search(
@@ -246,9 +261,10 @@ async fn search(
     params(("id" = u64, Path, description = "The book's id", minimum = 1, maximum = 9223372036854775807_u64, example = 1)),
     responses(
         (status = 200, description = "The book", body = LookupResponse),
-        (status = 400, description = "The id is not a positive integer", body = ErrorBody),
-        (status = 404, description = "No such book", body = ErrorBody),
-        (status = 503, description = "No catalog replica could answer in time", body = ErrorBody),
+        (status = 400, description = "The id is not a positive integer", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such book", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "No catalog replica could answer in time", body = Problem, content_type = "application/problem+json"),
+        (status = 504, description = "No answer within the request timeout", body = Problem, content_type = "application/problem+json"),
     )
 )]
 async fn lookup(
@@ -293,15 +309,17 @@ fn request_id(headers: &HeaderMap) -> Result<RequestId, ApiError> {
     summary = "Buy one copy of a book",
     params(
         ("id" = u64, Path, description = "The book's id", minimum = 1, maximum = 9223372036854775807_u64, example = 1),
-        ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key get the first answer and buy nothing more", min_length = 1, max_length = 128, pattern = r"^[!-~]+$"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key get the first answer and buy nothing more. Two requests with the same key at the same time buy once: both get the first answer",  min_length = 1, max_length = 128, pattern = r"^[!-~]+$"),
     ),
     responses(
         (status = 200, description = "Bought", body = BuyResponse),
-        (status = 400, description = "The id or the Idempotency-Key is malformed, or the request has a body", body = ErrorBody),
-        (status = 413, description = "The request body is over the size limit", body = ErrorBody),
-        (status = 404, description = "No such book", body = ErrorBody),
-        (status = 409, description = "Out of stock, or the Idempotency-Key was used for another request", body = ErrorBody),
-        (status = 503, description = "No replica could complete the purchase in time; retry with the same Idempotency-Key", body = ErrorBody),
+        (status = 400, description = "The id or the Idempotency-Key is malformed, or the request has a body", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "The request body is over the size limit", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such book", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Out of stock (`type` /problems/out-of-stock)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The Idempotency-Key was already used for a different request (`type` /problems/idempotency-key-reused); nothing was bought", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "No replica could complete the purchase in time; retry with the same Idempotency-Key", body = Problem, content_type = "application/problem+json"),
+        (status = 504, description = "No answer within the request timeout; retry with the same Idempotency-Key", body = Problem, content_type = "application/problem+json"),
     )
 )]
 async fn buy(
@@ -310,6 +328,29 @@ async fn buy(
     Segment(id): Segment,
     body: axum::body::Bytes,
 ) -> Result<Json<BuyResponse>, ApiError> {
+    let answer = buy_once(&fe, &headers, &id, &body).await;
+    crate::metrics::buy(match &answer {
+        Ok(_) => "bought",
+        Err(e) if e.kind == h::PROBLEM_OUT_OF_STOCK => "out_of_stock",
+        Err(e) if e.kind == h::PROBLEM_KEY_REUSED => "key_reused",
+        Err(e) if e.status == StatusCode::NOT_FOUND => "not_found",
+        Err(e) if e.status.is_client_error() => "invalid",
+        Err(_) => "failed",
+    });
+    if let Err(e) = &answer {
+        tracing::debug!(status = e.status.as_u16(), "buy refused: {}", e.message);
+    } else {
+        tracing::debug!("buy answered");
+    }
+    answer
+}
+
+async fn buy_once(
+    fe: &Frontend,
+    headers: &HeaderMap,
+    id: &str,
+    body: &[u8],
+) -> Result<Json<BuyResponse>, ApiError> {
     // The whole request has arrived (see `http::finish`); a buy carries
     // nothing in its body, so anything there is a mistaken request.
     if !body.is_empty() {
@@ -317,8 +358,8 @@ async fn buy(
             "POST /buy/{id} takes no body: send the book id in the path only",
         ));
     }
-    let id = BookId::parse(&id)?;
-    let request_id = request_id(&headers)?;
+    let id = BookId::parse(id)?;
+    let request_id = request_id(headers)?;
     let req = OrderBuyRequest {
         book_id: id,
         request_id,
@@ -350,11 +391,14 @@ async fn buy(
         Outcome::OutOfStock { book_id, title } if book_id == id => Err(ApiError::new(
             StatusCode::CONFLICT,
             format!("the book {title} is out of stock"),
-        )),
+        )
+        .kind(h::PROBLEM_OUT_OF_STOCK)),
+        // The IETF idempotency-key draft: a key reused with another payload is 422.
         _ => Err(ApiError::new(
-            StatusCode::CONFLICT,
+            StatusCode::UNPROCESSABLE_ENTITY,
             "this Idempotency-Key was already used for a different request",
-        )),
+        )
+        .kind(h::PROBLEM_KEY_REUSED)),
     }
 }
 

@@ -8,17 +8,17 @@ use axum::response::IntoResponse;
 use utoipa::OpenApi;
 
 use crate::api::{
-    BuyResponse, ErrorBody, Health, LookupResponse, SearchResponse, TopicsResponse, Version,
+    BuyResponse, Health, LookupResponse, Problem, SearchResponse, TopicsResponse, Version,
 };
 
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "pygmy",
-        description = "Pygmy.com, the world's smallest bookstore: search, lookup and buy. Errors are {\"message\": ...} with an honest status code.",
+        description = "Pygmy.com, the world's smallest bookstore: search, lookup and buy. Errors are RFC 9457 problem details (application/problem+json: type, title, status, detail) with an honest status code; `message` repeats `detail` for the original's clients. Every answer carries an x-request-id header.",
     ),
     paths(super::search, super::lookup, super::buy, super::web::topics, crate::http::healthcheck),
-    components(schemas(SearchResponse, LookupResponse, BuyResponse, TopicsResponse, ErrorBody, Health, Version)),
+    components(schemas(SearchResponse, LookupResponse, BuyResponse, TopicsResponse, Problem, Health, Version)),
     tags((name = "store", description = "The bookstore"), (name = "operations", description = "Operating the store"))
 )]
 pub struct ApiDoc;

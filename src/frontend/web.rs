@@ -187,7 +187,8 @@ pub(super) fn token_routes() -> Router<Shared> {
     summary = "Every topic",
     responses(
         (status = 200, description = "Topic slug → display name", body = TopicsResponse),
-        (status = 503, description = "No catalog replica could answer in time", body = ErrorBody),
+        (status = 503, description = "No catalog replica could answer in time", body = Problem, content_type = "application/problem+json"),
+        (status = 504, description = "No answer within the request timeout", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(super) async fn topics(

@@ -60,9 +60,10 @@ pub async fn run(
             })
             .collect(),
         Pick::Sticky,
-        Duration::from_millis(cfg.timing.retry_budget_ms),
+        Duration::from_millis(cfg.timing.retry_budget_ms).min(crate::frontend::public_budget(&cfg)),
     );
     let state: Shared = Arc::new(Order { store, catalog });
+    crate::metrics::register(crate::config::Role::Order);
     let routes = Router::new()
         .route("/internal/buy", post(buy))
         .route("/log", get(log));
@@ -103,6 +104,7 @@ async fn buy(
         tracing::debug!(request_id = %req.request_id, "request already handled; answering as before");
         return Ok(Json(first));
     }
+    tracing::debug!(write_id = %req.request_id, book = %req.book_id, "buy received");
     let write = CatalogWrite {
         request_id: req.request_id.clone(),
         op: CatalogOp::Buy {

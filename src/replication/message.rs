@@ -34,6 +34,7 @@ pub enum EntryKind {
 
 /// One log entry.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Entry {
     /// `epoch` = epoch of the primary that created it; `seq` = log index
     /// (1-based, contiguous).
@@ -48,6 +49,7 @@ pub struct Entry {
 /// and including `version` (opaque bytes, produced and consumed by the driver;
 /// it must contain the applied request ids with their results).
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Snapshot {
     pub version: Version,
     pub data: Vec<u8>,
@@ -57,6 +59,7 @@ pub struct Snapshot {
 /// identifies the backup's process life (its monotonic clock restarts with
 /// the process), `at` is the backup's clock when it sent the reply.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Echo {
     pub boot: u64,
     pub at: u64,
@@ -65,6 +68,7 @@ pub struct Echo {
 /// Messages between replicas. `epoch` is the sender's current epoch (for a
 /// `PreVote`, the epoch it would leave), `inc` the sender's incarnation.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub enum Message {
     /// "Would you vote for me in `epoch + 1`?" Changes nothing at the receiver.
     PreVote {

@@ -1,0 +1,430 @@
+//! Prometheus metrics: the recorder, its upkeep, the request counters, the
+//! `process_*` figures, and the name of every metric with its help text.
+//!
+//! * Histograms have buckets ([`BUCKETS`]), so they aggregate across
+//!   processes; a background thread runs the exporter's upkeep every
+//!   [`UPKEEP_INTERVAL`], so recorded samples are folded into the buckets
+//!   even when nothing scrapes `/metrics` (memory stays flat).
+//! * Every label comes from a closed set: the matched route template (or
+//!   `unmatched`), a known method (or `other`), the status class (`2xx`…),
+//!   node and pool names from the cluster file, and fixed outcome names.
+//!   No request can add a label value.
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Request};
+use axum::http::Method;
+use axum::middleware::Next;
+use axum::response::Response;
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// Request and persist latencies, in seconds: 0.5 ms … 30 s.
+pub const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+/// How often histogram samples are folded into their buckets.
+pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+pub const HTTP_REQUESTS: &str = "pygmy_http_requests_total";
+pub const HTTP_DURATION: &str = "pygmy_http_request_duration_seconds";
+pub const CACHE_HITS: &str = "pygmy_cache_hits_total";
+pub const CACHE_MISSES: &str = "pygmy_cache_misses_total";
+pub const BUYS: &str = "pygmy_buys_total";
+pub const POOL_RETRIES: &str = "pygmy_pool_retries_total";
+pub const POOL_HEALTHY: &str = "pygmy_pool_replica_healthy";
+pub const REPL_ROLE: &str = "pygmy_replication_role";
+pub const REPL_EPOCH: &str = "pygmy_replication_epoch";
+pub const REPL_COMMIT: &str = "pygmy_replication_commit_version";
+pub const REPL_APPLIED: &str = "pygmy_replication_applied_version";
+pub const REPL_VIEW: &str = "pygmy_replication_view_size";
+pub const REPL_ELECTIONS: &str = "pygmy_replication_elections_total";
+pub const REPL_LEASE_REFUSALS: &str = "pygmy_replication_lease_refusals_total";
+pub const CATALOG_PERSIST: &str = "pygmy_catalog_persist_duration_seconds";
+
+/// Outcomes a buy is counted under at the frontend.
+pub const BUY_OUTCOMES: &[&str] = &[
+    "bought",
+    "out_of_stock",
+    "key_reused",
+    "not_found",
+    "invalid",
+    "failed",
+];
+/// Catalog replica roles (the `role` label of [`REPL_ROLE`]).
+pub const ROLES: &[&str] = &["follower", "candidate", "primary", "learner"];
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+static STARTED: OnceLock<f64> = OnceLock::new();
+
+/// The process's recorder, installed on first use together with its upkeep
+/// thread; `None` if another recorder was installed first.
+pub fn handle() -> Option<&'static PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let _ = STARTED.set(start_time_seconds());
+            let handle = PrometheusBuilder::new()
+                .set_buckets(BUCKETS)
+                .ok()?
+                .install_recorder()
+                .ok()?;
+            describe();
+            let upkeep = handle.clone();
+            std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(UPKEEP_INTERVAL);
+                        upkeep.run_upkeep();
+                    }
+                })
+                .ok()?;
+            Some(handle)
+        })
+        .as_ref()
+}
+
+/// The `/metrics` page: the recorder's metrics, then the `process_*` ones.
+pub fn render() -> Option<String> {
+    let mut page = handle()?.render();
+    process::render(&mut page, STARTED.get().copied());
+    Some(page)
+}
+
+fn describe() {
+    describe_counter!(
+        HTTP_REQUESTS,
+        "HTTP requests answered, by route template, method and status class"
+    );
+    describe_histogram!(
+        HTTP_DURATION,
+        Unit::Seconds,
+        "Time to answer an HTTP request, by route template and method"
+    );
+    describe_counter!(CACHE_HITS, "Frontend reads answered from the cache");
+    describe_counter!(
+        CACHE_MISSES,
+        "Frontend reads that had to ask a catalog replica"
+    );
+    describe_counter!(BUYS, "Buys answered by the frontend, by outcome");
+    describe_counter!(
+        POOL_RETRIES,
+        "Calls to a replica that failed and were tried again (same or another replica), by pool"
+    );
+    describe_gauge!(
+        POOL_HEALTHY,
+        "1 if the replica answered its last health probe or call, else 0, by pool and replica"
+    );
+    describe_gauge!(
+        REPL_ROLE,
+        "1 for this catalog replica's current replication role, 0 for the others"
+    );
+    describe_gauge!(REPL_EPOCH, "The catalog replica's current epoch (term)");
+    describe_gauge!(
+        REPL_COMMIT,
+        "Sequence number of the newest committed catalog write this replica knows of"
+    );
+    describe_gauge!(
+        REPL_APPLIED,
+        "Sequence number of the newest catalog write this replica has applied"
+    );
+    describe_gauge!(REPL_VIEW, "Replicas in the primary's view (0 on a backup)");
+    describe_counter!(REPL_ELECTIONS, "Elections this catalog replica started");
+    describe_counter!(
+        REPL_LEASE_REFUSALS,
+        "Reads this catalog replica refused for lack of a read lease"
+    );
+    describe_histogram!(
+        CATALOG_PERSIST,
+        Unit::Seconds,
+        "Time to persist one replication step to disk"
+    );
+}
+
+/// Creates the metrics a node of `role` exports, at zero, so every series
+/// the dashboard names exists from the start.
+pub fn register(role: crate::config::Role) {
+    use crate::config::Role;
+    if handle().is_none() {
+        return;
+    }
+    match role {
+        Role::Frontend => {
+            metrics::counter!(CACHE_HITS).absolute(0);
+            metrics::counter!(CACHE_MISSES).absolute(0);
+            for o in BUY_OUTCOMES {
+                metrics::counter!(BUYS, "outcome" => *o).absolute(0);
+            }
+            metrics::counter!(POOL_RETRIES, "pool" => "catalog").absolute(0);
+            metrics::counter!(POOL_RETRIES, "pool" => "order").absolute(0);
+        }
+        Role::Order => {
+            metrics::counter!(POOL_RETRIES, "pool" => "catalog").absolute(0);
+        }
+        Role::Catalog => {
+            metrics::counter!(REPL_ELECTIONS).absolute(0);
+            metrics::counter!(REPL_LEASE_REFUSALS).absolute(0);
+        }
+    }
+}
+
+/// Counts one buy answered with `outcome` (one of [`BUY_OUTCOMES`]).
+pub fn buy(outcome: &'static str) {
+    metrics::counter!(BUYS, "outcome" => outcome).increment(1);
+}
+
+/// A replica of `pool` failed a call that will be tried again.
+pub fn retry(pool: &'static str) {
+    metrics::counter!(POOL_RETRIES, "pool" => pool).increment(1);
+}
+
+/// A replica's health as its pool sees it.
+pub fn replica_health(pool: &'static str, replica: &str, healthy: bool) {
+    metrics::gauge!(POOL_HEALTHY, "pool" => pool, "replica" => replica.to_owned())
+        .set(if healthy { 1.0 } else { 0.0 });
+}
+
+/// The catalog replica's replication state.
+pub fn replication(st: &crate::replication::Status) {
+    let role = match (st.role, st.learner) {
+        (_, true) => "learner",
+        (crate::replication::Role::Primary, _) => "primary",
+        (crate::replication::Role::Candidate, _) => "candidate",
+        _ => "follower",
+    };
+    for r in ROLES {
+        metrics::gauge!(REPL_ROLE, "role" => *r).set(if *r == role { 1.0 } else { 0.0 });
+    }
+    metrics::gauge!(REPL_EPOCH).set(st.epoch as f64);
+    metrics::gauge!(REPL_COMMIT).set(st.commit.seq as f64);
+    metrics::gauge!(REPL_APPLIED).set(st.applied.seq as f64);
+    metrics::gauge!(REPL_VIEW).set(st.view.len() as f64);
+}
+
+/// The method as a label: one of the standard methods, else `other`.
+pub fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
+}
+
+/// The status class as a label: `1xx` … `5xx`.
+pub fn status_label(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// Middleware: counts and times every request under bounded labels.
+pub async fn track(req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    // Route templates are the router's own strings: a fixed set.
+    let route = match req.extensions().get::<MatchedPath>() {
+        Some(p) => p.as_str().to_owned(),
+        None => "unmatched".to_owned(),
+    };
+    let method = method_label(req.method());
+    let res = next.run(req).await;
+    let status = status_label(res.status().as_u16());
+    metrics::counter!(HTTP_REQUESTS, "route" => route.clone(), "method" => method, "status" => status).increment(1);
+    metrics::histogram!(HTTP_DURATION, "route" => route, "method" => method)
+        .record(start.elapsed().as_secs_f64());
+    res
+}
+
+fn start_time_seconds() -> f64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    process::uptime_seconds().map(|up| now - up).unwrap_or(now)
+}
+
+/// `process_*` metrics as the Prometheus client libraries name them, read
+/// from `/proc` on Linux (elsewhere only the start time is known).
+mod process {
+    use std::fmt::Write;
+
+    fn metric(page: &mut String, name: &str, kind: &str, help: &str, value: f64) {
+        let _ = write!(
+            page,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n\n"
+        );
+    }
+
+    pub fn render(page: &mut String, started: Option<f64>) {
+        if let Some(s) = started {
+            metric(
+                page,
+                "process_start_time_seconds",
+                "gauge",
+                "Start time of the process since unix epoch in seconds.",
+                s,
+            );
+        }
+        #[cfg(target_os = "linux")]
+        linux::render(page);
+    }
+
+    pub fn uptime_seconds() -> Option<f64> {
+        #[cfg(target_os = "linux")]
+        {
+            linux::uptime_seconds()
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            None
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    mod linux {
+        use super::metric;
+
+        fn ticks_per_second() -> f64 {
+            // SAFETY: sysconf only reads a system constant.
+            let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+            if t > 0 { t as f64 } else { 100.0 }
+        }
+
+        fn page_size() -> f64 {
+            // SAFETY: sysconf only reads a system constant.
+            let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+            if p > 0 { p as f64 } else { 4096.0 }
+        }
+
+        /// Fields of `/proc/self/stat` after the command name, numbered as
+        /// in proc(5) (field 3, the state, is the first).
+        fn stat_fields() -> Option<Vec<String>> {
+            let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+            let rest = &stat[stat.rfind(')')? + 2..];
+            Some(rest.split_whitespace().map(str::to_owned).collect())
+        }
+
+        fn field(fields: &[String], n: usize) -> Option<f64> {
+            fields.get(n - 3)?.parse().ok()
+        }
+
+        pub fn uptime_seconds() -> Option<f64> {
+            let fields = stat_fields()?;
+            let started_ticks = field(&fields, 22)?;
+            let boot_uptime: f64 = std::fs::read_to_string("/proc/uptime")
+                .ok()?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()?;
+            Some(boot_uptime - started_ticks / ticks_per_second())
+        }
+
+        pub fn render(page: &mut String) {
+            if let Some(fields) = stat_fields() {
+                if let (Some(u), Some(s)) = (field(&fields, 14), field(&fields, 15)) {
+                    let cpu = (u + s) / ticks_per_second();
+                    metric(
+                        page,
+                        "process_cpu_seconds_total",
+                        "counter",
+                        "Total user and system CPU time spent in seconds.",
+                        cpu,
+                    );
+                }
+                if let Some(v) = field(&fields, 23) {
+                    metric(
+                        page,
+                        "process_virtual_memory_bytes",
+                        "gauge",
+                        "Virtual memory size in bytes.",
+                        v,
+                    );
+                }
+                if let Some(rss) = field(&fields, 24) {
+                    metric(
+                        page,
+                        "process_resident_memory_bytes",
+                        "gauge",
+                        "Resident memory size in bytes.",
+                        rss * page_size(),
+                    );
+                }
+            }
+            if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+                metric(
+                    page,
+                    "process_open_fds",
+                    "gauge",
+                    "Number of open file descriptors.",
+                    dir.count() as f64,
+                );
+            }
+            let mut lim = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: getrlimit writes into the struct we own.
+            if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+                metric(
+                    page,
+                    "process_max_fds",
+                    "gauge",
+                    "Maximum number of open file descriptors.",
+                    lim.rlim_cur as f64,
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_come_from_closed_sets() {
+        assert_eq!(method_label(&Method::GET), "GET");
+        assert_eq!(
+            method_label(&Method::from_bytes(b"FROBNICATE").unwrap()),
+            "other"
+        );
+        assert_eq!(status_label(404), "4xx");
+        assert_eq!(status_label(999), "5xx");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn process_metrics_are_read_from_proc() {
+        let mut page = String::new();
+        process::render(&mut page, Some(1.0));
+        for name in [
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_open_fds",
+            "process_start_time_seconds",
+        ] {
+            let line = page
+                .lines()
+                .find(|l| l.starts_with(&format!("{name} ")))
+                .unwrap_or_else(|| panic!("{name} missing:\n{page}"));
+            let v: f64 = line.split(' ').nth(1).unwrap().parse().unwrap();
+            assert!(
+                v > 0.0 || (name == "process_cpu_seconds_total" && v == 0.0),
+                "{line}"
+            );
+        }
+        assert!(process::uptime_seconds().unwrap() >= 0.0);
+    }
+}
