@@ -1,4 +1,4 @@
-//! Cache leases and invalidations, the catalog primary's side (DESIGN.md §4).
+//! Cache leases and invalidations, the catalog primary's side (see docs/DESIGN-NOTES.md, "Linearizable reads").
 //!
 //! A frontend serves cached reads only while it holds a cache lease. It asks
 //! the primary for one and counts it from when it *sent* the request; the

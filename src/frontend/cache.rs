@@ -1,4 +1,4 @@
-//! The frontend's read cache (DESIGN.md §4).
+//! The frontend's read cache (see docs/DESIGN-NOTES.md, "Linearizable reads").
 //!
 //! * Bounded: at most `capacity` entries, oldest inserted evicted first.
 //! * No stale fill: every value carries the version it was read at; an
@@ -230,8 +230,10 @@ impl Cache {
         true
     }
 
+    /// Caches a topic's books. An empty answer (an unknown topic) is never
+    /// cached: invented topics cannot push real entries out.
     pub fn fill_topic(&self, ticket: Ticket, topic: TopicSlug, value: Arc<SearchResponse>) -> bool {
-        if !self.enabled {
+        if !self.enabled || value.items.is_empty() {
             return false;
         }
         let mut inner = self.lock();
@@ -588,5 +590,43 @@ mod tests {
             "below the new primary's version"
         );
         assert!(c.fill_book(c.ticket(Some(id)), book(6, 10, v(2, 3))));
+    }
+
+    #[test]
+    fn unknown_topics_are_not_cached_and_cannot_push_real_entries_out() {
+        let c = Cache::new(true, 10);
+        c.renew(
+            Instant::now(),
+            &LeaseGrant {
+                epoch: 1,
+                next_seq: 0,
+                lease_ms: 60_000,
+                version: v(1, 0),
+                pending: vec![],
+            },
+        );
+        let real = TopicSlug::parse("distributed-systems").unwrap();
+        let mut items = std::collections::BTreeMap::new();
+        items.insert("RPCs for Dummies.".to_string(), BookId::new(2).unwrap());
+        assert!(c.fill_topic(
+            c.ticket(None),
+            real.clone(),
+            Arc::new(SearchResponse { items })
+        ));
+        for i in 0..1000 {
+            let invented = TopicSlug::parse(&format!("invented-{i}")).unwrap();
+            assert!(!c.fill_topic(
+                c.ticket(None),
+                invented,
+                Arc::new(SearchResponse {
+                    items: Default::default()
+                })
+            ));
+        }
+        assert!(
+            c.search(&real).is_some(),
+            "a flood of invented topics pushed the real one out"
+        );
+        assert_eq!(c.stats().entries, 1);
     }
 }

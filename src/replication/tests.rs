@@ -1,5 +1,6 @@
-//! Unit tests of the core, named after the rule they check (quoted from
-//! DESIGN.md §3). The randomized checks live in `tests/simulation.rs`.
+//! Unit tests of the core, named after the rule they check (quoted from the
+//! design brief's replication invariants; see `docs/DESIGN-NOTES.md`). The
+//! randomized checks live in `tests/simulation.rs`.
 
 use super::*;
 
