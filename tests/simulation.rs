@@ -93,6 +93,21 @@ fn find_violation(name: &str, max: u64, safety: &[&str]) {
     );
 }
 
+/// Long leases (2 s, 20 ms heartbeats) and few, slow faults — partitions
+/// of the given kinds, no crashes or disk losses — with frequent reads: a
+/// lease that outlives what it should is then wide enough to be read from.
+fn long_leases(o: &mut Options, partition_kinds: [u32; 5]) {
+    o.timing = Some((2000, 20, 100));
+    o.partition_kinds = partition_kinds;
+    o.w_crash = 0;
+    o.w_disk = 0;
+    o.w_partition = 4;
+    o.chaos_ms = 6000;
+    o.quiet_ms = 6000;
+    o.read_every_ms = 2;
+    o.fault_every_ms = (500, 3000);
+}
+
 /// The schedules aimed at one weakness; `broken` switches the mechanism off.
 fn teeth_profile(name: &str, broken: bool) -> Options {
     let mut o = Options::new(3);
@@ -132,20 +147,12 @@ fn teeth_profile(name: &str, broken: bool) -> Options {
         }
         "truncation" => sw.no_truncate = true,
         "lease_wait" => {
-            // A long lease makes the drift window (±4 % clocks) wide enough
-            // to hit: the old primary, cut off alone, still serves reads.
+            // A long lease makes the drift window wide enough to hit: the
+            // old primary, cut off alone, still serves reads.
             sw.no_lease_wait = true;
-            o.timing = Some((2000, 20, 100));
-            o.partition_kinds = [1, 0, 0, 0, 0];
-            o.w_crash = 0;
-            o.w_disk = 0;
+            long_leases(&mut o, [1, 0, 0, 0, 0]);
             o.w_net = 0;
-            o.w_partition = 4;
             o.w_heal = 2;
-            o.chaos_ms = 6000;
-            o.quiet_ms = 6000;
-            o.read_every_ms = 2;
-            o.fault_every_ms = (500, 3000);
         }
         "backup_lease" => sw.backup_reads_without_lease = true,
         "versioned_reads" => {
@@ -172,15 +179,7 @@ fn teeth_profile(name: &str, broken: bool) -> Options {
             // leases make that window wide.
             sw.backup_lease_uncapped = true;
             o = Options::new(5);
-            o.timing = Some((2000, 20, 100));
-            o.partition_kinds = [0, 0, 1, 0, 0];
-            o.w_crash = 0;
-            o.w_disk = 0;
-            o.w_partition = 4;
-            o.chaos_ms = 6000;
-            o.quiet_ms = 6000;
-            o.read_every_ms = 2;
-            o.fault_every_ms = (500, 3000);
+            long_leases(&mut o, [0, 0, 1, 0, 0]);
         }
         "drift" => {
             // Leases counted as if clocks ran at one rate: the old primary,
@@ -189,18 +188,10 @@ fn teeth_profile(name: &str, broken: bool) -> Options {
             if broken {
                 o.drift_margin = Some(0.0);
             }
-            o.timing = Some((2000, 20, 100));
-            o.partition_kinds = [1, 0, 0, 0, 0];
-            o.w_crash = 0;
-            o.w_disk = 0;
+            long_leases(&mut o, [1, 0, 0, 0, 0]);
             o.w_net = 0;
-            o.w_pause = 0;
-            o.w_partition = 4;
             o.w_heal = 2;
-            o.chaos_ms = 6000;
-            o.quiet_ms = 6000;
-            o.read_every_ms = 2;
-            o.fault_every_ms = (500, 3000);
+            o.w_pause = 0;
         }
         "pause_clock" => {
             // Long pauses of the primary; reads as soon as it wakes.
