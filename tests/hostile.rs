@@ -606,3 +606,30 @@ async fn the_http_edge_refuses_hostless_requests_hides_routes_and_bounds_replica
     c.wait_healthy("catalog-1").await;
     c.book(1).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidation_with_a_made_up_epoch_turns_the_cache_off_only_briefly() {
+    let c = TestCluster::start(Options::default()).await;
+    let batch = serde_json::json!({"epoch": 999, "seq": 0, "items": []});
+    let res = reqwest::Client::new()
+        .post(format!("{}/internal/invalidate", c.url("frontend")))
+        .bearer_auth(&c.cfg.token)
+        .json(&batch)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 200);
+    assert_eq!(
+        c.cache_stats().await["lease_valid"],
+        serde_json::Value::Bool(false),
+        "the fence drops the lease"
+    );
+    // The real primary outlives the made-up epoch: the cache serves again.
+    c.wait_cache_lease().await;
+    c.frontend().lookup("1").await.unwrap();
+    c.frontend().lookup("1").await.unwrap();
+    assert!(
+        c.cache_stats().await["hits"].as_u64().unwrap() >= 1,
+        "cached reads again"
+    );
+}

@@ -51,6 +51,9 @@ struct Inner {
     expected_seq: u64,
     /// Books with writes begun and not yet ended (count per book).
     pending: HashMap<BookId, u32>,
+    /// When `epoch` was learnt from an invalidation batch (a new primary's
+    /// fence) rather than from a lease grant.
+    fenced_at: Option<Instant>,
 }
 
 impl Inner {
@@ -133,6 +136,9 @@ pub struct CacheStats {
 pub struct Cache {
     enabled: bool,
     capacity: usize,
+    /// How long after a fence a grant of an older epoch is still refused:
+    /// the replication lease with the drift margin.
+    fence_timeout: Duration,
     inner: Mutex<Inner>,
     hits: AtomicU64,
     misses: AtomicU64,
@@ -143,10 +149,18 @@ impl Cache {
         Self {
             enabled,
             capacity: capacity.max(1),
+            fence_timeout: Duration::from_millis(550),
             inner: Mutex::default(),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         }
+    }
+
+    /// Sets how long a fence holds against grants of an older epoch: the
+    /// replication lease with its drift margin (default 550 ms).
+    pub fn with_fence_timeout(mut self, d: Duration) -> Self {
+        self.fence_timeout = d;
+        self
     }
 
     pub fn enabled(&self) -> bool {
@@ -270,6 +284,7 @@ impl Cache {
                 inner.flush("new catalog epoch");
                 inner.drop_lease();
                 inner.epoch = Some(batch.epoch);
+                inner.fenced_at = Some(Instant::now());
                 inner.expected_seq = batch.seq + 1;
                 false
             }
@@ -302,8 +317,25 @@ impl Cache {
         let mut inner = self.lock();
         let now = Instant::now();
         let new_epoch = inner.epoch != Some(grant.epoch);
-        if new_epoch && inner.epoch.is_some_and(|e| e > grant.epoch) {
-            return; // a deposed primary's grant
+        if let Some(e) = inner.epoch.filter(|e| *e > grant.epoch) {
+            // A deposed primary's grant, refused while the newer epoch may
+            // be real. A fence comes from a primary a majority elected, and
+            // that majority acknowledges the older primary no more: its
+            // lease, hence its grants, end within a lease of the fence. A
+            // grant asked for later than that proves no elected primary
+            // sent the fence (an epoch made up by a token holder).
+            let bogus = inner
+                .fenced_at
+                .is_some_and(|f| sent_at > f + self.fence_timeout);
+            if !bogus {
+                return;
+            }
+            tracing::warn!(
+                fenced = e,
+                epoch = grant.epoch,
+                "ignoring invalidation epoch {e}: the primary of epoch {} still leads",
+                grant.epoch
+            );
         }
         let flush = if !inner.lease_valid(now) {
             Some("cache lease had lapsed")
@@ -328,6 +360,7 @@ impl Cache {
         // Otherwise the stream is continuous: batches up to `next_seq` are
         // on their way, in order, and count when they arrive.
         inner.epoch = Some(grant.epoch);
+        inner.fenced_at = None;
         inner.lease_until = Some(sent_at + Duration::from_millis(grant.lease_ms));
     }
 
@@ -628,5 +661,32 @@ mod tests {
             "a flood of invented topics pushed the real one out"
         );
         assert_eq!(c.stats().entries, 1);
+    }
+
+    #[test]
+    fn a_made_up_epoch_switches_the_cache_off_only_until_the_real_primary_outlives_it() {
+        let c = leased().with_fence_timeout(Duration::from_millis(550));
+        let id = BookId::new(7).unwrap();
+        let grant = LeaseGrant {
+            epoch: 1,
+            next_seq: 9,
+            lease_ms: 60_000,
+            version: v(1, 3),
+            pending: vec![],
+        };
+        c.invalidate(&batch(999, 0, &[]));
+        // Right after the fence, the older primary's grant is refused: the
+        // fence may come from a primary just elected.
+        c.renew(Instant::now(), &grant);
+        assert!(
+            !c.fill_book(c.ticket(Some(id)), book(7, 1, v(1, 3))),
+            "a grant of the old epoch right after a fence"
+        );
+        // One asked for a lease (with drift) later: no elected primary sent it.
+        c.renew(Instant::now() + Duration::from_millis(600), &grant);
+        assert!(
+            c.fill_book(c.ticket(Some(id)), book(7, 1, v(1, 3))),
+            "the cache stays off"
+        );
     }
 }

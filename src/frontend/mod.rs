@@ -101,7 +101,9 @@ pub async fn run(
         |o: OrderClient| async move { o.health().await.is_ok() },
     );
     let fe: Shared = Arc::new(Frontend {
-        cache: Cache::new(!opts.no_cache, cfg.limits.cache_entries),
+        cache: Cache::new(!opts.no_cache, cfg.limits.cache_entries)
+            // The replication lease with the core's drift margin (10 %).
+            .with_fence_timeout(Duration::from_millis(t.lease_ms).mul_f64(1.1)),
         web: web::Web::new(&cfg, name),
         catalog,
         orders,
