@@ -394,22 +394,24 @@ mod tests {
         })
     }
 
+    /// A lease grant with no writes begun.
+    fn grant(epoch: u64, next_seq: u64, lease_ms: u64, version: Version) -> LeaseGrant {
+        LeaseGrant {
+            epoch,
+            next_seq,
+            lease_ms,
+            version,
+            pending: vec![],
+        }
+    }
+
     fn v(epoch: u64, seq: u64) -> Version {
         Version { epoch, seq }
     }
 
     fn leased() -> Cache {
         let c = Cache::new(true, 100);
-        c.renew(
-            Instant::now(),
-            &LeaseGrant {
-                epoch: 1,
-                next_seq: 0,
-                lease_ms: 60_000,
-                version: v(1, 0),
-                pending: vec![],
-            },
-        );
+        c.renew(Instant::now(), &grant(1, 0, 60_000, v(1, 0)));
         c
     }
 
@@ -440,13 +442,7 @@ mod tests {
         assert!(!c.fill_book(c.ticket(Some(id)), book(1, 10, v(1, 1))));
         c.renew(
             Instant::now() - Duration::from_millis(50),
-            &LeaseGrant {
-                epoch: 1,
-                next_seq: 0,
-                lease_ms: 10,
-                version: v(1, 1),
-                pending: vec![],
-            },
+            &grant(1, 0, 10, v(1, 1)),
         );
         assert!(
             !c.fill_book(c.ticket(Some(id)), book(1, 10, v(1, 1))),
@@ -480,16 +476,7 @@ mod tests {
         let t = c.ticket(Some(id));
         assert!(c.fill_book(t, book(3, 10, v(1, 1))));
         let t = c.ticket(Some(id));
-        c.renew(
-            Instant::now(),
-            &LeaseGrant {
-                epoch: 2,
-                next_seq: 0,
-                lease_ms: 60_000,
-                version: v(2, 1),
-                pending: vec![],
-            },
-        );
+        c.renew(Instant::now(), &grant(2, 0, 60_000, v(2, 1)));
         assert!(c.lookup(id).is_none());
         assert!(
             !c.fill_book(t, book(3, 10, v(1, 1))),
@@ -500,16 +487,7 @@ mod tests {
     #[test]
     fn the_cache_is_bounded() {
         let c = Cache::new(true, 10);
-        c.renew(
-            Instant::now(),
-            &LeaseGrant {
-                epoch: 1,
-                next_seq: 0,
-                lease_ms: 60_000,
-                version: v(1, 0),
-                pending: vec![],
-            },
-        );
+        c.renew(Instant::now(), &grant(1, 0, 60_000, v(1, 0)));
         for i in 1..=100 {
             c.fill_book(c.ticket(None), book(i, 1, v(1, 1)));
         }
@@ -594,30 +572,12 @@ mod tests {
             "no lease after the fence"
         );
         // A late grant of the old primary does not bring the lease back.
-        c.renew(
-            Instant::now(),
-            &LeaseGrant {
-                epoch: 1,
-                next_seq: 5,
-                lease_ms: 60_000,
-                version: v(1, 1),
-                pending: vec![],
-            },
-        );
+        c.renew(Instant::now(), &grant(1, 5, 60_000, v(1, 1)));
         assert!(
             !c.fill_book(c.ticket(Some(id)), book(6, 10, v(1, 1))),
             "an old epoch's grant"
         );
-        c.renew(
-            Instant::now(),
-            &LeaseGrant {
-                epoch: 2,
-                next_seq: 1,
-                lease_ms: 60_000,
-                version: v(2, 3),
-                pending: vec![],
-            },
-        );
+        c.renew(Instant::now(), &grant(2, 1, 60_000, v(2, 3)));
         assert!(
             !c.fill_book(c.ticket(Some(id)), book(6, 10, v(1, 1))),
             "below the new primary's version"
@@ -628,16 +588,7 @@ mod tests {
     #[test]
     fn unknown_topics_are_not_cached_and_cannot_push_real_entries_out() {
         let c = Cache::new(true, 10);
-        c.renew(
-            Instant::now(),
-            &LeaseGrant {
-                epoch: 1,
-                next_seq: 0,
-                lease_ms: 60_000,
-                version: v(1, 0),
-                pending: vec![],
-            },
-        );
+        c.renew(Instant::now(), &grant(1, 0, 60_000, v(1, 0)));
         let real = TopicSlug::parse("distributed-systems").unwrap();
         let mut items = std::collections::BTreeMap::new();
         items.insert("RPCs for Dummies.".to_string(), BookId::new(2).unwrap());
@@ -667,13 +618,7 @@ mod tests {
     fn a_made_up_epoch_switches_the_cache_off_only_until_the_real_primary_outlives_it() {
         let c = leased().with_fence_timeout(Duration::from_millis(550));
         let id = BookId::new(7).unwrap();
-        let grant = LeaseGrant {
-            epoch: 1,
-            next_seq: 9,
-            lease_ms: 60_000,
-            version: v(1, 3),
-            pending: vec![],
-        };
+        let grant = grant(1, 9, 60_000, v(1, 3));
         c.invalidate(&batch(999, 0, &[]));
         // Right after the fence, the older primary's grant is refused: the
         // fence may come from a primary just elected.
