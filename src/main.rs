@@ -139,6 +139,14 @@ enum Cmd {
         #[arg(default_value = "http://127.0.0.1:5004/healthcheck")]
         url: String,
     },
+    /// Operator: a stopped replica's data directory was moved by copying it, and holds its latest
+    /// state (not an old backup): record that these files are its own, so it starts as the same
+    /// replica. Without it, a copied directory rejoins as a learner and catches up from the others.
+    #[command(after_help = "Example:\n  pygmy seal /srv/pygmy/catalog-2")]
+    Seal {
+        /// The replica's data directory.
+        data_dir: PathBuf,
+    },
     /// Print shell completions.
     #[command(
         after_help = "Example:\n  pygmy completions bash > ~/.local/share/bash-completion/completions/pygmy\n  pygmy completions zsh > \"${fpath[1]}/_pygmy\""
@@ -251,6 +259,20 @@ async fn run(cmd: Cmd) -> Result<(), Fail> {
             let http = pygmy::client::Http::new(None, std::time::Duration::from_secs(2));
             let h: serde_json::Value = http.get(url).await.map_err(anyhow::Error::from)?;
             println!("{h}");
+            Ok(())
+        }
+        Cmd::Seal { data_dir } => {
+            let file = ["catalog.sqlite", "orders.sqlite"]
+                .into_iter()
+                .find(|f| data_dir.join(f).is_file())
+                .ok_or_else(|| {
+                    anyhow::anyhow!("{} holds no replica's database", data_dir.display())
+                })?;
+            pygmy::storage::seal(&data_dir, file, true).map_err(anyhow::Error::from)?;
+            println!(
+                "{}: {file} recorded as this replica's own; it starts as the same replica",
+                data_dir.display()
+            );
             Ok(())
         }
         Cmd::Completions { shell } => {

@@ -49,6 +49,48 @@ pub struct Identity {
     pub incarnation: u64,
     /// The directory was created by this start.
     pub fresh: bool,
+    /// The data file is not the one this identity last sealed: the
+    /// directory was restored from a copy (or copied), so it may be older
+    /// than what this replica promised its peers. `incarnation` is then
+    /// new, so the replica rejoins as a learner.
+    pub copied: bool,
+}
+
+/// Which file a data directory's data lives in, as the file system names
+/// it: inode number and creation time (where the file system keeps one;
+/// an inode number alone can be reused by a file created after a delete).
+/// A file copied or restored from a backup is a new file; the same file,
+/// restarted, keeps both. The device number is left out: it can change
+/// between mounts.
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    ino: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    born_ns: Option<u64>,
+}
+
+fn stamp_of(path: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    let born_ns = m
+        .created()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos() as u64);
+    Some(FileStamp {
+        ino: m.ino(),
+        born_ns,
+    })
+}
+
+/// A new incarnation: wall-clock microseconds, and above `after`, so
+/// incarnations grow as the replication core requires.
+fn new_incarnation(after: u64) -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(1)
+        .max(after + 1)
 }
 
 /// Opens (creating if needed) `dir/file` with the settings every store uses.
@@ -92,6 +134,20 @@ struct IdentityFile {
     cluster_id: String,
     node: String,
     incarnation: u64,
+    /// The data file this identity belongs to (see [`seal`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    data_file: Option<FileStamp>,
+}
+
+fn write_identity(path: &Path, id: &IdentityFile) -> Result<(), StorageError> {
+    write_durably(
+        path,
+        &serde_json::to_vec_pretty(id).expect("identity serialises"),
+    )
+    .map_err(|source| StorageError::CreateDir {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Checks (or, for a new directory, records) who owns `dir`. A directory
@@ -123,11 +179,20 @@ pub fn claim(
                     node: node.to_string(),
                 });
             }
+            let now = stamp_of(&dir.join(data_file));
+            let copied = now.is_some() && id.data_file.is_some() && now != id.data_file;
+            let mut id = id;
+            if copied {
+                id.incarnation = new_incarnation(id.incarnation);
+                id.data_file = now;
+                write_identity(&path, &id)?;
+            }
             Ok(Identity {
                 cluster_id: id.cluster_id,
                 node: id.node,
                 incarnation: id.incarnation,
                 fresh: false,
+                copied,
             })
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -140,35 +205,68 @@ pub fn claim(
                 path: dir.to_path_buf(),
                 source,
             })?;
-            // Grows with every directory created (wall-clock microseconds), as
-            // the replication core requires of incarnations.
-            let incarnation = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_micros() as u64)
-                .unwrap_or(1)
-                .max(1);
+            let incarnation = new_incarnation(0);
             let id = IdentityFile {
                 cluster_id: cluster_id.to_string(),
                 node: node.to_string(),
                 incarnation,
+                data_file: None,
             };
-            write_durably(
-                &path,
-                &serde_json::to_vec_pretty(&id).expect("identity serialises"),
-            )
-            .map_err(|source| StorageError::CreateDir {
-                path: path.clone(),
-                source,
-            })?;
+            write_identity(&path, &id)?;
             Ok(Identity {
                 cluster_id: id.cluster_id,
                 node: id.node,
                 incarnation,
                 fresh: true,
+                copied: false,
             })
         }
         Err(e) => Err(corrupt(format!("cannot read {IDENTITY_FILE}: {e}"))),
     }
+}
+
+/// Records which file holds `dir`'s data (once it exists), so a later
+/// [`claim`] can tell the same file from a copy of it. With `force`, it
+/// records the file there now: an operator who moved a stopped replica's
+/// directory by copying it (and knows it is its latest state) says so.
+pub fn seal(dir: &Path, data_file: &str, force: bool) -> Result<(), StorageError> {
+    let path = dir.join(IDENTITY_FILE);
+    let bytes = std::fs::read(&path).map_err(|source| StorageError::CreateDir {
+        path: path.clone(),
+        source,
+    })?;
+    let mut id: IdentityFile = serde_json::from_slice(&bytes).map_err(|e| {
+        StorageError::Invalid(format!(
+            "data directory {} is corrupt: {IDENTITY_FILE}: {e}",
+            dir.display()
+        ))
+    })?;
+    let now = stamp_of(&dir.join(data_file));
+    if now.is_some() && (id.data_file.is_none() || force) && id.data_file != now {
+        id.data_file = now;
+        write_identity(&path, &id)?;
+    }
+    Ok(())
+}
+
+/// Gives `dir` a new incarnation: its data is gone (an emptied or deleted
+/// database next to its identity), so what it promised its peers is too.
+pub fn renew(dir: &Path, identity: &Identity) -> Result<Identity, StorageError> {
+    let path = dir.join(IDENTITY_FILE);
+    let incarnation = new_incarnation(identity.incarnation);
+    write_identity(
+        &path,
+        &IdentityFile {
+            cluster_id: identity.cluster_id.clone(),
+            node: identity.node.clone(),
+            incarnation,
+            data_file: None,
+        },
+    )?;
+    Ok(Identity {
+        incarnation,
+        ..identity.clone()
+    })
 }
 
 /// Writes a file via a temporary and a rename, fsyncing both and the folder.
@@ -272,7 +370,63 @@ mod tests {
             claim(&dir, "t.sqlite", "c1", "catalog-2"),
             Err(StorageError::WrongOwner { .. })
         ));
-        std::fs::remove_file(dir.join(IDENTITY_FILE)).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_copied_data_file_gets_a_new_incarnation_and_the_same_file_keeps_its_own() {
+        let dir =
+            std::env::temp_dir().join(format!("pygmy-copy-{}", uuid::Uuid::new_v4().simple()));
+        let first = claim(&dir, "t.sqlite", "c1", "catalog-1").unwrap();
+        std::fs::write(dir.join("t.sqlite"), b"state at 1").unwrap();
+        seal(&dir, "t.sqlite", false).unwrap();
+        // Restarted on the same file: the same replica.
+        let again = claim(&dir, "t.sqlite", "c1", "catalog-1").unwrap();
+        assert_eq!(
+            (again.incarnation, again.copied),
+            (first.incarnation, false)
+        );
+        // An old copy put back in its place (the way backups are restored).
+        let copy = dir.with_extension("bak");
+        std::fs::copy(dir.join("t.sqlite"), &copy).unwrap();
+        std::fs::remove_file(dir.join("t.sqlite")).unwrap();
+        std::fs::copy(&copy, dir.join("t.sqlite")).unwrap();
+        let restored = claim(&dir, "t.sqlite", "c1", "catalog-1").unwrap();
+        assert!(restored.copied, "a restored copy must be told apart");
+        assert!(restored.incarnation > first.incarnation);
+        // It keeps that incarnation from now on, on its own file.
+        let later = claim(&dir, "t.sqlite", "c1", "catalog-1").unwrap();
+        assert_eq!(
+            (later.incarnation, later.copied),
+            (restored.incarnation, false)
+        );
+        // An operator who moved the directory vouches for it with `seal --force`.
+        std::fs::remove_file(dir.join("t.sqlite")).unwrap();
+        std::fs::copy(&copy, dir.join("t.sqlite")).unwrap();
+        seal(&dir, "t.sqlite", true).unwrap();
+        let moved = claim(&dir, "t.sqlite", "c1", "catalog-1").unwrap();
+        assert_eq!(
+            (moved.incarnation, moved.copied),
+            (restored.incarnation, false)
+        );
+        // Data gone next to its identity: a new incarnation.
+        let renewed = renew(&dir, &moved).unwrap();
+        assert!(renewed.incarnation > moved.incarnation);
+        assert_eq!(
+            claim(&dir, "t.sqlite", "c1", "catalog-1")
+                .unwrap()
+                .incarnation,
+            renewed.incarnation
+        );
+        std::fs::remove_file(&copy).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn data_without_identity_is_refused() {
+        let dir =
+            std::env::temp_dir().join(format!("pygmy-noid-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("t.sqlite"), b"data").unwrap();
         assert!(
             matches!(

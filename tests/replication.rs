@@ -503,3 +503,94 @@ async fn replicas_given_different_catalog_files_all_hold_the_founding_catalog() 
     expect[1] = Some((2, "A two".to_string(), 11));
     assert_eq!(held, expect);
 }
+
+fn incarnation(dir: &std::path::Path) -> u64 {
+    let id: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("identity.json")).unwrap()).unwrap();
+    id["incarnation"].as_u64().unwrap()
+}
+
+/// `cp -a`, the way an operator takes and restores a cold backup.
+fn cp_a(from: &std::path::Path, to: &std::path::Path) {
+    let ok = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "cp -a {} {}", from.display(), to.display());
+}
+
+/// A backup whose data directory is put back to an older copy of itself
+/// (a restored backup) has forgotten buys it acknowledged and votes it
+/// cast. It rejoins as a learner under a new incarnation: while the
+/// primary is down it is no voter (the other backup cannot be elected with
+/// it), and once a primary is back it catches up and becomes a backup
+/// again; nothing acknowledged is lost or doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_restored_from_an_old_copy_rejoins_as_a_learner_and_never_votes_before_it_caught_up()
+ {
+    let mut c = TestCluster::start(Options::default()).await;
+    c.set_stock(1, 1_000_000).await;
+    let start = c.stock(1).await;
+    let dir = c.cfg.data_dir(c.cfg.node("catalog-1").unwrap()).unwrap();
+    let backup = c.dir.join("catalog-1-backup");
+    assert!(c.stop("catalog-1"));
+    cp_a(&dir, &backup);
+    c.restart("catalog-1").await;
+    let inc = incarnation(&dir);
+
+    // Buys after the backup was taken: the copy lacks them.
+    let load = Load::start(c.frontend(), 4, 1);
+    load.wait_for_more(60).await;
+    let ids = load.finish().await;
+    let n = exactly_once(&ids);
+    converged(&c).await;
+
+    // Restore the old copy while the primary is down too.
+    assert!(c.stop("catalog-1"));
+    assert!(c.stop("catalog-3"));
+    std::fs::remove_dir_all(&dir).unwrap();
+    cp_a(&backup, &dir);
+    c.restart("catalog-1").await;
+    assert!(
+        incarnation(&dir) > inc,
+        "a restored copy gets a new incarnation"
+    );
+    wait_until(
+        "catalog-1 is a learner",
+        Duration::from_secs(10),
+        || async { role(&c, "catalog-1").await.as_deref() == Some("learner") },
+    )
+    .await;
+    let log = std::fs::read_to_string(c.dir.join("catalog-1.log")).unwrap();
+    assert!(
+        log.contains("restored from a copy"),
+        "the restore is logged:\n{log}"
+    );
+    // catalog-2 holds every buy and would win an election with one more
+    // vote: the learner's must not count. Watch several election timeouts.
+    let watch = Duration::from_millis(6 * c.cfg.timing.election_timeout_ms.max(200));
+    let until = std::time::Instant::now() + watch;
+    while std::time::Instant::now() < until {
+        assert_ne!(
+            role(&c, "catalog-2").await.as_deref(),
+            Some("primary"),
+            "catalog-2 was elected with a restored copy's vote"
+        );
+        assert_eq!(role(&c, "catalog-1").await.as_deref(), Some("learner"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The primary returns: the copy catches up and becomes a backup again.
+    c.restart("catalog-3").await;
+    wait_until(
+        "catalog-1 caught up and is a backup again",
+        Duration::from_secs(30),
+        || async { role(&c, "catalog-1").await.as_deref() == Some("backup") },
+    )
+    .await;
+    converged(&c).await;
+    assert_eq!(c.stock(1).await, start - n as u64, "no buy lost or doubled");
+}

@@ -211,6 +211,18 @@ fn teeth_profile(name: &str, broken: bool) -> Options {
             o.relaxed_disk_policy = true;
             o.w_disk = 6;
         }
+        "restored_copy" => {
+            // Backups restored often, the restored disk's data possibly held
+            // by just one other disk.
+            o.trust_restored_copies = broken;
+            o.relaxed_disk_policy = true;
+            o.w_restore = 12;
+            o.w_disk = 0;
+            o.w_crash = 6;
+            o.w_restart = 3;
+            o.w_partition = 1;
+            o.fault_every_ms = (40, 200);
+        }
         "atomic_decrement" => o.check_at_propose = broken,
         _ => panic!("unknown teeth profile {name}"),
     }
@@ -335,6 +347,42 @@ fn three_replicas_tiny_snapshots_heavy_reordering() {
     run("3 replicas, tiny snapshots", 500_000_000, 1000, |_| {
         Options::tiny_snapshots(3)
     });
+}
+
+/// Disks put back to older copies of themselves (restored backups) rejoin
+/// as learners: no vote, no part in a commit, until caught up.
+#[test]
+fn three_replicas_restored_copies() {
+    run("3 replicas, restored copies", 700_000_000, 300, |seed| {
+        let mut o = Options::varied(3, seed);
+        o.w_restore = 4;
+        o
+    });
+    run(
+        "3 replicas, restores aimed at lost data",
+        720_000_000,
+        300,
+        |_| teeth_profile("restored_copy", false),
+    );
+}
+
+#[test]
+fn five_replicas_restored_copies() {
+    run("5 replicas, restored copies", 710_000_000, 150, |seed| {
+        let mut o = Options::varied(5, seed);
+        o.w_restore = 4;
+        o.relaxed_disk_policy = true;
+        o
+    });
+}
+
+#[test]
+fn teeth_restored_copies_rejoin_as_learners() {
+    find_violation(
+        "restored_copy",
+        3000,
+        &["two primaries in epoch", "divergence", "lost at node"],
+    );
 }
 
 #[test]

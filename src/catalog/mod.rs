@@ -171,7 +171,14 @@ pub async fn run(
         .data_dir(&node)
         .ok_or_else(|| NodeError::Config(format!("{name} has no data_dir")))?;
     crate::metrics::register(Role::Catalog);
-    let identity = crate::storage::claim(&dir, "catalog.sqlite", &cfg.cluster_id, name)?;
+    let mut identity = crate::storage::claim(&dir, "catalog.sqlite", &cfg.cluster_id, name)?;
+    if identity.copied {
+        tracing::warn!(
+            data_dir = %dir.display(),
+            incarnation = identity.incarnation,
+            "this data directory's database is not the file it last wrote: it was restored from a copy (or copied), so it may hold less than this replica acknowledged; rejoining as a learner under a new incarnation until caught up (after moving a stopped replica's latest data by copying it, `pygmy seal` says it is the same)"
+        );
+    }
     // The books this replica would found a new cluster with (read now, so a
     // bad catalog file stops the start); a running cluster's come from its log.
     let seed_books = match cfg.catalog_file() {
@@ -179,6 +186,7 @@ pub async fn run(
         None => seed::default_books(),
     };
     let db = Db::open(&dir)?;
+    crate::storage::seal(&dir, "catalog.sqlite", false)?;
     let disk = db
         .hard_state()
         .map_err(crate::storage::StorageError::from)?
@@ -244,6 +252,17 @@ pub async fn run(
     // replaced disk (rejoins as a non-voting learner until caught up).
     let mut db = db;
     let blank = db.is_blank().map_err(crate::storage::StorageError::from)?;
+    if blank && !identity.fresh {
+        // Emptied (or deleted) next to its identity: what this replica
+        // acknowledged is gone, so it must not answer as the same disk.
+        identity = crate::storage::renew(&dir, &identity)?;
+        crate::storage::seal(&dir, "catalog.sqlite", true)?;
+        tracing::warn!(
+            data_dir = %dir.display(),
+            incarnation = identity.incarnation,
+            "the database is empty but the data directory has served before: its data was lost; starting under a new incarnation"
+        );
+    }
     if blank {
         let voter = new_cluster(&peers, &http).await;
         if voter {

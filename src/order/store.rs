@@ -43,6 +43,13 @@ impl OrderStore {
         let identity = storage::claim(dir, "orders.sqlite", cluster_id, node)?;
         let conn = storage::open(dir, "orders.sqlite")?;
         conn.execute_batch(SCHEMA)?;
+        storage::seal(dir, "orders.sqlite", false)?;
+        if identity.copied {
+            tracing::warn!(
+                data_dir = %dir.display(),
+                "this data directory's order log is not the file it last wrote: it was restored from a copy (or copied); orders taken since that copy are only on the other order replicas"
+            );
+        }
         let reader = storage::open(dir, "orders.sqlite")?;
         let writer = storage::spawn_writer(node, conn, commit);
         Ok(Self {

@@ -1167,7 +1167,10 @@ impl Replica {
             }
         }
         if self.majority > 1 {
-            let quorum = kth_largest(self.peers.values().map(|p| p.matched), self.majority - 2);
+            // Only voters count toward the majority: a learner (a new disk, or
+            // one restored from an old copy) is not in sync until promoted.
+            let voters = self.peers.values().filter(|p| !p.learner);
+            let quorum = kth_largest(voters.map(|p| p.matched), self.majority - 2);
             cand = cand.min(quorum.unwrap_or(0));
         }
         if cand <= self.hs.commit.seq {
@@ -1372,9 +1375,9 @@ impl Replica {
         if self.learner && matched >= commit && to_me {
             self.learner = false;
             self.hs.incarnation = self.cfg.incarnation;
-            if self.hs.voted_for.is_none() {
-                self.hs.voted_for = Some(from);
-            }
+            // The primary of this epoch won it: whatever vote the disk
+            // remembers for it (a restored copy's, say) stands for this one.
+            self.hs.voted_for = Some(from);
         }
         self.reply_append(from, true, matched, self.log.last_seq(), sent_at);
     }

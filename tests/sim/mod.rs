@@ -71,6 +71,12 @@ pub struct Options {
     /// Stop-the-world pauses: a node processes nothing for 1–3 leases while
     /// time (and its clock) goes on; what was sent to it waits.
     pub w_pause: u32,
+    /// A down node's disk is put back to an older copy of itself (taken
+    /// earlier in the run), as an operator restoring a backup would.
+    pub w_restore: u32,
+    /// Bug: a restored copy is taken for the disk it was copied from (same
+    /// incarnation), so it votes and counts at once, with what it forgot.
+    pub trust_restored_copies: bool,
     /// Driver bug: a read is let through by the lease as of the node's last
     /// event, not the clock when it is served (so a pause goes unnoticed).
     pub reads_at_last_event: bool,
@@ -115,6 +121,8 @@ impl Options {
             w_net: 2,
             w_disk: 1,
             w_pause: 1,
+            w_restore: 0,
+            trust_restored_copies: false,
             reads_at_last_event: false,
             crash_mid_ready: 0.3,
             read_every_ms: 20,
@@ -389,6 +397,8 @@ struct Node {
     paused_until: u64,
     /// Simulated time of the last event this node handled.
     last_event: u64,
+    /// A copy of its disk taken earlier (a backup), to restore.
+    old_copy: Option<MemStorage>,
 }
 
 impl Node {
@@ -437,6 +447,7 @@ impl Checker {
 pub struct Stats {
     pub snapshots_installed: usize,
     pub disks_replaced: usize,
+    pub disks_restored: usize,
     pub crashes: usize,
     pub pauses: usize,
     pub acked: usize,
@@ -522,6 +533,7 @@ impl Sim {
                 crash_armed: false,
                 paused_until: 0,
                 last_event: 0,
+                old_copy: None,
             });
         }
         let clients = (0..opts.clients)
@@ -707,6 +719,7 @@ impl Sim {
             }
             Ev::Fault => {
                 if self.chaos {
+                    self.take_backup();
                     self.fault()?;
                     self.trace(&format!(
                         "fault; blocked {:?} loss {} dup {} long {}",
@@ -1123,6 +1136,7 @@ impl Sim {
             o.w_net,
             o.w_disk,
             o.w_pause,
+            o.w_restore,
         ];
         let total: u32 = weights.iter().sum();
         let mut x = self.rng.below(total as u64) as u32;
@@ -1228,6 +1242,25 @@ impl Sim {
                     self.stats.pauses += 1;
                 }
             }
+            7 => {
+                // Restore a down node's disk from its backup. The copy is
+                // told apart from the disk it was taken from (a new
+                // incarnation: see `storage::claim`), so it is a learner
+                // holding old data; one disk failure at a time, as below.
+                if let Some(i) = self.pick(false)
+                    && self.nodes[i].old_copy.is_some()
+                    && self.disk_replaceable(i)
+                {
+                    self.stats.disks_restored += 1;
+                    let trust = self.opts.trust_restored_copies;
+                    let node = &mut self.nodes[i];
+                    node.disk = node.old_copy.take().expect("checked");
+                    if !trust {
+                        node.inc = self.next_inc;
+                        self.next_inc += 1;
+                    }
+                }
+            }
             _ => {
                 if let Some(i) = self.pick(false)
                     && self.disk_replaceable(i)
@@ -1235,12 +1268,25 @@ impl Sim {
                     self.stats.disks_replaced += 1;
                     let node = &mut self.nodes[i];
                     node.disk = MemStorage::default();
+                    node.old_copy = None;
                     node.inc = self.next_inc;
                     self.next_inc += 1;
                 }
             }
         }
         Ok(())
+    }
+
+    /// Backups: now and then, a copy of a node's disk as it is now.
+    fn take_backup(&mut self) {
+        if self.opts.w_restore == 0 || !self.rng.chance(0.3) {
+            return;
+        }
+        let i = self.rng.below(self.nodes.len() as u64) as usize;
+        let node = &mut self.nodes[i];
+        if node.disk.hard_state.incarnation == node.inc {
+            node.old_copy = Some(node.disk.clone());
+        }
     }
 
     /// A disk may be lost only when what it holds is elsewhere: its epoch is
@@ -1605,6 +1651,7 @@ pub fn run_many(first_seed: u64, count: u64, make: impl Fn(u64) -> Options) -> R
         total.events += s.events;
         total.snapshots_installed += s.snapshots_installed;
         total.disks_replaced += s.disks_replaced;
+        total.disks_restored += s.disks_restored;
         total.crashes += s.crashes;
         total.pauses += s.pauses;
     }
