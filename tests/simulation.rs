@@ -223,6 +223,18 @@ fn teeth_profile(name: &str, broken: bool) -> Options {
             o.w_partition = 1;
             o.fault_every_ms = (40, 200);
         }
+        "starting" => {
+            // Disks lost often, restarts bunched (heals restart every down
+            // node at once): a blank disk asks while its peers are starting.
+            o.starting_reports_blank = broken;
+            o.relaxed_disk_policy = true;
+            o.w_disk = 8;
+            o.w_crash = 8;
+            o.w_restart = 1;
+            o.w_heal = 6;
+            o.w_partition = 1;
+            o.fault_every_ms = (40, 200);
+        }
         "atomic_decrement" => o.check_at_propose = broken,
         _ => panic!("unknown teeth profile {name}"),
     }
@@ -382,6 +394,27 @@ fn teeth_restored_copies_rejoin_as_learners() {
         "restored_copy",
         3000,
         &["two primaries in epoch", "divergence", "lost at node"],
+    );
+}
+
+/// "Starting" is not "blank": a blank disk whose peers are still starting
+/// must not found a new cluster.
+#[test]
+fn teeth_a_starting_replica_is_not_taken_for_a_blank_one() {
+    find_violation(
+        "starting",
+        3000,
+        &["two primaries in epoch", "divergence", "lost at node"],
+    );
+}
+
+#[test]
+fn three_replicas_blank_disks_asking_starting_peers() {
+    run(
+        "3 replicas, blank disks and starting peers",
+        730_000_000,
+        300,
+        |_| teeth_profile("starting", false),
     );
 }
 

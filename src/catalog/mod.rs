@@ -380,7 +380,7 @@ async fn new_cluster(peers: &[crate::config::NodeConfig], http: &Http) -> bool {
 /// enough blank peers answered to make a majority with it; `None`: ask
 /// again. A peer that is itself still starting reports what its disk holds,
 /// never a blank it has not checked.
-fn founds_new_cluster(answers: &[Option<(u64, u64)>]) -> Option<bool> {
+pub fn founds_new_cluster(answers: &[Option<(u64, u64)>]) -> Option<bool> {
     let needed = answers.len().div_ceil(2);
     let mut blank = 0;
     for a in answers.iter().flatten() {

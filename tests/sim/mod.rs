@@ -30,6 +30,7 @@ use std::cmp::Ordering;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 
 use pygmy::api::{Book, BookId, Money, Outcome, Version as ApiVersion};
+use pygmy::catalog::founds_new_cluster;
 use pygmy::catalog::machine::{self, Command, MemTables, SnapshotData};
 use pygmy::replication::drive::{self, Host};
 use pygmy::replication::{
@@ -77,6 +78,9 @@ pub struct Options {
     /// Bug: a restored copy is taken for the disk it was copied from (same
     /// incarnation), so it votes and counts at once, with what it forgot.
     pub trust_restored_copies: bool,
+    /// Bug: a replica still starting answers a blank disk's question as if
+    /// its own disk were blank, instead of with what its disk holds.
+    pub starting_reports_blank: bool,
     /// Driver bug: a read is let through by the lease as of the node's last
     /// event, not the clock when it is served (so a pause goes unnoticed).
     pub reads_at_last_event: bool,
@@ -123,6 +127,7 @@ impl Options {
             w_pause: 1,
             w_restore: 0,
             trust_restored_copies: false,
+            starting_reports_blank: false,
             reads_at_last_event: false,
             crash_mid_ready: 0.3,
             read_every_ms: 20,
@@ -448,6 +453,9 @@ pub struct Stats {
     pub snapshots_installed: usize,
     pub disks_replaced: usize,
     pub disks_restored: usize,
+    /// Blank disks that founded a new cluster (at the very start of a run,
+    /// when no replica has history yet).
+    pub founded: usize,
     pub crashes: usize,
     pub pauses: usize,
     pub acked: usize,
@@ -504,6 +512,9 @@ pub type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<Fnv>>;
 
 /// How often each node's clock ticks the core.
 const TICK_MS: u64 = 20;
+
+/// How long a restarted replica counts as still starting.
+const STARTING_MS: u64 = 100;
 
 impl Sim {
     pub fn new(seed: u64, opts: Options) -> Self {
@@ -1072,7 +1083,39 @@ impl Sim {
         node.paused_until = 0;
     }
 
+    /// What each peer of blank node `i` answers when asked whether it has
+    /// history (`catalog::founds_new_cluster`): nothing when down, paused or
+    /// cut off; the epoch and commit of its disk otherwise — also while it
+    /// is itself still starting (the first `STARTING_MS` after a restart).
+    fn start_answers(&self, i: usize) -> Vec<Option<(u64, u64)>> {
+        (0..self.nodes.len())
+            .filter(|&j| j != i)
+            .map(|j| {
+                let p = &self.nodes[j];
+                if !p.up || p.paused_until > self.t || self.blocked[i][j] || self.blocked[j][i] {
+                    return None;
+                }
+                let starting = self.t < p.boot_t + STARTING_MS;
+                if starting && self.opts.starting_reports_blank {
+                    return Some((0, 0));
+                }
+                Some((p.disk.hard_state.epoch, p.disk.hard_state.commit.seq))
+            })
+            .collect()
+    }
+
     fn restart(&mut self, i: usize) -> R<()> {
+        // A blank disk first asks its peers whether the cluster is new: if
+        // so it founds it as a voter, otherwise it joins as a learner.
+        let d = &self.nodes[i].disk;
+        if d.hard_state.incarnation == 0 && d.entries.is_empty() && d.snapshot.is_none() {
+            let answers = self.start_answers(i);
+            if founds_new_cluster(&answers) == Some(true) {
+                self.stats.founded += 1;
+                let inc = self.nodes[i].inc;
+                self.nodes[i].disk = MemStorage::bootstrap(inc);
+            }
+        }
         let seed = self.rng.next_u64();
         let off = self.rng.below(1_000_000);
         let opts = self.opts.clone();
@@ -1652,6 +1695,7 @@ pub fn run_many(first_seed: u64, count: u64, make: impl Fn(u64) -> Options) -> R
         total.snapshots_installed += s.snapshots_installed;
         total.disks_replaced += s.disks_replaced;
         total.disks_restored += s.disks_restored;
+        total.founded += s.founded;
         total.crashes += s.crashes;
         total.pauses += s.pauses;
     }
