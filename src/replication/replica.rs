@@ -1141,7 +1141,8 @@ impl Replica {
                 .iter()
                 .find(|(seq, _)| *seq > p.matched)
                 .is_some_and(|(_, t)| *t < stale_before);
-            let healthy = acking && !lagging && p.echo.is_some();
+            // A learner is not in sync (and serves no reads) until promoted.
+            let healthy = acking && !lagging && p.echo.is_some() && !p.learner;
             if p.in_view && !healthy {
                 p.in_view = false;
             } else if !p.in_view && healthy && p.matched == last {
