@@ -32,16 +32,17 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::Instant;
 
 use crate::api::{BookId, Invalidation, InvalidationBatch, LeaseGrant, Version};
 use crate::client::FrontendClient;
 
+/// The primary's side of one frontend's cache lease and invalidation
+/// stream, without I/O: the push loop below and the simulator drive it.
 #[derive(Debug, Default)]
-struct LinkState {
+pub struct LinkState {
     /// When the lease last granted to this frontend has surely run out.
     lease_expiry: Option<Instant>,
     /// No lease is granted before this instant (a push failed).
@@ -53,6 +54,71 @@ struct LinkState {
 }
 
 impl LinkState {
+    /// A new primary's link: the frontend is treated as holding a lease
+    /// from an earlier primary for `assumed` from `now`.
+    pub fn new(now: Instant, assumed: Duration) -> Self {
+        LinkState {
+            lease_expiry: Some(now + assumed),
+            ..LinkState::default()
+        }
+    }
+
+    /// Grants a lease of `lease` at `now`, which the primary counts as
+    /// lasting `lease_with_drift` (the frontend's clock may run slower),
+    /// unless the frontend missed invalidations still being waited out.
+    pub fn grant(
+        &mut self,
+        now: Instant,
+        lease: Duration,
+        lease_with_drift: Duration,
+        epoch: u64,
+        version: Version,
+    ) -> Result<LeaseGrant, LeaseError> {
+        if let Some(until) = self.withheld_until {
+            if until > now {
+                return Err(LeaseError::Withheld((until - now).as_millis() as u64 + 1));
+            }
+            self.withheld_until = None;
+        }
+        let expiry = now + lease_with_drift;
+        self.lease_expiry = Some(self.lease_expiry.map_or(expiry, |e| e.max(expiry)));
+        let pending = self
+            .pending
+            .iter()
+            .flat_map(|(b, n)| std::iter::repeat_n(*b, *n as usize))
+            .collect();
+        Ok(LeaseGrant {
+            epoch,
+            next_seq: self.next_seq,
+            lease_ms: lease.as_millis() as u64,
+            version,
+            pending,
+        })
+    }
+
+    /// A batch of `items` is to be pushed at `now`: `Some((seq, expiry))`
+    /// to send it, delivered before `expiry` or failed; `None` when no
+    /// lease is out (the frontend serves nothing cached): done already.
+    pub fn start_batch(&mut self, items: &[Invalidation], now: Instant) -> Option<(u64, Instant)> {
+        self.count(items);
+        match self.lease_expiry {
+            Some(e) if e > now => {
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                Some((seq, e))
+            }
+            _ => None,
+        }
+    }
+
+    /// The batch sent with `expiry` was not delivered: no lease is granted
+    /// before the returned instant, when the batch counts as done.
+    pub fn push_failed(&mut self, expiry: Instant) -> Instant {
+        let until = self.lease_expiry.unwrap_or(expiry).max(expiry);
+        self.withheld_until = Some(until);
+        until
+    }
+
     fn count(&mut self, items: &[Invalidation]) {
         for it in items {
             if it.begin {
@@ -115,11 +181,7 @@ impl Invalidator {
                 let (queue, rx) = mpsc::unbounded_channel();
                 // The previous primary may have granted a lease just before it
                 // stopped: treat every frontend as leased until that one surely ran out.
-                let state = LinkState {
-                    lease_expiry: Some(Instant::now() + assumed),
-                    ..LinkState::default()
-                };
-                let state = Arc::new(Mutex::new(state));
+                let state = Arc::new(Mutex::new(LinkState::new(now(), assumed)));
                 tokio::spawn(push_loop(name.clone(), state.clone(), client, rx, epoch));
                 Arc::new(Link { name, state, queue })
             })
@@ -140,30 +202,16 @@ impl Invalidator {
             .iter()
             .find(|l| l.name == frontend)
             .ok_or_else(|| LeaseError::UnknownFrontend(frontend.to_string()))?;
-        let now = Instant::now();
         let mut st = link.state.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(until) = st.withheld_until {
-            if until > now {
-                return Err(LeaseError::Withheld((until - now).as_millis() as u64 + 1));
-            }
-            st.withheld_until = None;
-        }
         // The frontend counts `lease` on its own clock, which may run slower
         // than ours by up to the drift margin.
-        let expiry = now + self.lease_with_drift;
-        st.lease_expiry = Some(st.lease_expiry.map_or(expiry, |e| e.max(expiry)));
-        let pending = st
-            .pending
-            .iter()
-            .flat_map(|(b, n)| std::iter::repeat_n(*b, *n as usize))
-            .collect();
-        Ok(LeaseGrant {
-            epoch: self.epoch,
-            next_seq: st.next_seq,
-            lease_ms: self.lease.as_millis() as u64,
+        st.grant(
+            now(),
+            self.lease,
+            self.lease_with_drift,
+            self.epoch,
             version,
-            pending,
-        })
+        )
     }
 
     /// A write to `book` is about to be proposed: returns once every
@@ -226,46 +274,40 @@ async fn push_loop(
                 Err(_) => break,
             }
         }
-        let now = Instant::now();
         let items: Vec<Invalidation> = batch.iter().filter_map(|p| p.item).collect();
-        let (expiry, seq) = {
-            let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
-            st.count(&items);
-            match st.lease_expiry {
-                Some(e) if e > now => {
-                    let seq = st.next_seq;
-                    st.next_seq += 1;
-                    (e, seq)
-                }
-                // No lease out: the frontend is not serving from its cache.
-                _ => {
-                    drop(st);
-                    finish(batch);
-                    continue;
-                }
-            }
+        let started = state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .start_batch(&items, now());
+        // None: no lease out, the frontend is not serving from its cache.
+        let Some((seq, expiry)) = started else {
+            finish(batch);
+            continue;
         };
         let msg = InvalidationBatch { epoch, seq, items };
         let delivered = matches!(
-            tokio::time::timeout_at(expiry, client.invalidate(&msg)).await,
+            tokio::time::timeout_at(expiry.into(), client.invalidate(&msg)).await,
             Ok(Ok(_))
         );
         if !delivered {
-            let until = {
-                let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
-                let until = st.lease_expiry.unwrap_or(expiry).max(expiry);
-                st.withheld_until = Some(until);
-                until
-            };
+            let until = state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push_failed(expiry);
             tracing::info!(
                 frontend = %name,
-                wait_ms = until.saturating_duration_since(Instant::now()).as_millis() as u64,
+                wait_ms = until.saturating_duration_since(now()).as_millis() as u64,
                 "frontend not reachable for cache invalidation; waiting out its cache lease"
             );
-            tokio::time::sleep_until(until).await;
+            tokio::time::sleep_until(until.into()).await;
         }
         finish(batch);
     }
+}
+
+/// The runtime's clock (which tests may pause) as a `std` instant.
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
 }
 
 fn finish(batch: Vec<Pending>) {

@@ -182,12 +182,17 @@ impl Cache {
     }
 
     pub fn lookup(&self, id: BookId) -> Option<Arc<LookupResponse>> {
+        self.lookup_at(id, Instant::now())
+    }
+
+    /// [`Cache::lookup`] at a given time (the simulator's clocks).
+    pub fn lookup_at(&self, id: BookId, now: Instant) -> Option<Arc<LookupResponse>> {
         if !self.enabled {
             return None;
         }
         let v = {
             let inner = self.lock();
-            if inner.lease_valid(Instant::now()) {
+            if inner.lease_valid(now) {
                 inner.books.get(&id).cloned()
             } else {
                 None
@@ -227,12 +232,17 @@ impl Cache {
 
     /// Caches a book read with `ticket`, unless something newer was announced since.
     pub fn fill_book(&self, ticket: Ticket, value: Arc<LookupResponse>) -> bool {
+        self.fill_book_at(ticket, value, Instant::now())
+    }
+
+    /// [`Cache::fill_book`] at a given time.
+    pub fn fill_book_at(&self, ticket: Ticket, value: Arc<LookupResponse>, now: Instant) -> bool {
         if !self.enabled {
             return false;
         }
         let mut inner = self.lock();
         if ticket.generation != inner.generation
-            || !inner.lease_valid(Instant::now())
+            || !inner.lease_valid(now)
             || value.version < inner.floor(value.id)
             || inner.pending.contains_key(&value.id)
         {
@@ -262,6 +272,11 @@ impl Cache {
 
     /// A batch from the primary's invalidation stream.
     pub fn invalidate(&self, batch: &InvalidationBatch) {
+        self.invalidate_at(batch, Instant::now())
+    }
+
+    /// [`Cache::invalidate`] at a given time.
+    pub fn invalidate_at(&self, batch: &InvalidationBatch, now: Instant) {
         let mut inner = self.lock();
         // Whether this batch is the next one of the stream, so its begins
         // and ends count (otherwise they only drop entries and raise floors).
@@ -284,7 +299,7 @@ impl Cache {
                 inner.flush("new catalog epoch");
                 inner.drop_lease();
                 inner.epoch = Some(batch.epoch);
-                inner.fenced_at = Some(Instant::now());
+                inner.fenced_at = Some(now);
                 inner.expected_seq = batch.seq + 1;
                 false
             }
@@ -314,8 +329,12 @@ impl Cache {
 
     /// The primary granted a lease requested at `sent_at`.
     pub fn renew(&self, sent_at: Instant, grant: &LeaseGrant) {
+        self.renew_at(sent_at, grant, Instant::now())
+    }
+
+    /// [`Cache::renew`] at a given time.
+    pub fn renew_at(&self, sent_at: Instant, grant: &LeaseGrant, now: Instant) {
         let mut inner = self.lock();
-        let now = Instant::now();
         let new_epoch = inner.epoch != Some(grant.epoch);
         if let Some(e) = inner.epoch.filter(|e| *e > grant.epoch) {
             // A deposed primary's grant, refused while the newer epoch may
