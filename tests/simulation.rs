@@ -11,7 +11,7 @@
 mod sim;
 
 use pygmy::replication::UnsafeSwitches;
-use sim::{Options, Sim, env_count, env_offset, env_seed, run_many};
+use sim::{CacheOptions, Options, Sim, env_count, env_offset, env_seed, run_many};
 
 /// Seeds of each test start at `first`; a failure names its seed.
 fn run(name: &str, first: u64, default_count: u64, make: impl Fn(u64) -> Options) {
@@ -223,6 +223,20 @@ fn teeth_profile(name: &str, broken: bool) -> Options {
             o.w_partition = 1;
             o.fault_every_ms = (40, 200);
         }
+        "cache_drift" => {
+            // Frontends cut off now and then (their leases run out unrenewed)
+            // while writes go on; the primary counts a cache lease without
+            // the drift margin.
+            let mut c = CacheOptions::new(2);
+            c.drift_margin = broken.then_some(0.0);
+            c.read_every_ms = 1;
+            o.caches = Some(c);
+            o.w_partition = 8;
+            o.w_crash = 1;
+            o.w_disk = 0;
+            o.partition_kinds = [0, 0, 0, 1, 0];
+            o.fault_every_ms = (100, 600);
+        }
         "starting" => {
             // Disks lost often, restarts bunched (heals restart every down
             // node at once): a blank disk asks while its peers are starting.
@@ -406,6 +420,47 @@ fn teeth_a_starting_replica_is_not_taken_for_a_blank_one() {
         3000,
         &["two primaries in epoch", "divergence", "lost at node"],
     );
+}
+
+/// Frontend caches under every fault: no read served from a cache misses
+/// a write a client already saw.
+#[test]
+fn three_replicas_with_frontend_caches() {
+    run(
+        "3 replicas, 2 caching frontends",
+        740_000_000,
+        300,
+        |seed| {
+            let mut o = Options::varied(3, seed);
+            o.caches = Some(CacheOptions::new(2));
+            o
+        },
+    );
+    run(
+        "3 replicas, caching frontends cut off",
+        750_000_000,
+        300,
+        |_| teeth_profile("cache_drift", false),
+    );
+}
+
+#[test]
+fn five_replicas_with_frontend_caches() {
+    run(
+        "5 replicas, 2 caching frontends",
+        760_000_000,
+        100,
+        |seed| {
+            let mut o = Options::varied(5, seed);
+            o.caches = Some(CacheOptions::new(2));
+            o
+        },
+    );
+}
+
+#[test]
+fn teeth_cache_leases_allow_for_clock_drift() {
+    find_violation("cache_drift", 2000, &["stale read from cache"]);
 }
 
 #[test]

@@ -363,6 +363,15 @@ impl Cache {
         } else {
             None
         };
+        if flush.is_some()
+            && inner.epoch == Some(grant.epoch)
+            && grant.next_seq < inner.expected_seq
+        {
+            // Granted before batches this cache already took: its `pending`
+            // lacks their begins, and those batches will not come again. A
+            // later grant will do.
+            return;
+        }
         if let Some(why) = flush {
             // Invalidations may have been missed: nothing older than what the
             // primary had committed when it granted this lease may be cached,
@@ -631,6 +640,33 @@ mod tests {
             "a flood of invented topics pushed the real one out"
         );
         assert_eq!(c.stats().entries, 1);
+    }
+
+    #[test]
+    fn a_grant_older_than_the_batches_taken_since_the_lease_lapsed_is_refused() {
+        let c = Cache::new(true, 100);
+        c.renew(Instant::now(), &grant(1, 0, 60_000, v(1, 0)));
+        // The lease lapses (a gap drops it), then a write begins on book 1.
+        c.invalidate(&batch(1, 5, &[]));
+        c.invalidate(&batch(1, 6, &[(1, true, Version::default())]));
+        // A grant asked for before batch 6 started (it does not list the
+        // write begun in it) arrives only now.
+        let mut g = grant(1, 6, 60_000, v(1, 3));
+        g.pending.clear();
+        c.renew(Instant::now(), &g);
+        let t = c.ticket(Some(BookId::new(1).unwrap()));
+        assert!(
+            !c.fill_book(t, book(1, 5, v(1, 3))),
+            "a book with a write begun is not cached on the word of an older grant"
+        );
+        // A grant that knows the stream as far as this cache does is taken.
+        let mut g = grant(1, 7, 60_000, v(1, 3));
+        g.pending = vec![BookId::new(1).unwrap()];
+        c.renew(Instant::now(), &g);
+        let t = c.ticket(Some(BookId::new(2).unwrap()));
+        assert!(c.fill_book(t, book(2, 5, v(1, 3))));
+        let t = c.ticket(Some(BookId::new(1).unwrap()));
+        assert!(!c.fill_book(t, book(1, 5, v(1, 3))), "still begun");
     }
 
     #[test]

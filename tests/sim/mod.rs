@@ -30,6 +30,9 @@ use std::cmp::Ordering;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 
 use pygmy::api::{Book, BookId, Money, Outcome, Version as ApiVersion};
+mod caches;
+
+pub use caches::CacheOptions;
 use pygmy::catalog::founds_new_cluster;
 use pygmy::catalog::machine::{self, Command, MemTables, SnapshotData};
 use pygmy::replication::drive::{self, Host};
@@ -102,6 +105,8 @@ pub struct Options {
     /// Lowest long-delay and duplication rates during the chaos.
     pub min_long_delay: f64,
     pub min_dup: f64,
+    /// Frontend caches (none: reads go to replicas only).
+    pub caches: Option<CacheOptions>,
 }
 
 impl Options {
@@ -139,6 +144,7 @@ impl Options {
             drift_margin: None,
             min_long_delay: 0.0,
             min_dup: 0.0,
+            caches: None,
         }
     }
 }
@@ -195,6 +201,7 @@ pub fn config(id: NodeId, inc: u64, n: usize, seed: u64, opts: &Options) -> Conf
     c.snapshot_threshold = opts.snapshot_threshold;
     c.max_batch = 32;
     c.unsafe_switches = opts.switches.clone();
+    c.fence_caches = opts.caches.is_some();
     if let Some(m) = opts.drift_margin {
         c.drift_margin = m;
     }
@@ -357,6 +364,7 @@ enum Ev {
     },
     Fault,
     EndChaos,
+    Cache(caches::CacheEv),
 }
 
 struct Item {
@@ -404,6 +412,10 @@ struct Node {
     last_event: u64,
     /// A copy of its disk taken earlier (a backup), to restore.
     old_copy: Option<MemStorage>,
+    /// Process lives: events of an earlier one are void.
+    life: u64,
+    /// Cache invalidation state while primary.
+    side: caches::PrimarySide,
 }
 
 impl Node {
@@ -438,6 +450,8 @@ struct Checker {
     /// Highest seq some client saw: in an acknowledgement, or in the state a
     /// read was served from. A read that starts later must show at least it.
     exposed: u64,
+    /// Seqs of the committed writes to each book.
+    book_writes: caches::BookWrites,
 }
 
 impl Checker {
@@ -462,6 +476,9 @@ pub struct Stats {
     pub reads_served: usize,
     pub primaries: usize,
     pub events: u64,
+    pub cache_hits: usize,
+    pub cache_grants: usize,
+    pub frontends_restarted: usize,
 }
 
 pub struct Sim {
@@ -484,6 +501,13 @@ pub struct Sim {
     ck: Checker,
     opts: Options,
     stats: Stats,
+    frontends: Vec<caches::Frontend>,
+    /// Every clock's zero, as an `Instant` (the cache's time type).
+    base: std::time::Instant,
+    token: u64,
+    op_id: u64,
+    /// Frontends cut off from the catalog replicas.
+    fe_cut: Vec<bool>,
 }
 
 type R<T> = Result<T, String>;
@@ -545,6 +569,8 @@ impl Sim {
                 paused_until: 0,
                 last_event: 0,
                 old_copy: None,
+                life: 0,
+                side: caches::PrimarySide::default(),
             });
         }
         let clients = (0..opts.clients)
@@ -576,6 +602,11 @@ impl Sim {
             ck: Checker::default(),
             opts,
             stats: Stats::default(),
+            frontends: Vec::new(),
+            base: std::time::Instant::now(),
+            token: 0,
+            op_id: 0,
+            fe_cut: Vec::new(),
         };
         for i in 0..n {
             let ph = sim.rng.below(10);
@@ -587,6 +618,7 @@ impl Sim {
             let d = sim.rng.below(50);
             sim.at(d, Ev::Read { client: c });
         }
+        sim.new_frontends();
         let d = sim.fault_gap();
         sim.at(d, Ev::Fault);
         let chaos = sim.opts.chaos_ms;
@@ -744,6 +776,7 @@ impl Sim {
                 self.heal_all()?;
                 self.trace("healed");
             }
+            Ev::Cache(ev) => self.on_cache_event(ev)?,
         }
         Ok(())
     }
@@ -825,8 +858,13 @@ impl Sim {
                 self.send(i, to, msg);
             }
         }
-        for (client, reply) in answers {
-            self.answer(client, reply);
+        self.cache_upkeep(i);
+        if self.opts.caches.is_some() {
+            self.answers_with_caches(i, answers);
+        } else {
+            for (client, reply) in answers {
+                self.answer(client, reply);
+            }
         }
         Ok(())
     }
@@ -913,6 +951,9 @@ impl Sim {
 
     fn on_request(&mut self, client: usize, i: usize, rid: String, book: usize) -> R<()> {
         if !self.nodes[i].up {
+            return Ok(());
+        }
+        if self.opts.caches.is_some() && self.request_with_caches(client, i, rid.clone(), book)? {
             return Ok(());
         }
         let now = self.nodes[i].local(self.t);
@@ -1081,6 +1122,8 @@ impl Sim {
         node.pending.clear();
         node.crash_armed = false;
         node.paused_until = 0;
+        node.life += 1;
+        node.side = caches::PrimarySide::default();
     }
 
     /// What each peer of blank node `i` answers when asked whether it has
@@ -1167,6 +1210,7 @@ impl Sim {
         for row in &mut self.blocked {
             row.iter_mut().for_each(|b| *b = false);
         }
+        self.fe_cut.iter_mut().for_each(|c| *c = false);
     }
 
     fn fault(&mut self) -> R<()> {
@@ -1215,6 +1259,16 @@ impl Sim {
             }
             2 => {
                 self.heal_links();
+                if !self.frontends.is_empty() && self.rng.chance(0.5) {
+                    // A frontend cut off from every catalog replica, or
+                    // restarted (an empty cache, no lease).
+                    let f = self.rng.below(self.frontends.len() as u64) as usize;
+                    if self.rng.chance(0.3) {
+                        self.restart_frontend(f);
+                    } else {
+                        self.fe_cut[f] = true;
+                    }
+                }
                 let w = self.opts.partition_kinds;
                 let mut x = self.rng.below(w.iter().sum::<u32>().max(1) as u64) as u32;
                 let mut kind = 0;
@@ -1473,8 +1527,9 @@ impl Sim {
                 Some(r) => {
                     let s = r.status();
                     format!(
-                        "{}: {:?} learner={} epoch {} primary {:?} log_epoch {} last {:?} commit {:?} applied {:?} view {:?} transfer {:?}",
-                        s.id, s.role, s.learner, s.epoch, s.primary, s.log_epoch, s.last, s.commit, n.store.last, s.view, s.transferring_to
+                        "{}: {:?} learner={} epoch {} primary {:?} log_epoch {} last {:?} commit {:?} applied {:?} view {:?} transfer {:?}{}",
+                        s.id, s.role, s.learner, s.epoch, s.primary, s.log_epoch, s.last, s.commit, n.store.last, s.view, s.transferring_to,
+                        n.side.describe()
                     )
                 }
             })
@@ -1580,6 +1635,9 @@ impl SimHost<'_> {
                 && first == v
             {
                 *self.store.sold.entry(book_id).or_default() += 1;
+                // A sale changed the book (a retry's entry changes nothing).
+                let b = book_id.get() as usize - 1;
+                self.ck.book_writes.entry(b).or_default().insert(seq);
             }
             if let Ok(Command::Buy { book_id }) = serde_json::from_slice::<Command>(cmd) {
                 let sold = self.store.sold.get(&book_id).copied().unwrap_or(0);
@@ -1696,6 +1754,9 @@ pub fn run_many(first_seed: u64, count: u64, make: impl Fn(u64) -> Options) -> R
         total.disks_replaced += s.disks_replaced;
         total.disks_restored += s.disks_restored;
         total.founded += s.founded;
+        total.cache_hits += s.cache_hits;
+        total.cache_grants += s.cache_grants;
+        total.frontends_restarted += s.frontends_restarted;
         total.crashes += s.crashes;
         total.pauses += s.pauses;
     }
