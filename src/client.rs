@@ -70,7 +70,7 @@ impl Http {
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_millis(500)))
-            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_idle_timeout(Duration::from_secs(20))
             .pool_max_idle_per_host(64)
             .tcp_nodelay(true)
             .no_proxy()

@@ -114,6 +114,15 @@ pub struct Limits {
     pub max_in_flight: usize,
     /// Frontend cache capacity, in entries.
     pub cache_entries: usize,
+    /// Open connections a node keeps at most; more are closed at once.
+    pub max_connections: usize,
+    /// Of `max_connections`, the last ones serve only requests carrying the
+    /// cluster token: the nodes keep talking while the public port is flooded.
+    pub reserved_connections: usize,
+    /// A keep-alive connection idle this long is closed.
+    pub idle_timeout_ms: u64,
+    /// Requests served on one connection; the last answer closes it.
+    pub max_requests_per_connection: u64,
 }
 
 impl Default for Limits {
@@ -124,6 +133,10 @@ impl Default for Limits {
             head_timeout_ms: 10_000,
             max_in_flight: 4_096,
             cache_entries: 100_000,
+            max_connections: 8_192,
+            reserved_connections: 512,
+            idle_timeout_ms: 30_000,
+            max_requests_per_connection: 100_000,
         }
     }
 }
@@ -359,8 +372,14 @@ impl ClusterConfig {
             || l.request_timeout_ms == 0
             || l.head_timeout_ms == 0
             || l.max_in_flight == 0
+            || l.max_connections == 0
+            || l.idle_timeout_ms == 0
+            || l.max_requests_per_connection == 0
         {
             return bad("limits must be positive".into());
+        }
+        if l.reserved_connections >= l.max_connections {
+            return bad("reserved_connections must be below max_connections".into());
         }
         Ok(())
     }

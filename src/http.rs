@@ -419,24 +419,37 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 /// Serves `app` on `listener` until `shutdown` resolves; then stops
 /// accepting, lets in-flight requests finish (up to [`DRAIN_TIMEOUT`]) and
 /// returns. Request heads are limited in size and in time (slow clients
-/// cannot hold a connection open by trickling headers).
+/// cannot hold a connection open by trickling headers). Connections are
+/// bounded (see [`Limits`]): past `max_connections` a new one is closed at
+/// once; the last `reserved_connections` serve only requests carrying the
+/// cluster `token`, so the nodes keep talking while the port is flooded; a
+/// keep-alive connection idle for `idle_timeout_ms`, or that has served
+/// `max_requests_per_connection` requests, is closed.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: Limits,
+    token: String,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     use hyper_util::rt::{TokioIo, TokioTimer};
-    use hyper_util::server::graceful::GracefulShutdown;
     use hyper_util::service::TowerToHyperService;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
-    let graceful = GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_millis(limits.head_timeout_ms))
         .max_buf_size(MAX_HEAD_BYTES)
         .keep_alive(true);
+    let token: Arc<str> = Arc::from(token);
+    let open = Arc::new(AtomicUsize::new(0));
+    let public = limits
+        .max_connections
+        .saturating_sub(limits.reserved_connections);
+    let idle = Duration::from_millis(limits.idle_timeout_ms);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut conns = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
         let (stream, _peer) = tokio::select! {
@@ -451,22 +464,195 @@ pub async fn serve(
             },
             _ = &mut shutdown => break,
         };
+        while conns.try_join_next().is_some() {}
+        let n = open.load(Ordering::Relaxed);
+        if n >= limits.max_connections {
+            metrics::counter!(crate::metrics::CONNECTIONS_SHED).increment(1);
+            drop(stream);
+            continue;
+        }
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
-        let conn = builder.serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            let _ = conn.await;
+        let conn = Arc::new(ConnState::new(n >= public));
+        let service = ConnService {
+            app: app.clone(),
+            conn: conn.clone(),
+            token: token.clone(),
+            max_requests: limits.max_requests_per_connection,
+        };
+        let open_now = OpenConnection::new(open.clone());
+        let connection =
+            builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+        let mut stop = stop_rx.clone();
+        conns.spawn(async move {
+            let _open = open_now;
+            tokio::pin!(connection);
+            let mut closing = false;
+            loop {
+                tokio::select! {
+                    _ = connection.as_mut() => break,
+                    _ = stop.changed(), if !closing => {
+                        connection.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                    _ = conn.idle_for(idle), if !closing => {
+                        connection.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                }
+            }
         });
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    let _ = stop_tx.send(true);
+    let drained = async { while conns.join_next().await.is_some() {} };
+    if tokio::time::timeout(DRAIN_TIMEOUT, drained).await.is_err() {
         tracing::warn!("some connections were still busy after {DRAIN_TIMEOUT:?}; closing them");
+        conns.abort_all();
     }
     Ok(())
+}
+
+/// Counts an open connection for as long as it lives.
+struct OpenConnection(Arc<std::sync::atomic::AtomicUsize>);
+
+impl OpenConnection {
+    fn new(open: Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        let n = open.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        metrics::gauge!(crate::metrics::OPEN_CONNECTIONS).set(n as f64);
+        Self(open)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        let n = self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed) - 1;
+        metrics::gauge!(crate::metrics::OPEN_CONNECTIONS).set(n as f64);
+    }
+}
+
+/// One connection's use: requests served and in flight, last activity.
+struct ConnState {
+    /// Accepted into the reserved share: cluster traffic only.
+    reserved: bool,
+    served: std::sync::atomic::AtomicU64,
+    in_flight: std::sync::atomic::AtomicUsize,
+    started: tokio::time::Instant,
+    /// Milliseconds after `started` of the last request's start or end.
+    last_active_ms: std::sync::atomic::AtomicU64,
+}
+
+impl ConnState {
+    fn new(reserved: bool) -> Self {
+        Self {
+            reserved,
+            served: Default::default(),
+            in_flight: Default::default(),
+            started: tokio::time::Instant::now(),
+            last_active_ms: Default::default(),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.last_active_ms
+            .fetch_max(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Resolves once no request is in flight and none came for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        use std::sync::atomic::Ordering;
+        loop {
+            let last = Duration::from_millis(self.last_active_ms.load(Ordering::Relaxed));
+            let deadline = self.started + last + idle;
+            tokio::time::sleep_until(deadline).await;
+            let still = Duration::from_millis(self.last_active_ms.load(Ordering::Relaxed)) == last;
+            if still && self.in_flight.load(Ordering::Relaxed) == 0 {
+                return;
+            }
+            if self.in_flight.load(Ordering::Relaxed) > 0 {
+                // Busy: look again after another idle period.
+                tokio::time::sleep(idle).await;
+            }
+        }
+    }
+}
+
+/// Marks a request in flight on its connection until its answer is sent
+/// (or the request is dropped).
+struct InFlight(Arc<ConnState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.touch();
+    }
+}
+
+/// `app` as served on one connection: the reserved share's token check and
+/// the per-connection request count.
+#[derive(Clone)]
+struct ConnService {
+    app: Router,
+    conn: Arc<ConnState>,
+    token: Arc<str>,
+    max_requests: u64,
+}
+
+impl tower::Service<axum::http::Request<hyper::body::Incoming>> for ConnService {
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn Future<Output = Result<Response, std::convert::Infallible>> + Send + 'static>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: axum::http::Request<hyper::body::Incoming>) -> Self::Future {
+        use std::sync::atomic::Ordering;
+        use tower::ServiceExt;
+        let conn = self.conn.clone();
+        let n = conn.served.fetch_add(1, Ordering::Relaxed) + 1;
+        conn.in_flight.fetch_add(1, Ordering::Relaxed);
+        conn.touch();
+        let in_flight = InFlight(conn.clone());
+        let last = n >= self.max_requests;
+        if conn.reserved && token_refusal(&self.token, req.headers()).is_some() {
+            metrics::counter!(crate::metrics::CONNECTIONS_SHED).increment(1);
+            let mut resp = ApiError::unavailable(
+                "too many open connections: this one serves cluster traffic only; try again shortly",
+            )
+            .into_response();
+            close_after(&mut resp);
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            drop(in_flight);
+            return Box::pin(std::future::ready(Ok(resp)));
+        }
+        let app = self.app.clone();
+        Box::pin(async move {
+            let _in_flight = in_flight;
+            let mut resp = match app.oneshot(req.map(axum::body::Body::new)).await {
+                Ok(r) => r,
+                Err(e) => match e {},
+            };
+            if last {
+                close_after(&mut resp);
+            }
+            Ok(resp)
+        })
+    }
+}
+
+fn close_after(resp: &mut Response) {
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

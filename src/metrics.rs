@@ -42,6 +42,8 @@ pub const REPL_VIEW: &str = "pygmy_replication_view_size";
 pub const REPL_ELECTIONS: &str = "pygmy_replication_elections_total";
 pub const REPL_LEASE_REFUSALS: &str = "pygmy_replication_lease_refusals_total";
 pub const CATALOG_PERSIST: &str = "pygmy_catalog_persist_duration_seconds";
+pub const OPEN_CONNECTIONS: &str = "pygmy_open_connections";
+pub const CONNECTIONS_SHED: &str = "pygmy_connections_shed_total";
 
 /// Outcomes a buy is counted under at the frontend.
 pub const BUY_OUTCOMES: &[&str] = &[
@@ -103,6 +105,11 @@ fn describe() {
         "Time to answer an HTTP request, by route template and method"
     );
     describe_counter!(CACHE_HITS, "Frontend reads answered from the cache");
+    describe_gauge!(OPEN_CONNECTIONS, "HTTP connections open on this node");
+    describe_counter!(
+        CONNECTIONS_SHED,
+        "Connections closed for lack of room, and requests without the cluster token refused on the reserved connections"
+    );
     describe_counter!(
         CACHE_MISSES,
         "Frontend reads that had to ask a catalog replica"

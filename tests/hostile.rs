@@ -633,3 +633,158 @@ async fn an_invalidation_with_a_made_up_epoch_turns_the_cache_off_only_briefly()
         "cached reads again"
     );
 }
+
+/// A keep-alive connection that sent one request and read its answer.
+struct Held {
+    stream: TcpStream,
+}
+
+/// Reads one answer's head; its status, or None when the server closed.
+async fn read_status(s: &mut TcpStream) -> Option<u16> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => {
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                        return head.split(' ').nth(1).and_then(|c| c.parse().ok());
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    read.expect("the server neither answered nor closed")
+}
+
+/// Whether the server closed `s` (reads EOF) within `within`.
+async fn closed_by_server(s: &mut TcpStream, within: Duration) -> bool {
+    let mut chunk = [0u8; 1024];
+    matches!(
+        tokio::time::timeout(within, s.read(&mut chunk)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+const PING: &[u8] = b"GET /healthcheck HTTP/1.1\r\nHost: pygmy\r\n\r\n";
+
+/// More connections than the frontend's cap: the extra ones are closed at
+/// once; the reserved share still serves cluster traffic (and writes keep
+/// committing, invalidating the frontend's cache); the flood's connections
+/// are shed once idle, and then everyone is served again, each connection
+/// for a bounded number of requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_flood_is_capped_cluster_traffic_goes_on_and_idle_connections_are_shed() {
+    let c = TestCluster::start(Options {
+        tweak: |cfg| {
+            cfg.limits.max_connections = 48;
+            cfg.limits.reserved_connections = 16;
+            cfg.limits.idle_timeout_ms = 1_500;
+            cfg.limits.max_requests_per_connection = 5;
+        },
+        ..Default::default()
+    })
+    .await;
+    let fe = c.cfg.node("frontend").unwrap().addr.clone();
+    let before = c.cfg.clone();
+    let public = before.limits.max_connections - before.limits.reserved_connections;
+
+    // The flood: 150 connections, each sending one request and staying open.
+    let mut held = Vec::new();
+    let (mut ok, mut refused, mut closed) = (0, 0, 0);
+    for _ in 0..150 {
+        let mut s = TcpStream::connect(&fe).await.expect("connects");
+        let answered = match s.write_all(PING).await {
+            Ok(()) => read_status(&mut s).await,
+            Err(_) => None,
+        };
+        match answered {
+            Some(200) => {
+                ok += 1;
+                held.push(Held { stream: s });
+            }
+            Some(503) => refused += 1,
+            Some(other) => panic!("a flood connection got {other}"),
+            None => closed += 1,
+        }
+    }
+    assert!(
+        ok <= public && ok > 0,
+        "at most the public share ({public}) is served: {ok}"
+    );
+    assert!(
+        closed + refused >= 150 - before.limits.max_connections,
+        "the connections over the cap are closed or refused: {ok} served, {refused} refused, {closed} closed"
+    );
+
+    // Meanwhile cluster traffic is served on the reserved share: a new
+    // connection with the token gets the frontend's internal cache stats,
+    // one without it is refused (503) or closed.
+    let with_token = format!(
+        "GET /internal/cache HTTP/1.1\r\nHost: pygmy\r\nAuthorization: Bearer {}\r\n\r\n",
+        before.token
+    );
+    let mut s = TcpStream::connect(&fe).await.expect("connects");
+    s.write_all(with_token.as_bytes()).await.unwrap();
+    assert_eq!(
+        read_status(&mut s).await,
+        Some(200),
+        "cluster traffic goes on"
+    );
+    let mut s = TcpStream::connect(&fe).await.expect("connects");
+    let anonymous = match s.write_all(PING).await {
+        Ok(()) => read_status(&mut s).await,
+        Err(_) => None,
+    };
+    assert!(
+        matches!(anonymous, None | Some(503)),
+        "a public request has no room while the flood holds it: {anonymous:?}"
+    );
+    // Writes keep committing on every replica (each one's begin and end
+    // reach the frontend's cache before it is answered).
+    let start = c.stock(1).await;
+    for i in 1..=5 {
+        c.set_stock(1, start + i).await;
+    }
+    common::wait_until(
+        "every catalog replica applied the writes",
+        Duration::from_secs(10),
+        || async {
+            let mut all = true;
+            for name in c.names(pygmy::config::Role::Catalog) {
+                let b = c
+                    .catalog(&name)
+                    .lookup(pygmy::api::BookId::new(1).unwrap(), None)
+                    .await;
+                all &= b.is_ok_and(|b| b.stock == start + 5);
+            }
+            all
+        },
+    )
+    .await;
+
+    // The flood goes quiet: its connections are shed once idle ...
+    for h in &mut held {
+        assert!(
+            closed_by_server(&mut h.stream, Duration::from_secs(10)).await,
+            "an idle keep-alive connection is closed by the server"
+        );
+    }
+    // ... and public requests are served again.
+    // One connection serves at most `max_requests_per_connection` requests:
+    // the last answer closes it.
+    let mut s = TcpStream::connect(&fe).await.expect("connects");
+    for _ in 0..5 {
+        s.write_all(PING).await.unwrap();
+        assert_eq!(read_status(&mut s).await, Some(200));
+    }
+    assert!(
+        closed_by_server(&mut s, Duration::from_secs(5)).await,
+        "the fifth answer closes the connection"
+    );
+    assert_eq!(c.stock(1).await, start + 5);
+}

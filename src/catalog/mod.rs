@@ -245,7 +245,13 @@ pub async fn run(
         &[("/internal/replication", MAX_REPLICATION_BODY)],
     );
     tracing::info!(addr = %listener.local_addr()?, "catalog {name} serving");
-    let server = tokio::spawn(h::serve(listener, app, cfg.limits.clone(), shutdown));
+    let server = tokio::spawn(h::serve(
+        listener,
+        app,
+        cfg.limits.clone(),
+        cfg.token.clone(),
+        shutdown,
+    ));
 
     // Start the replication driver: decide first whether a blank disk is a
     // member of a brand-new cluster (every reachable peer blank too) or a

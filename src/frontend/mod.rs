@@ -143,7 +143,14 @@ pub async fn run(
         cache = if opts.no_cache { "off" } else { "on" },
         "frontend {name} serving"
     );
-    h::serve(listener, app, cfg.limits.clone(), shutdown).await?;
+    h::serve(
+        listener,
+        app,
+        cfg.limits.clone(),
+        cfg.token.clone(),
+        shutdown,
+    )
+    .await?;
     tracing::info!("frontend {name} stopped");
     Ok(())
 }

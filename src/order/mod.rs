@@ -75,7 +75,14 @@ pub async fn run(
         &cfg.limits,
     );
     tracing::info!(addr = %listener.local_addr()?, data_dir = %dir.display(), "order {name} serving");
-    h::serve(listener, app, cfg.limits.clone(), shutdown).await?;
+    h::serve(
+        listener,
+        app,
+        cfg.limits.clone(),
+        cfg.token.clone(),
+        shutdown,
+    )
+    .await?;
     tracing::info!("order {name} stopped");
     Ok(())
 }
