@@ -67,7 +67,13 @@ pub struct Http {
 
 impl Http {
     pub fn new(token: Option<String>, timeout: Duration) -> Self {
+        crate::tls::default_provider();
+        let tls = match crate::tls::installed() {
+            Some(m) => (*m.client).clone(),
+            None => crate::tls::no_roots_client(),
+        };
         let client = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_millis(500)))
             .pool_idle_timeout(Duration::from_secs(20))
@@ -76,6 +82,12 @@ impl Http {
             .no_proxy()
             .build()
             .expect("the HTTP client builds with static settings");
+        Self { client, token }
+    }
+
+    /// An `Http` over a client configured elsewhere (its own TLS roots or
+    /// name resolution, say).
+    pub fn from_client(client: reqwest::Client, token: Option<String>) -> Self {
         Self { client, token }
     }
 

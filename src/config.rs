@@ -55,12 +55,25 @@ pub struct NodeConfig {
     /// Data folder (order and catalog); relative paths are taken from the config file's folder.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
+    /// The cluster speaks TLS between nodes (from the cluster's `[tls]`).
+    #[serde(skip)]
+    pub tls: bool,
 }
 
 impl NodeConfig {
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
+}
+
+/// TLS between the nodes (see [`crate::tls`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Folder with `ca.pem` and each node's `NAME.pem` and `NAME.key`, as
+    /// `pygmy certs` writes them; relative to the config file's folder.
+    pub dir: PathBuf,
 }
 
 /// Timing of the frontend and of the catalog's cache leases.
@@ -155,6 +168,9 @@ pub struct ClusterConfig {
     pub timing: Timing,
     #[serde(default)]
     pub limits: Limits,
+    /// TLS between nodes; plain HTTP without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
     #[serde(rename = "node")]
     pub nodes: Vec<NodeConfig>,
     /// Folder the relative paths are resolved from (the config file's folder).
@@ -194,6 +210,7 @@ impl ClusterConfig {
             addr: format!("{host}:5004"),
             listen: None,
             data_dir: None,
+            tls: false,
         }];
         for i in 1..=3u64 {
             nodes.push(NodeConfig {
@@ -203,6 +220,7 @@ impl ClusterConfig {
                 addr: format!("{host}:{}", 5004 + i),
                 listen: None,
                 data_dir: Some(PathBuf::from(format!("order-{i}"))),
+                tls: false,
             });
         }
         for i in 1..=catalogs {
@@ -213,6 +231,7 @@ impl ClusterConfig {
                 addr: format!("{host}:{}", 5000 + i),
                 listen: None,
                 data_dir: Some(PathBuf::from(format!("catalog-{i}"))),
+                tls: false,
             });
         }
         Self {
@@ -221,6 +240,7 @@ impl ClusterConfig {
             catalog_file: None,
             timing: Timing::default(),
             limits: Limits::default(),
+            tls: None,
             nodes,
             base_dir: PathBuf::from("."),
         }
@@ -245,7 +265,21 @@ impl ClusterConfig {
             .unwrap_or_else(|| PathBuf::from("."));
         cfg.apply_env(|k| std::env::var(k).ok());
         cfg.validate()?;
+        cfg.mark_tls();
         Ok(cfg)
+    }
+
+    /// Every node's URL speaks TLS when the cluster does.
+    pub fn mark_tls(&mut self) {
+        let tls = self.tls.is_some();
+        for n in &mut self.nodes {
+            n.tls = tls;
+        }
+    }
+
+    /// `path` resolved from the config file's folder.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        self.base_dir.join(path)
     }
 
     /// Parses TOML text (no environment, no validation).
@@ -286,6 +320,11 @@ impl ClusterConfig {
         }
         if let Some(f) = get("PYGMY_CATALOG_FILE") {
             self.catalog_file = Some(PathBuf::from(f));
+        }
+        if let Some(d) = get("PYGMY_TLS_DIR") {
+            self.tls = Some(TlsConfig {
+                dir: PathBuf::from(d),
+            });
         }
         for node in &mut self.nodes {
             let key = node.name.to_ascii_uppercase().replace('-', "_");

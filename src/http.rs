@@ -176,8 +176,19 @@ fn token_refusal(token: &str, headers: &axum::http::HeaderMap) -> Option<ApiErro
     }
 }
 
-/// Middleware of internal and admin routes: `Authorization: Bearer <cluster token>`.
+/// Middleware of internal and admin routes: `Authorization: Bearer <cluster token>`,
+/// and, when the cluster speaks TLS, a TLS connection with a client
+/// certificate of the cluster CA (so the token never travels in clear text).
 pub async fn require_token(State(token): State<Arc<str>>, req: Request, next: Next) -> Response {
+    if crate::tls::installed().is_some()
+        && req.extensions().get::<Transport>() != Some(&Transport::Tls { client_cert: true })
+    {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "this route needs TLS with a certificate of the cluster's CA",
+        )
+        .into_response();
+    }
     match token_refusal(&token, req.headers()) {
         None => next.run(req).await,
         Some(e) => e.into_response(),
@@ -432,8 +443,7 @@ pub async fn serve(
     token: String,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use hyper_util::rt::{TokioIo, TokioTimer};
-    use hyper_util::service::TowerToHyperService;
+    use hyper_util::rt::TokioTimer;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -473,33 +483,38 @@ pub async fn serve(
         }
         let _ = stream.set_nodelay(true);
         let conn = Arc::new(ConnState::new(n >= public));
-        let service = ConnService {
+        let mut service = ConnService {
             app: app.clone(),
             conn: conn.clone(),
             token: token.clone(),
             max_requests: limits.max_requests_per_connection,
+            transport: Transport::Plain,
         };
         let open_now = OpenConnection::new(open.clone());
-        let connection =
-            builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
-        let mut stop = stop_rx.clone();
+        let builder = builder.clone();
+        let stop = stop_rx.clone();
+        let head_timeout = Duration::from_millis(limits.head_timeout_ms);
         conns.spawn(async move {
             let _open = open_now;
-            tokio::pin!(connection);
-            let mut closing = false;
-            loop {
-                tokio::select! {
-                    _ = connection.as_mut() => break,
-                    _ = stop.changed(), if !closing => {
-                        connection.as_mut().graceful_shutdown();
-                        closing = true;
-                    }
-                    _ = conn.idle_for(idle), if !closing => {
-                        connection.as_mut().graceful_shutdown();
-                        closing = true;
-                    }
-                }
+            let Some(tls) = crate::tls::installed() else {
+                return drive(&builder, stream, service, conn, idle, stop).await;
+            };
+            // One port for both: a TLS handshake starts with 0x16, plain
+            // HTTP with a method's letter.
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(head_timeout, stream.peek(&mut first)).await {
+                Ok(Ok(1)) if first[0] == 0x16 => {}
+                Ok(Ok(1)) => return drive(&builder, stream, service, conn, idle, stop).await,
+                _ => return,
             }
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
+            let Ok(Ok(stream)) = tokio::time::timeout(head_timeout, acceptor.accept(stream)).await
+            else {
+                return; // handshake failed: a certificate of another CA, say
+            };
+            let client_cert = stream.get_ref().1.peer_certificates().is_some();
+            service.transport = Transport::Tls { client_cert };
+            drive(&builder, stream, service, conn, idle, stop).await
         });
     }
     drop(listener);
@@ -510,6 +525,47 @@ pub async fn serve(
         conns.abort_all();
     }
     Ok(())
+}
+
+/// Serves one connection until it ends, closing it gracefully when the
+/// server stops or the connection has been idle for `idle`.
+async fn drive<I>(
+    builder: &hyper::server::conn::http1::Builder,
+    io: I,
+    service: ConnService,
+    conn: Arc<ConnState>,
+    idle: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use hyper_util::rt::TokioIo;
+    use hyper_util::service::TowerToHyperService;
+    let connection = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
+    tokio::pin!(connection);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            _ = connection.as_mut() => break,
+            _ = stop.changed(), if !closing => {
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            _ = conn.idle_for(idle), if !closing => {
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+            }
+        }
+    }
+}
+
+/// How a request reached this node, in its extensions: plain HTTP, or TLS
+/// with or without a client certificate of the cluster CA (the only kind
+/// the handshake accepts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Plain,
+    Tls { client_cert: bool },
 }
 
 /// Counts an open connection for as long as it lives.
@@ -598,6 +654,7 @@ struct ConnService {
     conn: Arc<ConnState>,
     token: Arc<str>,
     max_requests: u64,
+    transport: Transport,
 }
 
 impl tower::Service<axum::http::Request<hyper::body::Incoming>> for ConnService {
@@ -614,9 +671,10 @@ impl tower::Service<axum::http::Request<hyper::body::Incoming>> for ConnService 
         std::task::Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: axum::http::Request<hyper::body::Incoming>) -> Self::Future {
+    fn call(&mut self, mut req: axum::http::Request<hyper::body::Incoming>) -> Self::Future {
         use std::sync::atomic::Ordering;
         use tower::ServiceExt;
+        req.extensions_mut().insert(self.transport);
         let conn = self.conn.clone();
         let n = conn.served.fetch_add(1, Ordering::Relaxed) + 1;
         conn.in_flight.fetch_add(1, Ordering::Relaxed);

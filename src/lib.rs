@@ -41,6 +41,7 @@ pub mod readiness;
 pub mod replication;
 pub mod storage;
 pub mod telemetry;
+pub mod tls;
 
 use std::net::SocketAddr;
 
@@ -90,6 +91,11 @@ pub async fn run_node(
         .ok_or_else(|| NodeError::Config(format!("the config has no node named {name:?}")))?
         .role;
     http::metrics_handle();
+    if let Some(dir) = tls::dir_of(&cfg) {
+        let material = tls::load(&dir, name).map_err(|e| NodeError::Config(e.to_string()))?;
+        tls::install(material);
+        tracing::info!(dir = %dir.display(), "TLS between nodes: on");
+    }
     match role {
         Role::Frontend => frontend::run(listener, cfg, name, opts, shutdown).await,
         Role::Order => order::run(listener, cfg, name, shutdown).await,

@@ -139,6 +139,19 @@ enum Cmd {
         #[arg(default_value = "http://127.0.0.1:5004/healthcheck")]
         url: String,
     },
+    /// Make a cluster CA and, signed by it, a TLS certificate and key for every node of the cluster
+    /// file and one for this CLI, in DIR (`[tls] dir = "DIR"` in the cluster file, or
+    /// PYGMY_TLS_DIR, then turns TLS on between the nodes). A DIR that already holds a CA is kept.
+    #[command(
+        after_help = "Example:\n  pygmy certs --config deploy/cluster.toml --out deploy/certs"
+    )]
+    Certs {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The folder to write to.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
     /// Operator: a stopped replica's data directory was moved by copying it, and holds its latest
     /// state (not an old backup): record that these files are its own, so it starts as the same
     /// replica. Without it, a copied directory rejoins as a learner and catches up from the others.
@@ -259,6 +272,23 @@ async fn run(cmd: Cmd) -> Result<(), Fail> {
             let http = pygmy::client::Http::new(None, std::time::Duration::from_secs(2));
             let h: serde_json::Value = http.get(url).await.map_err(anyhow::Error::from)?;
             println!("{h}");
+            Ok(())
+        }
+        Cmd::Certs { config, out } => {
+            let (_, cfg) = config.load()?;
+            let files = pygmy::tls::generate(&cfg, &out).map_err(anyhow::Error::from)?;
+            if files.is_empty() {
+                println!(
+                    "{} already holds a cluster CA; nothing written",
+                    out.display()
+                );
+            } else {
+                println!(
+                    "wrote a cluster CA and {} certificates in {} (keys readable by their owner only)",
+                    files.len() / 2 - 1,
+                    out.display()
+                );
+            }
             Ok(())
         }
         Cmd::Seal { data_dir } => {

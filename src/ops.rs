@@ -141,8 +141,28 @@ impl ConfigArg {
         if !chosen && !path.exists() {
             return Ok(None);
         }
-        self.load().map(|(_, c)| Some(c))
+        let (_, cfg) = self.load()?;
+        operator_tls(&cfg)?;
+        Ok(Some(cfg))
     }
+
+    /// [`ConfigArg::load`], and the operator's TLS certificate when the
+    /// cluster speaks TLS.
+    pub fn load_as_operator(&self) -> Result<(PathBuf, ClusterConfig), Fail> {
+        let (path, cfg) = self.load()?;
+        operator_tls(&cfg)?;
+        Ok((path, cfg))
+    }
+}
+
+/// The CLI speaks TLS to a TLS cluster with the operator's certificate.
+fn operator_tls(cfg: &ClusterConfig) -> Result<(), Fail> {
+    if let Some(dir) = pygmy::tls::dir_of(cfg) {
+        let m = pygmy::tls::load(&dir, pygmy::tls::OPERATOR)
+            .map_err(|e| Fail::from(anyhow::Error::from(e)))?;
+        pygmy::tls::install(m);
+    }
+    Ok(())
 }
 
 /// Where the frontend is: `--frontend URL` (or `$PYGMY_FRONTEND`), else the
@@ -252,7 +272,7 @@ pub async fn update(
     stock: Option<u64>,
     cost: Option<f64>,
 ) -> Result<(), Fail> {
-    let (_, cfg) = config.load()?;
+    let (_, cfg) = config.load_as_operator()?;
     let id = BookId::parse(book).map_err(|e| Fail::new(EXIT_USAGE, format!("BOOK: {e}")))?;
     let cost = cost
         .map(Money::try_from)
@@ -303,7 +323,7 @@ pub async fn orders(
     before: Option<u64>,
     output: Output,
 ) -> Result<(), Fail> {
-    let (_, cfg) = config.load()?;
+    let (_, cfg) = config.load_as_operator()?;
     let node = match &node {
         Some(n) => cfg
             .node(n)
@@ -410,7 +430,7 @@ async fn probe(n: NodeConfig, http: Http) -> NodeReport {
 }
 
 pub async fn status(config: ConfigArg, output: Output) -> Result<(), Fail> {
-    let (_, cfg) = config.load()?;
+    let (_, cfg) = config.load_as_operator()?;
     let http = Http::new(Some(cfg.token.clone()), Duration::from_secs(2));
     let tasks: Vec<_> = cfg
         .nodes

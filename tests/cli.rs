@@ -655,6 +655,10 @@ const README_NOT_RUN: &[(&str, &str)] = &[
         "kubectl",
         "needs a Kubernetes cluster; tests/k8s.rs checks the manifests",
     ),
+    (
+        "pygmy certs --config k8s-cluster.toml",
+        "its cluster file comes from a Kubernetes ConfigMap; tests/tls.rs runs TLS clusters",
+    ),
 ];
 
 /// The README's admin example sends its update to catalog-1, a backup.

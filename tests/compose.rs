@@ -68,6 +68,9 @@ struct Deployment {
     image: String,
     token: String,
     ids: std::sync::Mutex<HashMap<String, String>>,
+    /// The cluster's certificates, copied out of its `certs` volume: the
+    /// test calls the replicas' internal routes as the operator, over TLS.
+    certs: PathBuf,
 }
 
 impl Deployment {
@@ -120,11 +123,41 @@ impl Deployment {
         ip
     }
 
+    /// A client of replica `name` over TLS with the operator's certificate,
+    /// verifying the replica's certificate for its name (resolved to its
+    /// address on the network).
     fn catalog(&self, name: &str) -> CatalogClient {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
         let port = CATALOGS.iter().find(|(n, _)| *n == name).unwrap().1;
+        let pem = |f: &str| self.certs.join(f);
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(pem("ca.pem")).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let chain: Vec<_> = CertificateDer::pem_file_iter(pem("operator.pem"))
+            .unwrap()
+            .map(|c| c.unwrap())
+            .collect();
+        let key = PrivateKeyDer::from_pem_file(pem("operator.key")).unwrap();
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+        let addr = format!("{}:{port}", self.ip(name)).parse().unwrap();
+        let client = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .resolve(name, addr)
+            .timeout(Duration::from_secs(2))
+            .build()
+            .unwrap();
         CatalogClient::new(
-            format!("http://{}:{port}", self.ip(name)),
-            Http::new(Some(self.token.clone()), Duration::from_secs(2)),
+            format!("https://{name}:{port}"),
+            Http::from_client(client, Some(self.token.clone())),
         )
     }
 
@@ -220,6 +253,7 @@ async fn the_compose_deployment_serves_fails_over_and_converges() {
         project,
         token: pygmy::config::new_token(),
         ids: Default::default(),
+        certs: common::temp_dir("compose-certs"),
     };
 
     // The image, from the binary this run built, by the users' script.
@@ -228,6 +262,13 @@ async fn the_compose_deployment_serves_fails_over_and_converges() {
         .env("PYGMY_BIN", BIN)
         .current_dir(repo()));
     run(&mut d.compose(&["up", "-d"]));
+    // The nodes speak TLS with the certificates the `certs` service made.
+    run(Command::new("docker").args([
+        "cp",
+        &format!("{}:/certs/.", d.container("certs")),
+        &d.certs.display().to_string(),
+    ]));
+    pygmy::tls::default_provider();
 
     // Every container turns healthy through its /healthcheck probe.
     let services = [
@@ -255,6 +296,20 @@ async fn the_compose_deployment_serves_fails_over_and_converges() {
         },
     )
     .await;
+
+    // Between the nodes it is TLS only: the token over plain HTTP is refused.
+    let plain = reqwest::Client::new()
+        .get(format!("http://{}:5001/internal/status", d.ip("catalog-1")))
+        .header("authorization", format!("Bearer {}", d.token))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .expect("catalog-1 answers plain HTTP on its public routes' port");
+    assert_eq!(plain.status(), 403, "internal routes need TLS");
+    assert!(
+        d.catalog("catalog-1").status().await.is_ok(),
+        "over TLS they answer"
+    );
 
     let all = ["catalog-1", "catalog-2", "catalog-3"];
     wait_until(

@@ -86,6 +86,28 @@ fn check_container(what: &str, workload: &Value, port: u64) -> Value {
         mounts.iter().any(|m| m["mountPath"] == "/etc/pygmy"),
         "{what}: the cluster file is mounted"
     );
+    // TLS between the pods: PYGMY_TLS_DIR names a mount of the Secret
+    // `pygmy-tls` (what `pygmy certs` makes).
+    let tls_dir = env
+        .iter()
+        .find(|e| e["name"] == "PYGMY_TLS_DIR")
+        .and_then(|e| e["value"].as_str())
+        .unwrap_or_else(|| panic!("{what}: PYGMY_TLS_DIR"));
+    let mount = mounts
+        .iter()
+        .find(|m| m["mountPath"] == tls_dir)
+        .unwrap_or_else(|| panic!("{what}: {tls_dir} is mounted"));
+    let volumes = workload["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap();
+    let volume = volumes
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap_or_else(|| panic!("{what}: the certificates' volume"));
+    assert_eq!(
+        volume["secret"]["secretName"], "pygmy-tls",
+        "{what}: the certificates come from the Secret pygmy-tls"
+    );
     c.clone()
 }
 

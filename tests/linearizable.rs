@@ -120,6 +120,7 @@ async fn buys_and_lookups_through_two_frontends_are_linearizable_across_a_primar
                 addr: format!("{host}:5008"),
                 listen: None,
                 data_dir: None,
+                tls: false,
             });
         },
         no_cache_nodes: &["frontend-2"],

@@ -70,6 +70,9 @@ pub struct Options {
     pub env: Vec<(String, String, String)>,
     /// Changes to the cluster file before the nodes start.
     pub tweak: fn(&mut ClusterConfig),
+    /// TLS between the nodes: certificates made by `pygmy::tls::generate`
+    /// in the cluster's folder, and this process speaks TLS as the operator.
+    pub tls: bool,
 }
 
 impl Default for Options {
@@ -80,6 +83,7 @@ impl Default for Options {
             no_cache_nodes: &[],
             env: Vec::new(),
             tweak: |_| {},
+            tls: false,
         }
     }
 }
@@ -102,6 +106,12 @@ impl TestCluster {
         let mut cfg = ClusterConfig::local(&unique_host(), opts.catalogs);
         cfg.timing.health_interval_ms = 100;
         (opts.tweak)(&mut cfg);
+        if opts.tls {
+            let certs = dir.join("certs");
+            pygmy::tls::generate(&cfg, &certs).unwrap();
+            cfg.tls = Some(pygmy::config::TlsConfig { dir: certs.clone() });
+            pygmy::tls::install(pygmy::tls::load(&certs, pygmy::tls::OPERATOR).unwrap());
+        }
         let config_path = dir.join("cluster.toml");
         cfg.save(&config_path).unwrap();
         let cfg = ClusterConfig::load(&config_path).unwrap();
