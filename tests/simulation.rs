@@ -36,28 +36,28 @@ fn run(name: &str, first: u64, default_count: u64, make: impl Fn(u64) -> Options
 
 #[test]
 fn three_replicas_a() {
-    run("3 replicas (a)", 100_000_000, 3000, |seed| {
+    run("3 replicas (a)", 100_000_000, 1200, |seed| {
         Options::varied(3, seed)
     });
 }
 
 #[test]
 fn three_replicas_b() {
-    run("3 replicas (b)", 200_000_000, 3000, |seed| {
+    run("3 replicas (b)", 200_000_000, 1200, |seed| {
         Options::varied(3, seed)
     });
 }
 
 #[test]
 fn five_replicas_a() {
-    run("5 replicas (a)", 300_000_000, 1000, |seed| {
+    run("5 replicas (a)", 300_000_000, 400, |seed| {
         Options::varied(5, seed)
     });
 }
 
 #[test]
 fn five_replicas_b() {
-    run("5 replicas (b)", 400_000_000, 1000, |seed| {
+    run("5 replicas (b)", 400_000_000, 400, |seed| {
         Options::varied(5, seed)
     });
 }
@@ -103,7 +103,7 @@ fn long_leases(o: &mut Options, partition_kinds: [u32; 5]) {
     o.w_disk = 0;
     o.w_partition = 4;
     o.chaos_ms = 6000;
-    o.quiet_ms = 6000;
+    o.quiet_ms = 4000;
     o.read_every_ms = 2;
     o.fault_every_ms = (500, 3000);
 }
@@ -350,7 +350,7 @@ fn teeth_apply_dedupes_request_ids() {
 
 #[test]
 fn three_replicas_stop_the_world_pauses() {
-    run("3 replicas, pauses", 600_000_000, 500, |_| {
+    run("3 replicas, pauses", 600_000_000, 300, |_| {
         let mut o = Options::new(3);
         o.w_pause = 6;
         o.read_every_ms = 5;
@@ -370,7 +370,7 @@ fn teeth_a_paused_replica_checks_its_lease_when_it_serves() {
 
 #[test]
 fn three_replicas_tiny_snapshots_heavy_reordering() {
-    run("3 replicas, tiny snapshots", 500_000_000, 1000, |_| {
+    run("3 replicas, tiny snapshots", 500_000_000, 400, |_| {
         Options::tiny_snapshots(3)
     });
 }
@@ -379,7 +379,7 @@ fn three_replicas_tiny_snapshots_heavy_reordering() {
 /// as learners: no vote, no part in a commit, until caught up.
 #[test]
 fn three_replicas_restored_copies() {
-    run("3 replicas, restored copies", 700_000_000, 300, |seed| {
+    run("3 replicas, restored copies", 700_000_000, 200, |seed| {
         let mut o = Options::varied(3, seed);
         o.w_restore = 4;
         o
@@ -387,14 +387,14 @@ fn three_replicas_restored_copies() {
     run(
         "3 replicas, restores aimed at lost data",
         720_000_000,
-        300,
+        200,
         |_| teeth_profile("restored_copy", false),
     );
 }
 
 #[test]
 fn five_replicas_restored_copies() {
-    run("5 replicas, restored copies", 710_000_000, 150, |seed| {
+    run("5 replicas, restored copies", 710_000_000, 100, |seed| {
         let mut o = Options::varied(5, seed);
         o.w_restore = 4;
         o.relaxed_disk_policy = true;
@@ -429,7 +429,7 @@ fn three_replicas_with_frontend_caches() {
     run(
         "3 replicas, 2 caching frontends",
         740_000_000,
-        300,
+        200,
         |seed| {
             let mut o = Options::varied(3, seed);
             o.caches = Some(CacheOptions::new(2));
@@ -439,7 +439,7 @@ fn three_replicas_with_frontend_caches() {
     run(
         "3 replicas, caching frontends cut off",
         750_000_000,
-        300,
+        150,
         |_| teeth_profile("cache_drift", false),
     );
 }
@@ -449,7 +449,7 @@ fn five_replicas_with_frontend_caches() {
     run(
         "5 replicas, 2 caching frontends",
         760_000_000,
-        100,
+        80,
         |seed| {
             let mut o = Options::varied(5, seed);
             o.caches = Some(CacheOptions::new(2));
@@ -468,7 +468,7 @@ fn three_replicas_blank_disks_asking_starting_peers() {
     run(
         "3 replicas, blank disks and starting peers",
         730_000_000,
-        300,
+        200,
         |_| teeth_profile("starting", false),
     );
 }
