@@ -446,16 +446,11 @@ fn three_replicas_with_frontend_caches() {
 
 #[test]
 fn five_replicas_with_frontend_caches() {
-    run(
-        "5 replicas, 2 caching frontends",
-        760_000_000,
-        80,
-        |seed| {
-            let mut o = Options::varied(5, seed);
-            o.caches = Some(CacheOptions::new(2));
-            o
-        },
-    );
+    run("5 replicas, 2 caching frontends", 760_000_000, 80, |seed| {
+        let mut o = Options::varied(5, seed);
+        o.caches = Some(CacheOptions::new(2));
+        o
+    });
 }
 
 #[test]
