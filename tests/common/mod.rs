@@ -102,6 +102,8 @@ pub struct TestCluster {
 
 impl TestCluster {
     pub async fn start(opts: Options) -> Self {
+        // The test's own reqwest clients need a TLS provider (ring).
+        pygmy::tls::default_provider();
         let dir = temp_dir("cluster");
         let mut cfg = ClusterConfig::local(&unique_host(), opts.catalogs);
         cfg.timing.health_interval_ms = 100;

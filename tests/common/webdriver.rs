@@ -71,6 +71,7 @@ impl Driver {
             .process_group(0)
             .spawn()
             .expect("chromedriver starts");
+        pygmy::tls::default_provider();
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(60))
             .no_proxy()
