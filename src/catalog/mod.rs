@@ -383,11 +383,13 @@ async fn new_cluster(peers: &[crate::config::NodeConfig], http: &Http) -> bool {
 /// The start-up decision of a blank replica from its peers' answers
 /// (`(epoch, commit seq)` of each peer's disk, `None`: no answer): `false`
 /// (a learner) as soon as one has history; `true` (a founding voter) once
-/// enough blank peers answered to make a majority with it; `None`: ask
-/// again. A peer that is itself still starting reports what its disk holds,
-/// never a blank it has not checked.
+/// every peer answered blank; `None`: ask again. A peer that is itself
+/// still starting reports what its disk holds, never a blank it has not
+/// checked. Every peer, not a majority: a peer answering blank may be a
+/// member that never caught up, while the cluster's history lives on a
+/// peer that does not answer now; founding with it would lose that history.
 pub fn founds_new_cluster(answers: &[Option<(u64, u64)>]) -> Option<bool> {
-    let needed = answers.len().div_ceil(2);
+    let needed = answers.len();
     let mut blank = 0;
     for a in answers.iter().flatten() {
         match a {
@@ -813,11 +815,16 @@ mod tests {
     use super::founds_new_cluster;
 
     #[test]
-    fn a_blank_disk_founds_a_cluster_only_with_enough_blank_peers_and_none_with_history() {
+    fn a_blank_disk_founds_a_cluster_only_with_every_peer_blank_and_none_with_history() {
+        assert_eq!(
+            founds_new_cluster(&[Some((0, 0)), Some((0, 0))]),
+            Some(true),
+            "every peer blank: a new cluster"
+        );
         assert_eq!(
             founds_new_cluster(&[Some((0, 0)), None]),
-            Some(true),
-            "one blank peer makes a majority of three"
+            None,
+            "a peer that does not answer may hold the cluster's history: ask again"
         );
         assert_eq!(
             founds_new_cluster(&[None, None]),
@@ -835,9 +842,14 @@ mod tests {
             "an epoch is history too"
         );
         assert_eq!(
-            founds_new_cluster(&[Some((0, 0)), None, None, None]),
+            founds_new_cluster(&[Some((0, 0)), Some((0, 0)), Some((0, 0)), None]),
             None,
-            "five replicas need two blank peers"
+            "five replicas need all four peers"
+        );
+        assert_eq!(
+            founds_new_cluster(&[Some((0, 0)); 4]),
+            Some(true),
+            "five blank replicas found it"
         );
     }
 }
