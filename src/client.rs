@@ -145,6 +145,57 @@ impl Http {
     pub async fn get<T: DeserializeOwned>(&self, url: String) -> Result<T, ClientError> {
         self.call::<(), T>(Method::GET, url, None, &[]).await
     }
+
+    /// GETs a page that is not JSON (`/metrics`).
+    pub async fn text(&self, url: String) -> Result<String, ClientError> {
+        let mut req = self.client.get(&url);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let unreachable = |e: reqwest::Error| ClientError::Unreachable {
+            url: url.clone(),
+            detail: error_chain(&e),
+        };
+        let res = req.send().await.map_err(unreachable)?;
+        let status = res.status();
+        let body = res.text().await.map_err(unreachable)?;
+        if !status.is_success() {
+            return Err(ClientError::Status {
+                url,
+                status: status.as_u16(),
+                message: body.chars().take(200).collect(),
+                primary: None,
+            });
+        }
+        Ok(body)
+    }
+}
+
+/// The catalog replicas, highest process id (the usual primary) first,
+/// sticking to the one that answered and following redirects to the
+/// primary: how operator writes reach the catalog.
+pub fn catalog_admin_pool(
+    cfg: &crate::config::ClusterConfig,
+    http: Http,
+) -> std::sync::Arc<crate::balance::Pool<CatalogClient>> {
+    let mut catalogs: Vec<&crate::config::NodeConfig> =
+        cfg.nodes_of(crate::config::Role::Catalog).collect();
+    catalogs.sort_by_key(|n| std::cmp::Reverse(n.process_id));
+    let members = catalogs
+        .iter()
+        .map(|n| {
+            (
+                n.name.clone(),
+                CatalogClient::new(n.base_url(), http.clone()),
+            )
+        })
+        .collect();
+    crate::balance::Pool::new(
+        "catalog",
+        members,
+        crate::balance::Pick::Sticky,
+        Duration::from_millis(cfg.timing.retry_budget_ms),
+    )
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

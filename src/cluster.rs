@@ -178,7 +178,7 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
 /// terminal reaches `pygmy up` alone, which then stops the nodes in order.
 /// On Linux the child is also told to stop if `pygmy up` dies without
 /// stopping it.
-fn own_process_group(cmd: &mut Command) {
+pub(crate) fn own_process_group(cmd: &mut Command) {
     #[cfg(unix)]
     cmd.process_group(0);
     #[cfg(target_os = "linux")]
@@ -407,7 +407,7 @@ async fn join_local<F: std::future::Future>(futs: impl IntoIterator<Item = F>) -
 }
 
 /// SIGTERM to the child's process group (the child and anything it started).
-fn terminate(child: &mut Child) {
+pub(crate) fn terminate(child: &mut Child) {
     #[cfg(unix)]
     if let Some(pid) = child.id() {
         // SAFETY: plain syscall on the process group of a child we started
@@ -421,7 +421,7 @@ fn terminate(child: &mut Child) {
 }
 
 /// SIGKILL to the child's process group, then reap it.
-async fn kill(child: &mut Child) {
+pub(crate) async fn kill(child: &mut Child) {
     #[cfg(unix)]
     if let Some(pid) = child.id() {
         // SAFETY: as in `terminate`.

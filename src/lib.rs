@@ -23,11 +23,13 @@
 //! * [`history`]   — checks what clients saw (linearizable reads, nothing lost).
 //! * [`readiness`] — `/readyz`: ready to serve, not just up.
 //! * [`cluster`]   — `pygmy up`: the whole store as separate processes.
+//! * [`bench`]     — `pygmy bench`: latency, invalidation and failover, measured.
 //! * [`metrics`]   — Prometheus metrics with bounded labels.
 //! * [`telemetry`] — logs and request ids.
 
 pub mod api;
 pub mod balance;
+pub mod bench;
 pub mod catalog;
 pub mod client;
 pub mod cluster;

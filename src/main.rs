@@ -160,6 +160,29 @@ enum Cmd {
         /// The replica's data directory.
         data_dir: PathBuf,
     },
+    /// Measure the store: latency with the cache on and off (Q1), the cost of invalidation (Q2),
+    /// failover under load (Q3). Writes report.md, SVG plots and results.json into --out.
+    #[command(
+        after_help = "Example:\n  pygmy bench --out bench-report                 # all three, on a store it starts (about 3 min)\n  pygmy bench latency --target pygmy-data/cluster.toml --out bench-report"
+    )]
+    Bench {
+        /// What to run.
+        #[arg(value_enum, default_value = "all")]
+        scenario: pygmy::bench::Scenario,
+        /// Where to write report.md, the plots and results.json.
+        #[arg(long, value_name = "DIR", default_value = "bench-report")]
+        out: PathBuf,
+        /// Measure a running store, named by its cluster file, instead of starting one
+        /// (failover is skipped: it kills processes). It buys books and restocks them.
+        #[arg(long, value_name = "FILE")]
+        target: Option<PathBuf>,
+        /// Short runs: every figure, less time each (rough figures; for tests).
+        #[arg(long)]
+        quick: bool,
+        /// After the scenarios, this many seconds of steady load with memory sampled and plotted.
+        #[arg(long, value_name = "SECONDS")]
+        soak: Option<u64>,
+    },
     /// Print shell completions.
     #[command(
         after_help = "Example:\n  pygmy completions bash > ~/.local/share/bash-completion/completions/pygmy\n  pygmy completions zsh > \"${fpath[1]}/_pygmy\""
@@ -302,6 +325,46 @@ async fn run(cmd: Cmd) -> Result<(), Fail> {
             println!(
                 "{}: {file} recorded as this replica's own; it starts as the same replica",
                 data_dir.display()
+            );
+            Ok(())
+        }
+        Cmd::Bench {
+            scenario,
+            out,
+            target,
+            quick,
+            soak,
+        } => {
+            let target = match target {
+                Some(path) => Some(ConfigArg::file(path).load_as_operator()?),
+                None => None,
+            };
+            let command = std::iter::once("pygmy".to_string())
+                .chain(std::env::args().skip(1))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let results = pygmy::bench::run(pygmy::bench::Options {
+                scenario,
+                out: out.clone(),
+                target,
+                quick,
+                soak: soak.map(std::time::Duration::from_secs),
+                command,
+            })
+            .await
+            .map_err(Fail::from)?;
+            for t in &results.targets {
+                let met = match t.met {
+                    Some(true) => "met",
+                    Some(false) => "NOT met",
+                    None => "not measured",
+                };
+                println!("{:<60} {:<28} {met}", t.what, t.measured);
+            }
+            println!(
+                "pygmy bench: report in {} ({:.0} s)",
+                out.join("report.md").display(),
+                results.seconds
             );
             Ok(())
         }

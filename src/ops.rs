@@ -11,7 +11,6 @@ use clap::Args;
 use serde::Serialize;
 
 use pygmy::api::{BookId, Money, NodeStatus, RequestId, UpdateRequest};
-use pygmy::balance::{Pick, Pool};
 use pygmy::client::{CatalogClient, ClientError, FrontendClient, Http, OrderClient};
 use pygmy::config::{ClusterConfig, NodeConfig, Role};
 
@@ -106,6 +105,11 @@ pub struct ConfigArg {
 }
 
 impl ConfigArg {
+    /// A cluster file named some other way than `--config`.
+    pub fn file(path: PathBuf) -> Self {
+        Self { config: Some(path) }
+    }
+
     /// The path and whether it was chosen (flag or environment) or defaulted.
     fn path(&self) -> (PathBuf, bool) {
         if let Some(p) = &self.config {
@@ -292,23 +296,7 @@ pub async fn update(
     );
     // Highest process id first (the usual primary); a backup names the
     // primary and the pool follows it. The request id makes retries safe.
-    let mut catalogs: Vec<&NodeConfig> = cfg.nodes_of(Role::Catalog).collect();
-    catalogs.sort_by_key(|n| std::cmp::Reverse(n.process_id));
-    let members = catalogs
-        .iter()
-        .map(|n| {
-            (
-                n.name.clone(),
-                CatalogClient::new(n.base_url(), http.clone()),
-            )
-        })
-        .collect();
-    let pool = Pool::new(
-        "catalog",
-        members,
-        Pick::Sticky,
-        Duration::from_millis(cfg.timing.retry_budget_ms),
-    );
+    let pool = pygmy::client::catalog_admin_pool(&cfg, http);
     let req = &req;
     match pool.call(|c| async move { c.update(req).await }).await {
         Ok(r) => print_json(&r),

@@ -635,6 +635,10 @@ const README_NOT_RUN: &[(&str, &str)] = &[
     ),
     ("cargo test", "the suite this test is part of"),
     (
+        "pygmy bench --out",
+        "the full bench, three minutes; tests/bench.rs runs it with --quick",
+    ),
+    (
         "cargo install cargo-fuzz",
         "fuzzing: a separate, ~20 min build",
     ),

@@ -1,0 +1,728 @@
+//! The bench's outputs: `report.md` (tables and the speed targets), SVG
+//! plots, and `results.json` with every figure.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Context;
+use plotters::prelude::*;
+
+use super::{LatencyRow, Results, TargetCheck};
+
+/// Requests per second nginx served a static file on the reference 2-core
+/// machine: the cached lookup's target.
+const NGINX_STATIC_PER_SECOND: f64 = 95_000.0;
+const BUY_P50_TARGET_US: u64 = 800;
+const BUYS_PER_SECOND_TARGET: f64 = 8_000.0;
+const FAILOVER_GAP_TARGET_MS: f64 = 300.0;
+const MEMORY_TARGET_BYTES: u64 = 80 * 1024 * 1024;
+
+type PlotResult = Result<(), Box<dyn std::error::Error>>;
+
+fn find<'a>(
+    r: &'a Results,
+    op: &str,
+    cache: bool,
+    shape: &str,
+    conns: usize,
+) -> Option<&'a LatencyRow> {
+    r.latency.as_ref()?.rows.iter().find(|x| {
+        x.op == op
+            && (x.cache == cache || op == "floor")
+            && x.shape == shape
+            && x.connections == conns
+    })
+}
+
+/// Each speed target and where the run stands.
+pub fn targets(r: &Results) -> Vec<TargetCheck> {
+    let mut out = Vec::new();
+    let floor64 = find(r, "floor", true, "closed", 64).map(|f| f.stats.per_second);
+    let cached64 = find(r, "lookup", true, "closed", 64).map(|f| f.stats.per_second);
+    let uncached64 = find(r, "lookup", false, "closed", 64).map(|f| f.stats.per_second);
+    let check =
+        |what: &str, target: String, measured: Option<String>, met: Option<bool>| TargetCheck {
+            what: what.into(),
+            target,
+            measured: measured.unwrap_or_else(|| "not measured".into()),
+            met,
+        };
+    out.push(check(
+        "cached lookup, 64 connections",
+        format!(
+            "≥ {:.0} req/s (nginx, static file)",
+            NGINX_STATIC_PER_SECOND
+        ),
+        cached64.map(|c| format!("{c:.0} req/s ({:.0}%)", 100.0 * c / NGINX_STATIC_PER_SECOND)),
+        cached64.map(|c| c >= NGINX_STATIC_PER_SECOND),
+    ));
+    let ratio = cached64.zip(floor64).map(|(c, f)| c / f);
+    out.push(check(
+        "cached lookup vs the floor, 64 connections",
+        "≥ 0.90 × floor".into(),
+        ratio.map(|x| format!("{x:.3} × floor")),
+        ratio.map(|x| x >= 0.9),
+    ));
+    let ratio = uncached64.zip(floor64).map(|(c, f)| c / f);
+    out.push(check(
+        "uncached lookup (frontend → catalog) vs the floor, 64 connections",
+        "≥ 0.40 × floor".into(),
+        ratio.map(|x| format!("{x:.3} × floor")),
+        ratio.map(|x| x >= 0.4),
+    ));
+    let buy1 = find(r, "buy", true, "closed", 1).map(|b| b.stats.p50_us);
+    out.push(check(
+        "durable replicated buy, one at a time (1 connection), p50",
+        format!("≤ {}", fmt_us(BUY_P50_TARGET_US)),
+        buy1.map(fmt_us),
+        buy1.map(|b| b <= BUY_P50_TARGET_US),
+    ));
+    let buy32 = find(r, "buy", true, "closed", 32).map(|b| b.stats.per_second);
+    out.push(check(
+        "buys, 32 connections",
+        format!("≥ {BUYS_PER_SECOND_TARGET:.0} /s"),
+        buy32.map(|b| format!("{b:.0} /s ({:.0}%)", 100.0 * b / BUYS_PER_SECOND_TARGET)),
+        buy32.map(|b| b >= BUYS_PER_SECOND_TARGET),
+    ));
+    let primary = r
+        .failover
+        .as_ref()
+        .and_then(|f| f.faults.iter().find(|f| f.kind == "catalog primary"));
+    out.push(check(
+        "catalog primary SIGKILLed under load",
+        format!(
+            "0 client-visible errors, ≤ {FAILOVER_GAP_TARGET_MS:.0} ms without a successful buy"
+        ),
+        primary.map(|p| {
+            format!(
+                "{} errors, {:.0} ms without a successful buy",
+                p.buy_errors + p.lookup_errors,
+                p.longest_buy_gap_ms
+            )
+        }),
+        primary.map(|p| {
+            p.buy_errors + p.lookup_errors == 0 && p.longest_buy_gap_ms <= FAILOVER_GAP_TARGET_MS
+        }),
+    ));
+    let all_known = r.memory.iter().all(|m| m.rss_bytes.is_some()) && !r.memory.is_empty();
+    out.push(check(
+        &format!(
+            "memory of the {}-process store after the bench",
+            r.memory.len()
+        ),
+        format!("≤ {} MB RSS", MEMORY_TARGET_BYTES / (1024 * 1024)),
+        all_known.then(|| fmt_mb(r.memory_total_bytes)),
+        all_known.then_some(r.memory_total_bytes <= MEMORY_TARGET_BYTES),
+    ));
+    if let Some(s) = &r.soak
+        && let (Some(first), Some(last)) = (s.rss.get(s.rss.len() / 10), s.rss.last())
+    {
+        let growth = last.1 as f64 / first.1.max(1) as f64;
+        out.push(check(
+            "memory under a soak with nothing scraping metrics",
+            "flat (≤ 10% growth after the first tenth)".into(),
+            Some(format!(
+                "{} → {} over {:.0} s ({:+.1}%)",
+                fmt_mb(first.1),
+                fmt_mb(last.1),
+                s.seconds,
+                100.0 * (growth - 1.0)
+            )),
+            Some(growth <= 1.10),
+        ));
+    }
+    out
+}
+
+pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
+    let json = serde_json::to_string_pretty(r)?;
+    std::fs::write(dir.join("results.json"), json).context("writing results.json")?;
+    let mut plots = Vec::new();
+    let plot = |name: &str,
+                f: &dyn Fn(&Path) -> PlotResult,
+                plots: &mut Vec<String>|
+     -> anyhow::Result<()> {
+        f(&dir.join(name)).map_err(|e| anyhow::anyhow!("plotting {name}: {e}"))?;
+        plots.push(name.to_string());
+        Ok(())
+    };
+    if let Some(l) = &r.latency {
+        plot(
+            "throughput.svg",
+            &|p| latency_plot(p, &l.rows, true),
+            &mut plots,
+        )?;
+        plot(
+            "latency.svg",
+            &|p| latency_plot(p, &l.rows, false),
+            &mut plots,
+        )?;
+    }
+    if let Some(i) = &r.invalidation {
+        plot("invalidation.svg", &|p| invalidation_plot(p, i), &mut plots)?;
+    }
+    if let Some(f) = &r.failover {
+        plot("failover.svg", &|p| failover_plot(p, f), &mut plots)?;
+    }
+    if let Some(s) = &r.soak {
+        plot("soak.svg", &|p| soak_plot(p, s), &mut plots)?;
+    }
+    std::fs::write(dir.join("report.md"), markdown(r)).context("writing report.md")?;
+    Ok(())
+}
+
+pub fn fmt_us(us: u64) -> String {
+    if us < 10_000 {
+        format!("{:.2} ms", us as f64 / 1e3)
+    } else {
+        format!("{:.1} ms", us as f64 / 1e3)
+    }
+}
+
+fn fmt_mb(b: u64) -> String {
+    format!("{:.1} MB", b as f64 / (1024.0 * 1024.0))
+}
+
+fn opt_ratio(x: Option<f64>) -> String {
+    x.map(|x| format!("{x:.2}×")).unwrap_or_else(|| "—".into())
+}
+
+fn markdown(r: &Results) -> String {
+    let mut m = String::new();
+    let _ = writeln!(m, "# pygmy bench report\n");
+    let _ = writeln!(m, "Made by:\n\n```sh\n{}\n```\n", r.command);
+    let _ = writeln!(
+        m,
+        "- store: {}\n- machine: {} CPUs; the store, and the load generator, share them\n- run took {:.0} s{}\n",
+        r.store,
+        r.cpus,
+        r.seconds,
+        if r.quick {
+            " (`--quick`: short cells, figures are rough)"
+        } else {
+            ""
+        }
+    );
+    for s in &r.skipped {
+        let _ = writeln!(m, "- not run: {s}");
+    }
+    if !r.skipped.is_empty() {
+        m.push('\n');
+    }
+
+    let _ = writeln!(m, "## Speed targets\n");
+    let _ = writeln!(m, "| | target | this run | met |\n|---|---|---|---|");
+    for t in &r.targets {
+        let met = match t.met {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "—",
+        };
+        let _ = writeln!(m, "| {} | {} | {} | {met} |", t.what, t.target, t.measured);
+    }
+    m.push('\n');
+
+    if let Some(l) = &r.latency {
+        let _ = writeln!(m, "## Q1: latency, cache on and off\n");
+        let _ = writeln!(
+            m,
+            "Each cell ran {:.2} s after a short untimed warm-up. *sequential*: one request at a time, each on a new \
+             connection (as the original's client did); *closed*: keep-alive connections, each sending when answered; \
+             *open*: requests due at a fixed rate (70% of the closed loop's at 32 connections), latency counted from \
+             when each was due, so a stall is not hidden by a slower send rate (coordinated omission). \
+             The floor is `GET /healthcheck` on the frontend: the same HTTP stack, no work. \
+             \"× floor\" divides by the floor's figure at the same shape and connections.\n",
+            l.cell_seconds
+        );
+        let _ = writeln!(
+            m,
+            "![throughput](throughput.svg)\n\n![latency](latency.svg)\n"
+        );
+        let _ = writeln!(
+            m,
+            "| op | cache | shape | conns | req/s | req/s × floor | p50 | p90 | p99 | max | p50 × floor | errors |\n\
+             |---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for x in &l.rows {
+            let shape = match (&x.shape[..], x.stats.offered_per_second) {
+                ("open", Some(o)) => format!("open @ {o:.0}/s"),
+                (s, _) => s.to_string(),
+            };
+            let _ = writeln!(
+                m,
+                "| {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} |",
+                x.op,
+                if x.op == "floor" {
+                    "—"
+                } else if x.cache {
+                    "on"
+                } else {
+                    "off"
+                },
+                shape,
+                x.connections,
+                x.stats.per_second,
+                opt_ratio(x.throughput_vs_floor),
+                fmt_us(x.stats.p50_us),
+                fmt_us(x.stats.p90_us),
+                fmt_us(x.stats.p99_us),
+                fmt_us(x.stats.max_us),
+                opt_ratio(x.p50_vs_floor),
+                x.stats.errors()
+            );
+        }
+        let open: Vec<&LatencyRow> = l.rows.iter().filter(|x| x.shape == "open").collect();
+        if !open.is_empty() {
+            let _ = writeln!(
+                m,
+                "\nOpen loop, from sending rather than from when due (the difference is time waiting for a free \
+                 connection or a late timer; the timer's resolution is 1 ms):\n"
+            );
+            for x in open {
+                let _ = writeln!(
+                    m,
+                    "- {}: p50 {}, p99 {}",
+                    x.op,
+                    x.stats
+                        .service_p50_us
+                        .map(fmt_us)
+                        .unwrap_or_else(|| "—".into()),
+                    x.stats
+                        .service_p99_us
+                        .map(fmt_us)
+                        .unwrap_or_else(|| "—".into()),
+                );
+            }
+        }
+        m.push('\n');
+    }
+
+    if let Some(i) = &r.invalidation {
+        let _ = writeln!(m, "## Q2: the cost of invalidation\n");
+        let _ = writeln!(
+            m,
+            "{} rounds, one keep-alive connection: look a book up (the cache answers), buy it (the catalog \
+             primary invalidates it in the frontend's cache before it answers), look it up again (a miss, then \
+             cached again).\n",
+            i.rounds
+        );
+        let _ = writeln!(m, "![invalidation](invalidation.svg)\n");
+        let _ = writeln!(
+            m,
+            "| request | p50 | p90 | p99 | max | errors |\n|---|---:|---:|---:|---:|---:|"
+        );
+        for (name, s) in [
+            ("cached lookup", &i.cached_lookup),
+            ("buy (invalidates)", &i.buy),
+            ("first lookup after the buy", &i.lookup_after_buy),
+        ] {
+            let _ = writeln!(
+                m,
+                "| {name} | {} | {} | {} | {} | {} |",
+                fmt_us(s.p50_us),
+                fmt_us(s.p90_us),
+                fmt_us(s.p99_us),
+                fmt_us(s.max_us),
+                s.errors()
+            );
+        }
+        let _ = writeln!(
+            m,
+            "\n- the miss after a buy costs {:.1}× a cached lookup (p50)",
+            i.lookup_after_buy.p50_us as f64 / i.cached_lookup.p50_us.max(1) as f64
+        );
+        if let Some(n) = i.misses_counted {
+            let _ = writeln!(
+                m,
+                "- cache misses the frontend counted: {n} (rounds: {})",
+                i.rounds
+            );
+        }
+        if let (Some(on), Some(off)) = (i.buy_p50_cache_on_us, i.buy_p50_cache_off_us) {
+            let _ = writeln!(
+                m,
+                "- buy p50 at 1 connection: {} with the cache (invalidation on the path), {} without ({:+.0} µs)",
+                fmt_us(on),
+                fmt_us(off),
+                on as f64 - off as f64
+            );
+        }
+        if let (Some(on), Some(off)) = (
+            i.buys_per_second_cache_on_32,
+            i.buys_per_second_cache_off_32,
+        ) {
+            let _ = writeln!(
+                m,
+                "- buys at 32 connections: {on:.0}/s with the cache, {off:.0}/s without ({:+.1}%)",
+                100.0 * (on / off.max(1e-9) - 1.0)
+            );
+        }
+        m.push('\n');
+    }
+
+    if let Some(f) = &r.failover {
+        let _ = writeln!(m, "## Q3: failover under load\n");
+        let _ = writeln!(
+            m,
+            "Buys due at {:.0}/s and lookups at {:.0}/s (open loop) for {:.0} s while, one at a time, a node is \
+             SIGKILLed and restarted. Latency counts from when each request was due.\n",
+            f.buy_rate, f.lookup_rate, f.seconds
+        );
+        let _ = writeln!(m, "![failover](failover.svg)\n");
+        let _ = writeln!(
+            m,
+            "| killed | node | buys | failed buys | lookups | failed lookups | longest without a buy | detected after | back in service after restart | primary after the kill | primary after the restart |\n\
+             |---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"
+        );
+        let ms = |x: Option<f64>| {
+            x.map(|v| format!("{v:.0} ms"))
+                .unwrap_or_else(|| "—".into())
+        };
+        for x in &f.faults {
+            let _ = writeln!(
+                m,
+                "| {} | {} | {} | {} | {} | {} | {:.0} ms | {} | {} | {} | {} |",
+                x.kind,
+                x.node,
+                x.buys,
+                x.buy_errors,
+                x.lookups,
+                x.lookup_errors,
+                x.longest_buy_gap_ms,
+                ms(x.detection_ms),
+                ms(x.resync_ms),
+                x.primary_after_kill.as_deref().unwrap_or("none"),
+                x.primary_after_restart.as_deref().unwrap_or("none")
+            );
+        }
+        let _ = writeln!(
+            m,
+            "\nDetected: order replica — the frontend marks it down; catalog backup — the primary drops it from its \
+             view; catalog primary — another replica serves as primary. Back in service: the frontend marks the \
+             order replica up; a catalog replica is in the primary's view (in sync). Polled every 25 ms.\n"
+        );
+        let _ = writeln!(m, "Events:\n");
+        for e in &f.events {
+            let _ = writeln!(m, "- {:.2} s: {} {}", e.at_ms / 1e3, e.what, e.node);
+        }
+        m.push('\n');
+    }
+
+    let _ = writeln!(m, "## Memory after the run\n");
+    let _ = writeln!(m, "| node | RSS |\n|---|---:|");
+    for n in &r.memory {
+        let _ = writeln!(
+            m,
+            "| {} | {} |",
+            n.node,
+            n.rss_bytes.map(fmt_mb).unwrap_or_else(|| "—".into())
+        );
+    }
+    let _ = writeln!(m, "| **total** | **{}** |\n", fmt_mb(r.memory_total_bytes));
+
+    if let Some(s) = &r.soak {
+        let _ = writeln!(m, "## Soak\n");
+        let _ = writeln!(
+            m,
+            "{:.0} s of mixed lookups, searches and buys (2 000/s due), nothing scraping metrics but this sampler: \
+             {} requests, {} errors.\n\n![soak](soak.svg)\n",
+            s.seconds, s.requests, s.errors
+        );
+    }
+    m
+}
+
+/// Lines of the latency plots: operation, cache, colour (cache off dashed).
+const SERIES: [(&str, bool, RGBColor); 7] = [
+    ("floor", true, BLACK),
+    ("lookup", true, RGBColor(0, 150, 60)),
+    ("lookup", false, RGBColor(0, 150, 60)),
+    ("search", true, RGBColor(30, 90, 220)),
+    ("search", false, RGBColor(30, 90, 220)),
+    ("buy", true, RGBColor(180, 30, 160)),
+    ("buy", false, RGBColor(180, 30, 160)),
+];
+
+/// Requests per second (or p50 latency) against connections, one line per
+/// operation and cache setting; log scale.
+fn latency_plot(path: &Path, rows: &[LatencyRow], throughput: bool) -> PlotResult {
+    let levels: Vec<usize> = {
+        let mut l: Vec<usize> = rows
+            .iter()
+            .filter(|r| r.shape == "closed")
+            .map(|r| r.connections)
+            .collect();
+        l.sort_unstable();
+        l.dedup();
+        l
+    };
+    let value = |r: &LatencyRow| {
+        if throughput {
+            r.stats.per_second.max(1.0)
+        } else {
+            (r.stats.p50_us as f64 / 1e3).max(0.001)
+        }
+    };
+    let closed: Vec<&LatencyRow> = rows.iter().filter(|r| r.shape == "closed").collect();
+    let max = closed.iter().map(|r| value(r)).fold(1.0, f64::max) * 2.0;
+    let min = closed
+        .iter()
+        .map(|r| value(r))
+        .fold(f64::MAX, f64::min)
+        .min(max)
+        / 2.0;
+    let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let caption = if throughput {
+        "Throughput by connections (closed loop)"
+    } else {
+        "p50 latency by connections (closed loop)"
+    };
+    let mut chart = ChartBuilder::on(&root)
+        .caption(caption, ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(80)
+        .build_cartesian_2d(-0.3f64..(levels.len() as f64 - 0.7), (min..max).log_scale())?;
+    let labels = levels.clone();
+    chart
+        .configure_mesh()
+        .x_labels(levels.len())
+        .x_label_formatter(&|x| {
+            let i = x.round();
+            if (x - i).abs() < 0.01 && i >= 0.0 {
+                labels
+                    .get(i as usize)
+                    .map(|c| c.to_string())
+                    .unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .x_desc("connections")
+        .y_desc(if throughput {
+            "requests / s"
+        } else {
+            "p50, ms"
+        })
+        .draw()?;
+    for (op, cache, color) in SERIES.iter() {
+        let points: Vec<(f64, f64)> = closed
+            .iter()
+            .filter(|r| r.op == *op && (r.cache == *cache || *op == "floor"))
+            .filter_map(|r| {
+                levels
+                    .iter()
+                    .position(|l| *l == r.connections)
+                    .map(|x| (x as f64, value(r)))
+            })
+            .collect();
+        if points.is_empty() {
+            continue;
+        }
+        let style = ShapeStyle::from(color).stroke_width(2);
+        let name = if *op == "floor" {
+            "floor (/healthcheck)".to_string()
+        } else {
+            format!("{op}, cache {}", if *cache { "on" } else { "off (dashed)" })
+        };
+        let drawn = if *cache {
+            chart.draw_series(LineSeries::new(points.clone(), style))?
+        } else {
+            chart.draw_series(DashedLineSeries::new(points.clone(), 8, 5, style))?
+        };
+        drawn
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+        chart.draw_series(
+            points
+                .into_iter()
+                .map(|p| Circle::new(p, 3, style.filled())),
+        )?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+fn invalidation_plot(path: &Path, i: &super::InvalidationResults) -> PlotResult {
+    let bars = [
+        ("cached lookup", &i.cached_lookup),
+        ("buy", &i.buy),
+        ("lookup after buy", &i.lookup_after_buy),
+    ];
+    let max = bars
+        .iter()
+        .map(|(_, s)| s.p99_us as f64 / 1e3)
+        .fold(0.01, f64::max)
+        * 1.2;
+    let root = SVGBackend::new(path, (700, 420)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Invalidation: p50 (dark) and p99 (light)",
+            ("sans-serif", 22),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0f64..3f64, 0f64..max)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(7)
+        .x_label_formatter(&|x| {
+            let k = x - x.floor();
+            if (k - 0.5).abs() < 0.01 {
+                bars.get(x.floor() as usize)
+                    .map(|b| b.0.to_string())
+                    .unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .y_desc("ms")
+        .draw()?;
+    for (k, (_, s)) in bars.iter().enumerate() {
+        let x = k as f64;
+        let p50 = s.p50_us as f64 / 1e3;
+        let p99 = s.p99_us as f64 / 1e3;
+        chart.draw_series([
+            Rectangle::new([(x + 0.15, 0.0), (x + 0.5, p50)], BLUE.filled()),
+            Rectangle::new([(x + 0.5, 0.0), (x + 0.85, p99)], BLUE.mix(0.35).filled()),
+        ])?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+fn failover_plot(path: &Path, f: &super::FailoverResults) -> PlotResult {
+    let end = f.seconds.max(0.1);
+    let max_ms = f
+        .timeline
+        .iter()
+        .map(|b| b.buy_max_ms.max(b.lookup_max_ms))
+        .fold(1.0, f64::max)
+        * 2.0;
+    let root = SVGBackend::new(path, (1000, 520)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Latency over time: kills (red) and restarts (green); failed requests as red crosses",
+            ("sans-serif", 20),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(80)
+        .build_cartesian_2d(0f64..end, (0.05f64..max_ms).log_scale())?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds")
+        .y_desc("latency per 100 ms, ms")
+        .draw()?;
+    let at = |b: &super::failover::Bucket| b.at_ms / 1e3 + 0.05;
+    let lines = [
+        ("buy, max", RED.mix(0.6), true, true),
+        ("buy, p50", BLUE.to_rgba(), true, false),
+        ("lookup, max", MAGENTA.mix(0.5), false, true),
+        ("lookup, p50", GREEN.mix(0.8), false, false),
+    ];
+    for (name, color, buy, max) in lines {
+        let pts: Vec<(f64, f64)> = f
+            .timeline
+            .iter()
+            .filter(|b| {
+                if buy {
+                    b.buys_ok + b.buys_failed > 0
+                } else {
+                    b.lookups_ok + b.lookups_failed > 0
+                }
+            })
+            .map(|b| {
+                let v = match (buy, max) {
+                    (true, true) => b.buy_max_ms,
+                    (true, false) => b.buy_p50_ms,
+                    (false, true) => b.lookup_max_ms,
+                    (false, false) => b.lookup_p50_ms,
+                };
+                (at(b), v.max(0.05))
+            })
+            .collect();
+        let style = ShapeStyle::from(&color).stroke_width(2);
+        chart
+            .draw_series(LineSeries::new(pts, style))?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+    }
+    chart.draw_series(
+        f.timeline
+            .iter()
+            .filter(|b| b.buys_failed + b.lookups_failed > 0)
+            .map(|b| Cross::new((at(b), max_ms / 1.5), 6, RED.stroke_width(2))),
+    )?;
+    for e in &f.events {
+        let x = e.at_ms / 1e3;
+        let color = if e.what == "kill" { RED } else { GREEN };
+        chart.draw_series(std::iter::once(PathElement::new(
+            vec![(x, 0.05), (x, max_ms)],
+            color.stroke_width(1),
+        )))?;
+        chart.draw_series(std::iter::once(Text::new(
+            format!("{} {}", e.what, e.node),
+            (
+                x + 0.05,
+                if e.what == "kill" {
+                    max_ms / 3.0
+                } else {
+                    max_ms / 6.0
+                },
+            ),
+            ("sans-serif", 13).into_font().color(&color),
+        )))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+fn soak_plot(path: &Path, s: &super::SoakResults) -> PlotResult {
+    let end = s.rss.last().map(|p| p.0).unwrap_or(1.0).max(1.0);
+    let max = s
+        .rss
+        .iter()
+        .map(|p| p.1 as f64 / 1048576.0)
+        .fold(1.0, f64::max)
+        * 1.25;
+    let root = SVGBackend::new(path, (900, 420)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Resident memory of the whole store under steady load",
+            ("sans-serif", 22),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0f64..end, 0f64..max)?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds")
+        .y_desc("MB")
+        .draw()?;
+    chart.draw_series(LineSeries::new(
+        s.rss.iter().map(|(t, b)| (*t, *b as f64 / 1048576.0)),
+        BLUE.stroke_width(2),
+    ))?;
+    root.present()?;
+    Ok(())
+}
