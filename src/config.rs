@@ -108,9 +108,9 @@ impl Default for Timing {
             retry_budget_ms: 8_000,
             health_interval_ms: 300,
             cache_lease_ms: 1_000,
-            heartbeat_ms: 50,
-            lease_ms: 500,
-            election_timeout_ms: 500,
+            heartbeat_ms: 25,
+            lease_ms: 200,
+            election_timeout_ms: 200,
             takeover_after_ms: 2_000,
         }
     }

@@ -326,6 +326,16 @@ mod process {
             fields.get(n - 3)?.parse().ok()
         }
 
+        /// `KEY   123 kB` from a `/proc` status-like page.
+        fn kilobytes(page: &str, key: &str) -> Option<f64> {
+            page.lines()
+                .find_map(|l| l.strip_prefix(key))?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        }
+
         pub fn uptime_seconds() -> Option<f64> {
             let fields = stat_fields()?;
             let started_ticks = field(&fields, 22)?;
@@ -367,6 +377,28 @@ mod process {
                         "Resident memory size in bytes.",
                         rss * page_size(),
                     );
+                }
+            }
+            // Several processes of one binary share its mapped pages: the
+            // proportional set size counts each shared page once across
+            // them, so summing it over the store's processes is honest
+            // (summing resident sizes counts the binary once per process).
+            if let Ok(rollup) = std::fs::read_to_string("/proc/self/smaps_rollup") {
+                for (key, name, help) in [
+                    (
+                        "Pss:",
+                        "pygmy_process_proportional_memory_bytes",
+                        "Proportional set size in bytes: resident memory, each page shared with other processes divided among them.",
+                    ),
+                    (
+                        "Anonymous:",
+                        "pygmy_process_anonymous_memory_bytes",
+                        "Resident anonymous memory (heap, stacks) in bytes: the part no other process shares.",
+                    ),
+                ] {
+                    if let Some(kb) = kilobytes(&rollup, key) {
+                        metric(page, name, "gauge", help, kb * 1024.0);
+                    }
                 }
             }
             if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
@@ -421,6 +453,8 @@ mod tests {
             "process_resident_memory_bytes",
             "process_open_fds",
             "process_start_time_seconds",
+            "pygmy_process_proportional_memory_bytes",
+            "pygmy_process_anonymous_memory_bytes",
         ] {
             let line = page
                 .lines()

@@ -76,9 +76,13 @@ pub struct Results {
     pub failover: Option<FailoverResults>,
     /// Why a scenario did not run.
     pub skipped: Vec<String>,
-    /// Resident memory of every node after the run, bytes.
+    /// Memory of every node after the run, bytes.
     pub memory: Vec<NodeMemory>,
+    /// Sum of the nodes' resident sizes: counts the pages of the binary
+    /// they share once per process.
     pub memory_total_bytes: u64,
+    /// Sum of the nodes' proportional set sizes: each shared page once.
+    pub memory_unique_bytes: Option<u64>,
     pub soak: Option<SoakResults>,
     pub targets: Vec<TargetCheck>,
 }
@@ -87,6 +91,10 @@ pub struct Results {
 pub struct NodeMemory {
     pub node: String,
     pub rss_bytes: Option<u64>,
+    /// Proportional set size: shared pages divided among their sharers.
+    pub pss_bytes: Option<u64>,
+    /// Heap and stacks: what no other process shares.
+    pub anonymous_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -135,7 +143,8 @@ pub struct InvalidationResults {
 #[derive(Debug, Clone, Serialize)]
 pub struct SoakResults {
     pub seconds: f64,
-    /// `(seconds since start, total RSS bytes)`.
+    /// `(seconds since start, the store's memory in bytes)`: the sum of
+    /// proportional set sizes (resident sizes where those are unknown).
     pub rss: Vec<(f64, u64)>,
     pub requests: u64,
     pub errors: u64,
@@ -189,12 +198,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Results> {
         ),
     };
     let outcome = scenarios(&opts, &mut store, &progress, cell, runs).await;
-    let memory: Vec<NodeMemory> = store
-        .rss()
-        .await
-        .into_iter()
-        .map(|(node, rss_bytes)| NodeMemory { node, rss_bytes })
-        .collect();
+    let memory = store.memory().await;
     let failed = outcome.is_err();
     if failed && let Some(dir) = store.dir() {
         eprintln!(
@@ -206,6 +210,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Results> {
     let (latency, invalidation, failover, soak, skipped) = outcome?;
     progress.finish_and_clear();
     let memory_total_bytes = memory.iter().filter_map(|m| m.rss_bytes).sum();
+    let memory_unique_bytes = memory.iter().map(|m| m.pss_bytes).sum::<Option<u64>>();
     let mut results = Results {
         command: opts.command.clone(),
         started_unix,
@@ -221,6 +226,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Results> {
         skipped,
         memory,
         memory_total_bytes,
+        memory_unique_bytes,
         soak,
         targets: Vec::new(),
     };
@@ -521,15 +527,15 @@ async fn soak_scenario(
     let load = tokio::spawn(load::timeline(addr, mixed, 2_000.0, 32, t0, stop.clone()));
     let mut rss = Vec::new();
     let every = (length / 60).max(Duration::from_millis(500));
+    let total =
+        |m: Vec<NodeMemory>| -> u64 { m.iter().filter_map(|n| n.pss_bytes.or(n.rss_bytes)).sum() };
     while t0.elapsed() < length {
-        let total: u64 = store.rss().await.iter().filter_map(|(_, r)| *r).sum();
-        rss.push((t0.elapsed().as_secs_f64(), total));
+        rss.push((t0.elapsed().as_secs_f64(), total(store.memory().await)));
         tokio::time::sleep(every).await;
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let samples = load.await.unwrap_or_default();
-    let total: u64 = store.rss().await.iter().filter_map(|(_, r)| *r).sum();
-    rss.push((t0.elapsed().as_secs_f64(), total));
+    rss.push((t0.elapsed().as_secs_f64(), total(store.memory().await)));
     Ok(SoakResults {
         seconds: t0.elapsed().as_secs_f64(),
         rss,

@@ -409,16 +409,34 @@ fn markdown(r: &Results) -> String {
     }
 
     let _ = writeln!(m, "## Memory after the run\n");
-    let _ = writeln!(m, "| node | RSS |\n|---|---:|");
+    let _ = writeln!(
+        m,
+        "The processes run one binary, and share its mapped pages: a resident size (RSS) counts them in every \
+         process, a proportional set size (PSS) divides each shared page among its sharers, so the PSS sum is the \
+         memory the store takes. Anonymous memory is each process's own heap and stacks.\n"
+    );
+    let _ = writeln!(m, "| node | RSS | PSS | anonymous |\n|---|---:|---:|---:|");
+    let mb = |b: Option<u64>| b.map(fmt_mb).unwrap_or_else(|| "—".into());
     for n in &r.memory {
         let _ = writeln!(
             m,
-            "| {} | {} |",
+            "| {} | {} | {} | {} |",
             n.node,
-            n.rss_bytes.map(fmt_mb).unwrap_or_else(|| "—".into())
+            mb(n.rss_bytes),
+            mb(n.pss_bytes),
+            mb(n.anonymous_bytes)
         );
     }
-    let _ = writeln!(m, "| **total** | **{}** |\n", fmt_mb(r.memory_total_bytes));
+    let _ = writeln!(
+        m,
+        "| **total** | **{}** | **{}** | **{}** |\n",
+        fmt_mb(r.memory_total_bytes),
+        mb(r.memory_unique_bytes),
+        mb(r.memory
+            .iter()
+            .map(|n| n.anonymous_bytes)
+            .sum::<Option<u64>>())
+    );
 
     if let Some(s) = &r.soak {
         let _ = writeln!(m, "## Soak\n");

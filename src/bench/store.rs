@@ -279,15 +279,21 @@ impl Store {
         Ok(())
     }
 
-    /// Resident memory of every node, from its `/metrics`.
-    pub async fn rss(&self) -> Vec<(String, Option<u64>)> {
+    /// Memory of every node, from its `/metrics`.
+    pub async fn memory(&self) -> Vec<super::NodeMemory> {
         let probes = self.cfg.nodes.iter().map(|n| {
             let url = format!("{}/metrics", n.base_url());
             let http = self.http.clone();
-            let name = n.name.clone();
+            let node = n.name.clone();
             async move {
                 let page = http.text(url).await.ok();
-                (name, page.as_deref().and_then(rss_of))
+                let get = |name| page.as_deref().and_then(|p| gauge(p, name));
+                super::NodeMemory {
+                    node,
+                    rss_bytes: get("process_resident_memory_bytes"),
+                    pss_bytes: get("pygmy_process_proportional_memory_bytes"),
+                    anonymous_bytes: get("pygmy_process_anonymous_memory_bytes"),
+                }
             }
         });
         join_all(probes).await
@@ -322,10 +328,10 @@ impl Store {
     }
 }
 
-/// `process_resident_memory_bytes` from a Prometheus page.
-fn rss_of(page: &str) -> Option<u64> {
+/// An unlabelled gauge's value from a Prometheus page.
+fn gauge(page: &str, name: &str) -> Option<u64> {
     page.lines()
-        .find_map(|l| l.strip_prefix("process_resident_memory_bytes "))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse::<f64>().ok())
         .map(|v| v as u64)
 }
@@ -356,7 +362,17 @@ mod tests {
         let page = "# HELP process_resident_memory_bytes Resident memory size in bytes.\n\
                     # TYPE process_resident_memory_bytes gauge\n\
                     process_resident_memory_bytes 16801792\n";
-        assert_eq!(super::rss_of(page), Some(16_801_792));
-        assert_eq!(super::rss_of("process_cpu_seconds_total 3\n"), None);
+        assert_eq!(
+            super::gauge(page, "process_resident_memory_bytes"),
+            Some(16_801_792)
+        );
+        assert_eq!(super::gauge(page, "process_resident"), None);
+        assert_eq!(
+            super::gauge(
+                "process_cpu_seconds_total 3\n",
+                "process_resident_memory_bytes"
+            ),
+            None
+        );
     }
 }

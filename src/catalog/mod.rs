@@ -301,7 +301,11 @@ pub async fn run(
     rcfg.fence_caches = true;
     let drift = rcfg.drift_margin;
     let replica = Replica::new(rcfg, &persisted, clock.now_ms());
-    let (inputs_tx, inputs_rx) = std::sync::mpsc::sync_channel(100_000);
+    // The driver's queue: a bounded channel allocates all its slots up
+    // front, so its bound is what a node can have in flight (requests are
+    // capped at `max_in_flight`), with room for replication batches.
+    let (inputs_tx, inputs_rx) =
+        std::sync::mpsc::sync_channel(cfg.limits.max_in_flight.max(64) * 2);
     let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
     tokio::spawn(transport(
         node.process_id,
