@@ -49,6 +49,46 @@ use std::net::SocketAddr;
 
 use config::{ClusterConfig, Role};
 
+/// Tunes glibc's allocator for long-running nodes; call before any thread
+/// starts. By default glibc raises its mmap threshold after a large buffer
+/// is freed, so later large buffers (a snapshot, a big response) come from
+/// the heap and stay resident after they are freed; and it makes up to
+/// eight arenas per core. `pygmy bench` measured both: a fixed 128 KiB
+/// threshold and two arenas took the seven-process store from 126 MB to
+/// 95 MB (PSS) after its latency run. Elsewhere (musl, other systems)
+/// nothing to do.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called at start-up,
+    // before other threads allocate.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+/// Hands memory the allocator holds free back to the system, every
+/// `every`: after a burst of load (a few hundred connections' buffers, a
+/// snapshot) glibc keeps the freed pages resident until told. Measured by
+/// `pygmy bench`: after its buys at 128 connections, the frontend went from
+/// 18 MB to 5 MB of heap. A no-op where the allocator is not glibc's.
+pub fn trim_memory_every(every: std::time::Duration) {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            // SAFETY: malloc_trim only returns free memory to the system.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+        }
+    });
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = every;
+}
+
 /// Why a node could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -93,6 +133,7 @@ pub async fn run_node(
         .ok_or_else(|| NodeError::Config(format!("the config has no node named {name:?}")))?
         .role;
     http::metrics_handle();
+    trim_memory_every(std::time::Duration::from_secs(10));
     if let Some(dir) = tls::dir_of(&cfg) {
         let material = tls::load(&dir, name).map_err(|e| NodeError::Config(e.to_string()))?;
         tls::install(material);

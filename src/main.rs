@@ -215,6 +215,7 @@ pub enum Output {
 }
 
 fn main() -> ExitCode {
+    pygmy::tune_allocator();
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

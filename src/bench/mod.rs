@@ -159,6 +159,10 @@ pub struct TargetCheck {
     pub met: Option<bool>,
 }
 
+/// How long after the last load the store's memory is read: longer than
+/// the nodes' trim period.
+const MEMORY_SETTLE: Duration = Duration::from_secs(12);
+
 /// The latency scenario's connection counts (0: sequential).
 const LEVELS: [usize; 6] = [0, 1, 8, 32, 64, 128];
 
@@ -198,6 +202,12 @@ pub async fn run(opts: Options) -> anyhow::Result<Results> {
         ),
     };
     let outcome = scenarios(&opts, &mut store, &progress, cell, runs).await;
+    if outcome.is_ok() && !opts.quick {
+        // Memory once the load is over: nodes hand freed memory back to the
+        // system every 10 s (`trim_memory_every`).
+        progress.set_message("memory, after the load");
+        tokio::time::sleep(MEMORY_SETTLE).await;
+    }
     let memory = store.memory().await;
     let failed = outcome.is_err();
     if failed && let Some(dir) = store.dir() {
