@@ -184,6 +184,7 @@ fn the_whole_bench_runs_on_a_store_it_starts_and_reports_every_figure() {
         "## Q2: the cost of invalidation",
         "## Q3: failover under load",
         "## Memory after the run",
+        "## What the profile showed, and what changed",
         "pygmy bench --quick --out",
     ] {
         assert!(report.contains(section), "report.md lacks {section:?}");
