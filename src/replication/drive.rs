@@ -5,6 +5,9 @@
 //! [`advance`] after each input, so the order the contract asks for is
 //! written in one place:
 //!
+//! 0. a primary's appends of new entries leave first, when that is all the
+//!    `Ready` holds besides the entries (see [`sends_before_persisting`]):
+//!    the backups persist while the primary does;
 //! 1. persist what the `Ready` asks (snapshot, hard state, truncation,
 //!    entries) and apply the committed entries — durably, before anything
 //!    that depends on it leaves;
@@ -16,7 +19,29 @@
 //! 5. take a snapshot when the core asks, and hand it back.
 
 use super::message::{Message, Snapshot, Version};
-use super::{NodeId, Ready, Replica};
+use super::{NodeId, Ready, Replica, Role};
+
+/// Whether a primary may send this `Ready`'s appends before its own disk
+/// holds their entries, as Raft allows a leader to: its own
+/// acknowledgement is counted only when the backups' answers are handled,
+/// which is after this step's persist, and a primary that crashes before
+/// persisting has acknowledged nothing (the entries then commit, or not,
+/// as any entry a primary sent before it crashed).
+///
+/// Only when the `Ready` holds nothing else to make durable or to apply:
+/// no hard state (an epoch or vote must be on disk before any message
+/// says it), no snapshot, no truncation, and no newly committed entries —
+/// so the commit point the appends carry is one this replica has already
+/// applied and published (a backup may expose what the primary's own
+/// reads already show, never more).
+pub fn sends_before_persisting(replica: &Replica, rd: &Ready) -> bool {
+    replica.role() == Role::Primary
+        && rd.hard_state.is_none()
+        && rd.snapshot_to_install.is_none()
+        && rd.truncate_after.is_none()
+        && rd.committed.is_empty()
+        && !rd.entries.is_empty()
+}
 
 /// What a driver does with the core's outputs.
 pub trait Host {
@@ -41,10 +66,23 @@ pub trait Host {
 /// Drains `replica`'s outputs and has `host` carry them out, in order.
 /// Returns whether there was anything to do.
 pub fn advance<H: Host>(replica: &mut Replica, host: &mut H) -> Result<bool, H::Error> {
-    let rd = replica.ready();
+    let mut rd = replica.ready();
     if rd.is_empty() {
         host.publish(replica);
         return Ok(false);
+    }
+    let everything = replica
+        .config()
+        .unsafe_switches
+        .send_everything_before_persisting;
+    if everything || sends_before_persisting(replica, &rd) {
+        let (early, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut rd.messages)
+            .into_iter()
+            .partition(|(_, m)| everything || matches!(m, Message::Append { .. }));
+        rd.messages = rest;
+        for (to, msg) in early {
+            host.send(to, msg);
+        }
     }
     let applied = host.persist_and_apply(&rd)?;
     host.publish(replica);

@@ -222,6 +222,10 @@ pub struct UnsafeSwitches {
     pub commit_ignores_lease_holders: bool,
     /// Backup leases are not capped at what is left of the primary's.
     pub backup_lease_uncapped: bool,
+    /// Every message of a step leaves before the step's persist, not only a
+    /// primary's appends: a backup acknowledges, a voter grants, before its
+    /// disk holds what it answers for.
+    pub send_everything_before_persisting: bool,
     /// A learner is promoted by any append that shows it caught up, even one
     /// addressed to an earlier incarnation of its disk.
     pub promote_on_any_append: bool,

@@ -406,6 +406,9 @@ struct Node {
     /// seq -> (client, rid) awaiting commit
     pending: BTreeMap<u64, (usize, String)>,
     crash_armed: bool,
+    /// An armed crash hits before the step's persist (after what the step
+    /// sends first: a primary's appends), not after it.
+    crash_before_persist: bool,
     /// Paused (stop-the-world) until this simulated time.
     paused_until: u64,
     /// Simulated time of the last event this node handled.
@@ -566,6 +569,7 @@ impl Sim {
                 rate,
                 pending: BTreeMap::new(),
                 crash_armed: false,
+                crash_before_persist: false,
                 paused_until: 0,
                 last_event: 0,
                 old_copy: None,
@@ -795,6 +799,7 @@ impl Sim {
             store,
             pending,
             crash_armed,
+            crash_before_persist,
             ..
         } = &mut self.nodes[i];
         let mut host = SimHost {
@@ -809,6 +814,7 @@ impl Sim {
                 no_dedupe: self.opts.no_dedupe,
             },
             crash_armed: *crash_armed,
+            crash_before_persist: *crash_before_persist,
             crashed: false,
             out: Vec::new(),
             answers: Vec::new(),
@@ -848,7 +854,13 @@ impl Sim {
             }
         }
         if crashed {
-            // Crashed between persisting and sending.
+            // Crashed in the step: what it sent before persisting is out.
+            for (to, msg) in out {
+                let to = (to - 1) as usize;
+                if to < self.nodes.len() {
+                    self.send(i, to, msg);
+                }
+            }
             self.crash(i);
             return Ok(());
         }
@@ -1247,6 +1259,7 @@ impl Sim {
                 if let Some(i) = target {
                     if self.rng.chance(self.opts.crash_mid_ready) {
                         self.nodes[i].crash_armed = true;
+                        self.nodes[i].crash_before_persist = self.rng.chance(0.5);
                     } else {
                         self.crash(i);
                     }
@@ -1586,6 +1599,7 @@ struct SimHost<'a> {
     sw: machine::Switches,
     /// Crash right after persisting (before sending or answering anything).
     crash_armed: bool,
+    crash_before_persist: bool,
     crashed: bool,
     out: Vec<(NodeId, Message)>,
     answers: Vec<(usize, Reply)>,
@@ -1676,8 +1690,16 @@ impl Host for SimHost<'_> {
     type Error = String;
 
     fn persist_and_apply(&mut self, rd: &Ready) -> Result<Vec<(usize, Reply)>, String> {
+        let crash = self.crash_armed
+            && (!rd.messages.is_empty() || !rd.committed.is_empty() || !self.out.is_empty());
+        if crash && self.crash_before_persist {
+            // Down before its disk held the step: only what the step sent
+            // first (a primary's appends) is out.
+            self.crashed = true;
+            return Ok(Vec::new());
+        }
         self.disk.persist(rd);
-        if self.crash_armed && (!rd.messages.is_empty() || !rd.committed.is_empty()) {
+        if crash {
             self.crashed = true;
             return Ok(Vec::new());
         }
