@@ -54,6 +54,9 @@ pub struct Identity {
     /// than what this replica promised its peers. `incarnation` is then
     /// new, so the replica rejoins as a learner.
     pub copied: bool,
+    /// The data file this identity last sealed is not there: deleted (or
+    /// moved away) while the node was down. `incarnation` is then new.
+    pub missing: bool,
 }
 
 /// Which file a data directory's data lives in, as the file system names
@@ -181,8 +184,9 @@ pub fn claim(
             }
             let now = stamp_of(&dir.join(data_file));
             let copied = now.is_some() && id.data_file.is_some() && now != id.data_file;
+            let missing = now.is_none() && id.data_file.is_some();
             let mut id = id;
-            if copied {
+            if copied || missing {
                 id.incarnation = new_incarnation(id.incarnation);
                 id.data_file = now;
                 write_identity(&path, &id)?;
@@ -193,6 +197,7 @@ pub fn claim(
                 incarnation: id.incarnation,
                 fresh: false,
                 copied,
+                missing,
             })
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -219,6 +224,7 @@ pub fn claim(
                 incarnation,
                 fresh: true,
                 copied: false,
+                missing: false,
             })
         }
         Err(e) => Err(corrupt(format!("cannot read {IDENTITY_FILE}: {e}"))),
@@ -418,6 +424,20 @@ mod tests {
                 .incarnation,
             renewed.incarnation
         );
+        // The data file deleted while the node was down: told apart too.
+        seal(&dir, "t.sqlite", true).unwrap();
+        let sealed = claim(&dir, "t.sqlite", "c1", "catalog-1").unwrap();
+        assert!(!sealed.missing);
+        std::fs::remove_file(dir.join("t.sqlite")).unwrap();
+        let gone = claim(&dir, "t.sqlite", "c1", "catalog-1").unwrap();
+        assert!(
+            gone.missing && !gone.copied,
+            "a deleted data file must be told apart"
+        );
+        assert!(gone.incarnation > sealed.incarnation);
+        // Until a new file is sealed, a restart does not report it again.
+        let next = claim(&dir, "t.sqlite", "c1", "catalog-1").unwrap();
+        assert_eq!((next.incarnation, next.missing), (gone.incarnation, false));
         std::fs::remove_file(&copy).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }

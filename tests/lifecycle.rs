@@ -173,3 +173,70 @@ async fn sigterm_to_the_catalog_primary_loses_no_buy_and_applies_none_twice() {
 async fn sigterm_to_a_catalog_backup_loses_no_buy_and_applies_none_twice() {
     buys_survive_sigterm_of("catalog-1").await;
 }
+
+/// An order log emptied, or deleted, while its replica was down is
+/// reported, with how many orders are gone; buys go on, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emptied_or_deleted_order_log_is_reported_and_buys_go_on() {
+    let mut c = TestCluster::start(Options::default()).await;
+    // The frontend spreads buys over the order replicas.
+    let mut bought = 0;
+    let held = loop {
+        c.frontend().buy("1", None).await.unwrap();
+        bought += 1;
+        let held = c
+            .order("order-1")
+            .log(1000, None)
+            .await
+            .unwrap()
+            .orders
+            .len();
+        if held >= 3 {
+            break held;
+        }
+        assert!(bought < 100, "order-1 took no buys");
+    };
+    let dir = c.cfg.data_dir(c.cfg.node("order-1").unwrap()).unwrap();
+    let log_of = |c: &TestCluster| std::fs::read_to_string(c.dir.join("order-1.log")).unwrap();
+
+    // Emptied: every row deleted while it was down.
+    assert!(c.stop("order-1"));
+    let db = rusqlite::Connection::open(dir.join("orders.sqlite")).unwrap();
+    db.execute("DELETE FROM orders", []).unwrap();
+    drop(db);
+    c.restart("order-1").await;
+    let log = log_of(&c);
+    assert!(
+        log.contains(&format!("the order log lost {held} of the {held} orders")),
+        "it says how many orders are gone:\n{log}"
+    );
+
+    // Deleted: the file gone.
+    assert!(c.stop("order-1"));
+    for f in ["orders.sqlite", "orders.sqlite-wal", "orders.sqlite-shm"] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+    c.restart("order-1").await;
+    let log = log_of(&c);
+    assert!(
+        log.contains("the order log file is gone"),
+        "it says the log is gone:\n{log}"
+    );
+
+    // A replica that merely restarts says nothing of the kind.
+    let before = log_of(&c).len();
+    assert!(c.stop("order-1"));
+    c.restart("order-1").await;
+    let after = log_of(&c)[before..].to_string();
+    assert!(
+        !after.contains("order log lost") && !after.contains("order log file is gone"),
+        "{after}"
+    );
+
+    // Buys go on, each once, through every order replica.
+    let stock = c.stock(1).await;
+    for _ in 0..9 {
+        c.frontend().buy("1", None).await.unwrap();
+    }
+    assert_eq!(c.stock(1).await, stock - 9);
+}

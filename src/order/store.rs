@@ -26,6 +26,22 @@ CREATE TABLE IF NOT EXISTS orders (
 );
 ";
 
+/// Orders missing from the log, and how many it ever recorded: the log is
+/// append-only, and `AUTOINCREMENT` keeps its highest sequence number even
+/// when rows are deleted.
+fn lost_orders(conn: &Connection) -> rusqlite::Result<Option<(u64, u64)>> {
+    let ever: i64 = conn
+        .query_row(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'orders'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(0);
+    let held: i64 = conn.query_row("SELECT count(*) FROM orders", [], |r| r.get(0))?;
+    Ok((ever > held).then(|| ((ever - held) as u64, ever as u64)))
+}
+
 struct Job {
     request_id: RequestId,
     result: WriteResult,
@@ -44,10 +60,27 @@ impl OrderStore {
         let conn = storage::open(dir, "orders.sqlite")?;
         conn.execute_batch(SCHEMA)?;
         storage::seal(dir, "orders.sqlite", false)?;
-        if identity.copied {
+        // What the order log holds is also what survives of it: say so
+        // loudly when orders are gone. Buys are not affected: the catalog
+        // keeps every buy's first answer, so a retry of a lost order gets
+        // it again, and the other order replicas' logs are their own.
+        const UNAFFECTED: &str = "buys are unaffected: the catalog keeps every buy's first answer, so a retry of a lost order is answered as before";
+        if identity.missing {
+            tracing::error!(
+                data_dir = %dir.display(),
+                "the order log file is gone (deleted while this replica was down): the orders it recorded are lost from this log; starting a new, empty one; {UNAFFECTED}"
+            );
+        } else if identity.copied {
             tracing::warn!(
                 data_dir = %dir.display(),
                 "this data directory's order log is not the file it last wrote: it was restored from a copy (or copied); orders taken since that copy are only on the other order replicas"
+            );
+        }
+        if let Some((lost, ever)) = lost_orders(&conn)? {
+            tracing::error!(
+                data_dir = %dir.display(),
+                lost,
+                "the order log lost {lost} of the {ever} orders it recorded (rows deleted while this replica was down); {UNAFFECTED}"
             );
         }
         let reader = storage::open(dir, "orders.sqlite")?;
