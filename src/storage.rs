@@ -140,6 +140,10 @@ struct IdentityFile {
     /// The data file this identity belongs to (see [`seal`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     data_file: Option<FileStamp>,
+    /// A process runs on this directory, or the last one did not stop
+    /// cleanly (see [`mark_running`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    running: bool,
 }
 
 fn write_identity(path: &Path, id: &IdentityFile) -> Result<(), StorageError> {
@@ -216,6 +220,7 @@ pub fn claim(
                 node: node.to_string(),
                 incarnation,
                 data_file: None,
+                running: false,
             };
             write_identity(&path, &id)?;
             Ok(Identity {
@@ -267,12 +272,53 @@ pub fn renew(dir: &Path, identity: &Identity) -> Result<Identity, StorageError> 
             node: identity.node.clone(),
             incarnation,
             data_file: None,
+            running: true,
         },
     )?;
     Ok(Identity {
         incarnation,
         ..identity.clone()
     })
+}
+
+fn read_identity(dir: &Path) -> Result<(std::path::PathBuf, IdentityFile), StorageError> {
+    let path = dir.join(IDENTITY_FILE);
+    let bytes = std::fs::read(&path).map_err(|source| StorageError::CreateDir {
+        path: path.clone(),
+        source,
+    })?;
+    let id = serde_json::from_slice(&bytes).map_err(|e| {
+        StorageError::Invalid(format!(
+            "data directory {} is corrupt: {IDENTITY_FILE}: {e}",
+            dir.display()
+        ))
+    })?;
+    Ok((path, id))
+}
+
+/// Records, durably, that a process now runs on `dir`; answers whether the
+/// last one stopped without [`mark_stopped`] (it crashed, or was killed).
+/// SQLite removes a database's write-ahead log when its last connection
+/// closes cleanly, and only then: a log that is missing after a stop that
+/// was not clean was deleted, and took committed transactions with it.
+pub fn mark_running(dir: &Path) -> Result<bool, StorageError> {
+    let (path, mut id) = read_identity(dir)?;
+    let unclean = id.running;
+    if !id.running {
+        id.running = true;
+        write_identity(&path, &id)?;
+    }
+    Ok(unclean)
+}
+
+/// Records that the process running on `dir` closed its database cleanly.
+pub fn mark_stopped(dir: &Path) -> Result<(), StorageError> {
+    let (path, mut id) = read_identity(dir)?;
+    if id.running {
+        id.running = false;
+        write_identity(&path, &id)?;
+    }
+    Ok(())
 }
 
 /// Writes a file via a temporary and a rename, fsyncing both and the folder.

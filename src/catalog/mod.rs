@@ -185,6 +185,19 @@ pub async fn run(
         Some(f) => seed::load_books(&f).map_err(NodeError::Config)?,
         None => seed::default_books(),
     };
+    // SQLite deletes the write-ahead log when the database closes cleanly,
+    // and only then: missing after a stop that was not clean, it was
+    // deleted, with the transactions it held (acknowledged entries).
+    let wal_present = dir.join("catalog.sqlite-wal").exists();
+    let unclean = crate::storage::mark_running(&dir)?;
+    if unclean && !wal_present && !identity.fresh && dir.join("catalog.sqlite").exists() {
+        identity = crate::storage::renew(&dir, &identity)?;
+        tracing::warn!(
+            data_dir = %dir.display(),
+            incarnation = identity.incarnation,
+            "the database's write-ahead log is missing after a stop that was not clean: the transactions it held are lost, so this replica may hold less than it acknowledged; rejoining as a learner under a new incarnation until caught up"
+        );
+    }
     let db = Db::open(&dir)?;
     crate::storage::seal(&dir, "catalog.sqlite", false)?;
     let disk = db
@@ -287,6 +300,15 @@ pub async fn run(
     let persisted = db
         .load_persisted()
         .map_err(crate::storage::StorageError::from)?;
+    if let Some(damage) = log_damage(&persisted) {
+        identity = crate::storage::renew(&dir, &identity)?;
+        crate::storage::seal(&dir, "catalog.sqlite", true)?;
+        tracing::warn!(
+            data_dir = %dir.display(),
+            incarnation = identity.incarnation,
+            "the replication log is damaged ({damage}): this replica may hold less than it acknowledged; rejoining as a learner under a new incarnation until caught up"
+        );
+    }
     let t = &cfg.timing;
     let mut rcfg = replication::Config::new(
         node.process_id,
@@ -326,7 +348,7 @@ pub async fn run(
         tick,
         seed_books,
     );
-    std::thread::Builder::new()
+    let driver = std::thread::Builder::new()
         .name(format!("{name}-driver"))
         .spawn(move || driver.run())
         .map_err(NodeError::Io)?;
@@ -354,15 +376,58 @@ pub async fn run(
     let res = server
         .await
         .map_err(|e| NodeError::Config(format!("server task failed: {e}")))?;
-    // Stop the driver: drop the only sender of its inputs.
+    // Stop the driver: drop the only sender of its inputs. Once it has
+    // closed the database (SQLite checkpoints and removes its write-ahead
+    // log), the directory is marked cleanly stopped.
     catalog
         .inputs
         .write()
         .unwrap_or_else(|p| p.into_inner())
         .take();
+    let closed = tokio::time::timeout(
+        DRIVER_STOP_TIMEOUT,
+        tokio::task::spawn_blocking(move || driver.join()),
+    )
+    .await;
+    if matches!(closed, Ok(Ok(Ok(())))) {
+        crate::storage::mark_stopped(&dir)?;
+    } else {
+        tracing::warn!(
+            "the replication driver did not stop in time; the next start counts this stop as not clean"
+        );
+    }
     res?;
     tracing::info!("catalog {name} stopped");
     Ok(())
+}
+
+/// How long a stopping catalog waits for its driver to close the database.
+const DRIVER_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What is wrong with a persisted replication log, if anything: entries
+/// missing after the snapshot or between entries, or a commit point past
+/// the end (a log truncated from outside). The core would start from the
+/// intact prefix; the replica must not count as the disk that acknowledged
+/// the rest.
+fn log_damage(p: &store::Persisted) -> Option<String> {
+    let base = p.snapshot.as_ref().map_or(0, |s| s.version.seq);
+    let mut expect = base + 1;
+    for e in p.entries.iter().filter(|e| e.version.seq > base) {
+        if e.version.seq != expect {
+            return Some(format!(
+                "entries {expect}..{} are missing",
+                e.version.seq - 1
+            ));
+        }
+        expect += 1;
+    }
+    let last = expect - 1;
+    (p.hard_state.commit.seq > last).then(|| {
+        format!(
+            "it ends at {last}, before its commit point {}",
+            p.hard_state.commit.seq
+        )
+    })
 }
 
 /// Whether this blank replica is part of a cluster's first start: every
