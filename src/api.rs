@@ -418,11 +418,35 @@ impl CatalogOp {
 }
 
 /// A write sent to the catalog primary (by an order replica or an admin).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CatalogWrite {
     pub request_id: RequestId,
     #[serde(flatten)]
     pub op: CatalogOp,
+}
+
+impl<'de> Deserialize<'de> for CatalogWrite {
+    /// As derived, except that `op` must be the operation's name: serde's
+    /// tagged enums also take a variant's number (`"op": 0` for a buy).
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Wire {
+            request_id: RequestId,
+            #[serde(flatten)]
+            op: CatalogOp,
+        }
+        let v = serde_json::Value::deserialize(d)?;
+        if !v.get("op").is_some_and(serde_json::Value::is_string) {
+            return Err(serde::de::Error::custom(
+                "`op` must be \"buy\" or \"update\"",
+            ));
+        }
+        let w: Wire = serde_json::from_value(v).map_err(serde::de::Error::custom)?;
+        Ok(Self {
+            request_id: w.request_id,
+            op: w.op,
+        })
+    }
 }
 
 /// The result of applying a write, stored with its request id so a retry
@@ -582,6 +606,20 @@ pub(crate) fn truncate(s: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_catalog_write_names_its_operation() {
+        let ok: CatalogWrite =
+            serde_json::from_str(r#"{"request_id":"a","op":"buy","book_id":1}"#).unwrap();
+        assert_eq!(ok.op.book_id().get(), 1);
+        for bad in [
+            r#"{"request_id":"a","op":0,"book_id":1}"#,
+            r#"{"request_id":"a","op":1,"book_id":1}"#,
+            r#"{"request_id":"a","book_id":1}"#,
+        ] {
+            assert!(serde_json::from_str::<CatalogWrite>(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn book_ids_are_positive_integers() {
