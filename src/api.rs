@@ -567,12 +567,55 @@ pub struct LeaseGrant {
     pub pending: Vec<BookId>,
 }
 
+/// A catalog replica's role, as its status reports it (lower case on the
+/// wire: `"primary"`, …).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicaRole {
+    Primary,
+    Backup,
+    /// Campaigning (or asking whether it may).
+    Candidate,
+    /// A new or restored disk catching up: no vote, no part in commits.
+    Learner,
+    /// Still opening its disk.
+    Starting,
+    /// A role this version does not know (a newer node's).
+    #[serde(other)]
+    Unknown,
+}
+
+impl ReplicaRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicaRole::Primary => "primary",
+            ReplicaRole::Backup => "backup",
+            ReplicaRole::Candidate => "candidate",
+            ReplicaRole::Learner => "learner",
+            ReplicaRole::Starting => "starting",
+            ReplicaRole::Unknown => "unknown",
+        }
+    }
+}
+
+impl fmt::Display for ReplicaRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `status.role == "primary"` reads as the wire does.
+impl PartialEq<&str> for ReplicaRole {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 /// A catalog replica's view of itself, for `pygmy status` and the tests.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeStatus {
     pub name: String,
-    /// `primary`, `backup`, `candidate`, `learner`, or `starting`.
-    pub role: String,
+    pub role: ReplicaRole,
     pub process_id: u64,
     pub epoch: u64,
     /// The primary this replica follows (itself when primary).
@@ -606,6 +649,28 @@ pub(crate) fn truncate(s: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replica_roles_are_lower_case_words_on_the_wire() {
+        for (role, word) in [
+            (ReplicaRole::Primary, "primary"),
+            (ReplicaRole::Backup, "backup"),
+            (ReplicaRole::Candidate, "candidate"),
+            (ReplicaRole::Learner, "learner"),
+            (ReplicaRole::Starting, "starting"),
+        ] {
+            assert_eq!(serde_json::to_string(&role).unwrap(), format!("\"{word}\""));
+            assert_eq!(
+                serde_json::from_str::<ReplicaRole>(&format!("\"{word}\"")).unwrap(),
+                role
+            );
+            assert!(role == word);
+        }
+        assert_eq!(
+            serde_json::from_str::<ReplicaRole>("\"observer\"").unwrap(),
+            ReplicaRole::Unknown
+        );
+    }
 
     #[test]
     fn a_catalog_write_names_its_operation() {

@@ -479,7 +479,7 @@ fn print_table(r: &StatusReport) {
     for n in &r.nodes {
         let (role, epoch, primary, applied, commit, in_view) = match (&n.catalog, n.reachable) {
             (Some(s), _) => (
-                s.role.clone(),
+                s.role.to_string(),
                 s.epoch.to_string(),
                 s.primary.clone().unwrap_or_else(|| "-".into()),
                 s.applied.to_string(),

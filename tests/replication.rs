@@ -106,7 +106,11 @@ impl Load {
 }
 
 async fn role(c: &TestCluster, name: &str) -> Option<String> {
-    c.catalog(name).status().await.ok().map(|s| s.role)
+    c.catalog(name)
+        .status()
+        .await
+        .ok()
+        .map(|s| s.role.to_string())
 }
 
 /// Waits until every running catalog replica has applied the same version

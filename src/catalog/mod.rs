@@ -824,7 +824,7 @@ async fn status(State(c): State<Ctx>) -> Result<Json<NodeStatus>, ApiError> {
         // cluster never takes a starting replica with history for blank.
         return Ok(Json(NodeStatus {
             name: c.name.clone(),
-            role: "starting".into(),
+            role: ReplicaRole::Starting,
             process_id: c.process_id,
             epoch: c.disk.0,
             primary: None,
@@ -839,14 +839,14 @@ async fn status(State(c): State<Ctx>) -> Result<Json<NodeStatus>, ApiError> {
         .await
         .map_err(|_| ApiError::unavailable("this replica is stopping"))?;
     let role = match s.role {
-        _ if s.learner => "learner",
-        replication::Role::Primary => "primary",
-        replication::Role::Follower => "backup",
-        replication::Role::PreCandidate | replication::Role::Candidate => "candidate",
+        _ if s.learner => ReplicaRole::Learner,
+        replication::Role::Primary => ReplicaRole::Primary,
+        replication::Role::Follower => ReplicaRole::Backup,
+        replication::Role::PreCandidate | replication::Role::Candidate => ReplicaRole::Candidate,
     };
     Ok(Json(NodeStatus {
         name: c.name.clone(),
-        role: role.into(),
+        role,
         process_id: c.process_id,
         epoch: s.epoch,
         primary: s.primary.map(|p| c.name_of(p)),

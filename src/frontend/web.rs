@@ -680,7 +680,7 @@ async fn poll_all(fe: &super::Frontend) -> Vec<NodeView> {
                 n.seen = true;
                 n.error = None;
                 if let Some(s) = status {
-                    n.role = s.role;
+                    n.role = s.role.to_string();
                     n.epoch = Some(s.epoch);
                     n.primary = s.primary;
                     n.applied = Some(s.applied);
