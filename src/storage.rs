@@ -342,9 +342,9 @@ pub fn spawn_writer<J: Send + 'static>(
     name: &str,
     mut conn: Connection,
     mut commit: impl FnMut(&mut Connection, Vec<J>) + Send + 'static,
-) -> mpsc::Sender<J> {
+) -> (mpsc::Sender<J>, std::thread::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel::<J>(4 * MAX_BATCH);
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name(format!("{name}-writer"))
         .spawn(move || {
             while let Some(first) = rx.blocking_recv() {
@@ -360,7 +360,7 @@ pub fn spawn_writer<J: Send + 'static>(
             }
         })
         .expect("spawning a thread succeeds");
-    tx
+    (tx, thread)
 }
 
 /// Seconds since the Unix epoch as RFC 3339 UTC (`2026-11-24T11:12:51Z`).

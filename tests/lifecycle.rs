@@ -223,15 +223,39 @@ async fn an_emptied_or_deleted_order_log_is_reported_and_buys_go_on() {
         "it says the log is gone:\n{log}"
     );
 
-    // A replica that merely restarts says nothing of the kind.
+    // Its write-ahead log deleted after a crash (a clean stop removes it).
+    c.frontend().buy("1", None).await.unwrap();
+    c.kill9("order-1");
+    let wal = dir.join("orders.sqlite-wal");
+    assert!(
+        wal.exists(),
+        "a crashed SQLite database keeps its write-ahead log"
+    );
+    std::fs::remove_file(&wal).unwrap();
+    let _ = std::fs::remove_file(dir.join("orders.sqlite-shm"));
+    c.restart("order-1").await;
+    let log = log_of(&c);
+    assert!(
+        log.contains("the order log's write-ahead log is missing after a stop that was not clean"),
+        "it says the write-ahead log is gone:\n{log}"
+    );
+
+    // A replica that merely restarts, cleanly or after a crash, says
+    // nothing of the kind.
     let before = log_of(&c).len();
     assert!(c.stop("order-1"));
+    assert!(!wal.exists(), "a clean stop closes the order log");
+    c.restart("order-1").await;
+    c.kill9("order-1");
     c.restart("order-1").await;
     let after = log_of(&c)[before..].to_string();
-    assert!(
-        !after.contains("order log lost") && !after.contains("order log file is gone"),
-        "{after}"
-    );
+    for word in [
+        "order log lost",
+        "order log file is gone",
+        "write-ahead log is missing",
+    ] {
+        assert!(!after.contains(word), "{word:?}:\n{after}");
+    }
 
     // Buys go on, each once, through every order replica.
     let stock = c.stock(1).await;

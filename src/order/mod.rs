@@ -71,7 +71,7 @@ pub async fn run(
     let app = h::finish(
         public
             .merge(h::internal(routes, &cfg.token))
-            .with_state(state),
+            .with_state(state.clone()),
         &cfg.limits,
     );
     tracing::info!(addr = %listener.local_addr()?, data_dir = %dir.display(), "order {name} serving");
@@ -83,6 +83,18 @@ pub async fn run(
         shutdown,
     )
     .await?;
+    // Every request is answered: close the log cleanly (SQLite removes its
+    // write-ahead log), unless a task still holds it.
+    match Arc::try_unwrap(state) {
+        Ok(order) => {
+            tokio::task::spawn_blocking(move || order.store.close())
+                .await
+                .map_err(|e| NodeError::Config(format!("closing the order log: {e}")))??;
+        }
+        Err(_) => tracing::warn!(
+            "the order log is still in use; the next start counts this stop as not clean"
+        ),
+    }
     tracing::info!("order {name} stopped");
     Ok(())
 }

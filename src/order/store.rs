@@ -50,13 +50,20 @@ struct Job {
 
 pub struct OrderStore {
     writer: mpsc::Sender<Job>,
+    writer_thread: std::thread::JoinHandle<()>,
     reader: Arc<Mutex<Connection>>,
+    dir: std::path::PathBuf,
     pub identity: Identity,
 }
 
 impl OrderStore {
     pub fn open(dir: &Path, cluster_id: &str, node: &str) -> Result<Self, StorageError> {
         let identity = storage::claim(dir, "orders.sqlite", cluster_id, node)?;
+        // SQLite removes the write-ahead log when the database closes
+        // cleanly, and only then (see `storage::mark_running`).
+        let wal_present = dir.join("orders.sqlite-wal").exists();
+        let unclean = storage::mark_running(dir)?;
+        let wal_lost = unclean && !wal_present && !identity.fresh && !identity.missing;
         let conn = storage::open(dir, "orders.sqlite")?;
         conn.execute_batch(SCHEMA)?;
         storage::seal(dir, "orders.sqlite", false)?;
@@ -76,6 +83,12 @@ impl OrderStore {
                 "this data directory's order log is not the file it last wrote: it was restored from a copy (or copied); orders taken since that copy are only on the other order replicas"
             );
         }
+        if wal_lost {
+            tracing::error!(
+                data_dir = %dir.display(),
+                "the order log's write-ahead log is missing after a stop that was not clean: orders recorded since its last checkpoint are lost from this log; {UNAFFECTED}"
+            );
+        }
         if let Some((lost, ever)) = lost_orders(&conn)? {
             tracing::error!(
                 data_dir = %dir.display(),
@@ -84,12 +97,33 @@ impl OrderStore {
             );
         }
         let reader = storage::open(dir, "orders.sqlite")?;
-        let writer = storage::spawn_writer(node, conn, commit);
+        let (writer, writer_thread) = storage::spawn_writer(node, conn, commit);
         Ok(Self {
             writer,
+            writer_thread,
             reader: Arc::new(Mutex::new(reader)),
+            dir: dir.to_path_buf(),
             identity,
         })
+    }
+
+    /// Closes the log (the writer finishes what it was given) and records
+    /// the clean stop. Blocks: call from a blocking task.
+    pub fn close(self) -> Result<(), StorageError> {
+        let Self {
+            writer,
+            writer_thread,
+            reader,
+            dir,
+            ..
+        } = self;
+        drop(writer);
+        let joined = writer_thread.join().is_ok();
+        drop(reader);
+        if joined {
+            storage::mark_stopped(&dir)?;
+        }
+        Ok(())
     }
 
     /// The answer this replica gave `request_id` before, if any.
