@@ -217,8 +217,9 @@ async fn the_bench_measures_a_running_store_named_by_its_cluster_file() {
     let before = c.order_log_len().await;
     let out = common::temp_dir("bench-target");
     let config = c.config_path.to_str().unwrap().to_string();
+    let dir = out.clone();
     let r = tokio::task::spawn_blocking(move || {
-        bench(&["--quick", "--target", &config, "--soak", "2"], &out)
+        bench(&["--quick", "--target", &config, "--soak", "2"], &dir)
     })
     .await
     .unwrap();
@@ -233,9 +234,23 @@ async fn the_bench_measures_a_running_store_named_by_its_cluster_file() {
     assert!(skipped.contains("failover"), "{skipped}");
     // It bought on the running store, as it said.
     assert!(c.order_log_len().await > before);
-    // The soak sampled memory over time.
+    // The soak sampled memory, descriptors and snapshots over time, beside
+    // hostile requests, none of them answered with a 5xx or not at all.
     let soak = &r["soak"];
-    assert!(soak["rss"].as_array().unwrap().len() >= 2, "{soak}");
+    let samples = soak["samples"].as_array().unwrap();
+    assert!(samples.len() >= 2, "{soak}");
+    for x in samples {
+        assert!(x["memory_bytes"].as_u64().unwrap() > 0, "{x}");
+        assert!(x["open_fds"].as_u64().unwrap() > 0, "{x}");
+    }
     assert_eq!(soak["errors"], 0, "{soak}");
+    assert!(soak["hostile_requests"].as_u64().unwrap() > 0, "{soak}");
+    assert_eq!(
+        soak["hostile_failed"], 0,
+        "a hostile request failed the server: {soak}"
+    );
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains("## Soak") && report.contains("(soak.svg)"));
+    svg(&out, "soak.svg");
     assert_eq!(r["store"], c.config_path.to_str().unwrap());
 }

@@ -443,6 +443,7 @@ mod tests {
             latency_ms: 1.0,
             ok,
             done_ms,
+            status: if ok { 200 } else { 503 },
         }
     }
 

@@ -397,6 +397,9 @@ pub struct Sample {
     /// When it was answered (since the run's start).
     #[serde(skip)]
     pub done_ms: f64,
+    /// The answer's status (0: none).
+    #[serde(skip)]
+    pub status: u16,
 }
 
 /// Open loop at `rate` per second until `stop` is set, keeping every
@@ -433,6 +436,11 @@ pub async fn timeline(
                         latency_ms: (done - due).as_secs_f64() * 1e3,
                         ok: out == Outcome::Ok,
                         done_ms: (done - t0).as_secs_f64() * 1e3,
+                        status: match out {
+                            Outcome::Ok => 200,
+                            Outcome::Status(s) => s,
+                            Outcome::Failed => 0,
+                        },
                     });
                 }
                 samples

@@ -95,6 +95,9 @@ pub struct NodeMemory {
     pub pss_bytes: Option<u64>,
     /// Heap and stacks: what no other process shares.
     pub anonymous_bytes: Option<u64>,
+    pub open_fds: Option<u64>,
+    /// A catalog replica's latest snapshot (none taken yet: absent).
+    pub snapshot_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -143,11 +146,26 @@ pub struct InvalidationResults {
 #[derive(Debug, Clone, Serialize)]
 pub struct SoakResults {
     pub seconds: f64,
-    /// `(seconds since start, the store's memory in bytes)`: the sum of
-    /// proportional set sizes (resident sizes where those are unknown).
-    pub rss: Vec<(f64, u64)>,
+    pub samples: Vec<SoakSample>,
+    /// Legitimate requests (lookups, searches, buys), and those that failed.
     pub requests: u64,
     pub errors: u64,
+    /// Hostile requests (made-up topics and books, bad ids, unknown routes
+    /// and methods), and those answered with a 5xx or not at all (each
+    /// should get a 4xx, or 200 with nothing for a made-up topic).
+    pub hostile_requests: u64,
+    pub hostile_failed: u64,
+}
+
+/// The whole store at one moment of a soak.
+#[derive(Debug, Clone, Serialize)]
+pub struct SoakSample {
+    pub at_s: f64,
+    /// Sum of proportional set sizes (resident sizes where unknown).
+    pub memory_bytes: u64,
+    pub open_fds: u64,
+    /// The largest catalog snapshot.
+    pub snapshot_bytes: u64,
 }
 
 /// One speed target and where the run stands.
@@ -535,21 +553,57 @@ async fn soak_scenario(
         _ => Req::get(format!("/lookup/{}", books_v[i as usize % books_v.len()])),
     });
     let load = tokio::spawn(load::timeline(addr, mixed, 2_000.0, 32, t0, stop.clone()));
-    let mut rss = Vec::new();
+    let hostile = tokio::spawn(load::timeline(
+        addr,
+        pick_hostile(),
+        200.0,
+        8,
+        t0,
+        stop.clone(),
+    ));
+    let mut samples = Vec::new();
     let every = (length / 60).max(Duration::from_millis(500));
-    let total =
-        |m: Vec<NodeMemory>| -> u64 { m.iter().filter_map(|n| n.pss_bytes.or(n.rss_bytes)).sum() };
+    let sample = |m: Vec<NodeMemory>| SoakSample {
+        at_s: t0.elapsed().as_secs_f64(),
+        memory_bytes: m.iter().filter_map(|n| n.pss_bytes.or(n.rss_bytes)).sum(),
+        open_fds: m.iter().filter_map(|n| n.open_fds).sum(),
+        snapshot_bytes: m.iter().filter_map(|n| n.snapshot_bytes).max().unwrap_or(0),
+    };
     while t0.elapsed() < length {
-        rss.push((t0.elapsed().as_secs_f64(), total(store.memory().await)));
+        samples.push(sample(store.memory().await));
         tokio::time::sleep(every).await;
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let samples = load.await.unwrap_or_default();
-    rss.push((t0.elapsed().as_secs_f64(), total(store.memory().await)));
+    let legit = load.await.unwrap_or_default();
+    let hostile = hostile.await.unwrap_or_default();
+    samples.push(sample(store.memory().await));
     Ok(SoakResults {
         seconds: t0.elapsed().as_secs_f64(),
-        rss,
-        requests: samples.len() as u64,
-        errors: samples.iter().filter(|s| !s.ok).count() as u64,
+        samples,
+        requests: legit.len() as u64,
+        errors: legit.iter().filter(|s| !s.ok).count() as u64,
+        hostile_requests: hostile.len() as u64,
+        hostile_failed: hostile
+            .iter()
+            .filter(|s| s.status == 0 || s.status >= 500)
+            .count() as u64,
+    })
+}
+
+/// Requests an outsider might send: made-up topics (each new, to flood
+/// the cache), books that do not exist, ids that are not ids, routes and
+/// methods that do not exist. Each must get a 4xx (a made-up topic: 200
+/// with nothing) and change nothing.
+fn pick_hostile() -> Pick {
+    Arc::new(|i| match i % 6 {
+        0 => Req::get(format!("/search/made-up-topic-{i}")),
+        1 => Req::get(format!("/lookup/{}", 1_000_000 + i)),
+        2 => Req::post("/buy/0"),
+        3 => Req::get(format!("/lookup/not-a-number-{i}")),
+        4 => Req::get(format!("/no/such/route/{i}")),
+        _ => Req {
+            method: hyper::Method::from_bytes(b"FROBNICATE").expect("a valid token"),
+            path: "/lookup/1".into(),
+        },
     })
 }

@@ -293,6 +293,8 @@ impl Store {
                     rss_bytes: get("process_resident_memory_bytes"),
                     pss_bytes: get("pygmy_process_proportional_memory_bytes"),
                     anonymous_bytes: get("pygmy_process_anonymous_memory_bytes"),
+                    open_fds: get("process_open_fds"),
+                    snapshot_bytes: get(crate::metrics::CATALOG_SNAPSHOT_BYTES),
                 }
             }
         });

@@ -476,6 +476,7 @@ impl Host for Io {
     ) -> rusqlite::Result<Vec<store::AppliedEntry>> {
         if let Some(s) = &rd.snapshot_to_install {
             tracing::info!(version = %store::to_api(s.version), bytes = s.data.len(), "sync received: installing the primary's snapshot");
+            metrics::gauge!(crate::metrics::CATALOG_SNAPSHOT_BYTES).set(s.data.len() as f64);
         }
         let started = Instant::now();
         let applied = self.db.handle(rd, &mut self.state)?;
@@ -545,10 +546,9 @@ impl Host for Io {
     }
 
     fn take_snapshot(&mut self) -> rusqlite::Result<(replication::Version, Vec<u8>)> {
-        Ok((
-            store::to_core(self.state.version),
-            self.db.snapshot_bytes(&self.state)?,
-        ))
+        let data = self.db.snapshot_bytes(&self.state)?;
+        metrics::gauge!(crate::metrics::CATALOG_SNAPSHOT_BYTES).set(data.len() as f64);
+        Ok((store::to_core(self.state.version), data))
     }
 
     fn store_snapshot(&mut self, snapshot: &replication::Snapshot) -> rusqlite::Result<()> {
