@@ -259,7 +259,7 @@ async fn start_up(cfg: &ClusterConfig, nodes: &mut [Node]) -> anyhow::Result<()>
                 }
             }
         });
-        let now: Vec<bool> = futures_join_all(probes).await;
+        let now: Vec<bool> = join_all(probes).await;
         ready = now;
         let count = ready.iter().filter(|r| **r).count();
         if count != shown {
@@ -316,17 +316,17 @@ async fn catalog_held(cfg: &ClusterConfig, http: &Http) -> bool {
                 .is_ok_and(|s| s.role == "primary" && s.books > 0)
         }
     });
-    futures_join_all(probes).await.into_iter().any(|held| held)
+    join_all(probes).await.into_iter().any(|held| held)
 }
 
 /// Runs `futs` concurrently, answers in order.
-async fn futures_join_all<T: Send + 'static>(
+pub(crate) async fn join_all<T: Send + 'static>(
     futs: impl IntoIterator<Item = impl std::future::Future<Output = T> + Send + 'static>,
 ) -> Vec<T> {
     let handles: Vec<_> = futs.into_iter().map(tokio::spawn).collect();
     let mut out = Vec::with_capacity(handles.len());
     for h in handles {
-        out.push(h.await.expect("a probe task does not panic"));
+        out.push(h.await.expect("a concurrent probe does not panic"));
     }
     out
 }

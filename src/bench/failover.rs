@@ -383,7 +383,11 @@ async fn monitor(t: MonitorTarget, t0: Instant, stop: Arc<AtomicBool>) -> Vec<Sn
     let mut out = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         let at = Instant::now();
-        let statuses = futures_statuses(&t).await;
+        let statuses = crate::cluster::join_all(t.catalogs.iter().map(|(name, c)| {
+            let (name, c) = (name.clone(), c.clone());
+            async move { c.status().await.ok().map(|s| (name, s)) }
+        }))
+        .await;
         let primary = statuses
             .into_iter()
             .flatten()
@@ -400,22 +404,6 @@ async fn monitor(t: MonitorTarget, t0: Instant, stop: Arc<AtomicBool>) -> Vec<Sn
             orders_up,
         });
         tokio::time::sleep_until(at + Duration::from_millis(25)).await;
-    }
-    out
-}
-
-async fn futures_statuses(t: &MonitorTarget) -> Vec<Option<(String, crate::api::NodeStatus)>> {
-    let mut handles = Vec::new();
-    for (name, c) in &t.catalogs {
-        let c = c.clone();
-        let name = name.clone();
-        handles.push(tokio::spawn(async move {
-            c.status().await.ok().map(|s| (name, s))
-        }));
-    }
-    let mut out = Vec::new();
-    for h in handles {
-        out.push(h.await.ok().flatten());
     }
     out
 }

@@ -224,7 +224,7 @@ impl Store {
             let name = n.name.clone();
             async move { (name, c.status().await.ok()) }
         });
-        join_all(probes).await
+        crate::cluster::join_all(probes).await
     }
 
     /// The catalog primary holding the catalog, with the highest epoch seen.
@@ -298,7 +298,7 @@ impl Store {
                 }
             }
         });
-        join_all(probes).await
+        crate::cluster::join_all(probes).await
     }
 
     /// Stops the processes the bench started and removes their folder
@@ -342,19 +342,6 @@ fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
-}
-
-async fn join_all<T: Send + 'static>(
-    futs: impl IntoIterator<Item = impl std::future::Future<Output = T> + Send + 'static>,
-) -> Vec<T> {
-    let handles: Vec<_> = futs.into_iter().map(tokio::spawn).collect();
-    let mut out = Vec::with_capacity(handles.len());
-    for h in handles {
-        if let Ok(v) = h.await {
-            out.push(v);
-        }
-    }
-    out
 }
 
 #[cfg(test)]
