@@ -217,9 +217,31 @@ impl RequestId {
         Self::parse(&format!("k:{key}"))
     }
 
-    /// A fresh id for a write that came without a key.
+    /// A fresh id for a write that came without a key, minted now.
     pub fn mint() -> Self {
-        Self(format!("r:{}", uuid::Uuid::new_v4().simple()))
+        Self::mint_as("r", unix_ms())
+    }
+
+    /// A fresh id `<prefix>:<mint time in Unix ms>-<uuid>`. The catalog
+    /// keeps the answer of a minted id only for a while after `at` (the
+    /// callers' retry budget with a margin, see [`Self::minted_at`]).
+    pub fn mint_as(prefix: &str, at: u64) -> Self {
+        Self(format!("{prefix}:{at}-{}", uuid::Uuid::new_v4().simple()))
+    }
+
+    /// When a minted id (`r:` from a frontend, `u:` from an admin update
+    /// without one) was minted; `None` for a client's key and for any id
+    /// of another shape.
+    pub fn minted_at(&self) -> Option<u64> {
+        let rest = self
+            .0
+            .strip_prefix("r:")
+            .or_else(|| self.0.strip_prefix("u:"))?;
+        let (at, uuid) = rest.split_once('-')?;
+        if at.is_empty() || at.len() > 19 || uuid.is_empty() {
+            return None;
+        }
+        at.parse().ok()
     }
 
     pub fn as_str(&self) -> &str {
@@ -244,6 +266,13 @@ impl fmt::Display for RequestId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
+}
+
+/// This machine's wall clock in Unix milliseconds (0 before 1970).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The position of a committed write: the primary's epoch and the log's

@@ -99,6 +99,17 @@ pub struct Timing {
     /// A recovered higher-id catalog replica takes primaryship back after
     /// staying healthy in the view this long.
     pub takeover_after_ms: u64,
+    /// How long the catalog keeps the answer of a request id the cluster
+    /// minted (a buy without `Idempotency-Key`, an update without a
+    /// `request_id`), counted from the minting. Only the cluster's own
+    /// retries use such an id, so it need outlast just their budgets: at
+    /// least `2 × (retry_budget_ms + call_timeout_ms)` (a frontend's and
+    /// then an order replica's).
+    pub minted_id_ttl_ms: u64,
+    /// How long the catalog keeps the answer of a client's key
+    /// (`Idempotency-Key`, a `request_id` in an update), counted from when
+    /// it was first applied. A key reused after that is a new request.
+    pub idempotency_key_ttl_ms: u64,
 }
 
 impl Default for Timing {
@@ -112,6 +123,8 @@ impl Default for Timing {
             lease_ms: 200,
             election_timeout_ms: 200,
             takeover_after_ms: 2_000,
+            minted_id_ttl_ms: 30_000,
+            idempotency_key_ttl_ms: 24 * 3_600_000,
         }
     }
 }
@@ -401,6 +414,14 @@ impl ClusterConfig {
         }
         if t.retry_budget_ms < t.call_timeout_ms {
             return bad("retry_budget_ms must be at least call_timeout_ms".into());
+        }
+        if t.minted_id_ttl_ms < 2 * (t.retry_budget_ms + t.call_timeout_ms) {
+            return bad(
+                "minted_id_ttl_ms must be at least 2 × (retry_budget_ms + call_timeout_ms)".into(),
+            );
+        }
+        if t.idempotency_key_ttl_ms < t.minted_id_ttl_ms {
+            return bad("idempotency_key_ttl_ms must be at least minted_id_ttl_ms".into());
         }
         if t.heartbeat_ms == 0 || t.lease_ms <= t.heartbeat_ms || t.election_timeout_ms < t.lease_ms
         {

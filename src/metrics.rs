@@ -43,6 +43,7 @@ pub const REPL_ELECTIONS: &str = "pygmy_replication_elections_total";
 pub const REPL_LEASE_REFUSALS: &str = "pygmy_replication_lease_refusals_total";
 pub const CATALOG_PERSIST: &str = "pygmy_catalog_persist_duration_seconds";
 pub const CATALOG_SNAPSHOT_BYTES: &str = "pygmy_catalog_snapshot_bytes";
+pub const CATALOG_SNAPSHOT_ANSWERS: &str = "pygmy_catalog_snapshot_request_ids";
 pub const OPEN_CONNECTIONS: &str = "pygmy_open_connections";
 pub const CONNECTIONS_SHED: &str = "pygmy_connections_shed_total";
 
@@ -119,6 +120,10 @@ fn describe() {
     describe_counter!(
         POOL_RETRIES,
         "Calls to a replica that failed and were tried again (same or another replica), by pool"
+    );
+    describe_gauge!(
+        CATALOG_SNAPSHOT_ANSWERS,
+        "Request ids whose answers the catalog replica's latest snapshot keeps"
     );
     describe_gauge!(
         CATALOG_SNAPSHOT_BYTES,

@@ -788,3 +788,174 @@ async fn a_connection_flood_is_capped_cluster_traffic_goes_on_and_idle_connectio
     );
     assert_eq!(c.stock(1).await, start + 5);
 }
+
+/// A gauge's value on a node's `/metrics` page (the first series of that name).
+async fn gauge(c: &TestCluster, node: &str, name: &str) -> f64 {
+    let page = reqwest::get(format!("{}/metrics", c.url(node)))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    page.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit_once(' '))
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or_else(|| panic!("{node} has no {name}"))
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// The stated bound of issue "exactly once with bounded memory": with
+/// minted ids kept 5 s, a catalog replica's snapshot keeps what was written
+/// in the last few seconds, not every buy; and its memory after 200 000
+/// buys is what it was after 50 000, within 24 MiB.
+const SNAPSHOT_IDS_BOUND: f64 = 60_000.0;
+const SNAPSHOT_BYTES_BOUND: f64 = 6.0 * 1024.0 * 1024.0;
+const RSS_GROWTH_BOUND_KIB: u64 = 24 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_thousand_keyless_buys_keep_replica_memory_and_snapshots_bounded() {
+    use pygmy::api::{BookId, CatalogOp, CatalogWrite, Outcome, RequestId};
+    use pygmy::config::Role;
+    let c = TestCluster::start(Options {
+        tweak: |cfg| {
+            cfg.timing.call_timeout_ms = 500;
+            cfg.timing.retry_budget_ms = 2_000;
+            cfg.timing.minted_id_ttl_ms = 5_000;
+        },
+        ..Options::default()
+    })
+    .await;
+    const BOOKS: u64 = 7;
+    const STOCK: u64 = 100_000;
+    for id in 1..=BOOKS {
+        c.set_stock(id, STOCK).await;
+    }
+    // A client's key is kept for a day: its answer survives all of this.
+    let keyed = CatalogWrite {
+        request_id: RequestId::from_idempotency_key("kept-for-a-day").unwrap(),
+        op: CatalogOp::Buy {
+            book_id: BookId::new(1).unwrap(),
+        },
+    };
+    let cat = c.catalog(&c.primary().await);
+    let first = c.retry("a keyed buy", || cat.write(&keyed)).await;
+
+    let sold = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1));
+    let buy_many = |n: u64| {
+        let c = &c;
+        let sold = sold.clone();
+        async move {
+            const WORKERS: u64 = 48;
+            let primary = c.primary().await;
+            let mut tasks = tokio::task::JoinSet::new();
+            for w in 0..WORKERS {
+                let cat = c.catalog(&primary);
+                let sold = sold.clone();
+                tasks.spawn(async move {
+                    for k in (w..n).step_by(WORKERS as usize) {
+                        let write = CatalogWrite {
+                            request_id: RequestId::mint(),
+                            op: CatalogOp::Buy {
+                                book_id: BookId::new(k % BOOKS + 1).unwrap(),
+                            },
+                        };
+                        // The same id until it is answered: exactly once.
+                        let mut tries = 0;
+                        let r = loop {
+                            match cat.write(&write).await {
+                                Ok(r) => break r,
+                                Err(e) => {
+                                    tries += 1;
+                                    assert!(tries < 100, "buy {k} failed: {e}");
+                                    tokio::time::sleep(Duration::from_millis(20)).await;
+                                }
+                            }
+                        };
+                        assert!(
+                            matches!(r.outcome, Outcome::Bought { .. }),
+                            "{:?}",
+                            r.outcome
+                        );
+                        sold.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                });
+            }
+            while let Some(r) = tasks.join_next().await {
+                r.unwrap();
+            }
+        }
+    };
+    let catalogs = c.names(Role::Catalog);
+    let measure = |what: &'static str| {
+        let c = &c;
+        let catalogs = catalogs.clone();
+        async move {
+            let mut out = Vec::new();
+            for n in &catalogs {
+                let ids = gauge(c, n, "pygmy_catalog_snapshot_request_ids").await;
+                let bytes = gauge(c, n, "pygmy_catalog_snapshot_bytes").await;
+                let rss = rss_kib(c.pid(n));
+                eprintln!("{what}: {n} snapshot {ids} ids, {bytes} bytes; RSS {rss} KiB");
+                out.push((ids, bytes, rss));
+            }
+            out
+        }
+    };
+    let started = std::time::Instant::now();
+    buy_many(50_000).await;
+    let early = measure("after 50 000 buys").await;
+    buy_many(150_000).await;
+    let late = measure("after 200 000 buys").await;
+    eprintln!("200 000 buys in {:.1} s", started.elapsed().as_secs_f64());
+
+    for ((n, e), l) in catalogs.iter().zip(&early).zip(&late) {
+        assert!(l.0 > 0.0, "{n} took a snapshot");
+        assert!(
+            l.0 <= SNAPSHOT_IDS_BOUND,
+            "{n}'s snapshot keeps {} request ids (bound {SNAPSHOT_IDS_BOUND})",
+            l.0
+        );
+        assert!(
+            l.1 <= SNAPSHOT_BYTES_BOUND,
+            "{n}'s snapshot is {} bytes (bound {SNAPSHOT_BYTES_BOUND})",
+            l.1
+        );
+        assert!(
+            l.2 <= e.2 + RSS_GROWTH_BOUND_KIB,
+            "{n}'s RSS grew from {} KiB after 50 000 buys to {} KiB after 200 000",
+            e.2,
+            l.2
+        );
+    }
+
+    // Exactly once: the stock went down by the buys answered, no more.
+    let sold = sold.load(std::sync::atomic::Ordering::Relaxed);
+    let mut left = 0;
+    for id in 1..=BOOKS {
+        left += c.stock(id).await;
+    }
+    assert_eq!(BOOKS * STOCK - left, sold, "stock sold = buys answered");
+
+    // The key's answer is still kept; a minted id past its window is
+    // refused and changes nothing.
+    let cat = c.catalog(&c.primary().await);
+    let again = c.retry("the keyed buy again", || cat.write(&keyed)).await;
+    assert_eq!(again, first, "a key is answered as before");
+    let stale = CatalogWrite {
+        request_id: RequestId::parse("r:1000-0123456789abcdef").unwrap(),
+        op: CatalogOp::Buy {
+            book_id: BookId::new(2).unwrap(),
+        },
+    };
+    let before = c.stock(2).await;
+    let err = cat.write(&stale).await.unwrap_err();
+    assert_eq!(err.status(), Some(409), "{err}");
+    assert!(err.to_string().contains("expired"), "{err}");
+    assert_eq!(c.stock(2).await, before, "the expired write bought nothing");
+}

@@ -28,6 +28,30 @@ pub enum WriteError {
     /// Retry, with the same request id (here later, or at another replica).
     #[error("{0}")]
     Unavailable(String),
+    /// The request id's answer window passed before its write applied: the
+    /// write was refused, and the same id will be refused again.
+    #[error(
+        "request id {0} expired before its write was applied; it was not applied now (an earlier attempt may have been)"
+    )]
+    Expired(String),
+}
+
+/// How long the answers of request ids are kept (see
+/// [`machine::Stamped`]): the primary stamps each entry with them.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    pub minted_id_ttl_ms: u64,
+    pub idempotency_key_ttl_ms: u64,
+}
+
+impl Retention {
+    /// Until when (Unix ms) the answer of `request_id`, applied at `at`, is kept.
+    pub fn until(&self, request_id: &RequestId, at: u64) -> u64 {
+        match request_id.minted_at() {
+            Some(minted) => minted.saturating_add(self.minted_id_ttl_ms),
+            None => at.saturating_add(self.idempotency_key_ttl_ms),
+        }
+    }
 }
 
 pub enum Input {
@@ -161,6 +185,7 @@ pub struct Driver {
     /// empty catalog; and the epoch it proposed them in.
     seed: Vec<Book>,
     seed_proposed: Option<u64>,
+    retention: Retention,
 }
 
 impl Driver {
@@ -175,6 +200,7 @@ impl Driver {
         names: HashMap<NodeId, String>,
         tick: Duration,
         seed: Vec<Book>,
+        retention: Retention,
     ) -> Self {
         let slow = Duration::from_millis(replica.config().lease_ms / 8);
         Self {
@@ -196,6 +222,7 @@ impl Driver {
             syncing: None,
             seed,
             seed_proposed: None,
+            retention,
         }
     }
 
@@ -261,6 +288,8 @@ impl Driver {
     ) {
         let id = write.op.book_id();
         let rid = write.request_id.as_str().to_string();
+        let at = unix_ms();
+        let until = self.retention.until(&write.request_id, at);
         // Only the primary knows the catalog for sure: a replica that is
         // behind (a new disk, say) may not hold the book yet.
         if self.replica.role() != Role::Primary {
@@ -301,7 +330,11 @@ impl Driver {
             });
             return;
         }
-        let op = machine::Command::from(write.op).encode();
+        if until <= at.max(self.io.state.clock) {
+            let _ = reply.send(Err(WriteError::Expired(rid)));
+            return;
+        }
+        let op = machine::Command::from(write.op).encode_stamped(at, until);
         match self.replica.propose(now, rid.clone(), op) {
             Ok(v) => {
                 self.io.in_flight.insert(rid.clone(), v.seq);
@@ -531,10 +564,11 @@ impl Host for Io {
             self.in_flight.retain(|_, s| *s != a.version.seq);
             for w in waiters {
                 let r = match (&a.outcome, w.request_id == a.request_id) {
-                    (Some((o, first)), true) => Ok(WriteResult {
+                    (machine::Applied::Answered(o, first), true) => Ok(WriteResult {
                         outcome: o.clone(),
                         version: *first,
                     }),
+                    (machine::Applied::Expired, true) => Err(WriteError::Expired(w.request_id)),
                     // The entry this write had was replaced in a view change.
                     _ => Err(WriteError::Unavailable(
                         "the write was superseded; retry with the same request id".into(),
@@ -546,8 +580,9 @@ impl Host for Io {
     }
 
     fn take_snapshot(&mut self) -> rusqlite::Result<(replication::Version, Vec<u8>)> {
-        let data = self.db.snapshot_bytes(&self.state)?;
+        let (data, answers) = self.db.snapshot_bytes(&self.state)?;
         metrics::gauge!(crate::metrics::CATALOG_SNAPSHOT_BYTES).set(data.len() as f64);
+        metrics::gauge!(crate::metrics::CATALOG_SNAPSHOT_ANSWERS).set(answers as f64);
         Ok((store::to_core(self.state.version), data))
     }
 

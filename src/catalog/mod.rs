@@ -14,6 +14,7 @@
 //! the primary instead, so nothing is forwarded twice. A replica that knows
 //! no live primary answers 503 with `Retry-After`.
 
+pub mod codec;
 pub mod driver;
 pub mod invalidation;
 pub mod machine;
@@ -347,6 +348,10 @@ pub async fn run(
         names,
         tick,
         seed_books,
+        driver::Retention {
+            minted_id_ttl_ms: t.minted_id_ttl_ms,
+            idempotency_key_ttl_ms: t.idempotency_key_ttl_ms,
+        },
     );
     let driver = std::thread::Builder::new()
         .name(format!("{name}-driver"))
@@ -721,6 +726,9 @@ async fn apply(
                     Err(ApiError::not_found(format!("no book with id {id}")).into_response())
                 }
                 WriteError::Unavailable(why) => Err(ApiError::unavailable(why).into_response()),
+                e @ WriteError::Expired(_) => {
+                    Err(ApiError::conflict(e.to_string()).into_response())
+                }
             };
         }
         Err(_) => {
@@ -774,8 +782,7 @@ async fn update(
     }
     let request_id = match u.request_id {
         Some(r) => r,
-        None => RequestId::parse(&format!("u:{}", uuid::Uuid::new_v4().simple()))
-            .map_err(|e| ApiError::from(e).into_response())?,
+        None => RequestId::mint_as("u", unix_ms()),
     };
     let w = CatalogWrite {
         request_id,

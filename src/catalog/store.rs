@@ -6,8 +6,9 @@
 //! * `meta`      — the core's hard state, the applied version;
 //! * `snapshot`  — the latest snapshot (the log before it is compacted);
 //! * `books`     — the state machine: every book with its stock and cost;
-//! * `applied`   — every applied request id with its outcome: exactly once
-//!   is part of the replicated, durable state.
+//! * `applied`   — the applied request ids with their outcomes, each kept
+//!   until the replicated clock reaches its `until` (exactly once is part of
+//!   the replicated, durable state; see [`machine::Stamped`]).
 //!
 //! [`Db::handle`] persists one `Ready` of the core and applies its committed
 //! entries in ONE transaction — one fsync for everything the core produced
@@ -23,6 +24,7 @@ use serde::Serialize;
 use crate::api::*;
 use crate::replication::{self, Entry, EntryKind, HardState, Snapshot};
 
+use super::codec;
 use super::machine::{self, SnapshotData};
 use crate::storage::{self, StorageError};
 
@@ -35,6 +37,8 @@ pub struct State {
     pub topics: HashMap<String, BTreeMap<String, BookId>>,
     /// The last applied entry.
     pub version: Version,
+    /// The replicated clock (see [`machine::Stamped`]).
+    pub clock: u64,
 }
 
 impl State {
@@ -74,7 +78,8 @@ CREATE TABLE IF NOT EXISTS applied (
     request_id TEXT PRIMARY KEY,
     epoch INTEGER NOT NULL,
     seq INTEGER NOT NULL,
-    outcome TEXT NOT NULL
+    outcome TEXT NOT NULL,
+    until INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS rlog (
     seq INTEGER PRIMARY KEY,
@@ -115,10 +120,10 @@ impl replication::Storage for Persisted {
 pub struct AppliedEntry {
     pub version: Version,
     pub request_id: String,
-    /// `None` for an epoch start, or an op on an unknown book. For a request
-    /// id applied before (a retry that got an entry of its own), the first
-    /// entry's outcome and version: the answer is the same every time.
-    pub outcome: Option<(Outcome, Version)>,
+    /// `Ignored` for an epoch start, or an op on an unknown book. For a
+    /// request id applied before (a retry that got an entry of its own), the
+    /// first entry's outcome and version: the answer is the same every time.
+    pub outcome: machine::Applied,
 }
 
 pub struct Db {
@@ -147,6 +152,16 @@ impl Db {
     pub fn open(dir: &Path) -> Result<Self, StorageError> {
         let conn = storage::open(dir, "catalog.sqlite")?;
         conn.execute_batch(SCHEMA)?;
+        // Stores from before answers expired lack the column.
+        let has_until: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM pragma_table_info('applied') WHERE name = 'until')",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_until {
+            conn.execute_batch("ALTER TABLE applied ADD COLUMN until INTEGER NOT NULL DEFAULT 0")?;
+        }
+        conn.execute_batch("CREATE INDEX IF NOT EXISTS applied_until ON applied (until)")?;
         Ok(Self { conn })
     }
 
@@ -187,6 +202,7 @@ impl Db {
             state.insert(b?);
         }
         state.version = self.meta("applied")?.unwrap_or_default();
+        state.clock = self.meta("clock")?.unwrap_or_default();
         Ok(state)
     }
 
@@ -295,11 +311,23 @@ impl Db {
         } else {
             state.version
         };
+        let clock = if reload {
+            tx.query_row("SELECT value FROM meta WHERE key = 'clock'", [], |r| {
+                r.get::<_, String>(0)
+            })
+            .optional()?
+            .map(|v| v.parse().map_err(corrupt))
+            .transpose()?
+            .unwrap_or(0)
+        } else {
+            state.clock
+        };
         let mut tables = SqlTables {
             tx: &tx,
             state,
             changed: HashMap::new(),
             reloaded: reload,
+            clock,
         };
         for e in &rd.committed {
             if e.version.seq <= version.seq {
@@ -307,8 +335,8 @@ impl Db {
             }
             let v = to_api(e.version);
             let outcome = match &e.kind {
-                EntryKind::EpochStart => None,
-                EntryKind::Op(bytes) => machine::apply(
+                EntryKind::EpochStart => machine::Applied::Ignored,
+                EntryKind::Op(bytes) => machine::apply_entry(
                     &mut tables,
                     &e.request_id,
                     bytes,
@@ -324,6 +352,13 @@ impl Db {
             });
         }
         let changed = std::mem::take(&mut tables.changed);
+        let new_clock = tables.clock;
+        if new_clock != clock {
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('clock', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [new_clock.to_string()],
+            )?;
+        }
         if version != state.version || reload {
             tx.execute(
                 "INSERT INTO meta (key, value) VALUES ('applied', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -338,34 +373,34 @@ impl Db {
                 state.insert(b);
             }
             state.version = version;
+            state.clock = new_clock;
         }
         Ok(applied)
     }
 
-    /// The state machine at its applied version, as snapshot bytes.
-    pub fn snapshot_bytes(&self, state: &State) -> rusqlite::Result<Vec<u8>> {
-        let mut q = self
-            .conn
-            .prepare("SELECT request_id, epoch, seq, outcome FROM applied")?;
-        let mut applied = Vec::new();
-        for row in q.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get::<_, String>(3)?,
-            ))
-        })? {
-            let (id, e, s, o) = row?;
-            applied.push((
-                id,
-                version_of(e, s),
-                serde_json::from_str(&o).map_err(corrupt)?,
-            ));
-        }
+    /// The state machine at its applied version, as snapshot bytes
+    /// ([`codec`]), with the number of answers it holds.
+    pub fn snapshot_bytes(&self, state: &State) -> rusqlite::Result<(Vec<u8>, u64)> {
         let mut books: Vec<Book> = state.books.values().cloned().collect();
         books.sort_by_key(|b| b.id);
-        Ok(serde_json::to_vec(&SnapshotData { books, applied }).expect("snapshot serialises"))
+        let mut w = codec::Writer::new(state.clock, &books);
+        let mut q = self.conn.prepare(
+            "SELECT request_id, epoch, seq, until, outcome FROM applied ORDER BY request_id",
+        )?;
+        let mut rows = q.query([])?;
+        while let Some(r) = rows.next()? {
+            let id: String = r.get(0)?;
+            let outcome: Outcome =
+                serde_json::from_str(r.get_ref(4)?.as_str()?).map_err(corrupt)?;
+            w.answer(
+                &id,
+                version_of(r.get(1)?, r.get(2)?),
+                r.get::<_, i64>(3)? as u64,
+                &outcome,
+            );
+        }
+        let n = w.answers();
+        Ok((w.finish(), n))
     }
 
     /// Stores a snapshot taken at `version` and drops the log it covers.
@@ -418,7 +453,7 @@ fn insert_books(tx: &Transaction<'_>, books: &[Book]) -> rusqlite::Result<()> {
 }
 
 fn install_snapshot(tx: &Transaction<'_>, snap: &Snapshot) -> rusqlite::Result<()> {
-    let data: SnapshotData = serde_json::from_slice(&snap.data).map_err(corrupt)?;
+    let data: SnapshotData = codec::decode(&snap.data).map_err(corrupt)?;
     tx.execute("DELETE FROM books", [])?;
     tx.execute("DELETE FROM applied", [])?;
     // Entries after the snapshot stay (the core truncates them separately
@@ -428,11 +463,22 @@ fn install_snapshot(tx: &Transaction<'_>, snap: &Snapshot) -> rusqlite::Result<(
         [snap.version.seq as i64],
     )?;
     insert_books(tx, &data.books)?;
-    let mut ins = tx
-        .prepare("INSERT INTO applied (request_id, epoch, seq, outcome) VALUES (?1, ?2, ?3, ?4)")?;
-    for (id, v, o) in &data.applied {
-        ins.execute(params![id, v.epoch as i64, v.seq as i64, to_json(o)])?;
+    let mut ins = tx.prepare(
+        "INSERT INTO applied (request_id, epoch, seq, outcome, until) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    for a in &data.applied {
+        ins.execute(params![
+            a.request_id,
+            a.version.epoch as i64,
+            a.version.seq as i64,
+            to_json(&a.outcome),
+            a.until as i64
+        ])?;
     }
+    tx.execute(
+        "INSERT INTO meta (key, value) VALUES ('clock', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        [data.clock.to_string()],
+    )?;
     tx.execute(
         "INSERT OR REPLACE INTO snapshot (id, epoch, seq, data) VALUES (1, ?1, ?2, ?3)",
         params![
@@ -452,6 +498,7 @@ struct SqlTables<'a> {
     state: &'a State,
     changed: HashMap<BookId, Book>,
     reloaded: bool,
+    clock: u64,
 }
 
 impl machine::Tables for SqlTables<'_> {
@@ -503,17 +550,36 @@ impl machine::Tables for SqlTables<'_> {
         request_id: &str,
         outcome: &Outcome,
         version: Version,
+        until: u64,
     ) -> rusqlite::Result<()> {
         self.tx
             .prepare_cached(
-                "INSERT INTO applied (request_id, epoch, seq, outcome) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO applied (request_id, epoch, seq, outcome, until) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?
             .execute(params![
                 request_id,
                 version.epoch as i64,
                 version.seq as i64,
-                to_json(outcome)
+                to_json(outcome),
+                until as i64
             ])?;
+        Ok(())
+    }
+
+    fn clock(&mut self) -> rusqlite::Result<u64> {
+        Ok(self.clock)
+    }
+
+    fn advance_clock(&mut self, to: u64, legacy_until: u64) -> rusqlite::Result<()> {
+        if self.clock == 0 {
+            self.tx
+                .prepare_cached("UPDATE applied SET until = ?1 WHERE until = 0")?
+                .execute([legacy_until as i64])?;
+        }
+        self.clock = self.clock.max(to);
+        self.tx
+            .prepare_cached("DELETE FROM applied WHERE until > 0 AND until <= ?1")?
+            .execute([self.clock as i64])?;
         Ok(())
     }
 }
@@ -578,8 +644,12 @@ mod tests {
             ..Ready::default()
         };
         let applied = db.handle(&rd, &mut state).unwrap();
-        let first = applied[2].outcome.clone().unwrap();
-        let again = applied[4].outcome.clone().unwrap();
+        let answer = |i: usize| match applied[i].outcome.clone() {
+            machine::Applied::Answered(o, v) => (o, v),
+            other => panic!("entry {i}: {other:?}"),
+        };
+        let first = answer(2);
+        let again = answer(4);
         assert_eq!(first.1, Version { epoch: 1, seq: 3 });
         assert_eq!(
             again, first,

@@ -325,7 +325,7 @@ fn request_id(headers: &HeaderMap) -> Result<RequestId, ApiError> {
         (status = 400, description = "The id or the Idempotency-Key is malformed, or the request has a body", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "The request body is over the size limit", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such book", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Out of stock (`type` /problems/out-of-stock)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Out of stock (`type` /problems/out-of-stock); or, rarely, the request waited inside the cluster past its answer window and was refused unapplied (an earlier attempt may have bought: look for the order before buying again)", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "The Idempotency-Key was already used for a different request (`type` /problems/idempotency-key-reused); nothing was bought", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "No replica could complete the purchase in time; retry with the same Idempotency-Key", body = Problem, content_type = "application/problem+json"),
         (status = 504, description = "No answer within the request timeout; retry with the same Idempotency-Key", body = Problem, content_type = "application/problem+json"),

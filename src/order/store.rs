@@ -69,9 +69,9 @@ impl OrderStore {
         storage::seal(dir, "orders.sqlite", false)?;
         // What the order log holds is also what survives of it: say so
         // loudly when orders are gone. Buys are not affected: the catalog
-        // keeps every buy's first answer, so a retry of a lost order gets
-        // it again, and the other order replicas' logs are their own.
-        const UNAFFECTED: &str = "buys are unaffected: the catalog keeps every buy's first answer, so a retry of a lost order is answered as before";
+        // keeps each buy's answer for its window, so a retry of a lost order
+        // gets it again, and the other order replicas' logs are their own.
+        const UNAFFECTED: &str = "buys are unaffected: the catalog keeps each buy's answer for its window (a client's Idempotency-Key for 24 h by default), so a retry of a lost order is answered as before";
         if identity.missing {
             tracing::error!(
                 data_dir = %dir.display(),

@@ -812,6 +812,7 @@ impl Sim {
             sw: machine::Switches {
                 decrement_unchecked: self.opts.check_at_propose,
                 no_dedupe: self.opts.no_dedupe,
+                ..machine::Switches::default()
             },
             crash_armed: *crash_armed,
             crash_before_persist: *crash_before_persist,
