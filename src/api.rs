@@ -238,7 +238,14 @@ impl RequestId {
             .strip_prefix("r:")
             .or_else(|| self.0.strip_prefix("u:"))?;
         let (at, uuid) = rest.split_once('-')?;
-        if at.is_empty() || at.len() > 19 || uuid.is_empty() {
+        // Exactly what `mint_as` writes: anything else (a hyphenated uuid
+        // after `u:`, say) is an id like a client's key, kept 24 h.
+        let digits = |s: &str, n: std::ops::RangeInclusive<usize>, ok: fn(u8) -> bool| {
+            n.contains(&s.len()) && s.bytes().all(ok)
+        };
+        if !digits(at, 1..=19, |b| b.is_ascii_digit())
+            || !digits(uuid, 32..=32, |b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
             return None;
         }
         at.parse().ok()
@@ -699,6 +706,32 @@ mod tests {
             serde_json::from_str::<ReplicaRole>("\"observer\"").unwrap(),
             ReplicaRole::Unknown
         );
+    }
+
+    #[test]
+    fn only_ids_shaped_as_minted_carry_a_mint_time() {
+        // A minted id's answer is kept only a while after its mint time, so
+        // an id merely starting like one (an operator's `u:<uuid>`) must
+        // not be read as minted in 1970 and refused as expired.
+        assert_eq!(
+            RequestId::mint_as("u", 1_700_000_000_000).minted_at(),
+            Some(1_700_000_000_000)
+        );
+        assert_eq!(RequestId::mint_as("r", 7).minted_at(), Some(7));
+        for other in [
+            "u:31075536-c721-4625-97b8-c47a99e9909c",
+            "u:31075536c7214625-97b8c47a99e9909c",
+            "r:12-0123456789abcdef0123456789ABCDEF",
+            "r:-0123456789abcdef0123456789abcdef",
+            "r:1x-0123456789abcdef0123456789abcdef",
+            "k:12-0123456789abcdef0123456789abcdef",
+        ] {
+            assert_eq!(
+                RequestId::parse(other).unwrap().minted_at(),
+                None,
+                "{other}"
+            );
+        }
     }
 
     #[test]

@@ -282,8 +282,7 @@ pub async fn update(
         .map(Money::try_from)
         .transpose()
         .map_err(|e| Fail::new(EXIT_USAGE, format!("--cost: {e}")))?;
-    let request_id = RequestId::parse(&format!("u:{}", uuid::Uuid::new_v4()))
-        .map_err(|e| Fail::new(EXIT_ANSWERED_ERROR, e.to_string()))?;
+    let request_id = RequestId::mint_as("u", pygmy::api::unix_ms());
     let req = UpdateRequest {
         id,
         stock,

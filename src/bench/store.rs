@@ -269,7 +269,7 @@ impl Store {
                 id: BookId::parse(&b.to_string())?,
                 stock: Some(stock),
                 cost: None,
-                request_id: Some(RequestId::parse(&format!("u:{}", uuid::Uuid::new_v4()))?),
+                request_id: Some(RequestId::mint_as("u", crate::api::unix_ms())),
             };
             let req = &req;
             pool.call(|c| async move { c.update(req).await })

@@ -331,6 +331,10 @@ impl Driver {
             return;
         }
         if until <= at.max(self.io.state.clock) {
+            tracing::warn!(
+                request_id = %rid,
+                "refused a write whose request id's answer window had passed: a retry that arrived too late, or, if this repeats for fresh writes, the clock of the node that minted the id runs behind this one's (nodes' clocks must agree within the minted id window less the retry budget)"
+            );
             let _ = reply.send(Err(WriteError::Expired(rid)));
             return;
         }

@@ -228,10 +228,7 @@ async fn restock(
         )));
     }
     if u.request_id.is_none() {
-        u.request_id = Some(RequestId::parse(&format!(
-            "u:{}",
-            uuid::Uuid::new_v4().simple()
-        ))?);
+        u.request_id = Some(RequestId::mint_as("u", crate::api::unix_ms()));
     }
     let res = fe
         .catalog
