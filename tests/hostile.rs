@@ -948,7 +948,7 @@ async fn two_hundred_thousand_keyless_buys_keep_replica_memory_and_snapshots_bou
     let again = c.retry("the keyed buy again", || cat.write(&keyed)).await;
     assert_eq!(again, first, "a key is answered as before");
     let stale = CatalogWrite {
-        request_id: RequestId::parse("r:1000-0123456789abcdef").unwrap(),
+        request_id: RequestId::mint_as("r", 1000),
         op: CatalogOp::Buy {
             book_id: BookId::new(2).unwrap(),
         },
