@@ -264,3 +264,74 @@ async fn an_emptied_or_deleted_order_log_is_reported_and_buys_go_on() {
     }
     assert_eq!(c.stock(1).await, stock - 9);
 }
+
+/// An order whose row was changed on disk while its replica was down (a
+/// title rewritten, its checksum left as it was) is refused at start-up:
+/// it is moved aside for the operator, said loudly, never served in the
+/// log's pages; the rest of the log stays; a retry of that buy is
+/// answered as before (by the catalog), and the damage is not counted
+/// as lost orders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_order_row_is_refused_never_served_and_its_buy_still_answers() {
+    let mut c = TestCluster::start(Options::default()).await;
+    let mut first = std::collections::HashMap::new();
+    let mut k = 0;
+    let held = loop {
+        let key = format!("order-row-{k}");
+        k += 1;
+        let r = c.frontend().buy("1", Some(&key)).await.unwrap();
+        first.insert(format!("k:{key}"), r.order_id);
+        let page = c.order("order-1").log(1000, None).await.unwrap();
+        if page.orders.len() >= 3 {
+            break page.orders;
+        }
+        assert!(k < 100, "order-1 took no buys");
+    };
+    let victim = held[1].request_id.to_string();
+    let dir = c.cfg.data_dir(c.cfg.node("order-1").unwrap()).unwrap();
+    assert!(c.stop("order-1"));
+    let db = rusqlite::Connection::open(dir.join("orders.sqlite")).unwrap();
+    let changed = db
+        .execute(
+            "UPDATE orders SET title = 'Forged Title' WHERE request_id = ?1",
+            [&victim],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+    drop(db);
+    c.restart("order-1").await;
+    let log = std::fs::read_to_string(c.dir.join("order-1.log")).unwrap();
+    assert!(
+        log.contains("DAMAGED DATA: 1 order(s) in the log do not match their checksums"),
+        "it says an order is damaged:\n{log}"
+    );
+    assert!(
+        !log.contains("the order log lost"),
+        "a damaged order is not reported lost:\n{log}"
+    );
+    let page = c.order("order-1").log(1000, None).await.unwrap();
+    assert!(
+        page.orders.iter().all(|o| o.title != "Forged Title"),
+        "the damaged order is never served: {page:?}"
+    );
+    assert_eq!(
+        page.orders.len(),
+        held.len() - 1,
+        "every other order is still there"
+    );
+    let key = victim.strip_prefix("k:").unwrap();
+    let again = c.frontend().buy("1", Some(key)).await.unwrap();
+    assert_eq!(
+        again.order_id, first[&victim],
+        "a retry of the damaged order's buy is answered as before"
+    );
+
+    // A second start finds nothing more: the damaged row was set aside.
+    assert!(c.stop("order-1"));
+    let before = std::fs::read_to_string(c.dir.join("order-1.log"))
+        .unwrap()
+        .len();
+    c.restart("order-1").await;
+    let after = std::fs::read_to_string(c.dir.join("order-1.log")).unwrap()[before..].to_string();
+    assert!(!after.contains("DAMAGED DATA"), "{after}");
+}

@@ -22,9 +22,126 @@ CREATE TABLE IF NOT EXISTS orders (
     outcome TEXT NOT NULL,
     epoch INTEGER NOT NULL,
     vseq INTEGER NOT NULL,
-    result TEXT NOT NULL
+    result TEXT NOT NULL,
+    sum INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS damaged_orders (
+    seq INTEGER PRIMARY KEY,
+    row TEXT NOT NULL,
+    found_at TEXT NOT NULL
 );
 ";
+
+/// The stored fields of one order, in column order after `seq` (what its
+/// checksum covers).
+struct Row {
+    request_id: String,
+    order_id: Option<i64>,
+    book_id: i64,
+    title: String,
+    price_cents: i64,
+    time: String,
+    outcome: String,
+    epoch: i64,
+    vseq: i64,
+    result: String,
+}
+
+const ROW_COLUMNS: &str =
+    "request_id, order_id, book_id, title, price_cents, time, outcome, epoch, vseq, result";
+
+impl Row {
+    /// Reads `ROW_COLUMNS` starting at column `at`.
+    fn read(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Self> {
+        Ok(Self {
+            request_id: r.get(at)?,
+            order_id: r.get(at + 1)?,
+            book_id: r.get(at + 2)?,
+            title: r.get(at + 3)?,
+            price_cents: r.get(at + 4)?,
+            time: r.get(at + 5)?,
+            outcome: r.get(at + 6)?,
+            epoch: r.get(at + 7)?,
+            vseq: r.get(at + 8)?,
+            result: r.get(at + 9)?,
+        })
+    }
+
+    fn sum(&self) -> i64 {
+        use storage::Field::{Int, Null, Text};
+        storage::row_sum(
+            "orders",
+            &[
+                Text(&self.request_id),
+                self.order_id.map_or(Null, Int),
+                Int(self.book_id),
+                Text(&self.title),
+                Int(self.price_cents),
+                Text(&self.time),
+                Text(&self.outcome),
+                Int(self.epoch),
+                Int(self.vseq),
+                Text(&self.result),
+            ],
+        )
+    }
+
+    /// The row as a person reads it, for the damaged-rows table.
+    fn describe(&self) -> String {
+        format!(
+            "request_id={} order_id={:?} book_id={} title={:?} price_cents={} time={} outcome={} version={}.{} result={}",
+            self.request_id,
+            self.order_id,
+            self.book_id,
+            self.title,
+            self.price_cents,
+            self.time,
+            self.outcome,
+            self.epoch,
+            self.vseq,
+            self.result
+        )
+    }
+}
+
+/// Adds checksums to a log written before rows had them, then checks every
+/// row: a row that does not match its checksum is moved to
+/// `damaged_orders` (kept for the operator, never served). Returns how
+/// many were moved now.
+fn verify_rows(conn: &mut Connection) -> rusqlite::Result<u64> {
+    let has_sum: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('orders') WHERE name = 'sum')",
+        [],
+        |r| r.get(0),
+    )?;
+    let tx = conn.transaction()?;
+    if !has_sum {
+        tx.execute_batch("ALTER TABLE orders ADD COLUMN sum INTEGER NOT NULL DEFAULT 0")?;
+    }
+    let rows: Vec<(i64, Row, i64)> = tx
+        .prepare(&format!("SELECT seq, {ROW_COLUMNS}, sum FROM orders"))?
+        .query_map([], |r| Ok((r.get(0)?, Row::read(r, 1)?, r.get(11)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let now = storage::now_rfc3339();
+    let mut damaged = 0;
+    for (seq, row, stored) in rows {
+        if !has_sum {
+            tx.execute(
+                "UPDATE orders SET sum = ?2 WHERE seq = ?1",
+                params![seq, row.sum()],
+            )?;
+        } else if row.sum() != stored {
+            tx.execute(
+                "INSERT OR REPLACE INTO damaged_orders (seq, row, found_at) VALUES (?1, ?2, ?3)",
+                params![seq, row.describe(), now],
+            )?;
+            tx.execute("DELETE FROM orders WHERE seq = ?1", [seq])?;
+            damaged += 1;
+        }
+    }
+    tx.commit()?;
+    Ok(damaged)
+}
 
 /// Orders missing from the log, and how many it ever recorded: the log is
 /// append-only, and `AUTOINCREMENT` keeps its highest sequence number even
@@ -38,7 +155,11 @@ fn lost_orders(conn: &Connection) -> rusqlite::Result<Option<(u64, u64)>> {
         )
         .optional()?
         .unwrap_or(0);
-    let held: i64 = conn.query_row("SELECT count(*) FROM orders", [], |r| r.get(0))?;
+    let held: i64 = conn.query_row(
+        "SELECT (SELECT count(*) FROM orders) + (SELECT count(*) FROM damaged_orders)",
+        [],
+        |r| r.get(0),
+    )?;
     Ok((ever > held).then(|| ((ever - held) as u64, ever as u64)))
 }
 
@@ -64,8 +185,9 @@ impl OrderStore {
         let wal_present = dir.join("orders.sqlite-wal").exists();
         let unclean = storage::mark_running(dir)?;
         let wal_lost = unclean && !wal_present && !identity.fresh && !identity.missing;
-        let conn = storage::open(dir, "orders.sqlite")?;
+        let mut conn = storage::open(dir, "orders.sqlite")?;
         conn.execute_batch(SCHEMA)?;
+        let damaged = verify_rows(&mut conn)?;
         storage::seal(dir, "orders.sqlite", false)?;
         // What the order log holds is also what survives of it: say so
         // loudly when orders are gone. Buys are not affected: the catalog
@@ -87,6 +209,13 @@ impl OrderStore {
             tracing::error!(
                 data_dir = %dir.display(),
                 "the order log's write-ahead log is missing after a stop that was not clean: orders recorded since its last checkpoint are lost from this log; {UNAFFECTED}"
+            );
+        }
+        if damaged > 0 {
+            tracing::error!(
+                data_dir = %dir.display(),
+                damaged,
+                "DAMAGED DATA: {damaged} order(s) in the log do not match their checksums: they were moved to the table damaged_orders (kept for inspection) and are never served; the rest of the log is intact; {UNAFFECTED}"
             );
         }
         if let Some((lost, ever)) = lost_orders(&conn)? {
@@ -132,12 +261,30 @@ impl OrderStore {
         let rid = request_id.as_str().to_string();
         tokio::task::spawn_blocking(move || {
             let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
-            let json: Option<String> = conn
-                .prepare_cached("SELECT result FROM orders WHERE request_id = ?1")
-                .and_then(|mut q| q.query_row([rid], |r| r.get(0)).optional())
+            let row: Option<(Row, i64)> = conn
+                .prepare_cached(&format!(
+                    "SELECT {ROW_COLUMNS}, sum FROM orders WHERE request_id = ?1"
+                ))
+                .and_then(|mut q| {
+                    q.query_row([rid], |r| Ok((Row::read(r, 0)?, r.get(10)?)))
+                        .optional()
+                })
                 .map_err(|e| e.to_string())?;
-            json.map(|j| serde_json::from_str(&j).map_err(|e| e.to_string()))
-                .transpose()
+            match row {
+                Some((row, sum)) if row.sum() == sum => serde_json::from_str(&row.result)
+                    .map(Some)
+                    .map_err(|e| e.to_string()),
+                Some((row, _)) => {
+                    // Not served: the caller asks the catalog, which
+                    // keeps the buy's answer for its window.
+                    tracing::error!(
+                        request_id = %row.request_id,
+                        "DAMAGED DATA: an order in the log does not match its checksum; it is not served"
+                    );
+                    Ok(None)
+                }
+                None => Ok(None),
+            }
         })
         .await
         .map_err(|e| e.to_string())?
@@ -165,40 +312,35 @@ impl OrderStore {
             let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
             let before = before.map_or(i64::MAX, |b| b.min(i64::MAX as u64) as i64);
             let mut q = conn
-                .prepare_cached(
-                    "SELECT seq, order_id, request_id, book_id, title, price_cents, time, outcome, epoch, vseq
-                     FROM orders WHERE seq < ?1 ORDER BY seq DESC LIMIT ?2",
-                )
+                .prepare_cached(&format!(
+                    "SELECT seq, {ROW_COLUMNS}, sum FROM orders WHERE seq < ?1 ORDER BY seq DESC LIMIT ?2"
+                ))
                 .map_err(|e| e.to_string())?;
             let rows = q
                 .query_map(params![before, limit as i64 + 1], |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, Option<i64>>(1)?,
-                        r.get::<_, String>(2)?,
-                        r.get::<_, i64>(3)?,
-                        r.get::<_, String>(4)?,
-                        r.get::<_, i64>(5)?,
-                        r.get::<_, String>(6)?,
-                        r.get::<_, String>(7)?,
-                        r.get::<_, i64>(8)?,
-                        r.get::<_, i64>(9)?,
-                    ))
+                    Ok((r.get::<_, i64>(0)?, Row::read(r, 1)?, r.get::<_, i64>(11)?))
                 })
                 .map_err(|e| e.to_string())?;
             let mut orders = Vec::new();
             for row in rows {
-                let (seq, order_id, rid, book, title, price, time, outcome, epoch, vseq) = row.map_err(|e| e.to_string())?;
+                let (seq, row, sum) = row.map_err(|e| e.to_string())?;
+                if row.sum() != sum {
+                    tracing::error!(
+                        seq,
+                        "DAMAGED DATA: an order in the log does not match its checksum; it is left out of the log's pages"
+                    );
+                    continue;
+                }
                 orders.push(OrderRecord {
                     seq: seq as u64,
-                    order_id: order_id.map(|o| o as u64),
-                    request_id: RequestId::parse(&rid).map_err(|e| e.0)?,
-                    book_id: BookId::new(book as u64).map_err(|e| e.0)?,
-                    title,
-                    price: Money::from_cents(price as u64).map_err(|e| e.0)?,
-                    time,
-                    outcome,
-                    version: Version { epoch: epoch as u64, seq: vseq as u64 },
+                    order_id: row.order_id.map(|o| o as u64),
+                    request_id: RequestId::parse(&row.request_id).map_err(|e| e.0)?,
+                    book_id: BookId::new(row.book_id as u64).map_err(|e| e.0)?,
+                    title: row.title,
+                    price: Money::from_cents(row.price_cents as u64).map_err(|e| e.0)?,
+                    time: row.time,
+                    outcome: row.outcome,
+                    version: Version { epoch: row.epoch as u64, seq: row.vseq as u64 },
                 });
             }
             let next_before = if orders.len() > limit as usize {
@@ -218,10 +360,10 @@ fn commit(conn: &mut Connection, batch: Vec<Job>) {
     let res = (|| -> rusqlite::Result<()> {
         let tx = conn.transaction()?;
         {
-            let mut ins = tx.prepare_cached(
-                "INSERT OR IGNORE INTO orders (request_id, order_id, book_id, title, price_cents, time, outcome, epoch, vseq, result)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-            )?;
+            let mut ins = tx.prepare_cached(&format!(
+                "INSERT OR IGNORE INTO orders ({ROW_COLUMNS}, sum)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+            ))?;
             let now = storage::now_rfc3339();
             for j in &batch {
                 let (order_id, book_id, title, price, outcome) = match &j.result.outcome {
@@ -248,17 +390,30 @@ fn commit(conn: &mut Connection, batch: Vec<Job>) {
                         "updated",
                     ),
                 };
-                ins.execute(params![
-                    j.request_id.as_str(),
+                let row = Row {
+                    request_id: j.request_id.as_str().to_string(),
                     order_id,
-                    book_id.get() as i64,
-                    title,
-                    price as i64,
-                    now,
-                    outcome,
-                    j.result.version.epoch as i64,
-                    j.result.version.seq as i64,
-                    serde_json::to_string(&j.result).expect("wire types serialise"),
+                    book_id: book_id.get() as i64,
+                    title: title.to_string(),
+                    price_cents: price as i64,
+                    time: now.clone(),
+                    outcome: outcome.to_string(),
+                    epoch: j.result.version.epoch as i64,
+                    vseq: j.result.version.seq as i64,
+                    result: serde_json::to_string(&j.result).expect("wire types serialise"),
+                };
+                ins.execute(params![
+                    row.request_id,
+                    row.order_id,
+                    row.book_id,
+                    row.title,
+                    row.price_cents,
+                    row.time,
+                    row.outcome,
+                    row.epoch,
+                    row.vseq,
+                    row.result,
+                    row.sum(),
                 ])?;
             }
         }
