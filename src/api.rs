@@ -505,6 +505,15 @@ pub enum Outcome {
     },
 }
 
+/// A catalog replica's state digest at a version (`GET /internal/digests`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateDigest {
+    pub version: Version,
+    /// 16 hex digits.
+    pub digest: String,
+}
+
 /// The catalog's answer to a write: the outcome and the version it committed at.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WriteResult {

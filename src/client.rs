@@ -259,6 +259,13 @@ impl CatalogClient {
             .await
     }
 
+    /// The replica's latest state digests.
+    pub async fn digests(&self) -> Result<Vec<StateDigest>, ClientError> {
+        self.http
+            .get(format!("{}/internal/digests", self.base))
+            .await
+    }
+
     /// The original's admin route. Any replica takes it: one that is not
     /// the primary forwards it there and relays the answer.
     pub async fn update(&self, u: &UpdateRequest) -> Result<WriteResult, ClientError> {

@@ -642,13 +642,29 @@ async fn said_so(c: &TestCluster, dir: &std::path::Path, inc: u64, needle: &str)
 /// says `needle`, takes a new incarnation, and catches up as a backup,
 /// with no buy lost or doubled.
 async fn damaged_backup_rejoins(damage: impl FnOnce(&std::path::Path), kill: bool, needle: &str) {
+    damaged_backup_rejoins_after(0, damage, kill, needle).await;
+}
+
+/// `damaged_backup_rejoins`, after `writes` more buys straight at the
+/// primary (enough, say, for every replica to have taken a snapshot).
+/// From the restart until the end, every replica's answers are watched:
+/// two answers for a book at the same version must agree, so a replica
+/// serving damaged data is caught.
+async fn damaged_backup_rejoins_after(
+    writes: u64,
+    damage: impl FnOnce(&std::path::Path),
+    kill: bool,
+    needle: &str,
+) {
     let mut c = TestCluster::start(Options::default()).await;
     c.set_stock(1, 1_000_000).await;
+    c.set_stock(2, 1_000_000).await;
     let start = c.stock(1).await;
     let load = Load::start(c.frontend(), 4, 1);
     load.wait_for_more(40).await;
     let ids = load.finish().await;
-    let n = exactly_once(&ids);
+    let mut n = exactly_once(&ids);
+    n += buy_at_primary(&c, writes).await;
     let dir = c.cfg.data_dir(c.cfg.node("catalog-1").unwrap()).unwrap();
     let inc = incarnation(&dir);
     if kill {
@@ -657,6 +673,14 @@ async fn damaged_backup_rejoins(damage: impl FnOnce(&std::path::Path), kill: boo
         assert!(c.stop("catalog-1"));
     }
     damage(&dir);
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = tokio::spawn(watch_answers(
+        c.names(Role::Catalog)
+            .iter()
+            .map(|n| (n.clone(), c.catalog(n)))
+            .collect(),
+        stop.clone(),
+    ));
     c.restart("catalog-1").await;
     said_so(&c, &dir, inc, needle).await;
     wait_until(
@@ -670,7 +694,218 @@ async fn damaged_backup_rejoins(damage: impl FnOnce(&std::path::Path), kill: boo
     )
     .await;
     converged(&c).await;
+    stop.store(true, Ordering::Relaxed);
+    let seen = watcher.await.unwrap();
+    assert!(seen > 0, "the watcher saw answers");
     assert_eq!(c.stock(1).await, start - n as u64, "no buy lost or doubled");
+}
+
+/// `writes` keyless buys of book 1 straight at the primary, 32 at a time;
+/// returns how many bought.
+async fn buy_at_primary(c: &TestCluster, writes: u64) -> usize {
+    let primary = c.catalog(&c.primary().await);
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..32 {
+        let primary = primary.clone();
+        tasks.spawn(async move {
+            let mut bought = 0;
+            for _ in (w..writes).step_by(32) {
+                let write = CatalogWrite {
+                    request_id: RequestId::mint(),
+                    op: CatalogOp::Buy {
+                        book_id: BookId::new(1).unwrap(),
+                    },
+                };
+                let r = primary.write(&write).await.unwrap();
+                assert!(matches!(r.outcome, Outcome::Bought { .. }));
+                bought += 1;
+            }
+            bought
+        });
+    }
+    let mut n = 0;
+    while let Some(b) = tasks.join_next().await {
+        n += b.unwrap();
+    }
+    n
+}
+
+/// Damage no checksum can see (a book's row changed together with its
+/// checksum, as only a bug or a deliberate edit could): the replica's
+/// state digest at the next checkpoint differs from what both other
+/// replicas agree on, so it stops serving, says so, and rebuilds from the
+/// primary under a new incarnation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_state_digest_differs_from_the_majority_stops_serving_and_rebuilds() {
+    let mut c = TestCluster::start(Options::default()).await;
+    c.set_stock(1, 1_000_000).await;
+    let dir = c.cfg.data_dir(c.cfg.node("catalog-1").unwrap()).unwrap();
+    let inc = incarnation(&dir);
+    assert!(c.stop("catalog-1"));
+    {
+        let db = rusqlite::Connection::open(dir.join("catalog.sqlite")).unwrap();
+        let mut book = pygmy::catalog::seed::default_books()
+            .into_iter()
+            .find(|b| b.id.get() == 2)
+            .unwrap();
+        book.stock = db
+            .query_row("SELECT stock FROM books WHERE id = 2", [], |r| r.get(0))
+            .unwrap();
+        book.stock += 9_000;
+        let sum = pygmy::catalog::store::book_row_sum(&book);
+        let changed = db
+            .execute(
+                "UPDATE books SET stock = ?1, sum = ?2 WHERE id = 2",
+                rusqlite::params![book.stock as i64, sum],
+            )
+            .unwrap();
+        assert_eq!(changed, 1);
+    }
+    c.restart("catalog-1").await;
+    // Enough writes for every replica to pass a digest checkpoint.
+    buy_at_primary(&c, 2 * pygmy::catalog::store::DIGEST_EVERY).await;
+    said_so(&c, &dir, inc, "state digest at version").await;
+    wait_until(
+        "catalog-1 rebuilt and is a backup in the primary's view",
+        Duration::from_secs(30),
+        || async {
+            let view = c.catalog("catalog-3").status().await.map(|s| s.view);
+            role(&c, "catalog-1").await.as_deref() == Some("backup")
+                && view.is_ok_and(|v| v.contains(&"catalog-1".to_string()))
+        },
+    )
+    .await;
+    converged(&c).await;
+    let id = BookId::new(2).unwrap();
+    let good = c.catalog("catalog-3").lookup(id, None).await.unwrap();
+    wait_until(
+        "catalog-1 serves book 2 as the others do",
+        Duration::from_secs(10),
+        || async {
+            c.catalog("catalog-1")
+                .lookup(id, Some(good.version))
+                .await
+                .is_ok_and(|b| b.stock == good.stock)
+        },
+    )
+    .await;
+}
+
+/// Reads every book from every replica until `stop`; panics if two
+/// answers for a book at the same version differ, or a title is not one
+/// the store has. Returns how many answers it saw.
+async fn watch_answers(
+    replicas: Vec<(String, pygmy::client::CatalogClient)>,
+    stop: Arc<AtomicBool>,
+) -> usize {
+    let titles: HashSet<String> = pygmy::catalog::seed::default_books()
+        .into_iter()
+        .map(|b| b.title)
+        .collect();
+    let mut at: std::collections::HashMap<(u64, String), (String, u64, String)> =
+        std::collections::HashMap::new();
+    let mut seen = 0;
+    while !stop.load(Ordering::Relaxed) {
+        for (name, r) in &replicas {
+            for id in 1..=7 {
+                let Ok(b) = r.lookup(BookId::new(id).unwrap(), None).await else {
+                    continue;
+                };
+                seen += 1;
+                assert!(
+                    titles.contains(&b.title),
+                    "{name} served title {:?}",
+                    b.title
+                );
+                let key = (id, b.version.to_string());
+                let now = (b.title.clone(), b.stock, name.clone());
+                let first = at.entry(key.clone()).or_insert_with(|| now.clone());
+                assert!(
+                    first.0 == now.0 && first.1 == now.1,
+                    "book {id} at version {}: {} served {:?} stock {}, {} served {:?} stock {}",
+                    key.1,
+                    first.2,
+                    first.0,
+                    first.1,
+                    now.2,
+                    now.0,
+                    now.1
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    seen
+}
+
+/// Three bytes of a book's title changed inside a stopped backup's
+/// database file (as the attack on the original did): the row no longer
+/// matches its checksum, so the replica refuses its data at start-up,
+/// sets it aside and rebuilds from the primary; nobody reads the damage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_byte_flipped_in_a_stopped_replicas_rows_is_refused_and_repaired() {
+    damaged_backup_rejoins(
+        |dir| {
+            let path = dir.join("catalog.sqlite");
+            let mut bytes = std::fs::read(&path).unwrap();
+            let needle = b"RPCs for Dummies.";
+            let mut flipped = 0;
+            for i in 0..bytes.len() - needle.len() {
+                if &bytes[i..i + needle.len()] == needle {
+                    bytes[i + 14] = b'z';
+                    flipped += 1;
+                }
+            }
+            assert!(flipped > 0, "the title is in the file");
+            std::fs::write(&path, bytes).unwrap();
+        },
+        false,
+        "DAMAGED DATA",
+    )
+    .await;
+}
+
+/// A log entry changed on disk (a buy of book 1 made a buy of book 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_log_entry_is_refused_and_repaired() {
+    damaged_backup_rejoins(
+        |dir| {
+            let db = rusqlite::Connection::open(dir.join("catalog.sqlite")).unwrap();
+            let changed = db
+                .execute(
+                    "UPDATE rlog SET op = replace(op, '\"book_id\":1', '\"book_id\":2')
+                     WHERE seq = (SELECT max(seq) FROM rlog WHERE op LIKE '%\"book_id\":1%')",
+                    [],
+                )
+                .unwrap();
+            assert_eq!(changed, 1);
+        },
+        false,
+        "DAMAGED DATA",
+    )
+    .await;
+}
+
+/// A byte flipped in a stopped replica's stored snapshot (taken after
+/// 10 000 writes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_byte_flipped_in_a_stored_snapshot_is_refused_and_repaired() {
+    damaged_backup_rejoins_after(
+        10_500,
+        |dir| {
+            let db = rusqlite::Connection::open(dir.join("catalog.sqlite")).unwrap();
+            let mut data: Vec<u8> = db
+                .query_row("SELECT data FROM snapshot WHERE id = 1", [], |r| r.get(0))
+                .unwrap();
+            let mid = data.len() / 2;
+            data[mid] ^= 0x01;
+            db.execute("UPDATE snapshot SET data = ?1 WHERE id = 1", [data])
+                .unwrap();
+        },
+        false,
+        "DAMAGED DATA",
+    )
+    .await;
 }
 
 /// A write-ahead log deleted after a crash took committed transactions

@@ -130,6 +130,26 @@ pub fn encode(s: &SnapshotData) -> Vec<u8> {
     w.finish()
 }
 
+/// Checks a snapshot's header and digest without decoding it (a JSON
+/// snapshot from before the binary form has no digest to check).
+pub fn check(bytes: &[u8]) -> Result<(), DecodeError> {
+    if bytes.first() == Some(&b'{') {
+        return Ok(());
+    }
+    checked_body(bytes).map(|_| ())
+}
+
+fn checked_body(bytes: &[u8]) -> Result<&[u8], DecodeError> {
+    if bytes.len() < MAGIC.len() + DIGEST_LEN || &bytes[..MAGIC.len()] != MAGIC {
+        return Err(bad("not a snapshot (wrong header)"));
+    }
+    let (body, digest) = bytes.split_at(bytes.len() - DIGEST_LEN);
+    if Sha256::digest(body).as_slice() != digest {
+        return Err(bad("checksum mismatch: the bytes are damaged"));
+    }
+    Ok(body)
+}
+
 /// Snapshots stored before the binary form were JSON, without times.
 #[derive(serde::Deserialize)]
 struct JsonSnapshot {
@@ -156,13 +176,7 @@ pub fn decode(bytes: &[u8]) -> Result<SnapshotData, DecodeError> {
                 .collect(),
         });
     }
-    if bytes.len() < MAGIC.len() + DIGEST_LEN || &bytes[..MAGIC.len()] != MAGIC {
-        return Err(bad("not a snapshot (wrong header)"));
-    }
-    let (body, digest) = bytes.split_at(bytes.len() - DIGEST_LEN);
-    if Sha256::digest(body).as_slice() != digest {
-        return Err(bad("checksum mismatch: the bytes are damaged"));
-    }
+    let body = checked_body(bytes)?;
     let mut r = Reader {
         rest: &body[MAGIC.len()..],
     };

@@ -116,7 +116,29 @@ pub struct Shared {
     pub gate: watch::Sender<Gate>,
     pub applied: watch::Sender<Version>,
     pub clock: Clock,
+    /// The latest state digests (see [`store::DIGEST_EVERY`]), oldest first.
+    pub digests: std::sync::Mutex<std::collections::VecDeque<(Version, u64)>>,
 }
+
+/// Damage found in a replica's data while running: stop serving at once,
+/// say so, and start again (the same process id) so the next start sets
+/// the database aside and rebuilds it from the primary as a learner.
+pub fn rebuild(dir: &std::path::Path, damage: &str) -> ! {
+    tracing::error!(
+        data_dir = %dir.display(),
+        "DAMAGED DATA: {damage}. This replica stops serving now and restarts to rebuild its data from the primary as a learner"
+    );
+    if let Err(e) = crate::storage::mark_damaged(dir, damage) {
+        tracing::error!(error = %e, "cannot record the damage; stopping");
+        std::process::exit(70);
+    }
+    let e = crate::storage::restart_process();
+    tracing::error!(error = %e, "cannot restart; stopping");
+    std::process::exit(70)
+}
+
+/// How many recent state digests a replica keeps for its peers to compare.
+pub const DIGESTS_KEPT: usize = 32;
 
 impl Shared {
     pub fn state(&self) -> Arc<State> {
@@ -255,6 +277,9 @@ impl Driver {
                 next_tick = Instant::now() + self.tick;
             }
             if let Err(e) = self.advance() {
+                if let Some(damage) = crate::storage::Damaged::find(&e) {
+                    self.io.damaged(&damage);
+                }
                 // The disk failed: nothing more can be made durable. Stop
                 // rather than acknowledge what is not on disk.
                 tracing::error!(error = %e, "catalog storage failed; stopping this replica");
@@ -310,6 +335,10 @@ impl Driver {
                 }
                 Ok(None) => {}
                 Err(e) => {
+                    if let Some(damage) = crate::storage::Damaged::find(&e) {
+                        drop(reply);
+                        self.io.damaged(&damage);
+                    }
                     let _ = reply.send(Err(WriteError::Unavailable(format!("storage: {e}"))));
                     return;
                 }
@@ -493,6 +522,13 @@ fn serve_until(r: &Replica, now: u64, lease_ms: u64) -> Option<u64> {
 }
 
 impl Io {
+    /// Damage found in this replica's data while running: stop serving at
+    /// once, say so, and start again (the same process id) so the next
+    /// start sets the database aside and rebuilds it from the primary.
+    fn damaged(&self, damage: &str) -> ! {
+        rebuild(self.db.dir(), damage)
+    }
+
     fn name(&self, id: NodeId) -> String {
         self.names
             .get(&id)
@@ -517,6 +553,19 @@ impl Host for Io {
         }
         let started = Instant::now();
         let applied = self.db.handle(rd, &mut self.state)?;
+        if !self.db.checkpoints.is_empty() {
+            let mut d = self
+                .shared
+                .digests
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            for c in self.db.checkpoints.drain(..) {
+                d.push_back(c);
+            }
+            while d.len() > DIGESTS_KEPT {
+                d.pop_front();
+            }
+        }
         let took = started.elapsed();
         metrics::histogram!(crate::metrics::CATALOG_PERSIST).record(took.as_secs_f64());
         if took > self.slow {
@@ -554,8 +603,11 @@ impl Host for Io {
     }
 
     fn send(&mut self, to: NodeId, msg: Message) {
-        if let Message::InstallSnapshot { .. } = &msg {
-            tracing::info!(to = %self.name(to), "sync sent: snapshot to a replica too far behind");
+        if let Message::SnapshotChunk {
+            offset: 0, total, ..
+        } = &msg
+        {
+            tracing::info!(to = %self.name(to), bytes = total, "sync sent: snapshot to a replica too far behind (first chunk)");
         }
         let _ = self.outbox.send((to, msg));
     }

@@ -199,7 +199,7 @@ pub async fn run(
             "the database's write-ahead log is missing after a stop that was not clean: the transactions it held are lost, so this replica may hold less than it acknowledged; rejoining as a learner under a new incarnation until caught up"
         );
     }
-    let db = Db::open(&dir)?;
+    let db = open_verified(&dir)?;
     crate::storage::seal(&dir, "catalog.sqlite", false)?;
     let disk = db
         .hard_state()
@@ -238,6 +238,7 @@ pub async fn run(
         gate: gate_tx,
         applied: applied_tx,
         clock,
+        digests: Default::default(),
     });
     let catalog = Arc::new(Catalog {
         name: name.to_string(),
@@ -378,6 +379,21 @@ pub async fn run(
         drift,
     ));
 
+    tokio::spawn(compare_digests(
+        dir.clone(),
+        shared.clone(),
+        peers
+            .iter()
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    CatalogClient::new(p.base_url(), http.clone()),
+                )
+            })
+            .collect(),
+        peers.len() + 1,
+    ));
+
     let res = server
         .await
         .map_err(|e| NodeError::Config(format!("server task failed: {e}")))?;
@@ -408,6 +424,41 @@ pub async fn run(
 
 /// How long a stopping catalog waits for its driver to close the database.
 const DRIVER_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Opens the store and reads every row back against its checksum. Damage
+/// (found now, or marked by this replica while it ran) sets the database
+/// aside for the operator and starts from an empty one: the replica then
+/// rejoins as a learner under a new incarnation and catches up from the
+/// primary, and serves nothing it read from the damaged file.
+fn open_verified(dir: &std::path::Path) -> Result<Db, NodeError> {
+    use crate::storage::{Damaged, StorageError};
+    let reason = match crate::storage::damaged_mark(dir) {
+        Some(r) => format!("found while running: {r}"),
+        None => match Db::open(dir) {
+            Ok(db) => match db.verify_all() {
+                Ok(()) => return Ok(db),
+                Err(e) => match Damaged::find(&e) {
+                    Some(r) => r,
+                    None => return Err(StorageError::from(e).into()),
+                },
+            },
+            Err(StorageError::Corrupt { source, .. }) => {
+                format!("SQLite finds the file damaged: {source}")
+            }
+            Err(StorageError::Sqlite(e)) if Damaged::find(&e).is_some() => {
+                Damaged::find(&e).unwrap_or_default()
+            }
+            Err(e) => return Err(e.into()),
+        },
+    };
+    let aside = crate::storage::set_aside(dir, "catalog.sqlite")?;
+    tracing::error!(
+        data_dir = %dir.display(),
+        set_aside_as = %aside,
+        "DAMAGED DATA: {reason}. Nothing from it will be served: the database was set aside (kept for inspection) and this replica starts empty, rejoining as a learner under a new incarnation to catch up from the primary"
+    );
+    Ok(Db::open(dir)?)
+}
 
 /// What is wrong with a persisted replication log, if anything: entries
 /// missing after the snapshot or between entries, or a commit point past
@@ -577,6 +628,7 @@ fn router(state: Ctx, token: &str) -> Router {
         .route("/catalog/update", put(update))
         .route("/internal/cache-lease", post(cache_lease))
         .route("/internal/status", get(status))
+        .route("/internal/digests", get(digests))
         .route(
             "/internal/replication",
             post(replication_in).layer(axum::extract::DefaultBodyLimit::max(MAX_REPLICATION_BODY)),
@@ -820,6 +872,88 @@ async fn cache_lease(
                 .map_err(|e| ApiError::from(e).into_response())
         }
         _ => Err(c.not_primary(g.primary)),
+    }
+}
+
+/// `GET /internal/digests`: this replica's latest state digests.
+async fn digests(State(c): State<Ctx>) -> Json<Vec<StateDigest>> {
+    let d = c.shared.digests.lock().unwrap_or_else(|p| p.into_inner());
+    Json(
+        d.iter()
+            .map(|(version, digest)| StateDigest {
+                version: *version,
+                digest: format!("{digest:016x}"),
+            })
+            .collect(),
+    )
+}
+
+/// Compares this replica's state digests with its peers' at the same
+/// versions, every second (as etcd's corruption check does). When a
+/// majority of the replicas agree on another digest, this replica's state
+/// is the damaged one: it stops serving and rebuilds ([`driver::rebuild`]).
+/// A difference no majority settles is logged loudly.
+async fn compare_digests(
+    dir: std::path::PathBuf,
+    shared: Arc<Shared>,
+    peers: Vec<(String, CatalogClient)>,
+    replicas: usize,
+) {
+    let majority = replicas / 2 + 1;
+    let mut reported = std::collections::HashSet::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let mine: Vec<(Version, u64)> = shared
+            .digests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let mut theirs = Vec::new();
+        for (name, p) in &peers {
+            if let Ok(list) = p.digests().await {
+                let m: HashMap<Version, String> =
+                    list.into_iter().map(|d| (d.version, d.digest)).collect();
+                theirs.push((name, m));
+            }
+        }
+        for (v, d) in &mine {
+            let d = format!("{d:016x}");
+            let mut others: HashMap<&String, Vec<&String>> = HashMap::new();
+            for (name, m) in &theirs {
+                if let Some(x) = m.get(v) {
+                    others.entry(x).or_default().push(name);
+                }
+            }
+            if let Some((x, who)) = others
+                .iter()
+                .find(|(x, who)| ***x != d && who.len() >= majority)
+            {
+                let why = format!(
+                    "this replica's state digest at version {v} is {d}, but {} agree on {x}: its state differs from the cluster's",
+                    who.iter()
+                        .map(|n| n.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" and ")
+                );
+                let dir = dir.clone();
+                let _ = tokio::task::spawn_blocking(move || driver::rebuild(&dir, &why)).await;
+            }
+            if others.keys().any(|x| **x != d) && reported.insert(*v) {
+                tracing::error!(
+                    version = %v,
+                    digest = %d,
+                    others = ?others,
+                    "DAMAGED DATA on some replica: state digests differ at the same version and no majority says which is damaged"
+                );
+            }
+        }
     }
 }
 

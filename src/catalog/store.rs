@@ -26,7 +26,8 @@ use crate::replication::{self, Entry, EntryKind, HardState, Snapshot};
 
 use super::codec;
 use super::machine::{self, SnapshotData};
-use crate::storage::{self, StorageError};
+use crate::storage::Field::{Bytes, Int, Null, Text};
+use crate::storage::{self, Damaged, StorageError, row_sum, verify_row};
 
 /// The state reads are served from. Invariant: it is exactly the committed
 /// content of `books` at `version`.
@@ -39,6 +40,26 @@ pub struct State {
     pub version: Version,
     /// The replicated clock (see [`machine::Stamped`]).
     pub clock: u64,
+    /// The wrapping sums of the books' and the kept answers' row
+    /// checksums: with `clock`, what a replica's state digest is made of.
+    pub books_sum: u64,
+    pub answers_sum: u64,
+}
+
+/// Every this many entries (by sequence number, so at the same entries on
+/// every replica), a replica records a digest of its state.
+pub const DIGEST_EVERY: u64 = 256;
+
+/// A replica's state digest: what replicas compare at the same version.
+pub fn digest(clock: u64, books_sum: u64, answers_sum: u64) -> u64 {
+    row_sum(
+        "digest",
+        &[
+            Int(clock as i64),
+            Int(books_sum as i64),
+            Int(answers_sum as i64),
+        ],
+    ) as u64
 }
 
 impl State {
@@ -66,34 +87,216 @@ impl State {
 }
 
 const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL, sum INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS books (
     id INTEGER PRIMARY KEY,
     title TEXT NOT NULL,
     topic TEXT NOT NULL,
     cost_cents INTEGER NOT NULL CHECK (cost_cents >= 0),
-    stock INTEGER NOT NULL CHECK (stock >= 0)
+    stock INTEGER NOT NULL CHECK (stock >= 0),
+    sum INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS applied (
     request_id TEXT PRIMARY KEY,
     epoch INTEGER NOT NULL,
     seq INTEGER NOT NULL,
     outcome TEXT NOT NULL,
-    until INTEGER NOT NULL DEFAULT 0
+    until INTEGER NOT NULL DEFAULT 0,
+    sum INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS rlog (
     seq INTEGER PRIMARY KEY,
     epoch INTEGER NOT NULL,
     request_id TEXT NOT NULL,
-    op TEXT
+    op TEXT,
+    sum INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS snapshot (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     epoch INTEGER NOT NULL,
     seq INTEGER NOT NULL,
-    data BLOB NOT NULL
+    data BLOB NOT NULL,
+    sum INTEGER NOT NULL DEFAULT 0
 );
 ";
+
+// Every row carries `sum`, its checksum (`storage::row_sum`), written with
+// it and verified whenever it is read: at start-up every row is read.
+
+fn book_sum(b: &Book) -> i64 {
+    row_sum(
+        "books",
+        &[
+            Int(b.id.get() as i64),
+            Text(&b.title),
+            Text(&b.topic),
+            Int(b.cost.cents() as i64),
+            Int(b.stock as i64),
+        ],
+    )
+}
+
+fn answer_sum(request_id: &str, epoch: i64, seq: i64, outcome: &str, until: i64) -> i64 {
+    row_sum(
+        "applied",
+        &[
+            Text(request_id),
+            Int(epoch),
+            Int(seq),
+            Text(outcome),
+            Int(until),
+        ],
+    )
+}
+
+fn rlog_sum(seq: i64, epoch: i64, request_id: &str, op: Option<&str>) -> i64 {
+    row_sum(
+        "rlog",
+        &[
+            Int(seq),
+            Int(epoch),
+            Text(request_id),
+            op.map_or(Null, Text),
+        ],
+    )
+}
+
+fn meta_sum(key: &str, value: &str) -> i64 {
+    row_sum("meta", &[Text(key), Text(value)])
+}
+
+fn snapshot_sum(epoch: i64, seq: i64, data: &[u8]) -> i64 {
+    row_sum("snapshot", &[Int(epoch), Int(seq), Bytes(data)])
+}
+
+fn put_meta(conn: &Connection, key: &str, value: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO meta (key, value, sum) VALUES (?1, ?2, ?3) ON CONFLICT (key) DO UPDATE SET value = excluded.value, sum = excluded.sum",
+    )?
+    .execute(params![key, value, meta_sum(key, value)])?;
+    Ok(())
+}
+
+fn put_snapshot(conn: &Connection, snap: &Snapshot) -> rusqlite::Result<()> {
+    let (e, q) = (snap.version.epoch as i64, snap.version.seq as i64);
+    conn.execute(
+        "INSERT OR REPLACE INTO snapshot (id, epoch, seq, data, sum) VALUES (1, ?1, ?2, ?3, ?4)",
+        params![e, q, snap.data, snapshot_sum(e, q, &snap.data)],
+    )?;
+    Ok(())
+}
+
+fn put_answer_row(
+    conn: &Connection,
+    request_id: &str,
+    version: Version,
+    outcome: &Outcome,
+    until: u64,
+) -> rusqlite::Result<i64> {
+    let (e, q, o, u) = (
+        version.epoch as i64,
+        version.seq as i64,
+        to_json(outcome),
+        until as i64,
+    );
+    let sum = answer_sum(request_id, e, q, &o, u);
+    conn.prepare_cached(
+        "INSERT INTO applied (request_id, epoch, seq, outcome, until, sum) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![request_id, e, q, o, u, sum])?;
+    Ok(sum)
+}
+
+/// A kept answer read back (`epoch, seq, outcome, until, sum`) and verified.
+fn read_answer(r: &rusqlite::Row<'_>, request_id: &str) -> rusqlite::Result<(Outcome, Version)> {
+    let (e, q, o, u, sum): (i64, i64, String, i64, i64) =
+        (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?);
+    verify_row(
+        "applied",
+        &[Text(request_id), Int(e), Int(q), Text(&o), Int(u)],
+        sum,
+    )?;
+    Ok((serde_json::from_str(&o).map_err(corrupt)?, version_of(e, q)))
+}
+
+/// The wrapping sums of the stored books' and answers' checksums.
+fn sums(conn: &Connection) -> rusqlite::Result<(u64, u64)> {
+    let total = |sql: &str| -> rusqlite::Result<u64> {
+        let mut q = conn.prepare_cached(sql)?;
+        let mut rows = q.query([])?;
+        let mut t = 0u64;
+        while let Some(r) = rows.next()? {
+            t = t.wrapping_add(r.get::<_, i64>(0)? as u64);
+        }
+        Ok(t)
+    };
+    Ok((
+        total("SELECT sum FROM books")?,
+        total("SELECT sum FROM applied")?,
+    ))
+}
+
+/// Computes the checksum of every row of a store written before rows had
+/// one (its `sum` columns were just added).
+fn add_sums(conn: &Connection) -> rusqlite::Result<()> {
+    let tx = conn.unchecked_transaction()?;
+    let books: Vec<Book> = tx
+        .prepare("SELECT id, title, topic, cost_cents, stock FROM books")?
+        .query_map([], read_book_fields)?
+        .collect::<rusqlite::Result<_>>()?;
+    for b in &books {
+        tx.execute(
+            "UPDATE books SET sum = ?2 WHERE id = ?1",
+            params![b.id.get() as i64, book_sum(b)],
+        )?;
+    }
+    let rows: Vec<(String, i64, i64, String, i64)> = tx
+        .prepare("SELECT request_id, epoch, seq, outcome, until FROM applied")?
+        .query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    for (id, e, q, o, u) in &rows {
+        tx.execute(
+            "UPDATE applied SET sum = ?2 WHERE request_id = ?1",
+            params![id, answer_sum(id, *e, *q, o, *u)],
+        )?;
+    }
+    let rows: Vec<(i64, i64, String, Option<String>)> = tx
+        .prepare("SELECT seq, epoch, request_id, op FROM rlog")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    for (q, e, id, op) in &rows {
+        tx.execute(
+            "UPDATE rlog SET sum = ?2 WHERE seq = ?1",
+            params![q, rlog_sum(*q, *e, id, op.as_deref())],
+        )?;
+    }
+    let rows: Vec<(String, String)> = tx
+        .prepare("SELECT key, value FROM meta")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    for (k, v) in &rows {
+        tx.execute(
+            "UPDATE meta SET sum = ?2 WHERE key = ?1",
+            params![k, meta_sum(k, v)],
+        )?;
+    }
+    let snap: Option<(i64, i64, Vec<u8>)> = tx
+        .query_row(
+            "SELECT epoch, seq, data FROM snapshot WHERE id = 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    if let Some((e, q, d)) = snap {
+        tx.execute(
+            "UPDATE snapshot SET sum = ?1 WHERE id = 1",
+            [snapshot_sum(e, q, &d)],
+        )?;
+    }
+    tx.commit()
+}
 
 /// What the core reads back at start-up.
 #[derive(Debug, Default)]
@@ -128,6 +331,9 @@ pub struct AppliedEntry {
 
 pub struct Db {
     conn: Connection,
+    dir: std::path::PathBuf,
+    /// State digests recorded since the driver last took them.
+    pub checkpoints: Vec<(Version, u64)>,
 }
 
 fn to_json(v: &impl Serialize) -> String {
@@ -135,7 +341,7 @@ fn to_json(v: &impl Serialize) -> String {
 }
 
 fn corrupt(what: impl std::fmt::Display) -> rusqlite::Error {
-    rusqlite::Error::ToSqlConversionFailure(format!("corrupt catalog data: {what}").into())
+    Damaged(format!("catalog data: {what}")).into_sqlite()
 }
 
 fn version_of(epoch: i64, seq: i64) -> Version {
@@ -162,16 +368,40 @@ impl Db {
             conn.execute_batch("ALTER TABLE applied ADD COLUMN until INTEGER NOT NULL DEFAULT 0")?;
         }
         conn.execute_batch("CREATE INDEX IF NOT EXISTS applied_until ON applied (until)")?;
-        Ok(Self { conn })
+        let has_sums: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM pragma_table_info('books') WHERE name = 'sum')",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_sums {
+            conn.execute_batch(
+                "ALTER TABLE meta ADD COLUMN sum INTEGER NOT NULL DEFAULT 0;
+                 ALTER TABLE books ADD COLUMN sum INTEGER NOT NULL DEFAULT 0;
+                 ALTER TABLE applied ADD COLUMN sum INTEGER NOT NULL DEFAULT 0;
+                 ALTER TABLE rlog ADD COLUMN sum INTEGER NOT NULL DEFAULT 0;
+                 ALTER TABLE snapshot ADD COLUMN sum INTEGER NOT NULL DEFAULT 0;",
+            )?;
+            add_sums(&conn)?;
+        }
+        Ok(Self {
+            conn,
+            dir: dir.to_path_buf(),
+            checkpoints: Vec::new(),
+        })
     }
 
     fn meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> rusqlite::Result<Option<T>> {
-        let v: Option<String> = self
+        let v: Option<(String, i64)> = self
             .conn
-            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .query_row("SELECT value, sum FROM meta WHERE key = ?1", [key], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
             .optional()?;
-        v.map(|v| serde_json::from_str(&v).map_err(corrupt))
-            .transpose()
+        v.map(|(v, sum)| {
+            verify_row("meta", &[Text(key), Text(&v)], sum)?;
+            serde_json::from_str(&v).map_err(corrupt)
+        })
+        .transpose()
     }
 
     /// Whether the core never persisted anything here.
@@ -186,10 +416,27 @@ impl Db {
 
     /// Records the hard state of a member of a brand-new cluster.
     pub fn bootstrap(&mut self, hs: &HardState) -> rusqlite::Result<()> {
-        self.conn.execute(
-            "INSERT INTO meta (key, value) VALUES ('hard_state', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            [to_json(hs)],
-        )?;
+        put_meta(&self.conn, "hard_state", &to_json(hs))
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Reads every row and checks it against its checksum (and the
+    /// snapshot against its digest): what start-up does before serving.
+    pub fn verify_all(&self) -> rusqlite::Result<()> {
+        self.load_state()?;
+        self.load_persisted()?;
+        let mut q = self
+            .conn
+            .prepare("SELECT epoch, seq, outcome, until, sum, request_id FROM applied")?;
+        let mut rows = q.query([])?;
+        while let Some(r) = rows.next()? {
+            let id: String = r.get(5)?;
+            read_answer(r, &id)?;
+        }
         Ok(())
     }
 
@@ -197,12 +444,13 @@ impl Db {
         let mut state = State::default();
         let mut q = self
             .conn
-            .prepare("SELECT id, title, topic, cost_cents, stock FROM books")?;
+            .prepare("SELECT id, title, topic, cost_cents, stock, sum FROM books")?;
         for b in q.query_map([], read_book)? {
             state.insert(b?);
         }
         state.version = self.meta("applied")?.unwrap_or_default();
         state.clock = self.meta("clock")?.unwrap_or_default();
+        (state.books_sum, state.answers_sum) = sums(&self.conn)?;
         Ok(state)
     }
 
@@ -211,12 +459,15 @@ impl Db {
         let snapshot = self
             .conn
             .query_row(
-                "SELECT epoch, seq, data FROM snapshot WHERE id = 1",
+                "SELECT epoch, seq, data, sum FROM snapshot WHERE id = 1",
                 [],
                 |r| {
+                    let (e, q, data): (i64, i64, Vec<u8>) = (r.get(0)?, r.get(1)?, r.get(2)?);
+                    verify_row("snapshot", &[Int(e), Int(q), Bytes(&data)], r.get(3)?)?;
+                    codec::check(&data).map_err(corrupt)?;
                     Ok(Snapshot {
-                        version: to_core(version_of(r.get(0)?, r.get(1)?)),
-                        data: r.get(2)?,
+                        version: to_core(version_of(e, q)),
+                        data,
                     })
                 },
             )
@@ -224,12 +475,23 @@ impl Db {
         let mut entries = Vec::new();
         let mut q = self
             .conn
-            .prepare("SELECT seq, epoch, request_id, op FROM rlog ORDER BY seq")?;
+            .prepare("SELECT seq, epoch, request_id, op, sum FROM rlog ORDER BY seq")?;
         let rows = q.query_map([], |r| {
             let op: Option<String> = r.get(3)?;
+            let rid: String = r.get(2)?;
+            verify_row(
+                "rlog",
+                &[
+                    Int(r.get(0)?),
+                    Int(r.get(1)?),
+                    Text(&rid),
+                    op.as_deref().map_or(Null, Text),
+                ],
+                r.get(4)?,
+            )?;
             Ok(Entry {
                 version: to_core(version_of(r.get(1)?, r.get(0)?)),
-                request_id: r.get(2)?,
+                request_id: rid,
                 kind: match op {
                     Some(op) => EntryKind::Op(op.into_bytes()),
                     None => EntryKind::EpochStart,
@@ -248,18 +510,14 @@ impl Db {
 
     /// The answer a request id got, if it was applied.
     pub fn applied_result(&self, request_id: &str) -> rusqlite::Result<Option<WriteResult>> {
-        let row: Option<(String, i64, i64)> = self
+        Ok(self
             .conn
-            .prepare_cached("SELECT outcome, epoch, seq FROM applied WHERE request_id = ?1")?
-            .query_row([request_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .optional()?;
-        row.map(|(o, e, s)| {
-            Ok(WriteResult {
-                outcome: serde_json::from_str(&o).map_err(corrupt)?,
-                version: version_of(e, s),
-            })
-        })
-        .transpose()
+            .prepare_cached(
+                "SELECT epoch, seq, outcome, until, sum FROM applied WHERE request_id = ?1",
+            )?
+            .query_row([request_id], |r| read_answer(r, request_id))
+            .optional()?
+            .map(|(outcome, version)| WriteResult { outcome, version }))
     }
 
     /// Persists a `Ready` and applies its committed entries, in one
@@ -277,29 +535,23 @@ impl Db {
             reload = true;
         }
         if let Some(hs) = &rd.hard_state {
-            tx.execute(
-                "INSERT INTO meta (key, value) VALUES ('hard_state', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                [to_json(hs)],
-            )?;
+            put_meta(&tx, "hard_state", &to_json(hs))?;
         }
         if let Some(t) = rd.truncate_after {
             tx.execute("DELETE FROM rlog WHERE seq > ?1", [t as i64])?;
         }
         if !rd.entries.is_empty() {
             let mut ins = tx.prepare_cached(
-                "INSERT OR REPLACE INTO rlog (seq, epoch, request_id, op) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT OR REPLACE INTO rlog (seq, epoch, request_id, op, sum) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
             for e in &rd.entries {
                 let op = match &e.kind {
                     EntryKind::Op(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
                     EntryKind::EpochStart => None,
                 };
-                ins.execute(params![
-                    e.version.seq as i64,
-                    e.version.epoch as i64,
-                    e.request_id,
-                    op
-                ])?;
+                let (q, ep) = (e.version.seq as i64, e.version.epoch as i64);
+                let sum = rlog_sum(q, ep, &e.request_id, op.as_deref());
+                ins.execute(params![q, ep, e.request_id, op, sum])?;
             }
         }
         let mut applied = Vec::new();
@@ -312,15 +564,23 @@ impl Db {
             state.version
         };
         let clock = if reload {
-            tx.query_row("SELECT value FROM meta WHERE key = 'clock'", [], |r| {
-                r.get::<_, String>(0)
+            tx.query_row("SELECT value, sum FROM meta WHERE key = 'clock'", [], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
             })
             .optional()?
-            .map(|v| v.parse().map_err(corrupt))
+            .map(|(v, sum)| {
+                verify_row("meta", &[Text("clock"), Text(&v)], sum)?;
+                v.parse().map_err(corrupt)
+            })
             .transpose()?
             .unwrap_or(0)
         } else {
             state.clock
+        };
+        let (books_sum, answers_sum) = if reload {
+            sums(&tx)?
+        } else {
+            (state.books_sum, state.answers_sum)
         };
         let mut tables = SqlTables {
             tx: &tx,
@@ -328,6 +588,8 @@ impl Db {
             changed: HashMap::new(),
             reloaded: reload,
             clock,
+            books_sum,
+            answers_sum,
         };
         for e in &rd.committed {
             if e.version.seq <= version.seq {
@@ -345,6 +607,10 @@ impl Db {
                 )?,
             };
             version = v;
+            if v.seq.is_multiple_of(DIGEST_EVERY) {
+                let d = digest(tables.clock, tables.books_sum, tables.answers_sum);
+                self.checkpoints.push((v, d));
+            }
             applied.push(AppliedEntry {
                 version: v,
                 request_id: e.request_id.clone(),
@@ -353,17 +619,12 @@ impl Db {
         }
         let changed = std::mem::take(&mut tables.changed);
         let new_clock = tables.clock;
+        let new_sums = (tables.books_sum, tables.answers_sum);
         if new_clock != clock {
-            tx.execute(
-                "INSERT INTO meta (key, value) VALUES ('clock', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                [new_clock.to_string()],
-            )?;
+            put_meta(&tx, "clock", &new_clock.to_string())?;
         }
         if version != state.version || reload {
-            tx.execute(
-                "INSERT INTO meta (key, value) VALUES ('applied', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                [to_json(&version)],
-            )?;
+            put_meta(&tx, "applied", &to_json(&version))?;
         }
         tx.commit()?;
         if reload {
@@ -374,6 +635,7 @@ impl Db {
             }
             state.version = version;
             state.clock = new_clock;
+            (state.books_sum, state.answers_sum) = new_sums;
         }
         Ok(applied)
     }
@@ -385,19 +647,14 @@ impl Db {
         books.sort_by_key(|b| b.id);
         let mut w = codec::Writer::new(state.clock, &books);
         let mut q = self.conn.prepare(
-            "SELECT request_id, epoch, seq, until, outcome FROM applied ORDER BY request_id",
+            "SELECT epoch, seq, outcome, until, sum, request_id FROM applied ORDER BY request_id",
         )?;
         let mut rows = q.query([])?;
         while let Some(r) = rows.next()? {
-            let id: String = r.get(0)?;
-            let outcome: Outcome =
-                serde_json::from_str(r.get_ref(4)?.as_str()?).map_err(corrupt)?;
-            w.answer(
-                &id,
-                version_of(r.get(1)?, r.get(2)?),
-                r.get::<_, i64>(3)? as u64,
-                &outcome,
-            );
+            let id: String = r.get(5)?;
+            let until = r.get::<_, i64>(3)? as u64;
+            let (outcome, version) = read_answer(r, &id)?;
+            w.answer(&id, version, until, &outcome);
         }
         let n = w.answers();
         Ok((w.finish(), n))
@@ -406,14 +663,7 @@ impl Db {
     /// Stores a snapshot taken at `version` and drops the log it covers.
     pub fn store_snapshot(&mut self, snap: &Snapshot) -> rusqlite::Result<()> {
         let tx = self.conn.transaction()?;
-        tx.execute(
-            "INSERT OR REPLACE INTO snapshot (id, epoch, seq, data) VALUES (1, ?1, ?2, ?3)",
-            params![
-                snap.version.epoch as i64,
-                snap.version.seq as i64,
-                snap.data
-            ],
-        )?;
+        put_snapshot(&tx, snap)?;
         tx.execute(
             "DELETE FROM rlog WHERE seq <= ?1",
             [snap.version.seq as i64],
@@ -438,7 +688,7 @@ pub fn to_core(v: Version) -> replication::Version {
 
 fn insert_books(tx: &Transaction<'_>, books: &[Book]) -> rusqlite::Result<()> {
     let mut ins = tx.prepare(
-        "INSERT INTO books (id, title, topic, cost_cents, stock) VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO books (id, title, topic, cost_cents, stock, sum) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?;
     for b in books {
         ins.execute(params![
@@ -446,7 +696,8 @@ fn insert_books(tx: &Transaction<'_>, books: &[Book]) -> rusqlite::Result<()> {
             b.title,
             b.topic,
             b.cost.cents() as i64,
-            b.stock as i64
+            b.stock as i64,
+            book_sum(b)
         ])?;
     }
     Ok(())
@@ -463,30 +714,11 @@ fn install_snapshot(tx: &Transaction<'_>, snap: &Snapshot) -> rusqlite::Result<(
         [snap.version.seq as i64],
     )?;
     insert_books(tx, &data.books)?;
-    let mut ins = tx.prepare(
-        "INSERT INTO applied (request_id, epoch, seq, outcome, until) VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?;
     for a in &data.applied {
-        ins.execute(params![
-            a.request_id,
-            a.version.epoch as i64,
-            a.version.seq as i64,
-            to_json(&a.outcome),
-            a.until as i64
-        ])?;
+        put_answer_row(tx, &a.request_id, a.version, &a.outcome, a.until)?;
     }
-    tx.execute(
-        "INSERT INTO meta (key, value) VALUES ('clock', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        [data.clock.to_string()],
-    )?;
-    tx.execute(
-        "INSERT OR REPLACE INTO snapshot (id, epoch, seq, data) VALUES (1, ?1, ?2, ?3)",
-        params![
-            snap.version.epoch as i64,
-            snap.version.seq as i64,
-            snap.data
-        ],
-    )?;
+    put_meta(tx, "clock", &data.clock.to_string())?;
+    put_snapshot(tx, snap)?;
     Ok(())
 }
 
@@ -499,6 +731,8 @@ struct SqlTables<'a> {
     changed: HashMap<BookId, Book>,
     reloaded: bool,
     clock: u64,
+    books_sum: u64,
+    answers_sum: u64,
 }
 
 impl machine::Tables for SqlTables<'_> {
@@ -510,7 +744,7 @@ impl machine::Tables for SqlTables<'_> {
             None if self.reloaded => self
                 .tx
                 .prepare_cached(
-                    "SELECT id, title, topic, cost_cents, stock FROM books WHERE id = ?1",
+                    "SELECT id, title, topic, cost_cents, stock, sum FROM books WHERE id = ?1",
                 )?
                 .query_row([id.get() as i64], read_book)
                 .optional(),
@@ -519,12 +753,17 @@ impl machine::Tables for SqlTables<'_> {
     }
 
     fn put_book(&mut self, b: &Book) -> rusqlite::Result<()> {
+        if let Some(old) = machine::Tables::book(self, b.id)? {
+            self.books_sum = self.books_sum.wrapping_sub(book_sum(&old) as u64);
+        }
+        self.books_sum = self.books_sum.wrapping_add(book_sum(b) as u64);
         self.tx
             .prepare_cached(
-                "INSERT INTO books (id, title, topic, cost_cents, stock) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (id) DO UPDATE SET stock = excluded.stock, cost_cents = excluded.cost_cents",
+                "INSERT INTO books (id, title, topic, cost_cents, stock, sum) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (id) DO UPDATE SET title = excluded.title, topic = excluded.topic,
+                   stock = excluded.stock, cost_cents = excluded.cost_cents, sum = excluded.sum",
             )?
-            .execute(params![b.id.get() as i64, b.title, b.topic, b.cost.cents() as i64, b.stock as i64])?;
+            .execute(params![b.id.get() as i64, b.title, b.topic, b.cost.cents() as i64, b.stock as i64, book_sum(b)])?;
         self.changed.insert(b.id, b.clone());
         Ok(())
     }
@@ -535,14 +774,12 @@ impl machine::Tables for SqlTables<'_> {
     }
 
     fn answer(&mut self, request_id: &str) -> rusqlite::Result<Option<(Outcome, Version)>> {
-        let stored: Option<(String, i64, i64)> = self
-            .tx
-            .prepare_cached("SELECT outcome, epoch, seq FROM applied WHERE request_id = ?1")?
-            .query_row([request_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .optional()?;
-        stored
-            .map(|(o, e, s)| Ok((serde_json::from_str(&o).map_err(corrupt)?, version_of(e, s))))
-            .transpose()
+        self.tx
+            .prepare_cached(
+                "SELECT epoch, seq, outcome, until, sum FROM applied WHERE request_id = ?1",
+            )?
+            .query_row([request_id], |r| read_answer(r, request_id))
+            .optional()
     }
 
     fn put_answer(
@@ -552,17 +789,8 @@ impl machine::Tables for SqlTables<'_> {
         version: Version,
         until: u64,
     ) -> rusqlite::Result<()> {
-        self.tx
-            .prepare_cached(
-                "INSERT INTO applied (request_id, epoch, seq, outcome, until) VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?
-            .execute(params![
-                request_id,
-                version.epoch as i64,
-                version.seq as i64,
-                to_json(outcome),
-                until as i64
-            ])?;
+        let sum = put_answer_row(self.tx, request_id, version, outcome, until)?;
+        self.answers_sum = self.answers_sum.wrapping_add(sum as u64);
         Ok(())
     }
 
@@ -572,11 +800,44 @@ impl machine::Tables for SqlTables<'_> {
 
     fn advance_clock(&mut self, to: u64, legacy_until: u64) -> rusqlite::Result<()> {
         if self.clock == 0 {
-            self.tx
-                .prepare_cached("UPDATE applied SET until = ?1 WHERE until = 0")?
-                .execute([legacy_until as i64])?;
+            let legacy: Vec<(String, i64, i64, String, i64)> = self
+                .tx
+                .prepare_cached(
+                    "SELECT request_id, epoch, seq, outcome, sum FROM applied WHERE until = 0",
+                )?
+                .query_map([], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let u = legacy_until as i64;
+            for (id, e, q, o, sum) in &legacy {
+                verify_row(
+                    "applied",
+                    &[Text(id), Int(*e), Int(*q), Text(o), Int(0)],
+                    *sum,
+                )?;
+                let new = answer_sum(id, *e, *q, o, u);
+                self.tx
+                    .prepare_cached(
+                        "UPDATE applied SET until = ?2, sum = ?3 WHERE request_id = ?1",
+                    )?
+                    .execute(params![id, u, new])?;
+                self.answers_sum = self
+                    .answers_sum
+                    .wrapping_sub(*sum as u64)
+                    .wrapping_add(new as u64);
+            }
         }
         self.clock = self.clock.max(to);
+        {
+            let mut q = self
+                .tx
+                .prepare_cached("SELECT sum FROM applied WHERE until > 0 AND until <= ?1")?;
+            let mut rows = q.query([self.clock as i64])?;
+            while let Some(r) = rows.next()? {
+                self.answers_sum = self.answers_sum.wrapping_sub(r.get::<_, i64>(0)? as u64);
+            }
+        }
         self.tx
             .prepare_cached("DELETE FROM applied WHERE until > 0 AND until <= ?1")?
             .execute([self.clock as i64])?;
@@ -584,7 +845,26 @@ impl machine::Tables for SqlTables<'_> {
     }
 }
 
+/// A book row's checksum (exported for tests that damage a store the way
+/// only a bug could: content changed with a matching checksum).
+#[doc(hidden)]
+pub fn book_row_sum(b: &Book) -> i64 {
+    book_sum(b)
+}
+
+/// A book row (with its `sum` column last) read back and verified.
 fn read_book(r: &rusqlite::Row<'_>) -> rusqlite::Result<Book> {
+    let b = read_book_fields(r)?;
+    let stored: i64 = r.get(5)?;
+    if book_sum(&b) != stored {
+        return Err(
+            Damaged(format!("book {}'s row does not match its checksum", b.id)).into_sqlite(),
+        );
+    }
+    Ok(b)
+}
+
+fn read_book_fields(r: &rusqlite::Row<'_>) -> rusqlite::Result<Book> {
     let id: i64 = r.get(0)?;
     let cost: i64 = r.get(3)?;
     let stock: i64 = r.get(4)?;

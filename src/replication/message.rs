@@ -127,13 +127,41 @@ pub enum Message {
         sent_at_echo: u64,
         echo: Echo,
     },
-    /// Catch-up for a backup too far behind: the primary's latest snapshot.
+    /// A whole snapshot in one message. Replicas now stream snapshots in
+    /// [`Message::SnapshotChunk`]s and no longer send this; a backup still
+    /// installs one it receives, with the same checks.
     InstallSnapshot {
         epoch: u64,
         inc: u64,
         snapshot: Snapshot,
         commit: u64,
         sent_at: u64,
+    },
+    /// Catch-up for a backup too far behind: bytes `offset ..
+    /// offset + data.len()` of the primary's latest snapshot, which is
+    /// `total` bytes long and covers the log up to `version`. The backup
+    /// answers with a [`Message::SnapshotChunkReply`], and with an
+    /// [`Message::AppendReply`] once the last chunk is in (or when it
+    /// already holds everything up to `version`).
+    SnapshotChunk {
+        epoch: u64,
+        inc: u64,
+        version: Version,
+        offset: u64,
+        total: u64,
+        #[serde(with = "base64_bytes")]
+        data: Vec<u8>,
+        /// primary's clock when sent; echoed in the reply
+        sent_at: u64,
+    },
+    /// The backup holds the first `held` bytes of the snapshot at `version`
+    /// (0: none of it), so the primary sends the chunk at `held` next.
+    SnapshotChunkReply {
+        epoch: u64,
+        inc: u64,
+        version: Version,
+        held: u64,
+        sent_at_echo: u64,
     },
     /// Leadership transfer: the primary of `epoch` tells the receiver to start
     /// an election now.
@@ -151,6 +179,8 @@ impl Message {
             | Message::Append { epoch, .. }
             | Message::AppendReply { epoch, .. }
             | Message::InstallSnapshot { epoch, .. }
+            | Message::SnapshotChunk { epoch, .. }
+            | Message::SnapshotChunkReply { epoch, .. }
             | Message::TimeoutNow { epoch, .. } => *epoch,
         }
     }
@@ -165,15 +195,18 @@ impl Message {
             | Message::Append { inc, .. }
             | Message::AppendReply { inc, .. }
             | Message::InstallSnapshot { inc, .. }
+            | Message::SnapshotChunk { inc, .. }
+            | Message::SnapshotChunkReply { inc, .. }
             | Message::TimeoutNow { inc, .. } => *inc,
         }
     }
 
     /// Whether every number in the message is one a real replica could send:
     /// below [`SANE_LIMIT`] (so no arithmetic on it can overflow; `Echo::boot`
-    /// is an identifier, never computed with, and may be anything), and an
+    /// is an identifier, never computed with, and may be anything), an
     /// append's entries contiguous after `prev`, of no later epoch than the
-    /// message. [`crate::replication::Replica::step`] ignores anything else.
+    /// message, and a snapshot chunk's bytes inside its snapshot's length.
+    /// [`crate::replication::Replica::step`] ignores anything else.
     pub fn is_sane(&self) -> bool {
         let ok = |n: u64| n < SANE_LIMIT;
         let v_ok = |v: &Version| ok(v.epoch) && ok(v.seq);
@@ -261,6 +294,31 @@ impl Message {
                     && ok(*sent_at)
                     && snapshot.version.epoch <= *epoch
             }
+            Message::SnapshotChunk {
+                epoch,
+                inc,
+                version,
+                offset,
+                total,
+                data,
+                sent_at,
+            } => {
+                ok(*epoch)
+                    && ok(*inc)
+                    && v_ok(version)
+                    && ok(*total)
+                    && ok(*sent_at)
+                    && version.epoch <= *epoch
+                    && offset <= total
+                    && data.len() as u64 <= total - offset
+            }
+            Message::SnapshotChunkReply {
+                epoch,
+                inc,
+                version,
+                held,
+                sent_at_echo,
+            } => ok(*epoch) && ok(*inc) && v_ok(version) && ok(*held) && ok(*sent_at_echo),
         }
     }
 }
@@ -268,3 +326,33 @@ impl Message {
 /// Numbers in messages stay below this (2^62): far beyond any real epoch,
 /// sequence number, incarnation or clock reading.
 pub const SANE_LIMIT: u64 = 1 << 62;
+
+/// Bytes as base64 text on the wire: JSON would spell a `Vec<u8>` as an
+/// array of numbers, about 3.5 characters a byte; base64 takes 1.33.
+mod base64_bytes {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserializer, Serializer, de};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        d.deserialize_str(Base64Visitor)
+    }
+
+    struct Base64Visitor;
+
+    impl de::Visitor<'_> for Base64Visitor {
+        type Value = Vec<u8>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("base64 text")
+        }
+
+        fn visit_str<E: de::Error>(self, text: &str) -> Result<Vec<u8>, E> {
+            STANDARD.decode(text).map_err(E::custom)
+        }
+    }
+}

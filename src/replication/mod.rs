@@ -60,7 +60,13 @@
 //!   conflicting (hence uncommitted) suffix is truncated and replaced, so an
 //!   uncommitted suffix never survives a view change once the backup has
 //!   caught up. Only committed entries are handed out for applying. A backup
-//!   whose next entry is already compacted receives the latest snapshot.
+//!   whose next entry is already compacted receives the latest snapshot,
+//!   streamed in chunks of at most [`Config::snapshot_chunk_bytes`] with one
+//!   chunk in flight: the backup answers each with how much of that
+//!   snapshot it holds and the primary sends the next at once, or resends
+//!   from the confirmed offset after `4 × heartbeat` without an answer; a
+//!   newer snapshot at the primary restarts the transfer. The backup installs
+//!   it only once every byte is in, so it is never in the view before.
 //! * **Leases (why they are safe with bounded clock drift).** Clocks are
 //!   monotonic and per process; they are never compared across machines,
 //!   only durations are, and durations may differ by a rate up to
@@ -259,6 +265,10 @@ pub struct Config {
     /// Ask the driver for a snapshot when this many applied entries are not
     /// yet compacted. Default 10 000.
     pub snapshot_threshold: u64,
+    /// Largest snapshot chunk a primary sends (bytes; 0 counts as 1). A
+    /// backup takes snapshots of up to [`MAX_SNAPSHOT_CHUNKS`] of them.
+    /// Default 256 KiB.
+    pub snapshot_chunk_bytes: usize,
     /// Seed of the core's PRNG. Must differ at every process start.
     pub seed: u64,
     /// A new primary is not ready (exposes nothing, answers nothing) until
@@ -283,10 +293,18 @@ impl Config {
             takeover_after_ms: 2000,
             max_batch: 256,
             snapshot_threshold: 10_000,
+            snapshot_chunk_bytes: 256 * 1024,
             seed,
             fence_caches: false,
             unsafe_switches: UnsafeSwitches::default(),
         }
+    }
+
+    /// The largest snapshot a backup accepts (bytes): anything longer is
+    /// taken for nonsense, so a hostile `total` cannot make it buffer
+    /// without bound.
+    pub fn max_snapshot_bytes(&self) -> u64 {
+        (self.snapshot_chunk_bytes.max(1) as u64).saturating_mul(MAX_SNAPSHOT_CHUNKS)
     }
 
     /// `lease × (1 + drift_margin)`: how long a lease may run on another
@@ -295,6 +313,10 @@ impl Config {
         (self.lease_ms as f64 * (1.0 + self.drift_margin)).ceil() as u64
     }
 }
+
+/// A snapshot longer than this many chunks is refused (16 GiB at the
+/// default chunk size).
+pub const MAX_SNAPSHOT_CHUNKS: u64 = 1 << 16;
 
 /// Why a write was refused.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -75,10 +75,37 @@ struct Progress {
     /// Its latest timestamp, echoed back in our appends.
     echo: Option<Echo>,
     learner: bool,
-    snapshot_sent_at: Option<u64>,
+    /// Our latest snapshot on its way to it (while its next entry is
+    /// compacted).
+    snapshot: Option<SnapshotSend>,
     /// Its log did not match at `next - 1`: send one probe at a time (no
     /// pipelining) until an append is accepted.
     probing: bool,
+}
+
+/// A snapshot streaming to one backup, one chunk in flight at a time.
+#[derive(Clone, Debug)]
+struct SnapshotSend {
+    /// The snapshot being sent: our latest (a newer one restarts at 0).
+    version: Version,
+    /// Bytes the backup confirmed holding (`<=` the snapshot's length): the
+    /// next chunk starts here.
+    acked: u64,
+    /// A chunk is out and unanswered; it is resent from `acked` once
+    /// `last_sent` is a resend interval old.
+    in_flight: bool,
+    /// Our send time of the latest chunk.
+    last_sent: u64,
+}
+
+/// A snapshot a backup is receiving: the first `data.len() <= total` bytes
+/// of the one at `version` that the primary of `epoch` streams.
+#[derive(Clone, Debug)]
+struct SnapshotReceive {
+    epoch: u64,
+    version: Version,
+    total: u64,
+    data: Vec<u8>,
 }
 
 /// One replica of the catalog. See the module docs.
@@ -119,6 +146,8 @@ pub struct Replica {
     transfer_campaign: bool,
     /// Candidate: when every earlier primary's lease has surely run out.
     lease_wait_until: u64,
+    /// Backup: the snapshot arriving in chunks, if any.
+    incoming: Option<SnapshotReceive>,
     // --- primary only ---
     peers: BTreeMap<NodeId, Progress>,
     epoch_start_seq: u64,
@@ -202,6 +231,7 @@ impl Replica {
             votes: BTreeSet::new(),
             transfer_campaign: false,
             lease_wait_until: 0,
+            incoming: None,
             peers: BTreeMap::new(),
             epoch_start_seq: u64::MAX,
             writes_allowed_at: u64::MAX,
@@ -237,7 +267,7 @@ impl Replica {
                     self.last_heartbeat = now;
                     let ids: Vec<NodeId> = self.peers.keys().copied().collect();
                     for id in ids {
-                        self.send_append(id, now, true);
+                        self.send_append(id, now);
                     }
                 }
                 self.update_view(now);
@@ -381,10 +411,33 @@ impl Replica {
             Message::InstallSnapshot {
                 epoch,
                 snapshot,
-                commit,
                 sent_at,
                 ..
-            } => self.on_snapshot(now, from, epoch, snapshot, commit, sent_at),
+            } => {
+                if self.follow_snapshot_sender(now, from, epoch) {
+                    self.incoming = None;
+                    self.install_snapshot(from, snapshot, sent_at);
+                }
+            }
+            Message::SnapshotChunk {
+                epoch,
+                version,
+                offset,
+                total,
+                data,
+                sent_at,
+                ..
+            } => {
+                if self.follow_snapshot_sender(now, from, epoch) {
+                    self.on_snapshot_chunk(from, epoch, version, offset, total, data, sent_at);
+                }
+            }
+            Message::SnapshotChunkReply {
+                version,
+                held,
+                sent_at_echo,
+                ..
+            } => self.on_snapshot_chunk_reply(now, from, version, held, sent_at_echo),
             Message::TimeoutNow { epoch, .. } => {
                 if epoch == self.hs.epoch
                     && self.primary == Some(from)
@@ -711,6 +764,7 @@ impl Replica {
         self.role = Role::Follower;
         self.primary = None;
         self.lease_until = 0;
+        self.incoming = None;
         self.prevotes.clear();
         self.votes.clear();
     }
@@ -749,7 +803,9 @@ impl Replica {
                 granted: false,
                 lease_wait_ms: 0,
             },
-            Message::Append { .. } | Message::InstallSnapshot { .. } => Message::AppendReply {
+            Message::Append { .. }
+            | Message::InstallSnapshot { .. }
+            | Message::SnapshotChunk { .. } => Message::AppendReply {
                 epoch,
                 inc,
                 ok: false,
@@ -889,6 +945,7 @@ impl Replica {
     fn become_primary(&mut self, now: u64) {
         self.role = Role::Primary;
         self.primary = Some(self.cfg.id);
+        self.incoming = None;
         self.became_primary_at = now;
         self.transfer = None;
         self.last_transfer_at = Some(now);
@@ -931,7 +988,7 @@ impl Replica {
         self.last_heartbeat = now;
         let ids: Vec<NodeId> = self.peers.keys().copied().collect();
         for id in ids {
-            self.send_append(id, now, true);
+            self.send_append(id, now);
         }
         self.maybe_commit();
     }
@@ -976,9 +1033,10 @@ impl Replica {
             .is_some_and(|t| t + self.cfg.lease_ms / 2 >= now)
     }
 
-    /// Send what `id` misses (or a heartbeat). Optimistically advances `next`
+    /// Send what `id` misses (or a heartbeat; or, when its next entry is
+    /// compacted, the next snapshot chunk). Optimistically advances `next`
     /// for active backups so entries are pipelined.
-    fn send_append(&mut self, id: NodeId, now: u64, heartbeat: bool) {
+    fn send_append(&mut self, id: NodeId, now: u64) {
         let last = self.log.last_seq();
         // Backups read only what a ready primary could serve: not before our
         // epoch start committed and earlier leases ran out.
@@ -996,25 +1054,10 @@ impl Replica {
         };
         p.next = p.next.clamp(p.matched + 1, last + 1);
         if p.next <= self.log.base.seq {
-            if let Some(snap) = &self.log.snapshot
-                && heartbeat
-                && p.snapshot_sent_at
-                    .is_none_or(|t| now >= t + 4 * self.cfg.heartbeat_ms)
-            {
-                p.snapshot_sent_at = Some(now);
-                self.msgs.push((
-                    id,
-                    Message::InstallSnapshot {
-                        epoch: self.hs.epoch,
-                        inc: self.cfg.incarnation,
-                        snapshot: snap.clone(),
-                        commit: self.hs.commit.seq,
-                        sent_at: now,
-                    },
-                ));
-            }
+            self.send_snapshot_chunk(id, now);
             return;
         }
+        p.snapshot = None;
         let prev_seq = p.next - 1;
         let Some(prev) = self.log.version_at(prev_seq) else {
             return;
@@ -1048,6 +1091,91 @@ impl Replica {
         self.msgs.push((id, msg));
     }
 
+    /// Stream our latest snapshot to `id`, whose next entry is compacted:
+    /// the chunk at the offset it confirmed, unless one is in flight and not
+    /// yet a resend interval (`4 × heartbeat`) old.
+    fn send_snapshot_chunk(&mut self, id: NodeId, now: u64) {
+        let Some(snap) = &self.log.snapshot else {
+            return;
+        };
+        let Some(p) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let t = match &mut p.snapshot {
+            Some(t) if t.version == snap.version => t,
+            slot => slot.insert(SnapshotSend {
+                version: snap.version,
+                acked: 0,
+                in_flight: false,
+                last_sent: 0,
+            }),
+        };
+        let resend = 4 * self.cfg.heartbeat_ms;
+        if t.in_flight && now < t.last_sent.saturating_add(resend) {
+            return;
+        }
+        let total = snap.data.len();
+        let from = usize::try_from(t.acked).map_or(total, |a| a.min(total));
+        let to = from + self.cfg.snapshot_chunk_bytes.max(1).min(total - from);
+        t.in_flight = true;
+        t.last_sent = now;
+        let msg = Message::SnapshotChunk {
+            epoch: self.hs.epoch,
+            inc: self.cfg.incarnation,
+            version: snap.version,
+            offset: from as u64,
+            total: total as u64,
+            data: snap.data[from..to].to_vec(),
+            sent_at: now,
+        };
+        self.msgs.push((id, msg));
+    }
+
+    /// A backup holds `held` bytes of the snapshot at `version`. More than
+    /// it confirmed before: send the next chunk at once. Less, in answer to
+    /// our latest chunk: it lost what it had (a restart), so go on from
+    /// there. Anything else (a duplicate, an older snapshot, a stale
+    /// answer) changes nothing.
+    fn on_snapshot_chunk_reply(
+        &mut self,
+        now: u64,
+        from: NodeId,
+        version: Version,
+        held: u64,
+        sent_at_echo: u64,
+    ) {
+        if self.role != Role::Primary {
+            return;
+        }
+        let total = self
+            .log
+            .snapshot
+            .as_ref()
+            .map_or(0, |s| s.data.len() as u64);
+        let Some(p) = self.peers.get_mut(&from) else {
+            return;
+        };
+        if sent_at_echo <= now && sent_at_echo > 0 {
+            p.last_ack_sent_at = Some(
+                p.last_ack_sent_at
+                    .map_or(sent_at_echo, |t| t.max(sent_at_echo)),
+            );
+        }
+        let Some(t) = p.snapshot.as_mut() else {
+            return;
+        };
+        if t.version != version || held > total {
+            return;
+        }
+        let progress = held > t.acked;
+        let lost = held < t.acked && sent_at_echo >= t.last_sent;
+        if progress || lost {
+            t.acked = held;
+            t.in_flight = false;
+            self.send_snapshot_chunk(from, now);
+        }
+    }
+
     /// Pipeline new entries and new commit points to active backups.
     fn flush(&mut self, now: u64) {
         if self.role != Role::Primary {
@@ -1064,7 +1192,7 @@ impl Replica {
                 continue;
             }
             if p.next <= last || commit_moved {
-                self.send_append(id, now, false);
+                self.send_append(id, now);
             }
         }
         self.commit_broadcast = self.hs.commit.seq;
@@ -1122,7 +1250,7 @@ impl Replica {
             if resume < p.next {
                 p.next = resume;
                 if sent_at_echo > 0 {
-                    self.send_append(from, now, true);
+                    self.send_append(from, now);
                 }
             }
         }
@@ -1383,22 +1511,102 @@ impl Replica {
         self.reply_append(from, true, matched, self.log.last_seq(), sent_at);
     }
 
-    fn on_snapshot(
-        &mut self,
-        now: u64,
-        from: NodeId,
-        epoch: u64,
-        snapshot: Snapshot,
-        commit: u64,
-        sent_at: u64,
-    ) {
+    /// A snapshot (or a chunk of one) from the primary of `epoch`: follow
+    /// it. False when we are that primary ourselves (ignore the message).
+    fn follow_snapshot_sender(&mut self, now: u64, from: NodeId, epoch: u64) -> bool {
         if self.role == Role::Primary && epoch == self.hs.epoch {
-            return;
+            return false;
         }
         if self.role == Role::Primary {
             self.step_down(now);
         }
         self.follow(now, from);
+        true
+    }
+
+    /// Bytes `offset ..` of the snapshot at `version`, `total` bytes long.
+    /// Chunks are taken in order only, from one primary and for one
+    /// snapshot at a time: a chunk at offset 0 of another snapshot starts
+    /// over, a repeat or a gap is ignored (the reply says where to go on),
+    /// and a chunk of another snapshot that does not start it is answered
+    /// with "none of it". The last chunk installs the whole snapshot.
+    #[allow(clippy::too_many_arguments)]
+    fn on_snapshot_chunk(
+        &mut self,
+        from: NodeId,
+        epoch: u64,
+        version: Version,
+        offset: u64,
+        total: u64,
+        data: Vec<u8>,
+        sent_at: u64,
+    ) {
+        if self
+            .incoming
+            .as_ref()
+            .is_some_and(|b| b.version.seq <= self.hs.commit.seq)
+        {
+            self.incoming = None;
+        }
+        if version.seq <= self.hs.commit.seq {
+            // Nothing to install: the log holds (committed, hence as the
+            // primary's) everything up to `version`.
+            self.reply_append(from, true, version.seq, self.log.last_seq(), sent_at);
+            return;
+        }
+        if total > self.cfg.max_snapshot_bytes() {
+            return;
+        }
+        match &mut self.incoming {
+            Some(b) if (b.epoch, b.version, b.total) == (epoch, version, total) => {
+                if offset == b.data.len() as u64 {
+                    b.data.extend_from_slice(&data);
+                }
+            }
+            slot if offset == 0 => {
+                *slot = Some(SnapshotReceive {
+                    epoch,
+                    version,
+                    total,
+                    data,
+                });
+            }
+            _ => {
+                self.reply_snapshot_chunk(from, version, 0, sent_at);
+                return;
+            }
+        }
+        // `incoming` is now this snapshot (`data.len() <= total - offset`
+        // holds for every sane chunk).
+        if let Some(b) = self.incoming.take_if(|b| b.data.len() as u64 == b.total) {
+            self.install_snapshot(
+                from,
+                Snapshot {
+                    version,
+                    data: b.data,
+                },
+                sent_at,
+            );
+            return;
+        }
+        let held = self.incoming.as_ref().map_or(0, |b| b.data.len() as u64);
+        self.reply_snapshot_chunk(from, version, held, sent_at);
+    }
+
+    fn reply_snapshot_chunk(&mut self, to: NodeId, version: Version, held: u64, sent_at: u64) {
+        let msg = Message::SnapshotChunkReply {
+            epoch: self.hs.epoch,
+            inc: self.cfg.incarnation,
+            version,
+            held,
+            sent_at_echo: sent_at,
+        };
+        self.msgs.push((to, msg));
+    }
+
+    /// Install a whole snapshot from the primary `from` (when it is newer
+    /// than our commit point) and acknowledge the log up to it.
+    fn install_snapshot(&mut self, from: NodeId, snapshot: Snapshot, sent_at: u64) {
         let v = snapshot.version;
         if v.seq > self.hs.commit.seq {
             // Raft's rule: when the log already holds the snapshot's last
@@ -1425,7 +1633,6 @@ impl Replica {
             self.snapshot_to_install = Some(snapshot);
             self.sync_log_epoch();
         }
-        let _ = commit;
         self.reply_append(from, true, v.seq, self.log.last_seq(), sent_at);
     }
 }

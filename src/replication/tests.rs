@@ -5,7 +5,7 @@
 use super::*;
 
 /// A tiny synchronous network: every message is delivered at once unless
-/// the link is cut.
+/// the link is cut (or `deliver_if` says no).
 struct Net {
     nodes: Vec<Replica>,
     disks: Vec<MemStorage>,
@@ -13,15 +13,32 @@ struct Net {
     cut: Vec<(NodeId, NodeId)>,
     now: u64,
     applied: Vec<Vec<Entry>>,
+    /// Snapshots each node was handed to install.
+    installed: Vec<Vec<Snapshot>>,
+    /// Every snapshot chunk sent: (time, to, version, offset).
+    chunks: Vec<(u64, NodeId, Version, u64)>,
+    /// Messages it returns false for are lost.
+    deliver_if: Option<Keep>,
 }
+
+/// Which messages a [`Net`] delivers.
+type Keep = Box<dyn FnMut(&Message) -> bool>;
 
 impl Net {
     fn new(n: u64) -> Net {
+        Net::with(n, |_| {})
+    }
+
+    fn with(n: u64, tune: impl Fn(&mut Config)) -> Net {
         let ids: Vec<NodeId> = (1..=n).collect();
         let disks: Vec<MemStorage> = ids.iter().map(|_| MemStorage::bootstrap(1)).collect();
         let nodes = ids
             .iter()
-            .map(|&id| Replica::new(Config::new(id, 1, ids.clone(), id * 7), &disks[0], 0))
+            .map(|&id| {
+                let mut cfg = Config::new(id, 1, ids.clone(), id * 7);
+                tune(&mut cfg);
+                Replica::new(cfg, &disks[0], 0)
+            })
             .collect();
         Net {
             nodes,
@@ -30,6 +47,9 @@ impl Net {
             cut: Vec::new(),
             now: 0,
             applied: vec![Vec::new(); n as usize],
+            installed: vec![Vec::new(); n as usize],
+            chunks: Vec::new(),
+            deliver_if: None,
         }
     }
 
@@ -43,6 +63,7 @@ impl Net {
                 let mut host = MemHost {
                     disk: &mut self.disks[i],
                     applied: &mut self.applied[i],
+                    installed: &mut self.installed[i],
                     out: Vec::new(),
                 };
                 let Ok(_) = drive::advance(&mut self.nodes[i], &mut host);
@@ -54,6 +75,15 @@ impl Net {
                 return;
             }
             for (from, to, m) in msgs {
+                if let Message::SnapshotChunk {
+                    version, offset, ..
+                } = &m
+                {
+                    self.chunks.push((self.now, to, *version, *offset));
+                }
+                if self.deliver_if.as_mut().is_some_and(|keep| !keep(&m)) {
+                    continue;
+                }
                 let t = (to - 1) as usize;
                 if t < self.nodes.len() && self.up[t] && !self.cut.contains(&(from, to)) {
                     self.nodes[t].step(self.now, from, m);
@@ -103,10 +133,12 @@ impl Net {
 }
 
 /// The shipped driver loop's host for these tests: a disk in memory, the
-/// committed entries as the state machine, messages collected.
+/// committed entries as the state machine (its snapshot: their request
+/// ids), messages collected.
 struct MemHost<'a> {
     disk: &'a mut MemStorage,
     applied: &'a mut Vec<Entry>,
+    installed: &'a mut Vec<Snapshot>,
     out: Vec<(NodeId, Message)>,
 }
 
@@ -114,6 +146,7 @@ impl drive::Host for MemHost<'_> {
     type Applied = Entry;
     type Error = std::convert::Infallible;
     fn persist_and_apply(&mut self, rd: &Ready) -> Result<Vec<Entry>, Self::Error> {
+        self.installed.extend(rd.snapshot_to_install.clone());
         self.disk.persist(rd);
         Ok(rd.committed.clone())
     }
@@ -125,11 +158,12 @@ impl drive::Host for MemHost<'_> {
         self.applied.extend(applied);
     }
     fn take_snapshot(&mut self) -> Result<(Version, Vec<u8>), Self::Error> {
+        let ids: Vec<&str> = self.applied.iter().map(|e| e.request_id.as_str()).collect();
         Ok((
             self.applied
                 .last()
                 .map_or(Version::default(), |e| e.version),
-            Vec::new(),
+            ids.join(",").into_bytes(),
         ))
     }
     fn store_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), Self::Error> {
@@ -606,6 +640,22 @@ fn messages_round_trip_through_json() {
             commit: 8,
             sent_at: 5,
         },
+        Message::SnapshotChunk {
+            epoch: 3,
+            inc: 1,
+            version: Version::new(3, 8),
+            offset: 7,
+            total: 12,
+            data: b"state".to_vec(),
+            sent_at: 5,
+        },
+        Message::SnapshotChunkReply {
+            epoch: 3,
+            inc: 1,
+            version: Version::new(3, 8),
+            held: 12,
+            sent_at_echo: 5,
+        },
         Message::TimeoutNow { epoch: 3, inc: 1 },
     ];
     for m in msgs {
@@ -613,6 +663,27 @@ fn messages_round_trip_through_json() {
         let back: Message = serde_json::from_str(&json).unwrap();
         assert_eq!(back, m);
     }
+}
+
+#[test]
+fn snapshot_chunks_carry_their_bytes_as_base64() {
+    // "Chunk bytes go on the wire compactly: base64 in JSON, not arrays of
+    // numbers."
+    let m = Message::SnapshotChunk {
+        epoch: 3,
+        inc: 1,
+        version: Version::new(3, 8),
+        offset: 0,
+        total: 5,
+        data: b"state".to_vec(),
+        sent_at: 5,
+    };
+    let json = serde_json::to_string(&m).unwrap();
+    assert!(json.contains(r#""data":"c3RhdGU=""#), "{json}");
+    let bad = json.replace("c3RhdGU=", "not base64!");
+    assert!(serde_json::from_str::<Message>(&bad).is_err());
+    let numbers = json.replace(r#""c3RhdGU=""#, "[115,116,97,116,101]");
+    assert!(serde_json::from_str::<Message>(&numbers).is_err());
 }
 
 #[test]
@@ -632,7 +703,7 @@ fn random_garbage_never_panics() {
             let v = |rng: &mut SplitMix64, p: &mut dyn FnMut(&mut SplitMix64) -> u64| {
                 Version::new(p(rng), p(rng))
             };
-            let m = match rng.below(8) {
+            let m = match rng.below(10) {
                 0 => Message::PreVote {
                     epoch: pick(&mut rng),
                     inc: pick(&mut rng),
@@ -704,6 +775,22 @@ fn random_garbage_never_panics() {
                     },
                     commit: pick(&mut rng),
                     sent_at: pick(&mut rng),
+                },
+                7 => Message::SnapshotChunk {
+                    epoch: pick(&mut rng),
+                    inc: pick(&mut rng),
+                    version: v(&mut rng, &mut pick),
+                    offset: pick(&mut rng),
+                    total: pick(&mut rng),
+                    data: vec![7; rng.below(4) as usize],
+                    sent_at: pick(&mut rng),
+                },
+                8 => Message::SnapshotChunkReply {
+                    epoch: pick(&mut rng),
+                    inc: pick(&mut rng),
+                    version: v(&mut rng, &mut pick),
+                    held: pick(&mut rng),
+                    sent_at_echo: pick(&mut rng),
                 },
                 _ => Message::TimeoutNow {
                     epoch: pick(&mut rng),
@@ -848,6 +935,7 @@ fn snapshot_overtaken(drop_suffix: bool) -> (Replica, MemStorage, u64) {
     let mut disk = MemStorage::bootstrap(1);
     let mut cfg = Config::new(1, 1, vec![1, 2, 3], 7);
     cfg.unsafe_switches.snapshot_drops_suffix = drop_suffix;
+    cfg.snapshot_chunk_bytes = 7;
     let mut b = Replica::new(cfg, &disk, 0);
     let rd = deliver(
         &mut b,
@@ -881,22 +969,12 @@ fn snapshot_overtaken(drop_suffix: bool) -> (Replica, MemStorage, u64) {
         append(1, Version::new(1, 12), entries(1, 13..=14), 10),
     );
     assert_eq!(acked(&rd), Some((true, 14)));
-    let snap = Snapshot {
-        version: Version::new(1, 12),
-        data: b"state at 12".to_vec(),
-    };
-    let rd = deliver(
-        &mut b,
-        &mut disk,
-        3,
-        Message::InstallSnapshot {
-            epoch: 1,
-            inc: 1,
-            snapshot: snap,
-            commit: 12,
-            sent_at: 2,
-        },
-    );
+    let v = Version::new(1, 12);
+    let data = b"state at 12";
+    let rd = deliver(&mut b, &mut disk, 3, chunk(1, v, 0, 11, &data[..7]));
+    assert_eq!(chunk_reply(&rd), Some((v, 7)));
+    assert!(rd.snapshot_to_install.is_none());
+    let rd = deliver(&mut b, &mut disk, 3, chunk(1, v, 7, 11, &data[7..]));
     assert!(rd.snapshot_to_install.is_some());
     (b, disk, 14)
 }
@@ -973,6 +1051,317 @@ fn a_snapshot_whose_last_entry_the_log_does_not_hold_replaces_the_whole_log() {
     );
     let b = Replica::new(Config::new(1, 1, vec![1, 2, 3], 8), &disk, 100);
     assert_eq!(b.status().last, Version::new(2, 12));
+}
+
+fn chunk(epoch: u64, version: Version, offset: u64, total: u64, data: &[u8]) -> Message {
+    Message::SnapshotChunk {
+        epoch,
+        inc: 1,
+        version,
+        offset,
+        total,
+        data: data.to_vec(),
+        sent_at: 2,
+    }
+}
+
+/// What a backup said it holds of which snapshot.
+fn chunk_reply(rd: &Ready) -> Option<(Version, u64)> {
+    rd.messages.iter().find_map(|(_, m)| match m {
+        Message::SnapshotChunkReply { version, held, .. } => Some((*version, *held)),
+        _ => None,
+    })
+}
+
+/// Three replicas with 7-byte chunks and a snapshot every 5 entries;
+/// replica 1 was down while the primary (3) wrote and compacted, and is
+/// back up now, too far behind for appends.
+fn lagging_backup() -> Net {
+    let mut net = Net::with(3, |c| {
+        c.snapshot_chunk_bytes = 7;
+        c.snapshot_threshold = 5;
+    });
+    net.run(2000);
+    assert_eq!(net.primary(), Some(2));
+    net.up[0] = false;
+    for i in 0..12 {
+        net.write(2, &format!("w{i}")).unwrap();
+    }
+    net.run(1000);
+    assert!(
+        net.nodes[2].snapshot_version().seq > 2,
+        "the primary compacted"
+    );
+    net.restart(0);
+    net
+}
+
+/// The primary's latest snapshot.
+fn latest_snapshot(net: &Net) -> Snapshot {
+    net.disks[2].snapshot.clone().expect("a snapshot")
+}
+
+/// Offsets of the chunks sent to `to`, in order.
+fn offsets_to(net: &Net, to: NodeId) -> Vec<u64> {
+    net.chunks
+        .iter()
+        .filter(|c| c.1 == to)
+        .map(|c| c.3)
+        .collect()
+}
+
+#[test]
+fn a_snapshot_larger_than_a_chunk_reaches_a_lagging_backup_in_chunks_and_is_installed_once() {
+    // "A snapshot is sent in chunks of at most `snapshot_chunk_bytes`;
+    // only when the last chunk is in does the backup hand the whole
+    // snapshot to the driver."
+    let mut net = lagging_backup();
+    net.run(500);
+    let snap = latest_snapshot(&net);
+    assert!(snap.data.len() > 3 * 7, "{} bytes", snap.data.len());
+    assert_eq!(net.installed[0], vec![snap.clone()], "once, byte-identical");
+    let expect: Vec<u64> = (0..snap.data.len() as u64).step_by(7).collect();
+    assert_eq!(offsets_to(&net, 1), expect, "each chunk once, in order");
+    assert_eq!(net.nodes[0].status().last, net.nodes[2].status().last);
+    assert!(
+        net.nodes[2].status().view.contains(&1),
+        "caught up and in the view after the install"
+    );
+}
+
+#[test]
+fn a_lost_chunk_is_resent_from_the_confirmed_offset_after_the_resend_interval() {
+    // "The primary resends from the confirmed offset when no reply came
+    // within the resend interval (4 × heartbeat)."
+    let mut net = lagging_backup();
+    let mut lost = false;
+    net.deliver_if = Some(Box::new(move |m| {
+        let lose = !lost && matches!(m, Message::SnapshotChunk { offset: 14, .. });
+        lost |= lose;
+        !lose
+    }));
+    net.run(150);
+    assert!(
+        net.installed[0].is_empty(),
+        "not before the lost chunk is in"
+    );
+    assert!(
+        !net.nodes[2].status().view.contains(&1),
+        "not in the view before the install"
+    );
+    net.run(500);
+    let snap = latest_snapshot(&net);
+    assert_eq!(net.installed[0], vec![snap.clone()], "once, byte-identical");
+    let resent: Vec<u64> = net
+        .chunks
+        .iter()
+        .filter(|c| c.1 == 1 && c.3 == 14)
+        .map(|c| c.0)
+        .collect();
+    assert_eq!(resent.len(), 2, "sent, lost, resent: {resent:?}");
+    let hb = net.nodes[2].config().heartbeat_ms;
+    let gap = resent[1] - resent[0];
+    assert!(
+        (4 * hb..=5 * hb).contains(&gap),
+        "resent {gap} ms after it was lost"
+    );
+    let offsets = offsets_to(&net, 1);
+    assert_eq!(
+        offsets.iter().filter(|o| **o < 14).count(),
+        2,
+        "what was confirmed is not sent again: {offsets:?}"
+    );
+}
+
+#[test]
+fn chunks_out_of_order_or_of_another_snapshot_do_not_corrupt_the_buffer() {
+    // "The backup accumulates chunks of one snapshot, in order; anything
+    // else is ignored or starts over, and never mixes into it."
+    let mut disk = MemStorage::bootstrap(1);
+    let mut cfg = Config::new(1, 1, vec![1, 2, 3], 7);
+    cfg.snapshot_chunk_bytes = 7;
+    let mut b = Replica::new(cfg, &disk, 0);
+    let data = b"0123456789abcdefghijk";
+    let (v, other) = (Version::new(2, 12), Version::new(2, 9));
+    let n = data.len() as u64;
+    let mut step = |m: Message, reply: Option<(Version, u64)>, what: &str| {
+        let rd = deliver(&mut b, &mut disk, 3, m);
+        assert_eq!(chunk_reply(&rd), reply, "{what}");
+        assert!(rd.snapshot_to_install.is_none(), "{what}");
+    };
+    step(
+        chunk(2, other, 0, 14, b"OTHER.."),
+        Some((other, 7)),
+        "a first",
+    );
+    step(
+        chunk(2, v, 0, n, &data[..7]),
+        Some((v, 7)),
+        "another's start",
+    );
+    step(chunk(2, v, 14, n, &data[14..]), Some((v, 7)), "a gap");
+    step(chunk(2, v, 0, n, b"XXXXXXX"), Some((v, 7)), "a repeat");
+    step(
+        chunk(2, v, 7, n + 1, b"XXXXXXX"),
+        Some((v, 0)),
+        "another total",
+    );
+    step(
+        chunk(2, other, 7, 14, b"XXXXXXX"),
+        Some((other, 0)),
+        "the first's rest",
+    );
+    step(chunk(1, v, 7, n, b"XXXXXXX"), None, "an older epoch");
+    step(
+        chunk(2, v, 7, n, &data[7..14]),
+        Some((v, 14)),
+        "the next chunk",
+    );
+    step(
+        chunk(2, v, 7, n, b"XXXXXXX"),
+        Some((v, 14)),
+        "a repeat, other bytes",
+    );
+    step(chunk(2, v, 15, n, b"XXXXXX"), Some((v, 14)), "a gap of one");
+    step(
+        chunk(2, v, 14, n, b"XXXXXXXX"),
+        None,
+        "past the end: nonsense",
+    );
+    step(
+        chunk(2, v, n + 1, n, b""),
+        None,
+        "beyond the total: nonsense",
+    );
+    let rd = deliver(&mut b, &mut disk, 3, chunk(2, v, 14, n, &data[14..]));
+    let want = Snapshot {
+        version: v,
+        data: data.to_vec(),
+    };
+    assert_eq!(rd.snapshot_to_install, Some(want.clone()));
+    assert_eq!(acked(&rd), Some((true, 12)), "acknowledged up to it");
+    assert_eq!(disk.snapshot, Some(want));
+    let rd = deliver(&mut b, &mut disk, 3, chunk(2, v, 14, n, &data[14..]));
+    assert!(rd.snapshot_to_install.is_none(), "installed exactly once");
+    assert_eq!(acked(&rd), Some((true, 12)));
+}
+
+#[test]
+fn a_backup_refuses_a_snapshot_longer_than_its_bound() {
+    // "A total larger than a sane bound relative to the config drops it."
+    let mut disk = MemStorage::bootstrap(1);
+    let mut cfg = Config::new(1, 1, vec![1, 2, 3], 7);
+    cfg.snapshot_chunk_bytes = 7;
+    let bound = cfg.max_snapshot_bytes();
+    let mut b = Replica::new(cfg, &disk, 0);
+    let v = Version::new(2, 12);
+    let rd = deliver(&mut b, &mut disk, 3, chunk(2, v, 0, bound + 1, b"0123456"));
+    assert_eq!(chunk_reply(&rd), None);
+    let rd = deliver(&mut b, &mut disk, 3, chunk(2, v, 0, bound, b"0123456"));
+    assert_eq!(chunk_reply(&rd), Some((v, 7)));
+}
+
+#[test]
+fn a_newer_snapshot_at_the_primary_restarts_the_transfer() {
+    // "A new snapshot version at the primary (it compacted again) restarts
+    // the transfer from 0."
+    let mut net = lagging_backup();
+    net.deliver_if = Some(Box::new(
+        |m| !matches!(m, Message::SnapshotChunk { offset, .. } if *offset >= 14),
+    ));
+    net.run(100);
+    let first = latest_snapshot(&net);
+    for i in 0..6 {
+        net.write(2, &format!("x{i}")).unwrap();
+    }
+    net.run(300);
+    let second = latest_snapshot(&net);
+    assert!(second.version > first.version, "compacted again");
+    assert!(net.installed[0].is_empty());
+    net.deliver_if = None;
+    net.run(500);
+    assert_eq!(
+        net.installed[0],
+        vec![second.clone()],
+        "the newer one, once"
+    );
+    let to_1: Vec<(Version, u64)> = net
+        .chunks
+        .iter()
+        .filter(|c| c.1 == 1)
+        .map(|c| (c.2, c.3))
+        .collect();
+    let restart = to_1
+        .iter()
+        .position(|c| c.0 == second.version)
+        .expect("the newer snapshot was sent");
+    assert_eq!(to_1[restart].1, 0, "from the start: {to_1:?}");
+    assert!(
+        to_1[..restart].contains(&(first.version, 7)),
+        "after part of the older one: {to_1:?}"
+    );
+}
+
+#[test]
+fn any_chunk_numbers_from_the_network_are_handled() {
+    // "Nothing panics on hostile input: any offset/total/version
+    // combination from the network is handled."
+    let sane = super::message::SANE_LIMIT;
+    let nums = [0, 1, 6, 7, 8, 20, 21, 22, sane - 1, sane, u64::MAX];
+    let versions = [
+        Version::new(0, 0),
+        Version::new(1, 5),
+        Version::new(2, 12),
+        Version::new(9, u64::MAX),
+    ];
+    let mut disk = MemStorage::bootstrap(1);
+    let mut cfg = Config::new(1, 1, vec![1, 2, 3], 7);
+    cfg.snapshot_chunk_bytes = 7;
+    let mut b = Replica::new(cfg, &disk, 0);
+    for v in versions {
+        for offset in nums {
+            for total in nums {
+                for len in [0, 1, 7, 9] {
+                    deliver(
+                        &mut b,
+                        &mut disk,
+                        3,
+                        chunk(2, v, offset, total, &vec![1; len]),
+                    );
+                }
+            }
+        }
+    }
+    // A primary in the middle of a transfer, fed any answer.
+    let mut net = lagging_backup();
+    net.deliver_if = Some(Box::new(
+        |m| !matches!(m, Message::SnapshotChunk { offset, .. } if *offset >= 14),
+    ));
+    net.run(100);
+    let snap = latest_snapshot(&net);
+    let epoch = net.nodes[2].epoch();
+    for version in versions.into_iter().chain([snap.version]) {
+        for held in nums {
+            for sent_at_echo in nums {
+                let m = Message::SnapshotChunkReply {
+                    epoch,
+                    inc: 1,
+                    version,
+                    held,
+                    sent_at_echo,
+                };
+                net.nodes[2].step(net.now, 1, m);
+                net.pump();
+            }
+        }
+    }
+    net.deliver_if = None;
+    net.run(1000);
+    assert_eq!(
+        net.installed[0],
+        vec![latest_snapshot(&net)],
+        "and the transfer still completes"
+    );
 }
 
 /// A learner on a new disk (incarnation 2) fed an append that shows it

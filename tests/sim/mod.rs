@@ -91,6 +91,9 @@ pub struct Options {
     pub crash_mid_ready: f64,
     pub read_every_ms: u64,
     pub snapshot_threshold: u64,
+    /// The core's snapshot chunk size: small, so snapshots (tens of KB
+    /// here) travel in many chunks through the loss, reordering and crashes.
+    pub snapshot_chunk_bytes: usize,
     pub check_liveness: bool,
     /// Weights of the partition kinds: primary alone, any node alone,
     /// majority/minority split, one-way link, deaf primary (nothing reaches
@@ -137,6 +140,7 @@ impl Options {
             crash_mid_ready: 0.3,
             read_every_ms: 20,
             snapshot_threshold: 48,
+            snapshot_chunk_bytes: 1024,
             check_liveness: true,
             partition_kinds: [1, 1, 1, 1, 1],
             long_delay_max_ms: 600,
@@ -155,6 +159,7 @@ impl Options {
     pub fn tiny_snapshots(nodes: usize) -> Self {
         let mut o = Options::new(nodes);
         o.snapshot_threshold = 3;
+        o.snapshot_chunk_bytes = 256;
         o.w_net = 6;
         o.w_partition = 1;
         o.w_crash = 3;
@@ -166,12 +171,14 @@ impl Options {
 
     /// A fault mix chosen by the seed: balanced, crash-heavy (frequent
     /// crashes and restarts, short gaps), or network-heavy (partitions,
-    /// loss, long delays).
+    /// loss, long delays); and a snapshot chunk size from 128 bytes
+    /// (hundreds of chunks a snapshot) to 8 KiB (a few).
     pub fn varied(nodes: usize, seed: u64) -> Self {
         let mut o = Options::new(nodes);
         if nodes > 3 {
             o.clients = 4;
         }
+        o.snapshot_chunk_bytes = [128, 512, 2048, 8192][(seed / 3 % 4) as usize];
         match seed % 3 {
             0 => {}
             1 => {
@@ -199,6 +206,7 @@ impl Options {
 pub fn config(id: NodeId, inc: u64, n: usize, seed: u64, opts: &Options) -> Config {
     let mut c = Config::new(id, inc, (1..=n as u64).collect(), seed);
     c.snapshot_threshold = opts.snapshot_threshold;
+    c.snapshot_chunk_bytes = opts.snapshot_chunk_bytes;
     c.max_batch = 32;
     c.unsafe_switches = opts.switches.clone();
     c.fence_caches = opts.caches.is_some();
@@ -468,6 +476,8 @@ impl Checker {
 #[derive(Debug, Default, Clone)]
 pub struct Stats {
     pub snapshots_installed: usize,
+    /// Snapshot chunks sent (a snapshot travels in several).
+    pub snapshot_chunks: usize,
     pub disks_replaced: usize,
     pub disks_restored: usize,
     /// Blank disks that founded a new cluster (at the very start of a run,
@@ -653,6 +663,9 @@ impl Sim {
         let end = self.opts.chaos_ms + self.opts.quiet_ms;
         while let Some(item) = self.queue.pop() {
             if item.t > end {
+                // Not lost: `converge` goes on from it (a node whose next
+                // tick this is would never tick again).
+                self.queue.push(item);
                 break;
             }
             self.t = item.t;
@@ -883,6 +896,9 @@ impl Sim {
     }
 
     fn send(&mut self, from: usize, to: usize, msg: pygmy::replication::Message) {
+        if matches!(msg, Message::SnapshotChunk { .. }) {
+            self.stats.snapshot_chunks += 1;
+        }
         if self.blocked[from][to] || self.rng.chance(self.loss) {
             return;
         }
@@ -1706,7 +1722,17 @@ impl Host for SimHost<'_> {
         }
         if let Some(snap) = &rd.snapshot_to_install {
             self.snapshots_installed += 1;
-            *self.store = Store::decode(&snap.data)?;
+            // Reassembled from chunks: the bytes must be the snapshot's.
+            let store = Store::decode(&snap.data)?;
+            if store.last != snap.version {
+                return Err(format!(
+                    "node {}: a snapshot installed as {:?} holds the state at {:?}",
+                    self.node + 1,
+                    snap.version,
+                    store.last
+                ));
+            }
+            *self.store = store;
             self.pending.clear();
         }
         let mut answers = Vec::new();
@@ -1774,6 +1800,7 @@ pub fn run_many(first_seed: u64, count: u64, make: impl Fn(u64) -> Options) -> R
         total.primaries += s.primaries;
         total.events += s.events;
         total.snapshots_installed += s.snapshots_installed;
+        total.snapshot_chunks += s.snapshot_chunks;
         total.disks_replaced += s.disks_replaced;
         total.disks_restored += s.disks_restored;
         total.founded += s.founded;
