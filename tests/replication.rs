@@ -683,6 +683,20 @@ async fn damaged_backup_rejoins_after(
     ));
     c.restart("catalog-1").await;
     said_so(&c, &dir, inc, needle).await;
+    if std::fs::read_to_string(c.dir.join("catalog-1.log"))
+        .unwrap()
+        .contains("DAMAGED DATA")
+    {
+        let kept = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .any(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("catalog.sqlite.damaged-")
+            });
+        assert!(kept, "the damaged database is kept for inspection");
+    }
     wait_until(
         "catalog-1 caught up and is a backup in the primary's view",
         Duration::from_secs(30),
@@ -861,6 +875,25 @@ async fn a_byte_flipped_in_a_stopped_replicas_rows_is_refused_and_repaired() {
         },
         false,
         "DAMAGED DATA",
+    )
+    .await;
+}
+
+/// A database file whose first page was overwritten: SQLite cannot open
+/// it. It is set aside (kept for inspection) and the replica rebuilds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_file_sqlite_cannot_read_is_set_aside_and_rebuilt() {
+    damaged_backup_rejoins(
+        |dir| {
+            let db = dir.join("catalog.sqlite");
+            let mut bytes = std::fs::read(&db).unwrap();
+            for b in bytes.iter_mut().take(4096) {
+                *b = 0xA5;
+            }
+            std::fs::write(&db, &bytes).unwrap();
+        },
+        false,
+        "SQLite finds the file damaged",
     )
     .await;
 }

@@ -509,8 +509,9 @@ fn markdown(r: &Results) -> String {
             m,
             "{:.0} s of mixed lookups, searches and buys (2 000/s due) beside hostile requests (200/s: made-up topics \
              and books, ids that are not ids, unknown routes and methods), nothing scraping metrics but this \
-             sampler: {} legitimate requests, {} failed; {} hostile, {} of them answered with a 5xx or not at all. The \
-             snapshot grows with every buy's stored request id (bounded request ids are still to come).\n\n\
+             sampler: {} legitimate requests, {} failed; {} hostile, {} of them answered with a 5xx or not at all. A \
+             snapshot holds only the request ids still inside their answer window, so its size levels off once \
+             the first window has passed.\n\n\
              ![soak](soak.svg)\n",
             s.seconds, s.requests, s.errors, s.hostile_requests, s.hostile_failed
         );
