@@ -44,7 +44,13 @@ pub enum Scenario {
     Latency,
     Invalidation,
     Failover,
+    /// Only the soak (`--soak`, default 600 s): steady mixed and hostile
+    /// load with memory, open descriptors and snapshot size over time.
+    Soak,
 }
+
+/// How long `pygmy bench soak` runs without `--soak`.
+pub const DEFAULT_SOAK: Duration = Duration::from_secs(600);
 
 pub struct Options {
     pub scenario: Scenario,
@@ -184,7 +190,10 @@ const MEMORY_SETTLE: Duration = Duration::from_secs(12);
 /// The latency scenario's connection counts (0: sequential).
 const LEVELS: [usize; 6] = [0, 1, 8, 32, 64, 128];
 
-pub async fn run(opts: Options) -> anyhow::Result<Results> {
+pub async fn run(mut opts: Options) -> anyhow::Result<Results> {
+    if opts.scenario == Scenario::Soak && opts.soak.is_none() {
+        opts.soak = Some(DEFAULT_SOAK);
+    }
     crate::tls::default_provider();
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("cannot create {}", opts.out.display()))?;
