@@ -152,6 +152,8 @@ pub struct InvalidationResults {
 #[derive(Debug, Clone, Serialize)]
 pub struct SoakResults {
     pub seconds: f64,
+    /// The nodes sampled, in the order of each sample's `node_memory_bytes`.
+    pub nodes: Vec<String>,
     pub samples: Vec<SoakSample>,
     /// Legitimate requests (lookups, searches, buys), and those that failed.
     pub requests: u64,
@@ -172,6 +174,8 @@ pub struct SoakSample {
     pub open_fds: u64,
     /// The largest catalog snapshot.
     pub snapshot_bytes: u64,
+    /// Each node's memory (PSS, else RSS), in the order of `SoakResults::nodes`.
+    pub node_memory_bytes: Vec<u64>,
 }
 
 /// One speed target and where the run stands.
@@ -577,7 +581,12 @@ async fn soak_scenario(
         memory_bytes: m.iter().filter_map(|n| n.pss_bytes.or(n.rss_bytes)).sum(),
         open_fds: m.iter().filter_map(|n| n.open_fds).sum(),
         snapshot_bytes: m.iter().filter_map(|n| n.snapshot_bytes).max().unwrap_or(0),
+        node_memory_bytes: m
+            .iter()
+            .map(|n| n.pss_bytes.or(n.rss_bytes).unwrap_or(0))
+            .collect(),
     };
+    let nodes = store.memory().await.into_iter().map(|n| n.node).collect();
     while t0.elapsed() < length {
         samples.push(sample(store.memory().await));
         tokio::time::sleep(every).await;
@@ -588,6 +597,7 @@ async fn soak_scenario(
     samples.push(sample(store.memory().await));
     Ok(SoakResults {
         seconds: t0.elapsed().as_secs_f64(),
+        nodes,
         samples,
         requests: legit.len() as u64,
         errors: legit.iter().filter(|s| !s.ok).count() as u64,
