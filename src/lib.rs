@@ -16,8 +16,13 @@
 //! * [`client`]    — typed clients of the three services (pooled, timeouts).
 //! * [`http`]      — shared server plumbing: errors, token check, limits.
 //! * [`balance`]   — round-robin over healthy replicas, retry on another.
-//! * [`storage`]   — SQLite opened crash-safe, data-dir identity, group commit.
-//! * [`catalog`]   — books and stock; the write path; cache invalidation.
+//! * [`storage`]   — SQLite opened crash-safe, data-dir identity, group
+//!   commit, row checksums, damaged data set aside.
+//! * [`replication`] — the catalog's replication core: a sans-IO state
+//!   machine (log, elections, primary, backup), its driver contract, and
+//!   the loop every driver shares ([`replication::drive`]).
+//! * [`catalog`]   — books and stock; the write path; cache invalidation;
+//!   the driver that runs the replication core over SQLite and HTTP.
 //! * [`order`]     — purchases and the durable order log.
 //! * [`frontend`]  — the public API and its cache.
 //! * [`history`]   — checks what clients saw (linearizable reads, nothing lost).
@@ -26,6 +31,7 @@
 //! * [`bench`]     — `pygmy bench`: latency, invalidation and failover, measured.
 //! * [`metrics`]   — Prometheus metrics with bounded labels.
 //! * [`telemetry`] — logs and request ids.
+//! * [`tls`]       — the cluster's CA and node certificates; TLS between nodes.
 
 pub mod api;
 pub mod balance;

@@ -576,8 +576,18 @@ async fn the_http_edge_refuses_hostless_requests_hides_routes_and_bounds_replica
         Some(400),
         "unknown field"
     );
+    let known_inner = r#"{"from": 2, "messages": [{"epoch": 0, "inc": 0, "body": "TimeoutNow"}]}"#;
+    assert_eq!(
+        raw(
+            &cat,
+            &req("POST", "/internal/replication", &[&auth, json], known_inner)
+        )
+        .await,
+        Some(200),
+        "the same message without the unknown field"
+    );
     let unknown_inner =
-        r#"{"from": 2, "messages": [{"TimeoutNow": {"epoch": 1, "inc": 1, "junk": 1}}]}"#;
+        r#"{"from": 2, "messages": [{"epoch": 0, "inc": 0, "body": "TimeoutNow", "junk": 1}]}"#;
     assert_eq!(
         raw(
             &cat,

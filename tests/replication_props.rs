@@ -6,7 +6,8 @@
 use proptest::prelude::*;
 use pygmy::api::ReplicationBatch;
 use pygmy::replication::{
-    Config, Echo, Entry, EntryKind, MemStorage, Message, Replica, Snapshot, Version,
+    Append, AppendReply, Body, Config, Echo, Entry, EntryKind, MemStorage, Message, PreVote,
+    PreVoteReply, Replica, SnapshotChunk, SnapshotChunkReply, Version, Vote, VoteReply,
 };
 
 fn num() -> impl Strategy<Value = u64> {
@@ -37,33 +38,96 @@ fn echo() -> impl Strategy<Value = Echo> {
     (num(), num()).prop_map(|(boot, at)| Echo { boot, at })
 }
 
+fn body() -> impl Strategy<Value = Body> {
+    prop_oneof![
+        (num(), num()).prop_map(|(log_epoch, last_seq)| PreVote {
+            log_epoch,
+            last_seq
+        }
+        .into()),
+        any::<bool>().prop_map(|granted| PreVoteReply { granted }.into()),
+        (num(), num(), any::<bool>()).prop_map(|(log_epoch, last_seq, transfer)| Vote {
+            log_epoch,
+            last_seq,
+            transfer
+        }
+        .into()),
+        (any::<bool>(), num()).prop_map(|(granted, lease_wait_ms)| VoteReply {
+            granted,
+            lease_wait_ms
+        }
+        .into()),
+        (
+            version(),
+            prop::collection::vec(entry(), 0..4),
+            num(),
+            num(),
+            prop::option::of(echo()),
+            num(),
+            num()
+        )
+            .prop_map(
+                |(prev, entries, commit, sent_at, echo, lease_ms, to_inc)| Append {
+                    prev,
+                    entries,
+                    commit,
+                    sent_at,
+                    echo,
+                    lease_ms,
+                    to_inc
+                }
+                .into()
+            ),
+        (any::<bool>(), num(), num(), any::<bool>(), num(), echo()).prop_map(
+            |(ok, match_seq, last_seq, learner, sent_at_echo, echo)| AppendReply {
+                ok,
+                match_seq,
+                last_seq,
+                learner,
+                sent_at_echo,
+                echo
+            }
+            .into()
+        ),
+        (
+            version(),
+            num(),
+            num(),
+            prop::collection::vec(any::<u8>(), 0..32),
+            num()
+        )
+            .prop_map(|(version, offset, total, data, sent_at)| SnapshotChunk {
+                version,
+                offset,
+                total,
+                data,
+                sent_at
+            }
+            .into()),
+        (version(), num(), num()).prop_map(|(version, held, sent_at_echo)| SnapshotChunkReply {
+            version,
+            held,
+            sent_at_echo
+        }
+        .into()),
+        Just(Body::TimeoutNow),
+    ]
+}
+
 fn message() -> impl Strategy<Value = Message> {
     prop_oneof![
-        1 => (num(), num(), num(), num()).prop_map(|(epoch, inc, log_epoch, last_seq)| Message::PreVote { epoch, inc, log_epoch, last_seq }),
-        1 => (num(), num(), any::<bool>()).prop_map(|(epoch, inc, granted)| Message::PreVoteReply { epoch, inc, granted }),
-        1 => (num(), num(), num(), num(), any::<bool>())
-            .prop_map(|(epoch, inc, log_epoch, last_seq, transfer)| Message::Vote { epoch, inc, log_epoch, last_seq, transfer }),
-        1 => (num(), num(), any::<bool>(), num())
-            .prop_map(|(epoch, inc, granted, lease_wait_ms)| Message::VoteReply { epoch, inc, granted, lease_wait_ms }),
-        1 => (num(), num(), version(), prop::collection::vec(entry(), 0..4), num(), num(), prop::option::of(echo()), num()).prop_map(
-            |(epoch, inc, prev, entries, commit, sent_at, echo, lease_ms)| Message::Append { epoch, inc, prev, entries, commit, sent_at, echo, lease_ms, to_inc: inc }
-        ),
-        1 => (num(), num(), any::<bool>(), num(), num(), any::<bool>(), num(), echo()).prop_map(
-            |(epoch, inc, ok, match_seq, last_seq, learner, sent_at_echo, echo)| Message::AppendReply {
-                epoch, inc, ok, match_seq, last_seq, learner, sent_at_echo, echo
-            }
-        ),
-        1 => (num(), num(), version(), prop::collection::vec(any::<u8>(), 0..32), num(), num()).prop_map(
-            |(epoch, inc, version, data, commit, sent_at)| Message::InstallSnapshot { epoch, inc, snapshot: Snapshot { version, data }, commit, sent_at }
-        ),
-        1 => (num(), num()).prop_map(|(epoch, inc)| Message::TimeoutNow { epoch, inc }),
+        5 => (num(), num(), body()).prop_map(|(epoch, inc, body)| Message { epoch, inc, body }),
         // Appends a primary could have sent: small numbers, contiguous entries.
         4 => (1u64..6, 0u64..5, 0u64..6, 0usize..5, 0u64..10, any::<bool>()).prop_map(|(epoch, pe, ps, n, commit, lease)| {
             let pe = pe.min(epoch);
             let entries = (0..n as u64)
                 .map(|i| Entry { version: Version { epoch, seq: ps + 1 + i }, request_id: format!("r{i}"), kind: EntryKind::Op(b"{}".to_vec()) })
                 .collect();
-            Message::Append { epoch, inc: 7, prev: Version { epoch: pe, seq: ps }, entries, commit, sent_at: 10, echo: None, lease_ms: if lease { 500 } else { 0 }, to_inc: 7 }
+            Message::new(epoch, 7, Append { prev: Version { epoch: pe, seq: ps }, entries, commit, sent_at: 10, echo: None, lease_ms: if lease { 500 } else { 0 }, to_inc: 7 })
+        }),
+        // Whole small snapshots a primary could have sent.
+        1 => (1u64..6, 0u64..12, prop::collection::vec(any::<u8>(), 0..16)).prop_map(|(epoch, seq, data)| {
+            Message::new(epoch, 7, SnapshotChunk { version: Version { epoch, seq }, offset: 0, total: data.len() as u64, data, sent_at: 10 })
         }),
     ]
 }

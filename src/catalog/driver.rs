@@ -498,29 +498,6 @@ impl Driver {
     }
 }
 
-/// The last instant (driver clock) up to which the core would serve reads,
-/// if it would serve one now. The core only says yes/no for an instant; its
-/// answer is "yes" on one interval, so a binary search finds the end.
-fn serve_until(r: &Replica, now: u64, lease_ms: u64) -> Option<u64> {
-    let v0 = replication::Version::default();
-    if r.read_gate(now, v0) != ReadGate::Serve {
-        return None;
-    }
-    let (mut lo, mut hi) = (now, now + 4 * lease_ms.max(1));
-    if r.read_gate(hi, v0) == ReadGate::Serve {
-        return Some(hi);
-    }
-    while hi - lo > 1 {
-        let mid = lo + (hi - lo) / 2;
-        if r.read_gate(mid, v0) == ReadGate::Serve {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    Some(hi)
-}
-
 impl Io {
     /// Damage found in this replica's data while running: stop serving at
     /// once, say so, and start again (the same process id) so the next
@@ -588,7 +565,7 @@ impl Host for Io {
         let now = self.shared.clock.now_ms();
         let st = replica.status();
         let gate = Gate {
-            serve_until: serve_until(replica, now, replica.config().lease_ms),
+            serve_until: replica.serve_until(now),
             role: Some(st.role),
             epoch: st.epoch,
             primary: st.primary,
@@ -603,9 +580,11 @@ impl Host for Io {
     }
 
     fn send(&mut self, to: NodeId, msg: Message) {
-        if let Message::SnapshotChunk {
-            offset: 0, total, ..
-        } = &msg
+        if let replication::Body::SnapshotChunk(replication::SnapshotChunk {
+            offset: 0,
+            total,
+            ..
+        }) = &msg.body
         {
             tracing::info!(to = %self.name(to), bytes = total, "sync sent: snapshot to a replica too far behind (first chunk)");
         }

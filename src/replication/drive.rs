@@ -18,7 +18,7 @@
 //! 4. answer the clients whose writes were applied;
 //! 5. take a snapshot when the core asks, and hand it back.
 
-use super::message::{Message, Snapshot, Version};
+use super::message::{Body, Message, Snapshot, Version};
 use super::{NodeId, Ready, Replica, Role};
 
 /// Whether a primary may send this `Ready`'s appends before its own disk
@@ -78,7 +78,7 @@ pub fn advance<H: Host>(replica: &mut Replica, host: &mut H) -> Result<bool, H::
     if everything || sends_before_persisting(replica, &rd) {
         let (early, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut rd.messages)
             .into_iter()
-            .partition(|(_, m)| everything || matches!(m, Message::Append { .. }));
+            .partition(|(_, m)| everything || matches!(m.body, Body::Append(_)));
         rd.messages = rest;
         for (to, msg) in early {
             host.send(to, msg);

@@ -65,139 +65,137 @@ pub struct Echo {
     pub at: u64,
 }
 
-/// Messages between replicas. `epoch` is the sender's current epoch (for a
-/// `PreVote`, the epoch it would leave), `inc` the sender's incarnation.
+/// A message between replicas: the header every message shares (the
+/// sender's `epoch`, for a pre-vote the epoch it would leave, and its
+/// incarnation `inc`) and a body. [`crate::replication::Replica::step`]
+/// rejects a stale header in one place and hands the body to one handler.
+///
+/// On the wire: `{"epoch": 3, "inc": 7, "body": {"Append": {...}}}`.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub enum Message {
-    /// "Would you vote for me in `epoch + 1`?" Changes nothing at the receiver.
-    PreVote {
-        epoch: u64,
-        inc: u64,
-        log_epoch: u64,
-        last_seq: u64,
-    },
-    /// `epoch` = the epoch the pre-vote was asked in (when granted), else the
-    /// voter's epoch.
-    PreVoteReply { epoch: u64, inc: u64, granted: bool },
-    /// A candidate for `epoch` asks for a vote. `transfer` = the primary of
-    /// `epoch - 1` handed over to this candidate (voters skip the lease check).
-    Vote {
-        epoch: u64,
-        inc: u64,
-        log_epoch: u64,
-        last_seq: u64,
-        transfer: bool,
-    },
-    /// `lease_wait_ms`: how long, from the voter's point of view, a lease
-    /// granted by an earlier primary may still run (with the drift margin).
-    VoteReply {
-        epoch: u64,
-        inc: u64,
-        granted: bool,
-        lease_wait_ms: u64,
-    },
-    /// Entries (possibly none: a heartbeat) after `prev`, the commit index,
-    /// and a lease grant of `lease_ms` counted from `echo.at` on the
-    /// receiver's clock (0 = no lease).
-    Append {
-        epoch: u64,
-        inc: u64,
-        prev: Version,
-        entries: Vec<Entry>,
-        commit: u64,
-        /// primary's clock when sent; echoed in the reply
-        sent_at: u64,
-        echo: Option<Echo>,
-        lease_ms: u64,
-        /// The receiver's incarnation as the sender knows it (0: unknown):
-        /// a learner is promoted only by appends addressed to its own.
-        #[serde(default)]
-        to_inc: u64,
-    },
-    /// `ok`: the log matched `prev`; `match_seq` is then durable and equal to
-    /// the primary's log. On `!ok`, `last_seq` hints where to resume.
-    AppendReply {
-        epoch: u64,
-        inc: u64,
-        ok: bool,
-        match_seq: u64,
-        last_seq: u64,
-        learner: bool,
-        sent_at_echo: u64,
-        echo: Echo,
-    },
-    /// A whole snapshot in one message. Replicas now stream snapshots in
-    /// [`Message::SnapshotChunk`]s and no longer send this; a backup still
-    /// installs one it receives, with the same checks.
-    InstallSnapshot {
-        epoch: u64,
-        inc: u64,
-        snapshot: Snapshot,
-        commit: u64,
-        sent_at: u64,
-    },
-    /// Catch-up for a backup too far behind: bytes `offset ..
-    /// offset + data.len()` of the primary's latest snapshot, which is
-    /// `total` bytes long and covers the log up to `version`. The backup
-    /// answers with a [`Message::SnapshotChunkReply`], and with an
-    /// [`Message::AppendReply`] once the last chunk is in (or when it
-    /// already holds everything up to `version`).
-    SnapshotChunk {
-        epoch: u64,
-        inc: u64,
-        version: Version,
-        offset: u64,
-        total: u64,
-        #[serde(with = "base64_bytes")]
-        data: Vec<u8>,
-        /// primary's clock when sent; echoed in the reply
-        sent_at: u64,
-    },
-    /// The backup holds the first `held` bytes of the snapshot at `version`
-    /// (0: none of it), so the primary sends the chunk at `held` next.
-    SnapshotChunkReply {
-        epoch: u64,
-        inc: u64,
-        version: Version,
-        held: u64,
-        sent_at_echo: u64,
-    },
-    /// Leadership transfer: the primary of `epoch` tells the receiver to start
-    /// an election now.
-    TimeoutNow { epoch: u64, inc: u64 },
+pub struct Message {
+    pub epoch: u64,
+    pub inc: u64,
+    pub body: Body,
+}
+
+/// What a message says; see each type.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum Body {
+    PreVote(PreVote),
+    PreVoteReply(PreVoteReply),
+    Vote(Vote),
+    VoteReply(VoteReply),
+    Append(Append),
+    AppendReply(AppendReply),
+    SnapshotChunk(SnapshotChunk),
+    SnapshotChunkReply(SnapshotChunkReply),
+    /// Leadership transfer: the primary of the header's epoch tells the
+    /// receiver to start an election now.
+    TimeoutNow,
+}
+
+/// "Would you vote for me in `epoch + 1`?" Changes nothing at the receiver.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreVote {
+    pub log_epoch: u64,
+    pub last_seq: u64,
+}
+
+/// The header's epoch is the epoch the pre-vote was asked in (when
+/// granted), else the voter's epoch.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreVoteReply {
+    pub granted: bool,
+}
+
+/// A candidate for the header's epoch asks for a vote. `transfer`: the
+/// primary of the epoch before handed over to this candidate (voters skip
+/// the lease check).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vote {
+    pub log_epoch: u64,
+    pub last_seq: u64,
+    pub transfer: bool,
+}
+
+/// `lease_wait_ms`: how long, from the voter's point of view, a lease
+/// granted by an earlier primary may still run (with the drift margin).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VoteReply {
+    pub granted: bool,
+    pub lease_wait_ms: u64,
+}
+
+/// Entries (possibly none: a heartbeat) after `prev`, the commit index,
+/// and a lease grant of `lease_ms` counted from `echo.at` on the
+/// receiver's clock (0 = no lease).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Append {
+    pub prev: Version,
+    pub entries: Vec<Entry>,
+    pub commit: u64,
+    /// primary's clock when sent; echoed in the reply
+    pub sent_at: u64,
+    pub echo: Option<Echo>,
+    pub lease_ms: u64,
+    /// The receiver's incarnation as the sender knows it (0: unknown):
+    /// a learner is promoted only by appends addressed to its own.
+    pub to_inc: u64,
+}
+
+/// `ok`: the log matched `prev`; `match_seq` is then durable and equal to
+/// the primary's log. On `!ok`, `last_seq` hints where to resume.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppendReply {
+    pub ok: bool,
+    pub match_seq: u64,
+    pub last_seq: u64,
+    pub learner: bool,
+    pub sent_at_echo: u64,
+    pub echo: Echo,
+}
+
+/// Catch-up for a backup too far behind: bytes `offset .. offset +
+/// data.len()` of the primary's latest snapshot, which is `total` bytes
+/// long and covers the log up to `version`. The backup answers with a
+/// [`SnapshotChunkReply`], and with an [`AppendReply`] once the last chunk
+/// is in (or when it already holds everything up to `version`).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotChunk {
+    pub version: Version,
+    pub offset: u64,
+    pub total: u64,
+    #[serde(with = "base64_bytes")]
+    pub data: Vec<u8>,
+    /// primary's clock when sent; echoed in the reply
+    pub sent_at: u64,
+}
+
+/// The backup holds the first `held` bytes of the snapshot at `version`
+/// (0: none of it), so the primary sends the chunk at `held` next.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotChunkReply {
+    pub version: Version,
+    pub held: u64,
+    pub sent_at_echo: u64,
 }
 
 impl Message {
-    /// The sender's epoch.
-    pub fn epoch(&self) -> u64 {
-        match self {
-            Message::PreVote { epoch, .. }
-            | Message::PreVoteReply { epoch, .. }
-            | Message::Vote { epoch, .. }
-            | Message::VoteReply { epoch, .. }
-            | Message::Append { epoch, .. }
-            | Message::AppendReply { epoch, .. }
-            | Message::InstallSnapshot { epoch, .. }
-            | Message::SnapshotChunk { epoch, .. }
-            | Message::SnapshotChunkReply { epoch, .. }
-            | Message::TimeoutNow { epoch, .. } => *epoch,
-        }
-    }
-
-    /// The sender's incarnation.
-    pub fn inc(&self) -> u64 {
-        match self {
-            Message::PreVote { inc, .. }
-            | Message::PreVoteReply { inc, .. }
-            | Message::Vote { inc, .. }
-            | Message::VoteReply { inc, .. }
-            | Message::Append { inc, .. }
-            | Message::AppendReply { inc, .. }
-            | Message::InstallSnapshot { inc, .. }
-            | Message::SnapshotChunk { inc, .. }
-            | Message::SnapshotChunkReply { inc, .. }
-            | Message::TimeoutNow { inc, .. } => *inc,
+    pub fn new(epoch: u64, inc: u64, body: impl Into<Body>) -> Self {
+        Message {
+            epoch,
+            inc,
+            body: body.into(),
         }
     }
 
@@ -205,123 +203,81 @@ impl Message {
     /// below [`SANE_LIMIT`] (so no arithmetic on it can overflow; `Echo::boot`
     /// is an identifier, never computed with, and may be anything), an
     /// append's entries contiguous after `prev`, of no later epoch than the
-    /// message, and a snapshot chunk's bytes inside its snapshot's length.
+    /// message and never an earlier one than the entry before, and a
+    /// snapshot chunk's bytes inside its snapshot's length.
     /// [`crate::replication::Replica::step`] ignores anything else.
     pub fn is_sane(&self) -> bool {
         let ok = |n: u64| n < SANE_LIMIT;
         let v_ok = |v: &Version| ok(v.epoch) && ok(v.seq);
-        match self {
-            Message::PreVote {
-                epoch,
-                inc,
-                log_epoch,
-                last_seq,
+        let epoch = self.epoch;
+        ok(epoch)
+            && ok(self.inc)
+            && match &self.body {
+                Body::PreVote(PreVote {
+                    log_epoch,
+                    last_seq,
+                })
+                | Body::Vote(Vote {
+                    log_epoch,
+                    last_seq,
+                    ..
+                }) => ok(*log_epoch) && ok(*last_seq) && *log_epoch <= epoch,
+                Body::PreVoteReply(_) | Body::TimeoutNow => true,
+                Body::VoteReply(r) => ok(r.lease_wait_ms),
+                Body::Append(a) => {
+                    v_ok(&a.prev)
+                        && ok(a.commit)
+                        && ok(a.sent_at)
+                        && ok(a.lease_ms)
+                        && a.echo.is_none_or(|e| ok(e.at))
+                        && a.prev.epoch <= epoch
+                        && a.entries.iter().enumerate().all(|(i, e)| {
+                            v_ok(&e.version)
+                                && e.version.epoch <= epoch
+                                && e.version.seq == a.prev.seq + 1 + i as u64
+                        })
+                        && a.entries
+                            .windows(2)
+                            .all(|w| w[0].version.epoch <= w[1].version.epoch)
+                        && a.entries
+                            .first()
+                            .is_none_or(|e| e.version.epoch >= a.prev.epoch)
+                }
+                Body::AppendReply(r) => {
+                    ok(r.match_seq) && ok(r.last_seq) && ok(r.sent_at_echo) && ok(r.echo.at)
+                }
+                Body::SnapshotChunk(c) => {
+                    v_ok(&c.version)
+                        && ok(c.total)
+                        && ok(c.sent_at)
+                        && c.version.epoch <= epoch
+                        && c.offset <= c.total
+                        && c.data.len() as u64 <= c.total - c.offset
+                }
+                Body::SnapshotChunkReply(r) => v_ok(&r.version) && ok(r.held) && ok(r.sent_at_echo),
             }
-            | Message::Vote {
-                epoch,
-                inc,
-                log_epoch,
-                last_seq,
-                ..
-            } => ok(*epoch) && ok(*inc) && ok(*log_epoch) && ok(*last_seq) && log_epoch <= epoch,
-            Message::PreVoteReply { epoch, inc, .. } | Message::TimeoutNow { epoch, inc } => {
-                ok(*epoch) && ok(*inc)
-            }
-            Message::VoteReply {
-                epoch,
-                inc,
-                lease_wait_ms,
-                ..
-            } => ok(*epoch) && ok(*inc) && ok(*lease_wait_ms),
-            Message::Append {
-                epoch,
-                inc,
-                prev,
-                entries,
-                commit,
-                sent_at,
-                echo,
-                lease_ms,
-                ..
-            } => {
-                ok(*epoch)
-                    && ok(*inc)
-                    && v_ok(prev)
-                    && ok(*commit)
-                    && ok(*sent_at)
-                    && ok(*lease_ms)
-                    && echo.is_none_or(|e| ok(e.at))
-                    && prev.epoch <= *epoch
-                    && entries.iter().enumerate().all(|(i, e)| {
-                        v_ok(&e.version)
-                            && e.version.epoch <= *epoch
-                            && e.version.seq == prev.seq + 1 + i as u64
-                    })
-                    && entries
-                        .windows(2)
-                        .all(|w| w[0].version.epoch <= w[1].version.epoch)
-                    && entries
-                        .first()
-                        .is_none_or(|e| e.version.epoch >= prev.epoch)
-            }
-            Message::AppendReply {
-                epoch,
-                inc,
-                match_seq,
-                last_seq,
-                sent_at_echo,
-                echo,
-                ..
-            } => {
-                ok(*epoch)
-                    && ok(*inc)
-                    && ok(*match_seq)
-                    && ok(*last_seq)
-                    && ok(*sent_at_echo)
-                    && ok(echo.at)
-            }
-            Message::InstallSnapshot {
-                epoch,
-                inc,
-                snapshot,
-                commit,
-                sent_at,
-            } => {
-                ok(*epoch)
-                    && ok(*inc)
-                    && v_ok(&snapshot.version)
-                    && ok(*commit)
-                    && ok(*sent_at)
-                    && snapshot.version.epoch <= *epoch
-            }
-            Message::SnapshotChunk {
-                epoch,
-                inc,
-                version,
-                offset,
-                total,
-                data,
-                sent_at,
-            } => {
-                ok(*epoch)
-                    && ok(*inc)
-                    && v_ok(version)
-                    && ok(*total)
-                    && ok(*sent_at)
-                    && version.epoch <= *epoch
-                    && offset <= total
-                    && data.len() as u64 <= total - offset
-            }
-            Message::SnapshotChunkReply {
-                epoch,
-                inc,
-                version,
-                held,
-                sent_at_echo,
-            } => ok(*epoch) && ok(*inc) && v_ok(version) && ok(*held) && ok(*sent_at_echo),
-        }
     }
 }
+
+macro_rules! body_from {
+    ($($t:ident),*) => {
+        $(impl From<$t> for Body {
+            fn from(b: $t) -> Body {
+                Body::$t(b)
+            }
+        })*
+    };
+}
+body_from!(
+    PreVote,
+    PreVoteReply,
+    Vote,
+    VoteReply,
+    Append,
+    AppendReply,
+    SnapshotChunk,
+    SnapshotChunkReply
+);
 
 /// Numbers in messages stay below this (2^62): far beyond any real epoch,
 /// sequence number, incarnation or clock reading.

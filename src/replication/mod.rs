@@ -26,7 +26,9 @@
 //! * **Highest id preferred.** Election timeouts are ordered by id (each
 //!   replica waits `2 × heartbeat` more per higher-id replica), a voter
 //!   that granted a pre-vote to a higher-id candidate refuses lower-id ones
-//!   for one election timeout, and a voter refuses a lower-id candidate
+//!   for one election timeout (unless their log is further ahead: deferring
+//!   to candidates that cannot win could stall every election, as the
+//!   simulator found with five replicas), and a voter refuses a lower-id candidate
 //!   whose log is not ahead of its own (and campaigns itself instead). A
 //!   primary hands over to a higher-id replica that stayed in its view for
 //!   `takeover_after_ms` (a leadership transfer), so a recovered higher-id
@@ -120,31 +122,53 @@
 //!
 //! # Driving the core (the contract)
 //!
-//! ```text
-//! let mut r = Replica::new(config, &storage, now());
-//! loop {
-//!     match next_event() {
-//!         Tick            => r.tick(now()),                // every few ms
-//!         Net(from, msg)  => r.step(now(), from, msg),
-//!         Write(id, op)   => match r.propose(now(), id, op) {
-//!             Ok(version) => remember (version -> client),
-//!             Err(e)      => answer the client (503 / redirect / retry),
-//!         },
-//!     }
-//!     let rd = r.ready();   // or: drive::advance(&mut r, &mut host)
-//!     // 1. persist durably, in this order: snapshot_to_install (replaces
-//!     //    the state machine; deletes log entries up to its seq, keeps
-//!     //    those after it), hard_state, truncate_after (delete entries
-//!     //    with seq > it), entries (append/overwrite)
-//!     // 2. only then send rd.messages (loss, duplication, reordering and
-//!     //    delay are all fine)
-//!     // 3. apply rd.committed in order (skip seq <= your applied seq), then
-//!     //    answer the clients whose versions are now applied
-//!     // 4. if rd.need_snapshot: serialize the state machine at its applied
-//!     //    version v, persist it, call r.snapshot_taken(v, bytes), then you
-//!     //    may drop log entries <= v.seq
-//! }
+//! Every driver loops: give the core an event (a tick, a message, a client
+//! write), then carry out [`Replica::ready`] in this order — the order
+//! [`drive::advance`] writes down once for every driver:
+//!
+//! 1. persist durably: `snapshot_to_install` (replaces the state machine;
+//!    deletes log entries up to its seq, keeps those after it),
+//!    `hard_state`, `truncate_after` (delete entries with seq > it),
+//!    `entries` (append or overwrite);
+//! 2. only then send `messages` (loss, duplication, reordering and delay
+//!    are all fine);
+//! 3. apply `committed` in order (skip seq <= your applied seq), then
+//!    answer the clients whose versions are now applied;
+//! 4. if `need_snapshot`: serialize the state machine at its applied
+//!    version `v`, persist it, call [`Replica::snapshot_taken`], then you
+//!    may drop log entries `<= v.seq`.
+//!
+//! One replica alone, driven by hand (the doctest runs it):
+//!
 //! ```
+//! use pygmy::replication::{Config, MemStorage, ReadGate, Replica, Role, Version};
+//!
+//! let mut disk = MemStorage::bootstrap(1);
+//! let mut r = Replica::new(Config::new(1, 1, vec![1], 7), &disk, 0);
+//! let mut applied = Vec::new();
+//! let mut now = 0;
+//! let mut drive = |r: &mut Replica, disk: &mut MemStorage, applied: &mut Vec<_>| {
+//!     let rd = r.ready();
+//!     disk.persist(&rd); // 1. durably, before anything leaves
+//!     assert!(rd.messages.is_empty()); // 2. send (no peers here)
+//!     applied.extend(rd.committed.iter().map(|e| e.version)); // 3. apply
+//! };
+//! // With no primary known, an election starts by itself; the new primary
+//! // waits out any earlier primary's lease before it takes writes.
+//! while !r.is_primary_ready() {
+//!     now += 10;
+//!     r.tick(now);
+//!     drive(&mut r, &mut disk, &mut applied);
+//! }
+//! assert_eq!(r.role(), Role::Primary);
+//! let v = r.propose(now, "req-1".into(), b"buy book 1".to_vec()).unwrap();
+//! drive(&mut r, &mut disk, &mut applied);
+//! assert_eq!(applied.last(), Some(&v), "committed and applied: answer the client");
+//! assert_eq!(r.read_gate(now, v), ReadGate::Serve);
+//! assert!(r.serve_until(now).is_some_and(|until| until > now));
+//! assert_eq!(r.read_gate(now, Version::new(v.epoch, v.seq + 1)), ReadGate::NotYet);
+//! ```
+//!
 //! A proposal's client is answered when the committed entry at its version's
 //! seq carries its request id (with the result stored by apply); if another
 //! entry committed there (the primary was deposed), the client retries with
@@ -175,6 +199,7 @@
 //! same schedule passes with the mechanism on).
 
 pub mod drive;
+mod log;
 mod message;
 mod replica;
 mod rng;
@@ -183,7 +208,10 @@ mod storage;
 #[cfg(test)]
 mod tests;
 
-pub use message::{Echo, Entry, EntryKind, Message, Snapshot, Version};
+pub use message::{
+    Append, AppendReply, Body, Echo, Entry, EntryKind, Message, PreVote, PreVoteReply, Snapshot,
+    SnapshotChunk, SnapshotChunkReply, Version, Vote, VoteReply,
+};
 pub use replica::Replica;
 pub use rng::SplitMix64;
 pub use storage::{HardState, MemStorage, Storage};
@@ -235,6 +263,9 @@ pub struct UnsafeSwitches {
     /// A learner is promoted by any append that shows it caught up, even one
     /// addressed to an earlier incarnation of its disk.
     pub promote_on_any_append: bool,
+    /// A voter that granted a pre-vote to a higher id refuses every lower
+    /// id for an election timeout, even one whose log is further ahead.
+    pub defer_regardless_of_logs: bool,
 }
 
 /// Settings of one replica. Durations are in milliseconds of the driver's

@@ -75,9 +75,9 @@ impl Net {
                 return;
             }
             for (from, to, m) in msgs {
-                if let Message::SnapshotChunk {
+                if let Body::SnapshotChunk(SnapshotChunk {
                     version, offset, ..
-                } = &m
+                }) = &m.body
                 {
                     self.chunks.push((self.now, to, *version, *offset));
                 }
@@ -173,18 +173,21 @@ impl drive::Host for MemHost<'_> {
 }
 
 fn vote(epoch: u64, log_epoch: u64, last_seq: u64) -> Message {
-    Message::Vote {
+    Message::new(
         epoch,
-        inc: 1,
-        log_epoch,
-        last_seq,
-        transfer: false,
-    }
+        1,
+        Vote {
+            log_epoch,
+            last_seq,
+            transfer: false,
+        },
+    )
 }
 
 fn granted(msgs: &[(NodeId, Message)], to: NodeId) -> bool {
-    msgs.iter()
-        .any(|(t, m)| *t == to && matches!(m, Message::VoteReply { granted: true, .. }))
+    msgs.iter().any(|(t, m)| {
+        *t == to && matches!(m.body, Body::VoteReply(VoteReply { granted: true, .. }))
+    })
 }
 
 fn fresh(id: NodeId, n: u64) -> Replica {
@@ -238,17 +241,19 @@ fn messages_of_an_older_epoch_are_rejected() {
     r.step(
         10_001,
         2,
-        Message::Append {
-            epoch: 4,
-            inc: 1,
-            prev: Version::default(),
-            entries: vec![entry],
-            commit: 1,
-            sent_at: 1,
-            echo: None,
-            lease_ms: 0,
-            to_inc: 1,
-        },
+        Message::new(
+            4,
+            1,
+            Append {
+                prev: Version::default(),
+                entries: vec![entry],
+                commit: 1,
+                sent_at: 1,
+                echo: None,
+                lease_ms: 0,
+                to_inc: 1,
+            },
+        ),
     );
     let rd = r.ready();
     assert!(rd.entries.is_empty() && rd.committed.is_empty());
@@ -256,9 +261,9 @@ fn messages_of_an_older_epoch_are_rejected() {
         rd.messages[..],
         [(
             2,
-            Message::AppendReply {
+            Message {
                 epoch: 5,
-                ok: false,
+                body: Body::AppendReply(AppendReply { ok: false, .. }),
                 ..
             }
         )]
@@ -277,18 +282,20 @@ fn a_replica_in_lease_grants_nothing() {
     net.nodes[backup].step(
         net.now,
         1 + ((p + 2) % 3) as NodeId,
-        Message::PreVote {
-            epoch: e,
-            inc: 1,
-            log_epoch: e,
-            last_seq: 1000,
-        },
+        Message::new(
+            e,
+            1,
+            PreVote {
+                log_epoch: e,
+                last_seq: 1000,
+            },
+        ),
     );
     let rd = net.nodes[backup].ready();
     assert!(
         rd.messages
             .iter()
-            .all(|(_, m)| matches!(m, Message::PreVoteReply { granted: false, .. }))
+            .all(|(_, m)| matches!(m.body, Body::PreVoteReply(PreVoteReply { granted: false })))
     );
     net.nodes[backup].step(net.now, 1 + ((p + 2) % 3) as NodeId, vote(e + 1, e, 1000));
     assert_eq!(
@@ -321,22 +328,20 @@ fn a_new_primary_answers_nothing_before_its_epoch_start_commits() {
     r.step(
         10_001,
         2,
-        Message::PreVoteReply {
-            epoch: 0,
-            inc: 1,
-            granted: true,
-        },
+        Message::new(0, 1, PreVoteReply { granted: true }),
     );
     r.ready();
     r.step(
         10_002,
         2,
-        Message::VoteReply {
-            epoch: 1,
-            inc: 1,
-            granted: true,
-            lease_wait_ms: 0,
-        },
+        Message::new(
+            1,
+            1,
+            VoteReply {
+                granted: true,
+                lease_wait_ms: 0,
+            },
+        ),
     );
     let rd = r.ready();
     assert_eq!(r.role(), Role::Primary);
@@ -356,16 +361,18 @@ fn a_new_primary_answers_nothing_before_its_epoch_start_commits() {
     r.step(
         10_004,
         2,
-        Message::AppendReply {
-            epoch: 1,
-            inc: 1,
-            ok: true,
-            match_seq: 1,
-            last_seq: 1,
-            learner: false,
-            sent_at_echo: 10_002,
-            echo: Echo { boot: 5, at: 7 },
-        },
+        Message::new(
+            1,
+            1,
+            AppendReply {
+                ok: true,
+                match_seq: 1,
+                last_seq: 1,
+                learner: false,
+                sent_at_echo: 10_002,
+                echo: Echo { boot: 5, at: 7 },
+            },
+        ),
     );
     assert!(r.is_primary_ready());
     assert_eq!(
@@ -469,6 +476,34 @@ fn a_new_disk_is_a_learner_until_caught_up() {
 }
 
 #[test]
+fn the_core_says_until_when_it_may_serve_reads_and_the_read_gate_agrees() {
+    // "The core answers 'until when may I serve reads' directly": the end
+    // of the interval on which the read gate serves, for the primary and
+    // for every backup in its view; nothing for a replica cut off from it
+    // once its lease ran out.
+    let mut net = Net::new(3);
+    net.run(2000);
+    let p = net.primary().expect("a primary");
+    for (i, r) in net.nodes.iter().enumerate() {
+        let until = r
+            .serve_until(net.now)
+            .unwrap_or_else(|| panic!("node {} serves reads", i + 1));
+        let v = r.applied();
+        assert_eq!(r.read_gate(until - 1, v), ReadGate::Serve, "node {}", i + 1);
+        assert_eq!(r.read_gate(until, v), ReadGate::Refuse, "node {}", i + 1);
+        assert!(until <= net.now + r.config().lease_ms);
+    }
+    let backup = (p + 1) % 3;
+    net.isolate(backup as NodeId + 1);
+    net.run(2 * net.nodes[backup].config().lease_ms);
+    assert_eq!(net.nodes[backup].serve_until(net.now), None);
+    assert_eq!(
+        net.nodes[backup].read_gate(net.now, Version::default()),
+        ReadGate::Refuse
+    );
+}
+
+#[test]
 fn a_read_waits_for_the_asked_version() {
     // "a replica answers only once it has applied it (or says 'not yet')"
     let mut net = Net::new(3);
@@ -517,44 +552,55 @@ fn nonsense_messages_are_ignored_without_panicking() {
         kind: EntryKind::EpochStart,
     };
     let msgs = vec![
-        Message::Append {
-            epoch: u64::MAX,
-            inc: u64::MAX,
-            prev: Version::new(u64::MAX, u64::MAX),
-            entries: vec![junk.clone(), junk],
-            commit: u64::MAX,
-            sent_at: u64::MAX,
-            echo: Some(Echo {
-                boot: 0,
-                at: u64::MAX,
-            }),
-            lease_ms: u64::MAX,
-            to_inc: 1,
-        },
-        Message::AppendReply {
-            epoch: u64::MAX,
-            inc: u64::MAX,
-            ok: true,
-            match_seq: u64::MAX,
-            last_seq: u64::MAX,
-            learner: false,
-            sent_at_echo: u64::MAX,
-            echo: Echo { boot: 1, at: 1 },
-        },
-        Message::InstallSnapshot {
-            epoch: 0,
-            inc: 0,
-            snapshot: Snapshot {
-                version: Version::new(0, 0),
-                data: vec![],
+        Message::new(
+            u64::MAX,
+            u64::MAX,
+            Append {
+                prev: Version::new(u64::MAX, u64::MAX),
+                entries: vec![junk.clone(), junk],
+                commit: u64::MAX,
+                sent_at: u64::MAX,
+                echo: Some(Echo {
+                    boot: 0,
+                    at: u64::MAX,
+                }),
+                lease_ms: u64::MAX,
+                to_inc: 1,
             },
-            commit: u64::MAX,
-            sent_at: 0,
-        },
-        Message::TimeoutNow {
-            epoch: u64::MAX,
-            inc: 0,
-        },
+        ),
+        Message::new(
+            u64::MAX,
+            u64::MAX,
+            AppendReply {
+                ok: true,
+                match_seq: u64::MAX,
+                last_seq: u64::MAX,
+                learner: false,
+                sent_at_echo: u64::MAX,
+                echo: Echo { boot: 1, at: 1 },
+            },
+        ),
+        Message::new(
+            0,
+            0,
+            SnapshotChunk {
+                version: Version::new(0, 0),
+                offset: 0,
+                total: u64::MAX,
+                data: vec![],
+                sent_at: 0,
+            },
+        ),
+        Message::new(
+            u64::MAX,
+            0,
+            SnapshotChunkReply {
+                version: Version::new(u64::MAX, 0),
+                held: u64::MAX,
+                sent_at_echo: 0,
+            },
+        ),
+        Message::new(u64::MAX, 0, Body::TimeoutNow),
     ];
     for m in msgs {
         for from in [0, 1, 2, 99] {
@@ -591,72 +637,70 @@ fn messages_round_trip_through_json() {
         kind: EntryKind::Op(vec![1, 2, 3]),
     };
     let msgs = vec![
-        Message::PreVote {
-            epoch: 1,
-            inc: 2,
-            log_epoch: 1,
-            last_seq: 4,
-        },
-        Message::PreVoteReply {
-            epoch: 1,
-            inc: 2,
-            granted: true,
-        },
-        vote(2, 1, 4),
-        Message::VoteReply {
-            epoch: 2,
-            inc: 2,
-            granted: true,
-            lease_wait_ms: 50,
-        },
-        Message::Append {
-            epoch: 3,
-            inc: 1,
-            prev: Version::new(3, 8),
-            entries: vec![e],
-            commit: 8,
-            sent_at: 100,
-            echo: Some(Echo { boot: 7, at: 99 }),
-            lease_ms: 500,
-            to_inc: 1,
-        },
-        Message::AppendReply {
-            epoch: 3,
-            inc: 1,
-            ok: true,
-            match_seq: 9,
-            last_seq: 9,
-            learner: false,
-            sent_at_echo: 100,
-            echo: Echo { boot: 7, at: 101 },
-        },
-        Message::InstallSnapshot {
-            epoch: 3,
-            inc: 1,
-            snapshot: Snapshot {
-                version: Version::new(3, 8),
-                data: b"state".to_vec(),
+        Message::new(
+            1,
+            2,
+            PreVote {
+                log_epoch: 1,
+                last_seq: 4,
             },
-            commit: 8,
-            sent_at: 5,
-        },
-        Message::SnapshotChunk {
-            epoch: 3,
-            inc: 1,
-            version: Version::new(3, 8),
-            offset: 7,
-            total: 12,
-            data: b"state".to_vec(),
-            sent_at: 5,
-        },
-        Message::SnapshotChunkReply {
-            epoch: 3,
-            inc: 1,
-            version: Version::new(3, 8),
-            held: 12,
-            sent_at_echo: 5,
-        },
-        Message::TimeoutNow { epoch: 3, inc: 1 },
+        ),
+        Message::new(1, 2, PreVoteReply { granted: true }),
+        vote(2, 1, 4),
+        Message::new(
+            2,
+            2,
+            VoteReply {
+                granted: true,
+                lease_wait_ms: 50,
+            },
+        ),
+        Message::new(
+            3,
+            1,
+            Append {
+                prev: Version::new(3, 8),
+                entries: vec![e],
+                commit: 8,
+                sent_at: 100,
+                echo: Some(Echo { boot: 7, at: 99 }),
+                lease_ms: 500,
+                to_inc: 1,
+            },
+        ),
+        Message::new(
+            3,
+            1,
+            AppendReply {
+                ok: true,
+                match_seq: 9,
+                last_seq: 9,
+                learner: false,
+                sent_at_echo: 100,
+                echo: Echo { boot: 7, at: 101 },
+            },
+        ),
+        Message::new(
+            3,
+            1,
+            SnapshotChunk {
+                version: Version::new(3, 8),
+                offset: 7,
+                total: 12,
+                data: b"state".to_vec(),
+                sent_at: 5,
+            },
+        ),
+        Message::new(
+            3,
+            1,
+            SnapshotChunkReply {
+                version: Version::new(3, 8),
+                held: 12,
+                sent_at_echo: 5,
+            },
+        ),
+        Message::new(3, 1, Body::TimeoutNow),
     ];
     for m in msgs {
         let json = serde_json::to_string(&m).unwrap();
@@ -666,18 +710,40 @@ fn messages_round_trip_through_json() {
 }
 
 #[test]
+fn the_fuzzers_seed_messages_are_messages() {
+    // The fuzzer starts from these: they must stay in the wire format.
+    let dir = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fuzz/seeds/replication_message"
+    );
+    let mut seen = 0;
+    for f in std::fs::read_dir(dir).unwrap() {
+        let bytes = std::fs::read(f.unwrap().path()).unwrap();
+        let one = serde_json::from_slice::<Message>(&bytes).map(|m| vec![m]);
+        let batch =
+            serde_json::from_slice::<crate::api::ReplicationBatch>(&bytes).map(|b| b.messages);
+        let msgs = one.or(batch).expect("a message or a batch");
+        assert!(msgs.iter().all(Message::is_sane));
+        seen += 1;
+    }
+    assert!(seen >= 4);
+}
+
+#[test]
 fn snapshot_chunks_carry_their_bytes_as_base64() {
     // "Chunk bytes go on the wire compactly: base64 in JSON, not arrays of
     // numbers."
-    let m = Message::SnapshotChunk {
-        epoch: 3,
-        inc: 1,
-        version: Version::new(3, 8),
-        offset: 0,
-        total: 5,
-        data: b"state".to_vec(),
-        sent_at: 5,
-    };
+    let m = Message::new(
+        3,
+        1,
+        SnapshotChunk {
+            version: Version::new(3, 8),
+            offset: 0,
+            total: 5,
+            data: b"state".to_vec(),
+            sent_at: 5,
+        },
+    );
     let json = serde_json::to_string(&m).unwrap();
     assert!(json.contains(r#""data":"c3RhdGU=""#), "{json}");
     let bad = json.replace("c3RhdGU=", "not base64!");
@@ -704,30 +770,38 @@ fn random_garbage_never_panics() {
                 Version::new(p(rng), p(rng))
             };
             let m = match rng.below(10) {
-                0 => Message::PreVote {
-                    epoch: pick(&mut rng),
-                    inc: pick(&mut rng),
-                    log_epoch: pick(&mut rng),
-                    last_seq: pick(&mut rng),
-                },
-                1 => Message::PreVoteReply {
-                    epoch: pick(&mut rng),
-                    inc: pick(&mut rng),
-                    granted: rng.chance(0.5),
-                },
-                2 => Message::Vote {
-                    epoch: pick(&mut rng),
-                    inc: pick(&mut rng),
-                    log_epoch: pick(&mut rng),
-                    last_seq: pick(&mut rng),
-                    transfer: rng.chance(0.5),
-                },
-                3 => Message::VoteReply {
-                    epoch: pick(&mut rng),
-                    inc: pick(&mut rng),
-                    granted: rng.chance(0.5),
-                    lease_wait_ms: pick(&mut rng),
-                },
+                0 => Message::new(
+                    pick(&mut rng),
+                    pick(&mut rng),
+                    PreVote {
+                        log_epoch: pick(&mut rng),
+                        last_seq: pick(&mut rng),
+                    },
+                ),
+                1 => Message::new(
+                    pick(&mut rng),
+                    pick(&mut rng),
+                    PreVoteReply {
+                        granted: rng.chance(0.5),
+                    },
+                ),
+                2 => Message::new(
+                    pick(&mut rng),
+                    pick(&mut rng),
+                    Vote {
+                        log_epoch: pick(&mut rng),
+                        last_seq: pick(&mut rng),
+                        transfer: rng.chance(0.5),
+                    },
+                ),
+                3 => Message::new(
+                    pick(&mut rng),
+                    pick(&mut rng),
+                    VoteReply {
+                        granted: rng.chance(0.5),
+                        lease_wait_ms: pick(&mut rng),
+                    },
+                ),
                 4 => {
                     let prev = v(&mut rng, &mut pick);
                     let n = rng.below(3);
@@ -738,64 +812,70 @@ fn random_garbage_never_panics() {
                             kind: EntryKind::EpochStart,
                         })
                         .collect();
-                    Message::Append {
-                        epoch: pick(&mut rng),
-                        inc: pick(&mut rng),
-                        prev,
-                        entries,
-                        commit: pick(&mut rng),
-                        sent_at: pick(&mut rng),
-                        echo: Some(Echo {
+                    Message::new(
+                        pick(&mut rng),
+                        pick(&mut rng),
+                        Append {
+                            prev,
+                            entries,
+                            commit: pick(&mut rng),
+                            sent_at: pick(&mut rng),
+                            echo: Some(Echo {
+                                boot: pick(&mut rng),
+                                at: pick(&mut rng),
+                            }),
+                            lease_ms: pick(&mut rng),
+                            to_inc: 1,
+                        },
+                    )
+                }
+                5 => Message::new(
+                    pick(&mut rng),
+                    pick(&mut rng),
+                    AppendReply {
+                        ok: rng.chance(0.5),
+                        match_seq: pick(&mut rng),
+                        last_seq: pick(&mut rng),
+                        learner: rng.chance(0.5),
+                        sent_at_echo: pick(&mut rng),
+                        echo: Echo {
                             boot: pick(&mut rng),
                             at: pick(&mut rng),
-                        }),
-                        lease_ms: pick(&mut rng),
-                        to_inc: 1,
-                    }
-                }
-                5 => Message::AppendReply {
-                    epoch: pick(&mut rng),
-                    inc: pick(&mut rng),
-                    ok: rng.chance(0.5),
-                    match_seq: pick(&mut rng),
-                    last_seq: pick(&mut rng),
-                    learner: rng.chance(0.5),
-                    sent_at_echo: pick(&mut rng),
-                    echo: Echo {
-                        boot: pick(&mut rng),
-                        at: pick(&mut rng),
+                        },
                     },
-                },
-                6 => Message::InstallSnapshot {
-                    epoch: pick(&mut rng),
-                    inc: pick(&mut rng),
-                    snapshot: Snapshot {
+                ),
+                6 => Message::new(
+                    pick(&mut rng),
+                    pick(&mut rng),
+                    SnapshotChunk {
                         version: v(&mut rng, &mut pick),
+                        offset: 0,
+                        total: 0,
                         data: vec![],
+                        sent_at: pick(&mut rng),
                     },
-                    commit: pick(&mut rng),
-                    sent_at: pick(&mut rng),
-                },
-                7 => Message::SnapshotChunk {
-                    epoch: pick(&mut rng),
-                    inc: pick(&mut rng),
-                    version: v(&mut rng, &mut pick),
-                    offset: pick(&mut rng),
-                    total: pick(&mut rng),
-                    data: vec![7; rng.below(4) as usize],
-                    sent_at: pick(&mut rng),
-                },
-                8 => Message::SnapshotChunkReply {
-                    epoch: pick(&mut rng),
-                    inc: pick(&mut rng),
-                    version: v(&mut rng, &mut pick),
-                    held: pick(&mut rng),
-                    sent_at_echo: pick(&mut rng),
-                },
-                _ => Message::TimeoutNow {
-                    epoch: pick(&mut rng),
-                    inc: pick(&mut rng),
-                },
+                ),
+                7 => Message::new(
+                    pick(&mut rng),
+                    pick(&mut rng),
+                    SnapshotChunk {
+                        version: v(&mut rng, &mut pick),
+                        offset: pick(&mut rng),
+                        total: pick(&mut rng),
+                        data: vec![7; rng.below(4) as usize],
+                        sent_at: pick(&mut rng),
+                    },
+                ),
+                8 => Message::new(
+                    pick(&mut rng),
+                    pick(&mut rng),
+                    SnapshotChunkReply {
+                        version: v(&mut rng, &mut pick),
+                        held: pick(&mut rng),
+                        sent_at_echo: pick(&mut rng),
+                    },
+                ),
+                _ => Message::new(pick(&mut rng), pick(&mut rng), Body::TimeoutNow),
             };
             let now = 1000 + step * 10;
             r.step(now, 1 + rng.below(3), m);
@@ -897,17 +977,19 @@ fn entries(epoch: u64, seqs: std::ops::RangeInclusive<u64>) -> Vec<Entry> {
 }
 
 fn append(epoch: u64, prev: Version, entries: Vec<Entry>, commit: u64) -> Message {
-    Message::Append {
+    Message::new(
         epoch,
-        inc: 1,
-        prev,
-        entries,
-        commit,
-        sent_at: 1,
-        echo: None,
-        lease_ms: 0,
-        to_inc: 1,
-    }
+        1,
+        Append {
+            prev,
+            entries,
+            commit,
+            sent_at: 1,
+            echo: None,
+            lease_ms: 0,
+            to_inc: 1,
+        },
+    )
 }
 
 /// Steps a message into `r` and persists what it asks on `disk`.
@@ -919,8 +1001,8 @@ fn deliver(r: &mut Replica, disk: &mut MemStorage, from: NodeId, msg: Message) -
 }
 
 fn acked(rd: &Ready) -> Option<(bool, u64)> {
-    rd.messages.iter().find_map(|(_, m)| match m {
-        Message::AppendReply { ok, match_seq, .. } => Some((*ok, *match_seq)),
+    rd.messages.iter().find_map(|(_, m)| match &m.body {
+        Body::AppendReply(AppendReply { ok, match_seq, .. }) => Some((*ok, *match_seq)),
         _ => None,
     })
 }
@@ -1031,13 +1113,7 @@ fn a_snapshot_whose_last_entry_the_log_does_not_hold_replaces_the_whole_log() {
         &mut b,
         &mut disk,
         2,
-        Message::InstallSnapshot {
-            epoch: 2,
-            inc: 1,
-            snapshot: snap,
-            commit: 12,
-            sent_at: 2,
-        },
+        chunk(2, snap.version, 0, snap.data.len() as u64, &snap.data),
     );
     assert_eq!(
         b.status().last,
@@ -1054,21 +1130,25 @@ fn a_snapshot_whose_last_entry_the_log_does_not_hold_replaces_the_whole_log() {
 }
 
 fn chunk(epoch: u64, version: Version, offset: u64, total: u64, data: &[u8]) -> Message {
-    Message::SnapshotChunk {
+    Message::new(
         epoch,
-        inc: 1,
-        version,
-        offset,
-        total,
-        data: data.to_vec(),
-        sent_at: 2,
-    }
+        1,
+        SnapshotChunk {
+            version,
+            offset,
+            total,
+            data: data.to_vec(),
+            sent_at: 2,
+        },
+    )
 }
 
 /// What a backup said it holds of which snapshot.
 fn chunk_reply(rd: &Ready) -> Option<(Version, u64)> {
-    rd.messages.iter().find_map(|(_, m)| match m {
-        Message::SnapshotChunkReply { version, held, .. } => Some((*version, *held)),
+    rd.messages.iter().find_map(|(_, m)| match &m.body {
+        Body::SnapshotChunkReply(SnapshotChunkReply { version, held, .. }) => {
+            Some((*version, *held))
+        }
         _ => None,
     })
 }
@@ -1136,7 +1216,11 @@ fn a_lost_chunk_is_resent_from_the_confirmed_offset_after_the_resend_interval() 
     let mut net = lagging_backup();
     let mut lost = false;
     net.deliver_if = Some(Box::new(move |m| {
-        let lose = !lost && matches!(m, Message::SnapshotChunk { offset: 14, .. });
+        let lose = !lost
+            && matches!(
+                m.body,
+                Body::SnapshotChunk(SnapshotChunk { offset: 14, .. })
+            );
         lost |= lose;
         !lose
     }));
@@ -1267,7 +1351,7 @@ fn a_newer_snapshot_at_the_primary_restarts_the_transfer() {
     // the transfer from 0."
     let mut net = lagging_backup();
     net.deliver_if = Some(Box::new(
-        |m| !matches!(m, Message::SnapshotChunk { offset, .. } if *offset >= 14),
+        |m| !matches!(&m.body, Body::SnapshotChunk(SnapshotChunk { offset, .. }) if *offset >= 14),
     ));
     net.run(100);
     let first = latest_snapshot(&net);
@@ -1335,7 +1419,7 @@ fn any_chunk_numbers_from_the_network_are_handled() {
     // A primary in the middle of a transfer, fed any answer.
     let mut net = lagging_backup();
     net.deliver_if = Some(Box::new(
-        |m| !matches!(m, Message::SnapshotChunk { offset, .. } if *offset >= 14),
+        |m| !matches!(&m.body, Body::SnapshotChunk(SnapshotChunk { offset, .. }) if *offset >= 14),
     ));
     net.run(100);
     let snap = latest_snapshot(&net);
@@ -1343,13 +1427,15 @@ fn any_chunk_numbers_from_the_network_are_handled() {
     for version in versions.into_iter().chain([snap.version]) {
         for held in nums {
             for sent_at_echo in nums {
-                let m = Message::SnapshotChunkReply {
+                let m = Message::new(
                     epoch,
-                    inc: 1,
-                    version,
-                    held,
-                    sent_at_echo,
-                };
+                    1,
+                    SnapshotChunkReply {
+                        version,
+                        held,
+                        sent_at_echo,
+                    },
+                );
                 net.nodes[2].step(net.now, 1, m);
                 net.pump();
             }
@@ -1372,17 +1458,19 @@ fn learner_after_append(to_inc: u64, promote_on_any: bool) -> bool {
     cfg.unsafe_switches.promote_on_any_append = promote_on_any;
     let mut r = Replica::new(cfg, &disk, 0);
     assert!(r.is_learner());
-    let msg = Message::Append {
-        epoch: 1,
-        inc: 1,
-        prev: Version::default(),
-        entries: entries(1, 1..=3),
-        commit: 3,
-        sent_at: 1,
-        echo: None,
-        lease_ms: 0,
-        to_inc,
-    };
+    let msg = Message::new(
+        1,
+        1,
+        Append {
+            prev: Version::default(),
+            entries: entries(1, 1..=3),
+            commit: 3,
+            sent_at: 1,
+            echo: None,
+            lease_ms: 0,
+            to_inc,
+        },
+    );
     deliver(&mut r, &mut disk, 3, msg);
     r.is_learner()
 }

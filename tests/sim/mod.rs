@@ -737,6 +737,9 @@ impl Sim {
                 if self.nodes[to].up && !self.blocked[from][to] {
                     let now = self.nodes[to].local(self.t);
                     let from_id = self.nodes[from].id;
+                    if std::env::var_os("PYGMY_SIM_TRACE_MSGS").is_some() {
+                        eprintln!("[{:>5}] {} -> {}: {:?}", self.t, from + 1, to + 1, msg);
+                    }
                     self.nodes[to].r.as_mut().unwrap().step(now, from_id, *msg);
                     self.process(to)?;
                 }
@@ -896,7 +899,7 @@ impl Sim {
     }
 
     fn send(&mut self, from: usize, to: usize, msg: pygmy::replication::Message) {
-        if matches!(msg, Message::SnapshotChunk { .. }) {
+        if matches!(msg.body, pygmy::replication::Body::SnapshotChunk(_)) {
             self.stats.snapshot_chunks += 1;
         }
         if self.blocked[from][to] || self.rng.chance(self.loss) {
