@@ -209,6 +209,23 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// A typed client of one node, made from the node's base URL and the HTTP
+/// client its calls go through.
+pub trait NodeClient: Clone + Send + Sync + 'static {
+    fn connect(base: String, http: Http) -> Self;
+}
+
+macro_rules! node_client {
+    ($($t:ident),*) => {
+        $(impl NodeClient for $t {
+            fn connect(base: String, http: Http) -> Self {
+                Self::new(base, http)
+            }
+        })*
+    };
+}
+node_client!(CatalogClient, OrderClient, FrontendClient);
+
 /// A catalog replica (internal routes: token required).
 #[derive(Clone, Debug)]
 pub struct CatalogClient {

@@ -27,6 +27,7 @@
 //! * [`frontend`]  — the public API and its cache.
 //! * [`history`]   — checks what clients saw (linearizable reads, nothing lost).
 //! * [`readiness`] — `/readyz`: ready to serve, not just up.
+//! * [`node`]      — one way to start a node: resolve it, build, serve.
 //! * [`cluster`]   — `pygmy up`: the whole store as separate processes.
 //! * [`bench`]     — `pygmy bench`: latency, invalidation and failover, measured.
 //! * [`metrics`]   — Prometheus metrics with bounded labels.
@@ -44,6 +45,7 @@ pub mod frontend;
 pub mod history;
 pub mod http;
 pub mod metrics;
+pub mod node;
 pub mod order;
 pub mod readiness;
 pub mod replication;
@@ -126,7 +128,8 @@ pub async fn bind(
         .map_err(|e| NodeError::Config(format!("{name}: cannot listen on {addr}: {e}")))
 }
 
-/// Runs node `name` of `cfg` on `listener` until `shutdown` resolves.
+/// Runs node `name` of `cfg` on `listener` until `shutdown` resolves: the
+/// node is resolved once ([`node::Node`]), then its service runs.
 pub async fn run_node(
     listener: tokio::net::TcpListener,
     cfg: ClusterConfig,
@@ -134,20 +137,23 @@ pub async fn run_node(
     opts: frontend::Options,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
-    let role = cfg
-        .node(name)
-        .ok_or_else(|| NodeError::Config(format!("the config has no node named {name:?}")))?
-        .role;
-    http::metrics_handle();
-    trim_memory_every(std::time::Duration::from_secs(10));
+    if cfg.node(name).is_none() {
+        return Err(NodeError::Config(format!(
+            "the config has no node named {name:?}"
+        )));
+    }
+    // TLS before the node: its HTTP client takes the material when built.
     if let Some(dir) = tls::dir_of(&cfg) {
         let material = tls::load(&dir, name).map_err(|e| NodeError::Config(e.to_string()))?;
         tls::install(material);
         tracing::info!(dir = %dir.display(), "TLS between nodes: on");
     }
-    match role {
-        Role::Frontend => frontend::run(listener, cfg, name, opts, shutdown).await,
-        Role::Order => order::run(listener, cfg, name, shutdown).await,
-        Role::Catalog => catalog::run(listener, cfg, name, shutdown).await,
+    let node = node::Node::resolve(cfg, name)?;
+    http::metrics_handle();
+    trim_memory_every(std::time::Duration::from_secs(10));
+    match node.entry.role {
+        Role::Frontend => frontend::run(listener, node, opts, shutdown).await,
+        Role::Order => order::run(listener, node, shutdown).await,
+        Role::Catalog => catalog::run(listener, node, shutdown).await,
     }
 }

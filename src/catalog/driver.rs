@@ -110,8 +110,9 @@ impl Default for Clock {
     }
 }
 
-/// Shared between the driver thread and the HTTP handlers.
-pub struct Shared {
+/// What the driver thread publishes for the HTTP handlers: the applied
+/// state, the read gate's inputs, the clock both count leases on.
+pub struct Published {
     pub state: RwLock<Arc<State>>,
     pub gate: watch::Sender<Gate>,
     pub applied: watch::Sender<Version>,
@@ -140,7 +141,7 @@ pub fn rebuild(dir: &std::path::Path, damage: &str) -> ! {
 /// How many recent state digests a replica keeps for its peers to compare.
 pub const DIGESTS_KEPT: usize = 32;
 
-impl Shared {
+impl Published {
     pub fn state(&self) -> Arc<State> {
         self.state.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -161,7 +162,7 @@ impl Shared {
     }
 
     /// May this replica serve a read at applied position `target` now?
-    pub fn read_gate(&self, target: u64) -> ReadGate {
+    pub fn admit(&self, target: u64) -> ReadGate {
         if !self.may_serve() {
             ReadGate::Refuse
         } else if self.applied.borrow().seq >= target {
@@ -182,7 +183,7 @@ struct Waiter {
 struct Io {
     db: Db,
     state: State,
-    shared: Arc<Shared>,
+    shared: Arc<Published>,
     outbox: mpsc::UnboundedSender<(NodeId, Message)>,
     /// Writes proposed here, by the seq their entry got.
     pending: HashMap<u64, Vec<Waiter>>,
@@ -216,7 +217,7 @@ impl Driver {
         replica: Replica,
         db: Db,
         state: State,
-        shared: Arc<Shared>,
+        shared: Arc<Published>,
         inputs: std::sync::mpsc::Receiver<Input>,
         outbox: mpsc::UnboundedSender<(NodeId, Message)>,
         names: HashMap<NodeId, String>,

@@ -39,11 +39,12 @@ use crate::api::*;
 use crate::client::{
     CatalogClient, ClientError, FrontendClient, Http, NO_FORWARD_HEADER, PRIMARY_HEADER,
 };
-use crate::config::{ClusterConfig, Role};
+use crate::config::Role;
 use crate::http::{self as h, ApiError, JsonBody, QueryArgs, Segment};
+use crate::node::Node;
 use crate::replication::{self, Message, NodeId, ReadGate, Replica};
 
-use driver::{Clock, Driver, Gate, Input, Shared, WriteError};
+use driver::{Clock, Driver, Gate, Input, Published, WriteError};
 use invalidation::{Invalidator, LeaseError};
 use store::Db;
 
@@ -65,7 +66,7 @@ pub const MAX_REPLICATION_BODY: usize = 256 << 20;
 struct Catalog {
     name: String,
     process_id: u64,
-    shared: Arc<Shared>,
+    shared: Arc<Published>,
     /// Set once the driver runs (after the start-up decision).
     inputs: RwLock<Option<std::sync::mpsc::SyncSender<Input>>>,
     invalidator: RwLock<Option<(u64, Arc<Invalidator>)>>,
@@ -77,7 +78,8 @@ struct Catalog {
     disk: (u64, Version),
 }
 
-type Ctx = Arc<Catalog>;
+/// What every handler gets.
+type AppState = Arc<Catalog>;
 
 impl Catalog {
     fn send(&self, input: Input) -> Result<(), ApiError> {
@@ -103,7 +105,7 @@ impl Catalog {
         &self,
         primary: Option<NodeId>,
         write: &CatalogWrite,
-    ) -> Result<Json<WriteResult>, Response> {
+    ) -> Result<Json<WriteResult>, RouteError> {
         let Some(client) = primary
             .filter(|p| *p != self.process_id)
             .and_then(|p| self.peers.get(&p))
@@ -116,30 +118,67 @@ impl Catalog {
             Ok(r) => Ok(Json(r)),
             Err(ClientError::Status { status, message, .. }) if (400..500).contains(&status) && status != 421 && status != 408 => {
                 let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
-                Err(ApiError::new(status, message).into_response())
+                Err(ApiError::new(status, message).into())
             }
             Err(e) => Err(ApiError::unavailable(format!(
                 "{} forwarded the write to the primary {name}, which could not complete it ({}); retry with the same request id",
                 self.name,
                 e.status().map_or("no answer".to_string(), |s| format!("status {s}"))
             ))
-            .into_response()),
+            .into()),
         }
     }
 
-    /// 421 naming the primary while this replica holds a lease from it;
-    /// 503 when it knows of no live primary (the last one only as a hint).
-    fn not_primary(&self, primary: Option<NodeId>) -> Response {
-        match primary.filter(|p| *p != self.process_id) {
-            Some(p) => {
-                let name = self.name_of(p);
-                let live = self.shared.may_serve();
+    /// This replica is not the primary: see [`RouteError::NotPrimary`].
+    fn not_primary(&self, primary: Option<NodeId>) -> RouteError {
+        RouteError::NotPrimary {
+            replica: self.name.clone(),
+            primary: primary
+                .filter(|p| *p != self.process_id)
+                .map(|p| self.name_of(p)),
+            live: self.shared.may_serve(),
+        }
+    }
+}
+
+/// Why a catalog route refused.
+enum RouteError {
+    /// A problem the client is told as it is (4xx, or 503 to retry).
+    Problem(ApiError),
+    /// A write (or cache lease) only the primary takes: 421 naming the
+    /// primary (also in the `Primary` header) while this replica holds a
+    /// lease from it; 503 when it knows of no live primary (the last one
+    /// only as a hint).
+    NotPrimary {
+        replica: String,
+        primary: Option<String>,
+        live: bool,
+    },
+}
+
+impl From<ApiError> for RouteError {
+    fn from(e: ApiError) -> Self {
+        RouteError::Problem(e)
+    }
+}
+
+impl IntoResponse for RouteError {
+    fn into_response(self) -> Response {
+        match self {
+            RouteError::Problem(e) => e.into_response(),
+            RouteError::NotPrimary {
+                replica,
+                primary: Some(name),
+                live,
+            } => {
                 let mut res = if live {
-                    ApiError::new(StatusCode::MISDIRECTED_REQUEST, format!("{} is not the primary; {name} is", self.name))
+                    ApiError::new(
+                        StatusCode::MISDIRECTED_REQUEST,
+                        format!("{replica} is not the primary; {name} is"),
+                    )
                 } else {
                     ApiError::unavailable(format!(
-                        "{} is not the primary and has lost contact with the last one ({name}); no majority reachable?",
-                        self.name
+                        "{replica} is not the primary and has lost contact with the last one ({name}); no majority reachable?"
                     ))
                 }
                 .into_response();
@@ -148,31 +187,149 @@ impl Catalog {
                 }
                 res
             }
-            None => ApiError::unavailable(format!(
-                "{} is not the primary and knows of none yet",
-                self.name
+            RouteError::NotPrimary {
+                replica,
+                primary: None,
+                ..
+            } => ApiError::unavailable(format!(
+                "{replica} is not the primary and knows of none yet"
             ))
             .into_response(),
         }
     }
 }
 
-/// Runs catalog node `name` on `listener` until `shutdown` resolves.
+/// What start-up found on disk (see [`open_disk`]).
+struct Disk {
+    dir: std::path::PathBuf,
+    identity: crate::storage::Identity,
+    db: Db,
+    state: store::State,
+    /// The books this replica would found a new cluster with.
+    seed_books: Vec<Book>,
+}
+
+/// Runs catalog node `node` on `listener` until `shutdown` resolves, in
+/// three steps: open the disk, serve while deciding whether to found a new
+/// cluster or learn from a running one, then start the replication driver.
 pub async fn run(
     listener: TcpListener,
-    cfg: ClusterConfig,
-    name: &str,
+    node: Node,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
-    let node = cfg
-        .node(name)
-        .ok_or_else(|| NodeError::Config(format!("no node {name}")))?
-        .clone();
-    let dir = cfg
-        .data_dir(&node)
-        .ok_or_else(|| NodeError::Config(format!("{name} has no data_dir")))?;
     crate::metrics::register(Role::Catalog);
-    let mut identity = crate::storage::claim(&dir, "catalog.sqlite", &cfg.cluster_id, name)?;
+    let mut disk = open_disk(&node)?;
+    let disk_hard_state = disk
+        .db
+        .hard_state()
+        .map_err(crate::storage::StorageError::from)?
+        .map_or((0, Version::default()), |hs| {
+            (hs.epoch, store::to_api(hs.commit))
+        });
+    tracing::info!(
+        data_dir = %disk.dir.display(),
+        incarnation = disk.identity.incarnation,
+        applied = %disk.state.version,
+        "catalog store open{}",
+        if disk.identity.fresh { " (new data directory)" } else { "" }
+    );
+    let names: HashMap<NodeId, String> = node
+        .cfg
+        .nodes_of(Role::Catalog)
+        .map(|n| (n.process_id, n.name.clone()))
+        .collect();
+    let clock = Clock::new();
+    let (gate_tx, _) = watch::channel(Gate::default());
+    let (applied_tx, _) = watch::channel(disk.state.version);
+    let shared = Arc::new(Published {
+        state: RwLock::new(Arc::new(disk.state.clone())),
+        gate: gate_tx,
+        applied: applied_tx,
+        clock,
+        digests: Default::default(),
+    });
+    let peers: Vec<(String, CatalogClient)> = node.clients(Role::Catalog, &node.http);
+    let catalog: AppState = Arc::new(Catalog {
+        name: node.name.clone(),
+        process_id: node.entry.process_id,
+        shared: shared.clone(),
+        inputs: RwLock::new(None),
+        invalidator: RwLock::new(None),
+        names: names.clone(),
+        peers: node
+            .cfg
+            .nodes_of(Role::Catalog)
+            .filter(|n| n.name != node.name)
+            .map(|n| {
+                (
+                    n.process_id,
+                    CatalogClient::new(n.base_url(), node.http.clone()),
+                )
+            })
+            .collect(),
+        disk: disk_hard_state,
+    });
+    tracing::info!(addr = %listener.local_addr()?, "catalog {} serving", node.name);
+    let node = Arc::new(node);
+    let server = tokio::spawn({
+        let (node, app) = (node.clone(), router(catalog.clone(), &node.cfg.token));
+        async move {
+            node.serve(
+                listener,
+                app,
+                &[("/internal/replication", MAX_REPLICATION_BODY)],
+                shutdown,
+            )
+            .await
+        }
+    });
+
+    let persisted = bootstrap_or_learn(&mut disk, &peers).await?;
+    let dir = disk.dir.clone();
+    let driver = start(&node, &catalog, disk, persisted, names)?;
+    tokio::spawn(compare_digests(
+        dir.clone(),
+        shared.clone(),
+        peers,
+        node.cfg.nodes_of(Role::Catalog).count(),
+    ));
+
+    let res = server
+        .await
+        .map_err(|e| NodeError::Config(format!("server task failed: {e}")))?;
+    // Stop the driver: drop the only sender of its inputs. Once it has
+    // closed the database (SQLite checkpoints and removes its write-ahead
+    // log), the directory is marked cleanly stopped.
+    catalog
+        .inputs
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    let closed = tokio::time::timeout(
+        DRIVER_STOP_TIMEOUT,
+        tokio::task::spawn_blocking(move || driver.join()),
+    )
+    .await;
+    if matches!(closed, Ok(Ok(Ok(())))) {
+        crate::storage::mark_stopped(&dir)?;
+    } else {
+        tracing::warn!(
+            "the replication driver did not stop in time; the next start counts this stop as not clean"
+        );
+    }
+    res?;
+    tracing::info!("catalog {} stopped", node.name);
+    Ok(())
+}
+
+/// Claims the data directory and opens the store, verified row by row:
+/// what it holds, and whether it is still the disk this replica promised
+/// its peers (a copy, a lost write-ahead log or damage each give it a new
+/// incarnation, to rejoin as a learner).
+fn open_disk(node: &Node) -> Result<Disk, NodeError> {
+    let dir = node.data_dir()?;
+    let cfg = &node.cfg;
+    let mut identity = crate::storage::claim(&dir, "catalog.sqlite", &cfg.cluster_id, &node.name)?;
     if identity.copied {
         tracing::warn!(
             data_dir = %dir.display(),
@@ -201,97 +358,50 @@ pub async fn run(
     }
     let db = open_verified(&dir)?;
     crate::storage::seal(&dir, "catalog.sqlite", false)?;
-    let disk = db
-        .hard_state()
-        .map_err(crate::storage::StorageError::from)?
-        .map_or((0, Version::default()), |hs| {
-            (hs.epoch, store::to_api(hs.commit))
-        });
     let state = db
         .load_state()
         .map_err(crate::storage::StorageError::from)?;
-    tracing::info!(
-        data_dir = %dir.display(),
-        incarnation = identity.incarnation,
-        applied = %state.version,
-        "catalog store open{}",
-        if identity.fresh { " (new data directory)" } else { "" }
-    );
-    let peers: Vec<_> = cfg
-        .nodes_of(Role::Catalog)
-        .filter(|n| n.name != name)
-        .cloned()
-        .collect();
-    let http = Http::new(
-        Some(cfg.token.clone()),
-        Duration::from_millis(cfg.timing.call_timeout_ms),
-    );
-    let names: HashMap<NodeId, String> = cfg
-        .nodes_of(Role::Catalog)
-        .map(|n| (n.process_id, n.name.clone()))
-        .collect();
-    let clock = Clock::new();
-    let (gate_tx, _) = watch::channel(Gate::default());
-    let (applied_tx, _) = watch::channel(state.version);
-    let shared = Arc::new(Shared {
-        state: RwLock::new(Arc::new(state.clone())),
-        gate: gate_tx,
-        applied: applied_tx,
-        clock,
-        digests: Default::default(),
-    });
-    let catalog = Arc::new(Catalog {
-        name: name.to_string(),
-        process_id: node.process_id,
-        shared: shared.clone(),
-        inputs: RwLock::new(None),
-        invalidator: RwLock::new(None),
-        names: names.clone(),
-        peers: peers
-            .iter()
-            .map(|p| (p.process_id, CatalogClient::new(p.base_url(), http.clone())))
-            .collect(),
-        disk,
-    });
+    Ok(Disk {
+        dir,
+        identity,
+        db,
+        state,
+        seed_books,
+    })
+}
 
-    let app = h::finish_with_body_limits(
-        router(catalog.clone(), &cfg.token),
-        &cfg.limits,
-        &[("/internal/replication", MAX_REPLICATION_BODY)],
-    );
-    tracing::info!(addr = %listener.local_addr()?, "catalog {name} serving");
-    let server = tokio::spawn(h::serve(
-        listener,
-        app,
-        cfg.limits.clone(),
-        cfg.token.clone(),
-        shutdown,
-    ));
-
-    // Start the replication driver: decide first whether a blank disk is a
-    // member of a brand-new cluster (every reachable peer blank too) or a
-    // replaced disk (rejoins as a non-voting learner until caught up).
-    let mut db = db;
-    let blank = db.is_blank().map_err(crate::storage::StorageError::from)?;
-    if blank && !identity.fresh {
+/// The start-up decision: a blank disk is a member of a brand-new cluster
+/// (every peer blank too) or a replaced disk, which rejoins as a non-voting
+/// learner until caught up; a disk that lost its data or whose log is
+/// damaged takes a new incarnation. Returns what the core starts from.
+async fn bootstrap_or_learn(
+    disk: &mut Disk,
+    peers: &[(String, CatalogClient)],
+) -> Result<store::Persisted, NodeError> {
+    let dir = &disk.dir;
+    let blank = disk
+        .db
+        .is_blank()
+        .map_err(crate::storage::StorageError::from)?;
+    if blank && !disk.identity.fresh {
         // Emptied (or deleted) next to its identity: what this replica
         // acknowledged is gone, so it must not answer as the same disk.
-        identity = crate::storage::renew(&dir, &identity)?;
-        crate::storage::seal(&dir, "catalog.sqlite", true)?;
+        disk.identity = crate::storage::renew(dir, &disk.identity)?;
+        crate::storage::seal(dir, "catalog.sqlite", true)?;
         tracing::warn!(
             data_dir = %dir.display(),
-            incarnation = identity.incarnation,
+            incarnation = disk.identity.incarnation,
             "the database is empty but the data directory has served before: its data was lost; starting under a new incarnation"
         );
     }
     if blank {
-        let voter = new_cluster(&peers, &http).await;
-        if voter {
-            db.bootstrap(&replication::HardState {
-                incarnation: identity.incarnation,
-                ..Default::default()
-            })
-            .map_err(crate::storage::StorageError::from)?;
+        if new_cluster(peers).await {
+            disk.db
+                .bootstrap(&replication::HardState {
+                    incarnation: disk.identity.incarnation,
+                    ..Default::default()
+                })
+                .map_err(crate::storage::StorageError::from)?;
             tracing::info!("first start of a new cluster: joining as a voting member");
         } else {
             tracing::info!(
@@ -299,21 +409,43 @@ pub async fn run(
             );
         }
     }
-    let persisted = db
+    let persisted = disk
+        .db
         .load_persisted()
         .map_err(crate::storage::StorageError::from)?;
     if let Some(damage) = log_damage(&persisted) {
-        identity = crate::storage::renew(&dir, &identity)?;
-        crate::storage::seal(&dir, "catalog.sqlite", true)?;
+        disk.identity = crate::storage::renew(dir, &disk.identity)?;
+        crate::storage::seal(dir, "catalog.sqlite", true)?;
         tracing::warn!(
             data_dir = %dir.display(),
-            incarnation = identity.incarnation,
+            incarnation = disk.identity.incarnation,
             "the replication log is damaged ({damage}): this replica may hold less than it acknowledged; rejoining as a learner under a new incarnation until caught up"
         );
     }
+    Ok(persisted)
+}
+
+/// Starts the replication core on its own thread (the driver), the
+/// transport to the peers and the primary's cache invalidation; writes
+/// reach the driver from then on. Returns the driver's thread.
+fn start(
+    node: &Node,
+    catalog: &AppState,
+    disk: Disk,
+    persisted: store::Persisted,
+    names: HashMap<NodeId, String>,
+) -> Result<std::thread::JoinHandle<()>, NodeError> {
+    let Disk {
+        db,
+        state,
+        identity,
+        seed_books,
+        ..
+    } = disk;
+    let cfg = &node.cfg;
     let t = &cfg.timing;
     let mut rcfg = replication::Config::new(
-        node.process_id,
+        node.entry.process_id,
         identity.incarnation,
         cfg.nodes_of(Role::Catalog).map(|n| n.process_id).collect(),
         uuid::Uuid::new_v4().as_u64_pair().0,
@@ -324,7 +456,7 @@ pub async fn run(
     rcfg.takeover_after_ms = t.takeover_after_ms;
     rcfg.fence_caches = true;
     let drift = rcfg.drift_margin;
-    let replica = Replica::new(rcfg, &persisted, clock.now_ms());
+    let replica = Replica::new(rcfg, &persisted, catalog.shared.clock.now_ms());
     // The driver's queue: a bounded channel allocates all its slots up
     // front, so its bound is what a node can have in flight (requests are
     // capped at `max_in_flight`), with room for replication batches.
@@ -332,10 +464,13 @@ pub async fn run(
         std::sync::mpsc::sync_channel(cfg.limits.max_in_flight.max(64) * 2);
     let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
     tokio::spawn(transport(
-        node.process_id,
+        node.entry.process_id,
         outbox_rx,
-        peers.clone(),
-        http.clone(),
+        cfg.nodes_of(Role::Catalog)
+            .filter(|n| n.name != node.name)
+            .cloned()
+            .collect(),
+        node.http.clone(),
         t.call_timeout_ms,
     ));
     let tick = Duration::from_millis((t.heartbeat_ms / 5).clamp(1, 10));
@@ -343,7 +478,7 @@ pub async fn run(
         replica,
         db,
         state,
-        shared.clone(),
+        catalog.shared.clone(),
         inputs_rx,
         outbox_tx,
         names,
@@ -355,71 +490,18 @@ pub async fn run(
         },
     );
     let driver = std::thread::Builder::new()
-        .name(format!("{name}-driver"))
+        .name(format!("{}-driver", node.name))
         .spawn(move || driver.run())
         .map_err(NodeError::Io)?;
     *catalog.inputs.write().unwrap_or_else(|p| p.into_inner()) = Some(inputs_tx);
-
-    let frontends: Vec<(String, FrontendClient)> = cfg
-        .nodes_of(Role::Frontend)
-        .map(|n| {
-            (
-                n.name.clone(),
-                FrontendClient::new(n.base_url(), http.clone()),
-            )
-        })
-        .collect();
-    let cache_lease = Duration::from_millis(t.cache_lease_ms);
-    let replication_lease = Duration::from_millis(t.lease_ms);
     tokio::spawn(manage_invalidator(
-        Arc::downgrade(&catalog),
-        frontends,
-        cache_lease,
-        replication_lease,
+        Arc::downgrade(catalog),
+        node.clients::<FrontendClient>(Role::Frontend, &node.http),
+        Duration::from_millis(t.cache_lease_ms),
+        Duration::from_millis(t.lease_ms),
         drift,
     ));
-
-    tokio::spawn(compare_digests(
-        dir.clone(),
-        shared.clone(),
-        peers
-            .iter()
-            .map(|p| {
-                (
-                    p.name.clone(),
-                    CatalogClient::new(p.base_url(), http.clone()),
-                )
-            })
-            .collect(),
-        peers.len() + 1,
-    ));
-
-    let res = server
-        .await
-        .map_err(|e| NodeError::Config(format!("server task failed: {e}")))?;
-    // Stop the driver: drop the only sender of its inputs. Once it has
-    // closed the database (SQLite checkpoints and removes its write-ahead
-    // log), the directory is marked cleanly stopped.
-    catalog
-        .inputs
-        .write()
-        .unwrap_or_else(|p| p.into_inner())
-        .take();
-    let closed = tokio::time::timeout(
-        DRIVER_STOP_TIMEOUT,
-        tokio::task::spawn_blocking(move || driver.join()),
-    )
-    .await;
-    if matches!(closed, Ok(Ok(Ok(())))) {
-        crate::storage::mark_stopped(&dir)?;
-    } else {
-        tracing::warn!(
-            "the replication driver did not stop in time; the next start counts this stop as not clean"
-        );
-    }
-    res?;
-    tracing::info!("catalog {name} stopped");
-    Ok(())
+    Ok(driver)
 }
 
 /// How long a stopping catalog waits for its driver to close the database.
@@ -489,13 +571,11 @@ fn log_damage(p: &store::Persisted) -> Option<String> {
 /// Whether this blank replica is part of a cluster's first start: every
 /// peer that answers is blank as well (epoch 0), and enough answer to make
 /// a majority with us. Any peer with history makes us a learner.
-async fn new_cluster(peers: &[crate::config::NodeConfig], http: &Http) -> bool {
+async fn new_cluster(peers: &[(String, CatalogClient)]) -> bool {
     loop {
         let mut answers = Vec::with_capacity(peers.len());
-        for p in peers {
-            let s = crate::client::CatalogClient::new(p.base_url(), http.clone())
-                .status()
-                .await;
+        for (_, p) in peers {
+            let s = p.status().await;
             answers.push(s.ok().map(|s| (s.epoch, s.commit.seq)));
         }
         if let Some(founding) = founds_new_cluster(&answers) {
@@ -619,7 +699,7 @@ async fn manage_invalidator(
     }
 }
 
-fn router(state: Ctx, token: &str) -> Router {
+fn router(state: AppState, token: &str) -> Router {
     let internal = Router::new()
         .route("/lookup/{id}", get(lookup))
         .route("/search/{topic}", get(search))
@@ -640,7 +720,7 @@ fn router(state: Ctx, token: &str) -> Router {
 /// `GET /readyz`: ready when this replica knows a primary and either is that
 /// primary, ready for writes, or holds a lease to serve reads (and forwards
 /// writes to the primary).
-async fn readyz(State(c): State<Ctx>) -> Result<Json<Health>, ApiError> {
+async fn readyz(State(c): State<AppState>) -> Result<Json<Health>, ApiError> {
     let g = *c.shared.gate.borrow();
     let serves = c.shared.may_serve();
     crate::readiness::answer(match (g.primary, g.primary_ready || serves) {
@@ -658,12 +738,12 @@ struct LookupArgs {
 
 /// Waits until this replica may serve a read at least at `min` that shows
 /// every write committed anywhere before the read arrived.
-async fn read_gate(c: &Catalog, min: Version) -> Result<Arc<store::State>, ApiError> {
+async fn readable_state(c: &Catalog, min: Version) -> Result<Arc<store::State>, ApiError> {
     let mut applied = c.shared.applied.subscribe();
     let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
     let target = c.shared.read_target(min);
     loop {
-        match c.shared.read_gate(target) {
+        match c.shared.admit(target) {
             ReadGate::Serve => return Ok(c.shared.state()),
             ReadGate::Refuse => {
                 metrics::counter!(crate::metrics::REPL_LEASE_REFUSALS).increment(1);
@@ -689,7 +769,7 @@ async fn read_gate(c: &Catalog, min: Version) -> Result<Arc<store::State>, ApiEr
 }
 
 async fn lookup(
-    State(c): State<Ctx>,
+    State(c): State<AppState>,
     Segment(id): Segment,
     QueryArgs(args): QueryArgs<LookupArgs>,
 ) -> Result<Json<LookupResponse>, ApiError> {
@@ -698,7 +778,7 @@ async fn lookup(
         Some(v) => v.parse()?,
         None => Version::default(),
     };
-    let state = read_gate(&c, min).await?;
+    let state = readable_state(&c, min).await?;
     state
         .lookup(id)
         .map(Json)
@@ -706,17 +786,17 @@ async fn lookup(
 }
 
 async fn search(
-    State(c): State<Ctx>,
+    State(c): State<AppState>,
     Segment(topic): Segment,
 ) -> Result<Json<SearchResponse>, ApiError> {
     let topic = TopicSlug::parse(&topic)?;
-    let state = read_gate(&c, Version::default()).await?;
+    let state = readable_state(&c, Version::default()).await?;
     Ok(Json(state.search(&topic)))
 }
 
 /// Every topic: slug → display name.
-async fn topics(State(c): State<Ctx>) -> Result<Json<TopicsResponse>, ApiError> {
-    let state = read_gate(&c, Version::default()).await?;
+async fn topics(State(c): State<AppState>) -> Result<Json<TopicsResponse>, ApiError> {
+    let state = readable_state(&c, Version::default()).await?;
     let topics = state
         .books
         .values()
@@ -737,7 +817,7 @@ async fn apply(
     c: &Catalog,
     write: CatalogWrite,
     may_forward: bool,
-) -> Result<Json<WriteResult>, Response> {
+) -> Result<Json<WriteResult>, RouteError> {
     let book = write.op.book_id();
     // Only a primary holds an invalidator: tell every cache the write
     // begins before it can be proposed (and so become visible).
@@ -763,7 +843,7 @@ async fn apply(
         reply,
     }) {
         end(*c.shared.applied.borrow());
-        return Err(e.into_response());
+        return Err(e.into());
     }
     let result = match rx.await {
         Ok(Ok(r)) => r,
@@ -775,17 +855,15 @@ async fn apply(
                     None => Err(c.not_primary(primary)),
                 },
                 WriteError::UnknownBook(id) => {
-                    Err(ApiError::not_found(format!("no book with id {id}")).into_response())
+                    Err(ApiError::not_found(format!("no book with id {id}")).into())
                 }
-                WriteError::Unavailable(why) => Err(ApiError::unavailable(why).into_response()),
-                e @ WriteError::Expired(_) => {
-                    Err(ApiError::conflict(e.to_string()).into_response())
-                }
+                WriteError::Unavailable(why) => Err(ApiError::unavailable(why).into()),
+                e @ WriteError::Expired(_) => Err(ApiError::conflict(e.to_string()).into()),
             };
         }
         Err(_) => {
             end(*c.shared.applied.borrow());
-            return Err(ApiError::unavailable("this replica is stopping").into_response());
+            return Err(ApiError::unavailable("this replica is stopping").into());
         }
     };
     match inv {
@@ -797,7 +875,7 @@ async fn apply(
             return Err(ApiError::unavailable(
                 "primaryship changed; retry with the same request id",
             )
-            .into_response());
+            .into());
         }
     }
     Ok(Json(result))
@@ -809,28 +887,24 @@ fn may_forward(headers: &HeaderMap) -> bool {
 }
 
 async fn write(
-    State(c): State<Ctx>,
+    State(c): State<AppState>,
     headers: HeaderMap,
     JsonBody(w): JsonBody<CatalogWrite>,
-) -> Result<Json<WriteResult>, Response> {
+) -> Result<Json<WriteResult>, RouteError> {
     tracing::debug!(write_id = %w.request_id, "write received");
     apply(&c, w, may_forward(&headers)).await
 }
 
 async fn update(
-    State(c): State<Ctx>,
+    State(c): State<AppState>,
     headers: HeaderMap,
     JsonBody(u): JsonBody<UpdateRequest>,
-) -> Result<Json<WriteResult>, Response> {
+) -> Result<Json<WriteResult>, RouteError> {
     if u.stock.is_none() && u.cost.is_none() {
-        return Err(
-            ApiError::bad_request("nothing to update: give stock and/or cost").into_response(),
-        );
+        return Err(ApiError::bad_request("nothing to update: give stock and/or cost").into());
     }
     if u.stock.is_some_and(|s| s > MAX_STOCK) {
-        return Err(
-            ApiError::bad_request(format!("stock must be at most {MAX_STOCK}")).into_response(),
-        );
+        return Err(ApiError::bad_request(format!("stock must be at most {MAX_STOCK}")).into());
     }
     let request_id = match u.request_id {
         Some(r) => r,
@@ -848,9 +922,9 @@ async fn update(
 }
 
 async fn cache_lease(
-    State(c): State<Ctx>,
+    State(c): State<AppState>,
     JsonBody(r): JsonBody<LeaseRequest>,
-) -> Result<Json<LeaseGrant>, Response> {
+) -> Result<Json<LeaseGrant>, RouteError> {
     let g = *c.shared.gate.borrow();
     let inv = c
         .invalidator
@@ -869,14 +943,14 @@ async fn cache_lease(
             let version = *c.shared.applied.borrow();
             inv.grant(&r.frontend, version)
                 .map(Json)
-                .map_err(|e| ApiError::from(e).into_response())
+                .map_err(|e| ApiError::from(e).into())
         }
         _ => Err(c.not_primary(g.primary)),
     }
 }
 
 /// `GET /internal/digests`: this replica's latest state digests.
-async fn digests(State(c): State<Ctx>) -> Json<Vec<StateDigest>> {
+async fn digests(State(c): State<AppState>) -> Json<Vec<StateDigest>> {
     let d = c.shared.digests.lock().unwrap_or_else(|p| p.into_inner());
     Json(
         d.iter()
@@ -895,7 +969,7 @@ async fn digests(State(c): State<Ctx>) -> Json<Vec<StateDigest>> {
 /// A difference no majority settles is logged loudly.
 async fn compare_digests(
     dir: std::path::PathBuf,
-    shared: Arc<Shared>,
+    shared: Arc<Published>,
     peers: Vec<(String, CatalogClient)>,
     replicas: usize,
 ) {
@@ -957,7 +1031,7 @@ async fn compare_digests(
     }
 }
 
-async fn status(State(c): State<Ctx>) -> Result<Json<NodeStatus>, ApiError> {
+async fn status(State(c): State<AppState>) -> Result<Json<NodeStatus>, ApiError> {
     let (reply, rx) = oneshot::channel();
     if c.send(Input::Status { reply }).is_err() {
         // Still starting: report what the disk holds (a blank disk only if
@@ -1000,7 +1074,7 @@ async fn status(State(c): State<Ctx>) -> Result<Json<NodeStatus>, ApiError> {
 }
 
 async fn replication_in(
-    State(c): State<Ctx>,
+    State(c): State<AppState>,
     JsonBody(batch): JsonBody<ReplicationBatch>,
 ) -> Result<Json<Health>, ApiError> {
     if !c.names.contains_key(&batch.from) || batch.from == c.process_id {

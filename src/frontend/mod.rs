@@ -22,6 +22,7 @@ use crate::balance::{Pick, Pool};
 use crate::client::{CatalogClient, Http, OrderClient};
 use crate::config::{ClusterConfig, Role};
 use crate::http::{self as h, ApiError, JsonBody, Segment};
+use crate::node::Node;
 
 use cache::{Cache, CacheStats};
 
@@ -35,7 +36,8 @@ struct Frontend {
     web: web::Web,
 }
 
-type Shared = Arc<Frontend>;
+/// What every handler gets.
+type AppState = Arc<Frontend>;
 
 /// Options of a frontend beyond the cluster file.
 #[derive(Debug, Clone, Copy, Default)]
@@ -43,53 +45,30 @@ pub struct Options {
     pub no_cache: bool,
 }
 
-/// Runs frontend node `name` on `listener` until `shutdown` resolves.
+/// Runs frontend node `node` on `listener` until `shutdown` resolves.
 pub async fn run(
     listener: TcpListener,
-    cfg: ClusterConfig,
-    name: &str,
+    node: Node,
     opts: Options,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
-    cfg.node(name)
-        .ok_or_else(|| NodeError::Config(format!("no node {name}")))?;
     crate::metrics::register(Role::Frontend);
-    let t = &cfg.timing;
-    let http = Http::new(
-        Some(cfg.token.clone()),
-        Duration::from_millis(t.call_timeout_ms),
-    );
+    let (cfg, t) = (&node.cfg, &node.cfg.timing);
     // Every retry budget ends before the request timeout, so a request
     // never times out here while one of its retries still runs.
-    let budget = Duration::from_millis(t.retry_budget_ms).min(public_budget(&cfg));
-    let catalogs: Vec<(String, CatalogClient)> = cfg
-        .nodes_of(Role::Catalog)
-        .map(|n| {
-            (
-                n.name.clone(),
-                CatalogClient::new(n.base_url(), http.clone()),
-            )
-        })
-        .collect();
-    let catalog = Pool::new("catalog", catalogs.clone(), Pick::RoundRobin, budget);
+    let budget = Duration::from_millis(t.retry_budget_ms).min(public_budget(cfg));
+    let catalog = node.pool(Role::Catalog, &node.http, Pick::RoundRobin, budget);
     // An order replica may itself retry the catalog for a whole budget (a
     // failover): give it that long before trying another.
     let order_http = Http::new(
         Some(cfg.token.clone()),
         Duration::from_millis(t.retry_budget_ms + t.call_timeout_ms),
     );
-    let orders = Pool::new(
-        "order",
-        cfg.nodes_of(Role::Order)
-            .map(|n| {
-                (
-                    n.name.clone(),
-                    OrderClient::new(n.base_url(), order_http.clone()),
-                )
-            })
-            .collect(),
+    let orders = node.pool(
+        Role::Order,
+        &order_http,
         Pick::RoundRobin,
-        (Duration::from_millis(t.retry_budget_ms) * 2).min(public_budget(&cfg)),
+        (Duration::from_millis(t.retry_budget_ms) * 2).min(public_budget(cfg)),
     );
     let probe = Duration::from_millis(t.health_interval_ms);
     catalog.spawn_probe(
@@ -100,25 +79,37 @@ pub async fn run(
         probe,
         |o: OrderClient| async move { o.health().await.is_ok() },
     );
-    let fe: Shared = Arc::new(Frontend {
+    let fe: AppState = Arc::new(Frontend {
         cache: Cache::new(!opts.no_cache, cfg.limits.cache_entries)
             // The replication lease with the core's drift margin (10 %).
             .with_fence_timeout(Duration::from_millis(t.lease_ms).mul_f64(1.1)),
-        web: web::Web::new(&cfg, name),
+        web: web::Web::new(cfg, &node.name),
         catalog,
         orders,
     });
     web::spawn_observer(Arc::downgrade(&fe));
     if !opts.no_cache {
         let lease = Duration::from_millis(t.cache_lease_ms);
-        let primary = Pool::new("catalog", catalogs, Pick::Sticky, lease / 2);
+        let primary = node.pool(Role::Catalog, &node.http, Pick::Sticky, lease / 2);
         tokio::spawn(renew_lease(
             Arc::downgrade(&fe),
             primary,
-            name.to_string(),
+            node.name.clone(),
             lease,
         ));
     }
+    let app = router(fe, &cfg.token);
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        cache = if opts.no_cache { "off" } else { "on" },
+        "frontend {} serving", node.name
+    );
+    node.serve(listener, app, &[], shutdown).await?;
+    tracing::info!("frontend {} stopped", node.name);
+    Ok(())
+}
+
+fn router(fe: AppState, token: &str) -> Router {
     let public = Router::new()
         .route("/search/{topic}", get(search))
         .route("/lookup/{id}", get(lookup))
@@ -134,25 +125,7 @@ pub async fn run(
         .route("/internal/invalidate", post(invalidate))
         .route("/internal/cache", get(cache_stats))
         .merge(web::token_routes());
-    let app = public
-        .merge(h::internal(internal, &cfg.token))
-        .with_state(fe);
-    let app = h::finish(app, &cfg.limits);
-    tracing::info!(
-        addr = %listener.local_addr()?,
-        cache = if opts.no_cache { "off" } else { "on" },
-        "frontend {name} serving"
-    );
-    h::serve(
-        listener,
-        app,
-        cfg.limits.clone(),
-        cfg.token.clone(),
-        shutdown,
-    )
-    .await?;
-    tracing::info!("frontend {name} stopped");
-    Ok(())
+    public.merge(h::internal(internal, token)).with_state(fe)
 }
 
 /// The longest a frontend may spend on one public request's calls: the
@@ -208,7 +181,7 @@ async fn renew_lease(
 }
 
 /// `GET /readyz`: ready when a catalog replica and an order replica answer.
-async fn readyz(State(fe): State<Shared>) -> Result<Json<Health>, ApiError> {
+async fn readyz(State(fe): State<AppState>) -> Result<Json<Health>, ApiError> {
     let catalogs = fe.catalog.members().iter().map(|m| {
         let c = m.client.clone();
         async move { c.health().await.is_ok() }
@@ -242,7 +215,7 @@ async fn readyz(State(fe): State<Shared>) -> Result<Json<Health>, ApiError> {
     )
 )]
 async fn search(
-    State(fe): State<Shared>,
+    State(fe): State<AppState>,
     Segment(topic): Segment,
 ) -> Result<Json<Arc<SearchResponse>>, ApiError> {
     let topic = TopicSlug::parse(&topic)?;
@@ -277,7 +250,7 @@ async fn search(
     )
 )]
 async fn lookup(
-    State(fe): State<Shared>,
+    State(fe): State<AppState>,
     Segment(id): Segment,
 ) -> Result<Json<Arc<LookupResponse>>, ApiError> {
     let id = BookId::parse(&id)?;
@@ -332,7 +305,7 @@ fn request_id(headers: &HeaderMap) -> Result<RequestId, ApiError> {
     )
 )]
 async fn buy(
-    State(fe): State<Shared>,
+    State(fe): State<AppState>,
     headers: HeaderMap,
     Segment(id): Segment,
     body: axum::body::Bytes,
@@ -412,7 +385,7 @@ async fn buy_once(
 }
 
 async fn invalidate(
-    State(fe): State<Shared>,
+    State(fe): State<AppState>,
     JsonBody(batch): JsonBody<InvalidationBatch>,
 ) -> Json<Health> {
     fe.cache.invalidate(&batch);
@@ -421,6 +394,6 @@ async fn invalidate(
     })
 }
 
-async fn cache_stats(State(fe): State<Shared>) -> Json<CacheStats> {
+async fn cache_stats(State(fe): State<AppState>) -> Json<CacheStats> {
     Json(fe.cache.stats())
 }

@@ -26,7 +26,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 
-use super::Shared;
+use super::AppState;
 use crate::api::*;
 use crate::client::Http;
 use crate::config::{ClusterConfig, Role};
@@ -154,7 +154,7 @@ fn serve_asset(name: &str, headers: &HeaderMap) -> Response {
 }
 
 /// Routes anyone may use: the pages, their assets, the topic list.
-pub(super) fn public_routes() -> Router<Shared> {
+pub(super) fn public_routes() -> Router<AppState> {
     Router::new()
         .route(
             "/",
@@ -172,7 +172,7 @@ pub(super) fn public_routes() -> Router<Shared> {
 }
 
 /// Routes that need the cluster token: the live picture and restocking.
-pub(super) fn token_routes() -> Router<Shared> {
+pub(super) fn token_routes() -> Router<AppState> {
     Router::new()
         .route("/ops/state", get(ops_state))
         .route("/ops/restock", post(restock))
@@ -192,7 +192,7 @@ pub(super) fn token_routes() -> Router<Shared> {
     )
 )]
 pub(super) async fn topics(
-    State(fe): State<Shared>,
+    State(fe): State<AppState>,
 ) -> Result<Json<Arc<TopicsResponse>>, ApiError> {
     let t = fe
         .web
@@ -207,14 +207,14 @@ pub(super) async fn topics(
     Ok(Json(t.clone()))
 }
 
-async fn ops_state(State(fe): State<Shared>) -> Json<OpsState> {
+async fn ops_state(State(fe): State<AppState>) -> Json<OpsState> {
     Json(fe.web.snapshot())
 }
 
 /// `POST /ops/restock` (token): set a book's stock and/or price at the
 /// catalog primary. Retried with one request id, so it applies once.
 async fn restock(
-    State(fe): State<Shared>,
+    State(fe): State<AppState>,
     JsonBody(mut u): JsonBody<UpdateRequest>,
 ) -> Result<Json<WriteResult>, ApiError> {
     if u.stock.is_none() && u.cost.is_none() {
@@ -254,7 +254,7 @@ struct Meter {
 }
 
 /// Counts the store's buys and lookups (a layer on the public routes).
-pub(super) async fn observe(State(fe): State<Shared>, req: Request, next: Next) -> Response {
+pub(super) async fn observe(State(fe): State<AppState>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
     let buy = req.method() == Method::POST && path.starts_with("/buy/");
     let lookup = req.method() == Method::GET && path.starts_with("/lookup/");

@@ -18,9 +18,10 @@ use tokio::net::TcpListener;
 use crate::NodeError;
 use crate::api::*;
 use crate::balance::{Pick, Pool};
-use crate::client::{CatalogClient, Http};
-use crate::config::{ClusterConfig, Role};
+use crate::client::CatalogClient;
+use crate::config::Role;
 use crate::http::{self as h, ApiError, JsonBody, QueryArgs};
+use crate::node::Node;
 
 use store::OrderStore;
 
@@ -29,60 +30,25 @@ struct Order {
     catalog: Arc<Pool<CatalogClient>>,
 }
 
-type Shared = Arc<Order>;
+/// What every handler gets.
+type AppState = Arc<Order>;
 
-/// Runs order node `name` on `listener` until `shutdown` resolves.
+/// Runs order node `node` on `listener` until `shutdown` resolves.
 pub async fn run(
     listener: TcpListener,
-    cfg: ClusterConfig,
-    name: &str,
+    node: Node,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
-    let node = cfg
-        .node(name)
-        .ok_or_else(|| NodeError::Config(format!("no node {name}")))?;
-    let dir = cfg
-        .data_dir(node)
-        .ok_or_else(|| NodeError::Config(format!("{name} has no data_dir")))?;
-    let store = OrderStore::open(&dir, &cfg.cluster_id, name)?;
-    let http = Http::new(
-        Some(cfg.token.clone()),
-        Duration::from_millis(cfg.timing.call_timeout_ms),
-    );
-    let catalog = Pool::new(
-        "catalog",
-        cfg.nodes_of(Role::Catalog)
-            .map(|n| {
-                (
-                    n.name.clone(),
-                    CatalogClient::new(n.base_url(), http.clone()),
-                )
-            })
-            .collect(),
-        Pick::Sticky,
-        Duration::from_millis(cfg.timing.retry_budget_ms).min(crate::frontend::public_budget(&cfg)),
-    );
-    let state: Shared = Arc::new(Order { store, catalog });
-    crate::metrics::register(crate::config::Role::Order);
-    let routes = Router::new()
-        .route("/internal/buy", post(buy))
-        .route("/log", get(log));
-    let public = Router::new().route("/readyz", get(readyz));
-    let app = h::finish(
-        public
-            .merge(h::internal(routes, &cfg.token))
-            .with_state(state.clone()),
-        &cfg.limits,
-    );
-    tracing::info!(addr = %listener.local_addr()?, data_dir = %dir.display(), "order {name} serving");
-    h::serve(
-        listener,
-        app,
-        cfg.limits.clone(),
-        cfg.token.clone(),
-        shutdown,
-    )
-    .await?;
+    let dir = node.data_dir()?;
+    let store = OrderStore::open(&dir, &node.cfg.cluster_id, &node.name)?;
+    let budget = Duration::from_millis(node.cfg.timing.retry_budget_ms)
+        .min(crate::frontend::public_budget(&node.cfg));
+    let catalog = node.pool(Role::Catalog, &node.http, Pick::Sticky, budget);
+    let state: AppState = Arc::new(Order { store, catalog });
+    crate::metrics::register(Role::Order);
+    let app = router(state.clone(), &node.cfg.token);
+    tracing::info!(addr = %listener.local_addr()?, data_dir = %dir.display(), "order {} serving", node.name);
+    node.serve(listener, app, &[], shutdown).await?;
     // Every request is answered: close the log cleanly (SQLite removes its
     // write-ahead log), unless a task still holds it.
     match Arc::try_unwrap(state) {
@@ -95,12 +61,20 @@ pub async fn run(
             "the order log is still in use; the next start counts this stop as not clean"
         ),
     }
-    tracing::info!("order {name} stopped");
+    tracing::info!("order {} stopped", node.name);
     Ok(())
 }
 
+fn router(state: AppState, token: &str) -> Router {
+    let internal = Router::new()
+        .route("/internal/buy", post(buy))
+        .route("/log", get(log));
+    let public = Router::new().route("/readyz", get(readyz));
+    public.merge(h::internal(internal, token)).with_state(state)
+}
+
 /// `GET /readyz`: ready when a catalog replica answers.
-async fn readyz(State(o): State<Shared>) -> Result<Json<Health>, ApiError> {
+async fn readyz(State(o): State<AppState>) -> Result<Json<Health>, ApiError> {
     let probes = o.catalog.members().iter().map(|m| {
         let c = m.client.clone();
         async move { c.health().await.is_ok() }
@@ -111,7 +85,7 @@ async fn readyz(State(o): State<Shared>) -> Result<Json<Health>, ApiError> {
 }
 
 async fn buy(
-    State(o): State<Shared>,
+    State(o): State<AppState>,
     JsonBody(req): JsonBody<OrderBuyRequest>,
 ) -> Result<Json<WriteResult>, ApiError> {
     if let Some(first) = o
@@ -152,7 +126,7 @@ struct LogArgs {
 }
 
 async fn log(
-    State(o): State<Shared>,
+    State(o): State<AppState>,
     QueryArgs(args): QueryArgs<LogArgs>,
 ) -> Result<Json<OrderLogPage>, ApiError> {
     let limit = args.limit.unwrap_or(50);
