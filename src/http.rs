@@ -388,17 +388,9 @@ async fn time_limit(State(limit): State<Duration>, req: Request, next: Next) -> 
     }
 }
 
-/// Wraps a service's routes with the shared routes and limits.
-pub fn finish(router: Router, limits: &Limits) -> Router {
-    finish_with_body_limits(router, limits, &[])
-}
-
-/// [`finish`], with larger body limits for the routes named (route template, bytes).
-pub fn finish_with_body_limits(
-    router: Router,
-    limits: &Limits,
-    routes: &[(&'static str, usize)],
-) -> Router {
+/// Wraps a service's routes with the shared routes and limits, with larger
+/// body limits for the routes named (route template, bytes).
+pub fn finish(router: Router, limits: &Limits, routes: &[(&'static str, usize)]) -> Router {
     let body_limits = BodyLimits {
         default: limits.max_body_bytes,
         routes: routes.into(),

@@ -35,23 +35,28 @@
 //! * [`tls`]       — the cluster's CA and node certificates; TLS between nodes.
 
 pub mod api;
-pub mod balance;
+pub(crate) mod balance;
 pub mod bench;
 pub mod catalog;
 pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod frontend;
+#[doc(hidden)]
 pub mod history;
-pub mod http;
+pub(crate) mod http;
+#[doc(hidden)]
 pub mod metrics;
-pub mod node;
-pub mod order;
-pub mod readiness;
+pub(crate) mod node;
+pub(crate) mod order;
+pub(crate) mod readiness;
 pub mod replication;
-pub mod storage;
+pub(crate) mod storage;
 pub mod telemetry;
 pub mod tls;
+
+pub use http::shutdown_signal;
+pub use storage::seal;
 
 use std::net::SocketAddr;
 

@@ -276,7 +276,7 @@ async fn run(cmd: Cmd) -> Result<(), Fail> {
                 .await
                 .map_err(anyhow::Error::from)?;
             let opts = pygmy::frontend::Options { no_cache };
-            pygmy::run_node(listener, cfg, &name, opts, pygmy::http::shutdown_signal())
+            pygmy::run_node(listener, cfg, &name, opts, pygmy::shutdown_signal())
                 .await
                 .with_context(|| format!("node {name} failed"))
                 .map_err(Fail::from)
@@ -323,7 +323,7 @@ async fn run(cmd: Cmd) -> Result<(), Fail> {
                 .ok_or_else(|| {
                     anyhow::anyhow!("{} holds no replica's database", data_dir.display())
                 })?;
-            pygmy::storage::seal(&data_dir, file, true).map_err(anyhow::Error::from)?;
+            pygmy::seal(&data_dir, file, true).map_err(anyhow::Error::from)?;
             println!(
                 "{}: {file} recorded as this replica's own; it starts as the same replica",
                 data_dir.display()

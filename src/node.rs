@@ -85,7 +85,7 @@ impl Node {
         body_limits: &[(&'static str, usize)],
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), NodeError> {
-        let app = h::finish_with_body_limits(app, &self.cfg.limits, body_limits);
+        let app = h::finish(app, &self.cfg.limits, body_limits);
         h::serve(
             listener,
             app,

@@ -122,6 +122,7 @@ impl Writer {
     }
 }
 
+#[cfg(test)]
 pub fn encode(s: &SnapshotData) -> Vec<u8> {
     let mut w = Writer::new(s.clock, &s.books);
     for a in &s.applied {

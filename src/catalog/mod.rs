@@ -14,11 +14,14 @@
 //! the primary instead, so nothing is forwarded twice. A replica that knows
 //! no live primary answers 503 with `Retry-After`.
 
-pub mod codec;
-pub mod driver;
+pub(crate) mod codec;
+pub(crate) mod driver;
+#[doc(hidden)]
 pub mod invalidation;
+#[doc(hidden)]
 pub mod machine;
 pub mod seed;
+#[doc(hidden)]
 pub mod store;
 
 use std::collections::HashMap;

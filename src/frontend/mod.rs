@@ -3,9 +3,10 @@
 //! round-robin over healthy replicas with the same request retried on
 //! another replica when one fails.
 
+#[doc(hidden)]
 pub mod cache;
-pub mod openapi;
-pub mod web;
+pub(crate) mod openapi;
+pub(crate) mod web;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

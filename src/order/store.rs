@@ -8,7 +8,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::api::*;
-use crate::storage::{self, Identity, StorageError};
+use crate::storage::{self, StorageError};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS orders (
@@ -174,7 +174,6 @@ pub struct OrderStore {
     writer_thread: std::thread::JoinHandle<()>,
     reader: Arc<Mutex<Connection>>,
     dir: std::path::PathBuf,
-    pub identity: Identity,
 }
 
 impl OrderStore {
@@ -232,7 +231,6 @@ impl OrderStore {
             writer_thread,
             reader: Arc::new(Mutex::new(reader)),
             dir: dir.to_path_buf(),
-            identity,
         })
     }
 
