@@ -66,10 +66,26 @@ pub struct Http {
 }
 
 impl Http {
+    /// A client speaking this process's TLS ([`crate::tls::install`]), if any.
     pub fn new(token: Option<String>, timeout: Duration) -> Self {
+        Self::with_tls(
+            token,
+            timeout,
+            crate::tls::installed().map(|m| m.client.clone()),
+        )
+    }
+
+    /// A client speaking the TLS given (`None`: plain HTTP only), whatever
+    /// this process installed: a test process talks to clusters of
+    /// different CAs at once.
+    pub fn with_tls(
+        token: Option<String>,
+        timeout: Duration,
+        tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    ) -> Self {
         crate::tls::default_provider();
-        let tls = match crate::tls::installed() {
-            Some(m) => (*m.client).clone(),
+        let tls = match tls {
+            Some(c) => (*c).clone(),
             None => crate::tls::no_roots_client(),
         };
         let client = reqwest::Client::builder()

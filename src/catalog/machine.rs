@@ -1,6 +1,6 @@
 //! The bookstore's state machine: what applying one committed log entry
 //! does. It is the only model of the bookstore: the SQLite store applies
-//! entries through it, and so does the simulator (`tests/sim/`), over
+//! entries through it, and so does the simulator (`tests/it/sim/`), over
 //! [`MemTables`].
 //!
 //! Applying is deterministic, so every replica computes the same outcome:

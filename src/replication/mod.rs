@@ -5,7 +5,7 @@
 //! from a seed in [`Config`], messages through [`Replica::step`], client
 //! writes through [`Replica::propose`]; everything it wants done comes out of
 //! [`Replica::ready`]. The same code runs under the real driver (HTTP + SQLite)
-//! and under the deterministic simulator in `tests/simulation.rs`.
+//! and under the deterministic simulator in `tests/it/simulation.rs`.
 //!
 //! # The protocol in one page
 //!
@@ -191,7 +191,7 @@
 //! # Tests
 //!
 //! Unit tests (`tests.rs`) are named after the rule they check. The seeded
-//! simulator (`tests/simulation.rs`, `tests/sim/`) runs thousands of
+//! simulator (`tests/it/simulation.rs`, `tests/it/sim/`) runs thousands of
 //! schedules with crashes, partitions, message loss/duplication/reordering,
 //! disk replacement and clock skew; its "teeth" tests switch off one
 //! mechanism at a time through [`UnsafeSwitches`] and assert that the

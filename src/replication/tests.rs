@@ -1,6 +1,6 @@
 //! Unit tests of the core, named after the rule they check (quoted from the
 //! design brief's replication invariants; see `docs/DESIGN-NOTES.md`). The
-//! randomized checks live in `tests/simulation.rs`.
+//! randomized checks live in `tests/it/simulation.rs`.
 
 use super::*;
 

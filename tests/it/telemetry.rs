@@ -6,21 +6,21 @@
 //!
 //! Every test here runs its nodes with JSON logs and debug lines of pygmy.
 
-mod common;
-
+use crate::common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{Options, TestCluster};
+use crate::common::{Options, TestCluster};
 use pygmy::config::Role;
 
-fn json_logs() {
-    // SAFETY: every test of this binary sets the same values before it
-    // starts any node; nothing reads them concurrently in this process.
-    unsafe {
-        std::env::set_var("PYGMY_LOG_FORMAT", "json");
-        std::env::set_var("RUST_LOG", "info,pygmy=debug,hyper=warn,reqwest=warn");
-    }
+/// Nodes log JSON, with debug lines from pygmy.
+fn json_logs() -> Vec<(String, String)> {
+    [
+        ("PYGMY_LOG_FORMAT", "json"),
+        ("RUST_LOG", "info,pygmy=debug,hyper=warn,reqwest=warn"),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .to_vec()
 }
 
 async fn metrics_page(c: &TestCluster, node: &str) -> String {
@@ -47,8 +47,8 @@ fn rss_kib(pid: u32) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_follow_prometheus_conventions_and_cover_the_dashboard() {
-    json_logs();
     let mut c = TestCluster::start(Options {
+        env_all: json_logs(),
         tweak: |cfg| {
             cfg.timing.call_timeout_ms = 500;
             cfg.timing.retry_budget_ms = 1_000;
@@ -161,8 +161,11 @@ async fn metrics_follow_prometheus_conventions_and_cover_the_dashboard() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_methods_and_paths_leave_metrics_and_memory_flat() {
-    json_logs();
-    let c = TestCluster::start(Options::default()).await;
+    let c = TestCluster::start(Options {
+        env_all: json_logs(),
+        ..Options::default()
+    })
+    .await;
     let base = c.url("frontend");
     let pid = c.pid("frontend");
     let http = reqwest::Client::new();
@@ -249,8 +252,11 @@ async fn random_methods_and_paths_leave_metrics_and_memory_flat() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_id_follows_a_buy_through_every_tier_and_every_line_names_its_node() {
-    json_logs();
-    let c = TestCluster::start(Options::default()).await;
+    let c = TestCluster::start(Options {
+        env_all: json_logs(),
+        ..Options::default()
+    })
+    .await;
     let http = reqwest::Client::new();
     let res = http
         .post(format!("{}/buy/1", c.url("frontend")))

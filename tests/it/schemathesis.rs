@@ -7,12 +7,10 @@
 //! version into a virtualenv under the target folder, so `cargo test` works
 //! on a fresh machine with Python 3.
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::Command;
 
-use common::{Options, TestCluster};
+use crate::common::{Options, TestCluster};
 
 const SCHEMATHESIS: &str = "schemathesis==4.32.5";
 
@@ -49,7 +47,7 @@ async fn schemathesis_finds_every_answer_documented_and_no_server_error() {
         Command::new(st)
             .args([
                 "--config-file",
-                concat!(env!("CARGO_MANIFEST_DIR"), "/tests/schemathesis.toml"),
+                concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/schemathesis.toml"),
             ])
             .args([
                 "run",

@@ -25,8 +25,32 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static A: Counting = Counting;
 
+/// Set in the child process that runs the measurement alone.
+const ALONE: &str = "PYGMY_TEST_ALONE";
+
 #[test]
 fn histogram_samples_do_not_pile_up_without_a_scraper() {
+    // The heap counted is the whole process's: measured in a child process
+    // of this test binary running this test only, so no other test's
+    // allocations count.
+    if std::env::var_os(ALONE).is_none() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "metrics_upkeep::histogram_samples_do_not_pile_up_without_a_scraper",
+                "--exact",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
+            .env(ALONE, "1")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "the measurement failed:\n{text}");
+        assert!(text.contains("1 passed"), "the measurement ran:\n{text}");
+        return;
+    }
     let handle = pygmy::metrics::handle().expect("the recorder installs");
     let h = metrics::histogram!(pygmy::metrics::HTTP_DURATION, "route" => "/lookup/{id}", "method" => "GET");
     h.record(0.001);

@@ -9,8 +9,7 @@
 //! Everything it creates (containers, network, volumes, image) is removed
 //! when it ends, failed or not. Without a Docker engine it says so and skips.
 
-mod common;
-
+use crate::common;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -18,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::{BIN, wait_until};
+use crate::common::{BIN, wait_until};
 use pygmy::api::*;
 use pygmy::client::{CatalogClient, FrontendClient, Http};
 

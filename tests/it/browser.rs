@@ -2,10 +2,6 @@
 //! over the W3C WebDriver protocol, against a real cluster. Screenshots are
 //! saved under `target/tmp/screenshots/`.
 
-mod common;
-#[path = "common/webdriver.rs"]
-mod webdriver;
-
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -13,8 +9,8 @@ use pygmy::api::BookId;
 use pygmy::config::Role;
 use serde_json::{Value, json};
 
-use common::{Options, TestCluster, temp_dir, wait_until};
-use webdriver::{A11Y_CHECK, Driver, PAGE_BYTES, Session};
+use crate::common::webdriver::{self, A11Y_CHECK, Driver, PAGE_BYTES, Session};
+use crate::common::{Options, TestCluster, temp_dir, wait_until};
 
 const PAGE_LIMIT: u64 = 100 * 1024;
 

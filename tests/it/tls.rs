@@ -4,12 +4,11 @@
 //! client certificate, and — at the handshake — a certificate of another CA,
 //! even with the right token.
 
-mod common;
-
+use crate::common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Options, TestCluster, wait_until};
+use crate::common::{Options, TestCluster, wait_until};
 use pygmy::api::BookId;
 use pygmy::config::Role;
 use rustls::pki_types::pem::PemObject;

@@ -4,8 +4,6 @@
 //! screenshots. The driver (and the browsers it started, in its process
 //! group) are killed when the `Driver` is dropped.
 
-#![allow(dead_code)]
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;

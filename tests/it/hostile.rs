@@ -2,11 +2,10 @@
 //! included) or has its connection closed — never a 5xx, never a hang — and
 //! the store's state is the same afterwards.
 
-mod common;
-
+use crate::common;
 use std::time::Duration;
 
-use common::{Options, TestCluster};
+use crate::common::{Options, TestCluster};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -1,14 +1,13 @@
 //! Catalog replication with real processes: kill -9 the primary or a
 //! backup during a stream of buys and reads; lose two of three replicas.
 
-mod common;
-
+use crate::common;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::{Options, TestCluster, wait_until};
+use crate::common::{Options, TestCluster, wait_until};
 use pygmy::api::{BookId, CatalogOp, CatalogWrite, Outcome, RequestId, WriteResult};
 use pygmy::client::FrontendClient;
 use pygmy::config::Role;

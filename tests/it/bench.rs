@@ -4,12 +4,11 @@
 //! without errors, every buy invalidated its book in the cache, every fault
 //! noticed and healed without a client-visible error.
 
-mod common;
-
+use crate::common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{Options, TestCluster};
+use crate::common::{Options, TestCluster};
 use serde_json::Value;
 
 fn bench(args: &[&str], out: &Path) -> Value {

@@ -2,15 +2,14 @@
 //! or belongs to someone else is refused; SIGTERM drains in-flight requests, and no
 //! acknowledged buy is lost or applied twice.
 
-mod common;
-
+use crate::common;
 use std::collections::HashSet;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::{Options, TestCluster};
+use crate::common::{Options, TestCluster};
 use pygmy::config::ClusterConfig;
 
 /// Runs `pygmy serve` for `node` and expects it to refuse to start with a
@@ -59,7 +58,7 @@ async fn a_node_refuses_a_data_directory_that_is_corrupt_or_not_its_own() {
     refuses(&swapped_path, "catalog-1", "node order-1");
 
     // An identity file that is not one. (A damaged database is set aside
-    // and rebuilt from the primary: tests/replication.rs.)
+    // and rebuilt from the primary: tests/it/replication.rs.)
     std::fs::write(c.dir.join("catalog-1").join("identity.json"), b"{\"cluster").unwrap();
     refuses(&c.config_path, "catalog-1", "corrupt");
 

@@ -4,7 +4,7 @@
 //! typed clients. Nodes can be killed (SIGKILL), stopped (SIGTERM) and
 //! restarted. Everything is stopped when the cluster is dropped.
 
-#![allow(dead_code)]
+pub mod webdriver;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -68,6 +68,8 @@ pub struct Options {
     pub no_cache_nodes: &'static [&'static str],
     /// Environment of one node's process: (node, variable, value).
     pub env: Vec<(String, String, String)>,
+    /// Environment of every node's process: (variable, value).
+    pub env_all: Vec<(String, String)>,
     /// Changes to the cluster file before the nodes start.
     pub tweak: fn(&mut ClusterConfig),
     /// TLS between the nodes: certificates made by `pygmy::tls::generate`
@@ -82,6 +84,7 @@ impl Default for Options {
             no_cache: false,
             no_cache_nodes: &[],
             env: Vec::new(),
+            env_all: Vec::new(),
             tweak: |_| {},
             tls: false,
         }
@@ -95,6 +98,7 @@ pub struct TestCluster {
     pub no_cache: bool,
     no_cache_nodes: &'static [&'static str],
     env: Vec<(String, String, String)>,
+    env_all: Vec<(String, String)>,
     procs: HashMap<String, Child>,
     /// Carries the cluster token (harmless on public routes).
     pub http: Http,
@@ -108,16 +112,23 @@ impl TestCluster {
         let mut cfg = ClusterConfig::local(&unique_host(), opts.catalogs);
         cfg.timing.health_interval_ms = 100;
         (opts.tweak)(&mut cfg);
+        let mut tls = None;
         if opts.tls {
             let certs = dir.join("certs");
             pygmy::tls::generate(&cfg, &certs).unwrap();
             cfg.tls = Some(pygmy::config::TlsConfig { dir: certs.clone() });
-            pygmy::tls::install(pygmy::tls::load(&certs, pygmy::tls::OPERATOR).unwrap());
+            // This cluster's clients speak its TLS as the operator; the
+            // process may hold clusters of other CAs too.
+            tls = Some(
+                pygmy::tls::load(&certs, pygmy::tls::OPERATOR)
+                    .unwrap()
+                    .client,
+            );
         }
         let config_path = dir.join("cluster.toml");
         cfg.save(&config_path).unwrap();
         let cfg = ClusterConfig::load(&config_path).unwrap();
-        let http = Http::new(Some(cfg.token.clone()), Duration::from_secs(20));
+        let http = Http::with_tls(Some(cfg.token.clone()), Duration::from_secs(20), tls);
         let mut c = Self {
             dir,
             config_path,
@@ -125,6 +136,7 @@ impl TestCluster {
             no_cache: opts.no_cache,
             no_cache_nodes: opts.no_cache_nodes,
             env: opts.env,
+            env_all: opts.env_all,
             procs: HashMap::new(),
             http,
         };
@@ -176,6 +188,9 @@ impl TestCluster {
             .arg(name);
         if (self.no_cache && name == "frontend") || self.no_cache_nodes.contains(&name) {
             cmd.arg("--no-cache");
+        }
+        for (k, v) in &self.env_all {
+            cmd.env(k, v);
         }
         for (node, k, v) in &self.env {
             if node == name {

@@ -4,14 +4,12 @@
 //! loss/duplication/reordering/delay, disk replacement and clock skew;
 //! invariants checked after every step (see `sim/mod.rs`).
 //!
-//! Replay one schedule: `PYGMY_SIM_SEED=1234 cargo test --test simulation`
+//! Replay one schedule: `PYGMY_SIM_SEED=1234 cargo test --test it simulation`
 //! (add `PYGMY_SIM_TRACE=1` for a trace). More schedules per test:
-//! `PYGMY_SIM_SCHEDULES=100000 cargo test --test simulation`.
+//! `PYGMY_SIM_SCHEDULES=100000 cargo test --test it simulation`.
 
-mod sim;
-
+use crate::sim::{CacheOptions, Options, Sim, env_count, env_offset, env_seed, run_many};
 use pygmy::replication::UnsafeSwitches;
-use sim::{CacheOptions, Options, Sim, env_count, env_offset, env_seed, run_many};
 
 /// Seeds of each test start at `first`; a failure names its seed.
 fn run(name: &str, first: u64, default_count: u64, make: impl Fn(u64) -> Options) {
@@ -535,7 +533,7 @@ fn probe_relaxed_disk_policy() {
 
 /// Replays one teeth profile's schedule with the mechanism on:
 /// `PROBE_PROFILE=lease_cap PROBE_SEED=349 PYGMY_SIM_TRACE=1 cargo test
-/// --test simulation -- --ignored probe_replay_teeth_control`.
+/// --test it simulation -- --ignored probe_replay_teeth_control`.
 #[test]
 #[ignore]
 fn probe_replay_teeth_control() {

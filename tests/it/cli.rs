@@ -1,7 +1,6 @@
 //! The binary's commands: `pygmy up` and `pygmy serve` overrides.
 
-mod common;
-
+use crate::common;
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Child, Command, Stdio};
@@ -639,7 +638,7 @@ const README_NOT_RUN: &[(&str, &str)] = &[
     ("cargo test", "the suite this test is part of"),
     (
         "pygmy bench --out",
-        "the full bench, three minutes; tests/bench.rs runs it with --quick",
+        "the full bench, three minutes; tests/it/bench.rs runs it with --quick",
     ),
     (
         "cargo install cargo-fuzz",
@@ -648,15 +647,15 @@ const README_NOT_RUN: &[(&str, &str)] = &[
     ("fuzz/run.sh", "fuzzing: a separate, ~20 min build"),
     (
         "deploy/build-image.sh",
-        "a release build; tests/compose.rs builds the image with this script",
+        "a release build; tests/it/compose.rs builds the image with this script",
     ),
     (
         "export PYGMY_TOKEN=",
-        "the compose deployment: tests/compose.rs brings compose.yaml up",
+        "the compose deployment: tests/it/compose.rs brings compose.yaml up",
     ),
     (
         "docker-compose",
-        "the compose deployment: tests/compose.rs brings compose.yaml up",
+        "the compose deployment: tests/it/compose.rs brings compose.yaml up",
     ),
     (
         "kubectl",
@@ -664,7 +663,7 @@ const README_NOT_RUN: &[(&str, &str)] = &[
     ),
     (
         "pygmy certs --config k8s-cluster.toml",
-        "its cluster file comes from a Kubernetes ConfigMap; tests/tls.rs runs TLS clusters",
+        "its cluster file comes from a Kubernetes ConfigMap; tests/it/tls.rs runs TLS clusters",
     ),
 ];
 

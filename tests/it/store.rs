@@ -1,11 +1,10 @@
 //! The store end to end, with real processes on loopback.
 
-mod common;
-
+use crate::common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{Options, TestCluster};
+use crate::common::{Options, TestCluster};
 use pygmy::api::*;
 use pygmy::client::ClientError;
 

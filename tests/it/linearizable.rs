@@ -5,13 +5,11 @@
 //! sent and answered, is checked by `pygmy::history::check`: no read
 //! anomaly, nothing lost, nothing doubled, no client-visible error.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Options, TestCluster, wait_until};
+use crate::common::{Options, TestCluster, wait_until};
 use pygmy::api::BookId;
 use pygmy::client::FrontendClient;
 use pygmy::config::{NodeConfig, Role};

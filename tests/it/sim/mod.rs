@@ -24,7 +24,6 @@
 //! (liveness); all replicas converge to identical state and log; every
 //! acknowledged write is in every replica's state; successful request ids
 //! == books sold.
-#![allow(dead_code)]
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
@@ -463,13 +462,6 @@ struct Checker {
     exposed: u64,
     /// Seqs of the committed writes to each book.
     book_writes: caches::BookWrites,
-}
-
-impl Checker {
-    fn answered_before(&self, t: u64) -> u64 {
-        let i = self.answered.partition_point(|(at, _)| *at < t);
-        if i == 0 { 0 } else { self.answered[i - 1].1 }
-    }
 }
 
 /// What a run reports.
