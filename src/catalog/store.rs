@@ -528,6 +528,33 @@ impl Db {
         rd: &replication::Ready,
         state: &mut State,
     ) -> rusqlite::Result<Vec<AppliedEntry>> {
+        if rd.snapshot_to_install.is_none()
+            && rd.hard_state.is_none()
+            && rd.truncate_after.is_none()
+            && rd.entries.is_empty()
+            && rd.committed.is_empty()
+        {
+            return Ok(Vec::new()); // only messages to send
+        }
+        // A `Ready` that only moves the commit point (and applies up to it)
+        // is not waited for: it becomes durable with the next synced
+        // transaction (the WAL is synced up to its end), and a crash before
+        // then loses only what is learnt and applied again.
+        if !rd.sync {
+            self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        }
+        let result = self.handle_in_transaction(rd, state);
+        if !rd.sync {
+            self.conn.pragma_update(None, "synchronous", "FULL")?;
+        }
+        result
+    }
+
+    fn handle_in_transaction(
+        &mut self,
+        rd: &replication::Ready,
+        state: &mut State,
+    ) -> rusqlite::Result<Vec<AppliedEntry>> {
         let tx = self.conn.transaction()?;
         let mut reload = false;
         if let Some(snap) = &rd.snapshot_to_install {

@@ -437,6 +437,14 @@ pub struct Ready {
     pub committed: Vec<Entry>,
     /// Take a snapshot and call `Replica::snapshot_taken`.
     pub need_snapshot: bool,
+    /// What this `Ready` persists must be on disk (fsync'd) before anything
+    /// that depends on it leaves. False when all it persists is a later
+    /// commit point (and the state applied up to it): losing that in a
+    /// crash loses nothing anyone was promised — the commit point is learnt
+    /// again and committed entries are applied again — so a driver may
+    /// write it without waiting for the disk; its next synced write makes
+    /// it durable with everything before it.
+    pub sync: bool,
 }
 
 impl Ready {

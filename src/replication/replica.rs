@@ -325,6 +325,11 @@ impl Replica {
             hs.epoch = self.persisted_hs.epoch;
             hs.voted_for = self.persisted_hs.voted_for;
         }
+        // Only a new commit point may wait for the disk (see `Ready::sync`).
+        let promise = HardState {
+            commit: self.persisted_hs.commit,
+            ..hs.clone()
+        } != self.persisted_hs;
         if hs != self.persisted_hs {
             rd.hard_state = Some(hs.clone());
             self.persisted_hs = hs;
@@ -333,6 +338,10 @@ impl Replica {
         if let Some(from) = self.out.persist_from.take() {
             rd.entries = self.log.slice(from, self.log.last_seq());
         }
+        rd.sync = promise
+            || rd.snapshot_to_install.is_some()
+            || rd.truncate_after.is_some()
+            || !rd.entries.is_empty();
         rd.messages = std::mem::take(&mut self.out.messages);
         if self.hs.commit.seq > self.applied.seq {
             rd.committed = self.log.slice(self.applied.seq + 1, self.hs.commit.seq);

@@ -21,8 +21,10 @@ pub struct HardState {
     /// that primary's `EpochStart`): the epoch of the last log entry (or of
     /// the snapshot). `log_epoch <= epoch`.
     pub log_epoch: u64,
-    /// Highest committed entry known. Never decreases; `commit.seq <=` last
-    /// log index (or the snapshot's).
+    /// Highest committed entry known. Never decreases in memory; on disk it
+    /// may lag after a crash (a new commit point alone is not synced, see
+    /// [`crate::replication::Ready::sync`]). `commit.seq <=` last log index
+    /// (or the snapshot's).
     pub commit: Version,
     /// The incarnation (data-dir identity) this state belongs to. A replica
     /// whose configured incarnation differs starts as a non-voting learner.

@@ -209,6 +209,45 @@ fn a_replica_grants_at_most_one_candidate_per_epoch() {
 }
 
 #[test]
+fn only_a_step_that_moves_nothing_but_the_commit_point_skips_the_sync() {
+    // "A write is durable before it is acknowledged": a vote, new entries
+    // and truncations are synced; a new commit point alone is learnt again
+    // after a crash, so it need not wait for the disk.
+    let mut r = fresh(1, 3);
+    r.step(10_000, 2, vote(1, 0, 0));
+    let rd = r.ready();
+    assert!(rd.hard_state.is_some() && rd.sync, "a vote is synced");
+    let e = |seq| Entry {
+        version: Version::new(1, seq),
+        request_id: format!("r{seq}"),
+        kind: EntryKind::Op(vec![]),
+    };
+    let append = |entries: Vec<Entry>, prev: u64, commit: u64| {
+        Message::new(
+            1,
+            1,
+            Append {
+                prev: Version::new(if prev == 0 { 0 } else { 1 }, prev),
+                entries,
+                commit,
+                sent_at: 1,
+                echo: None,
+                lease_ms: 0,
+                to_inc: 1,
+            },
+        )
+    };
+    r.step(10_001, 2, append(vec![e(1), e(2)], 0, 0));
+    let rd = r.ready();
+    assert!(!rd.entries.is_empty() && rd.sync, "new entries are synced");
+    r.step(10_002, 2, append(vec![], 2, 2));
+    let rd = r.ready();
+    assert_eq!(rd.committed.len(), 2);
+    assert!(rd.hard_state.is_some(), "the commit point moved");
+    assert!(!rd.sync, "a new commit point alone is not waited for");
+}
+
+#[test]
 fn the_vote_is_persisted_before_the_answer_is_sent() {
     // "persists (epoch, candidate) before it answers": the hard state and
     // the reply come out in the same Ready, and the driver persists first.

@@ -256,6 +256,14 @@ fn teeth_profile(name: &str, broken: bool) -> Options {
             o.fault_every_ms = (40, 200);
         }
         "atomic_decrement" => o.check_at_propose = broken,
+        "unsynced_entries" => {
+            o.unsynced_entries = broken;
+            o.w_crash = 8;
+            o.w_restart = 8;
+            o.crash_mid_ready = 1.0;
+            o.fault_every_ms = (30, 300);
+            o.chaos_ms = 4000;
+        }
         _ => panic!("unknown teeth profile {name}"),
     }
     if broken {
@@ -279,6 +287,15 @@ fn teeth_persisted_votes() {
 #[test]
 fn teeth_answers_wait_for_the_disk() {
     find_violation("early_acks", 6000, &["divergence", "lost at node"]);
+}
+
+/// Only a step that moves nothing but the commit point may skip waiting
+/// for the disk (`Ready::sync`): with new entries written unsynced too, a
+/// crash takes entries the node acknowledged, and a committed write is
+/// lost.
+#[test]
+fn teeth_entries_are_synced_before_they_are_acknowledged() {
+    find_violation("unsynced_entries", 3000, &["divergence", "lost at node"]);
 }
 
 /// Without fencing, a deposed primary's messages count as current: it

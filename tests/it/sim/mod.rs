@@ -61,6 +61,10 @@ pub struct Options {
     pub check_at_propose: bool,
     /// State machine bug: a request id applied before is applied again.
     pub no_dedupe: bool,
+    /// Teeth: a step's writes are synced only when its hard state changes
+    /// (not for new entries alone), so a crash can take entries the node
+    /// acknowledged.
+    pub unsynced_entries: bool,
     /// Disk replacement allowed even when the disk holds entries that the
     /// other replicas do not all have.
     pub relaxed_disk_policy: bool,
@@ -123,6 +127,7 @@ impl Options {
             switches: UnsafeSwitches::default(),
             check_at_propose: false,
             no_dedupe: false,
+            unsynced_entries: false,
             relaxed_disk_policy: false,
             fault_every_ms: (80, 400),
             w_crash: 3,
@@ -405,6 +410,9 @@ struct Node {
     up: bool,
     r: Option<Replica>,
     disk: MemStorage,
+    /// The disk as of its last synced write: what a crash leaves (a step
+    /// that only moved the commit point is not synced, see `Ready::sync`).
+    synced: MemStorage,
     inc: u64,
     store: Store,
     boot_t: u64,
@@ -563,6 +571,7 @@ impl Sim {
                 id: i as u64 + 1,
                 up: true,
                 r: Some(r),
+                synced: disk.clone(),
                 disk,
                 inc,
                 store: Store::new(opts.books, opts.stock),
@@ -804,6 +813,7 @@ impl Sim {
         let Node {
             r,
             disk,
+            synced,
             store,
             pending,
             crash_armed,
@@ -813,6 +823,8 @@ impl Sim {
         let mut host = SimHost {
             node: i,
             disk,
+            synced,
+            unsynced_entries: self.opts.unsynced_entries,
             store,
             pending,
             ck: &mut self.ck,
@@ -1141,6 +1153,8 @@ impl Sim {
     fn crash(&mut self, i: usize) {
         self.stats.crashes += 1;
         let node = &mut self.nodes[i];
+        // What was written but not synced is gone.
+        node.disk = node.synced.clone();
         node.up = false;
         node.r = None;
         node.pending.clear();
@@ -1188,6 +1202,7 @@ impl Sim {
         let opts = self.opts.clone();
         let n = self.nodes.len();
         let node = &mut self.nodes[i];
+        node.synced = node.disk.clone();
         node.boot_t = self.t;
         node.clock_off = off;
         node.store = match &node.disk.snapshot {
@@ -1604,6 +1619,8 @@ impl Sim {
 struct SimHost<'a> {
     node: usize,
     disk: &'a mut MemStorage,
+    synced: &'a mut MemStorage,
+    unsynced_entries: bool,
     store: &'a mut Store,
     pending: &'a mut BTreeMap<u64, (usize, String)>,
     ck: &'a mut Checker,
@@ -1711,6 +1728,15 @@ impl Host for SimHost<'_> {
             return Ok(Vec::new());
         }
         self.disk.persist(rd);
+        let sync = if self.unsynced_entries {
+            rd.hard_state.is_some() || rd.snapshot_to_install.is_some()
+        } else {
+            rd.sync
+        };
+        if sync {
+            // A synced write makes every write before it durable too.
+            *self.synced = self.disk.clone();
+        }
         if crash {
             self.crashed = true;
             return Ok(Vec::new());
@@ -1757,6 +1783,7 @@ impl Host for SimHost<'_> {
 
     fn store_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), String> {
         self.disk.compact(snapshot.clone());
+        *self.synced = self.disk.clone();
         Ok(())
     }
 }
