@@ -659,7 +659,7 @@ const README_NOT_RUN: &[(&str, &str)] = &[
     ),
     (
         "kubectl",
-        "needs a Kubernetes cluster; tests/k8s.rs checks the manifests",
+        "needs a Kubernetes cluster; tests/it/k8s.rs checks the manifests",
     ),
     (
         "pygmy certs --config k8s-cluster.toml",
