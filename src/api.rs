@@ -369,6 +369,28 @@ impl LookupResponse {
     }
 }
 
+/// Most books one `POST /internal/lookups` may ask for.
+pub const MAX_LOOKUP_BATCH: usize = 256;
+
+/// `POST /internal/lookups` (catalog): several books read from one replica
+/// state, at least at `min_version`. The frontend gathers the lookups that
+/// miss its cache while an earlier batch is in flight into one of these.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LookupBatch {
+    pub ids: Vec<BookId>,
+    #[serde(default)]
+    pub min_version: Option<Version>,
+}
+
+/// The answer to a [`LookupBatch`]: one entry per id asked for, in order;
+/// `None` where no such book exists.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LookupBatchReply {
+    pub books: Vec<Option<LookupResponse>>,
+}
+
 /// `GET /search/{topic}`: title → id.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SearchResponse {

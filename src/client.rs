@@ -20,7 +20,7 @@ pub const PRIMARY_HEADER: &str = "x-pygmy-primary";
 /// itself.
 pub const NO_FORWARD_HEADER: &str = "x-pygmy-no-forward";
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {
     /// Not reached, or no answer in time: try another replica.
     #[error("cannot reach {url}: {detail}")]
@@ -268,6 +268,19 @@ impl CatalogClient {
             None => format!("{}/lookup/{id}", self.base),
         };
         self.http.get(url).await
+    }
+
+    /// Reads several books from one state of this replica, at least at
+    /// `batch.min_version`.
+    pub async fn lookups(&self, batch: &LookupBatch) -> Result<LookupBatchReply, ClientError> {
+        self.http
+            .call(
+                Method::POST,
+                format!("{}/internal/lookups", self.base),
+                Some(batch),
+                &[],
+            )
+            .await
     }
 
     pub async fn search(&self, topic: &TopicSlug) -> Result<SearchResponse, ClientError> {

@@ -31,6 +31,8 @@ pub const HTTP_REQUESTS: &str = "pygmy_http_requests_total";
 pub const HTTP_DURATION: &str = "pygmy_http_request_duration_seconds";
 pub const CACHE_HITS: &str = "pygmy_cache_hits_total";
 pub const CACHE_MISSES: &str = "pygmy_cache_misses_total";
+pub const LOOKUP_BATCHES: &str = "pygmy_lookup_batches_total";
+pub const LOOKUPS_BATCHED: &str = "pygmy_lookups_batched_total";
 pub const BUYS: &str = "pygmy_buys_total";
 pub const POOL_RETRIES: &str = "pygmy_pool_retries_total";
 pub const POOL_HEALTHY: &str = "pygmy_pool_replica_healthy";
@@ -107,6 +109,14 @@ fn describe() {
         "Time to answer an HTTP request, by route template and method"
     );
     describe_counter!(CACHE_HITS, "Frontend reads answered from the cache");
+    describe_counter!(
+        LOOKUP_BATCHES,
+        "Batches of cache-missing lookups the frontend sent to the catalog"
+    );
+    describe_counter!(
+        LOOKUPS_BATCHED,
+        "Lookups in those batches (divided by the batches: the mean batch size)"
+    );
     describe_gauge!(OPEN_CONNECTIONS, "HTTP connections open on this node");
     describe_counter!(
         CONNECTIONS_SHED,
@@ -170,6 +180,8 @@ pub fn register(role: crate::config::Role) {
         Role::Frontend => {
             metrics::counter!(CACHE_HITS).absolute(0);
             metrics::counter!(CACHE_MISSES).absolute(0);
+            metrics::counter!(LOOKUP_BATCHES).absolute(0);
+            metrics::counter!(LOOKUPS_BATCHED).absolute(0);
             for o in BUY_OUTCOMES {
                 metrics::counter!(BUYS, "outcome" => *o).absolute(0);
             }
@@ -189,6 +201,12 @@ pub fn register(role: crate::config::Role) {
 /// Counts one buy answered with `outcome` (one of [`BUY_OUTCOMES`]).
 pub fn buy(outcome: &'static str) {
     metrics::counter!(BUYS, "outcome" => outcome).increment(1);
+}
+
+/// The frontend sends one batch of `n` lookups to the catalog.
+pub fn lookup_batch(n: usize) {
+    metrics::counter!(LOOKUP_BATCHES).increment(1);
+    metrics::counter!(LOOKUPS_BATCHED).increment(n as u64);
 }
 
 /// A replica of `pool` failed a call that will be tried again.

@@ -705,6 +705,7 @@ async fn manage_invalidator(
 fn router(state: AppState, token: &str) -> Router {
     let internal = Router::new()
         .route("/lookup/{id}", get(lookup))
+        .route("/internal/lookups", post(lookups))
         .route("/search/{topic}", get(search))
         .route("/topics", get(topics))
         .route("/internal/write", post(write))
@@ -786,6 +787,23 @@ async fn lookup(
         .lookup(id)
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("no book with id {id}")))
+}
+
+/// `POST /internal/lookups`: every book asked for, read from one state.
+async fn lookups(
+    State(c): State<AppState>,
+    JsonBody(batch): JsonBody<LookupBatch>,
+) -> Result<Json<LookupBatchReply>, ApiError> {
+    if batch.ids.is_empty() || batch.ids.len() > MAX_LOOKUP_BATCH {
+        return Err(ApiError::bad_request(format!(
+            "ask for 1 to {MAX_LOOKUP_BATCH} books, not {}",
+            batch.ids.len()
+        )));
+    }
+    let state = readable_state(&c, batch.min_version.unwrap_or_default()).await?;
+    Ok(Json(LookupBatchReply {
+        books: batch.ids.iter().map(|id| state.lookup(*id)).collect(),
+    }))
 }
 
 async fn search(

@@ -3,6 +3,7 @@
 //! round-robin over healthy replicas with the same request retried on
 //! another replica when one fails.
 
+mod batch;
 #[doc(hidden)]
 pub mod cache;
 pub(crate) mod openapi;
@@ -31,6 +32,8 @@ struct Frontend {
     cache: Cache,
     /// Reads: round-robin over catalog replicas.
     catalog: Arc<Pool<CatalogClient>>,
+    /// Lookups that miss the cache, batched over `catalog`.
+    lookups: batch::Lookups,
     /// Buys: round-robin over order replicas.
     orders: Arc<Pool<OrderClient>>,
     /// The storefront's and the operator view's state.
@@ -85,6 +88,7 @@ pub async fn run(
             // The replication lease with the core's drift margin (10 %).
             .with_fence_timeout(Duration::from_millis(t.lease_ms).mul_f64(1.1)),
         web: web::Web::new(cfg, &node.name),
+        lookups: batch::Lookups::spawn(catalog.clone()),
         catalog,
         orders,
     });
@@ -261,9 +265,10 @@ async fn lookup(
     let ticket = fe.cache.ticket(Some(id));
     let min = ticket.min_version;
     let res = Arc::new(
-        fe.catalog
-            .call(|c| async move { c.lookup(id, min).await })
-            .await?,
+        fe.lookups
+            .get(id, min)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("no book with id {id}")))?,
     );
     fe.cache.fill_book(ticket, res.clone());
     Ok(Json(res))

@@ -127,6 +127,7 @@ async fn hostile_requests_get_4xx_and_change_nothing() {
             ("/internal/buy", "POST"),
             ("/internal/invalidate", "POST"),
             ("/internal/cache-lease", "POST"),
+            ("/internal/lookups", "POST"),
         ] {
             for body in [
                 "{",
@@ -139,9 +140,18 @@ async fn hostile_requests_get_4xx_and_change_nothing() {
                 "{\"request_id\": \"\", \"op\": \"buy\", \"book_id\": 1}",
                 "{\"request_id\": \"a b\", \"book_id\": 1}",
                 "{\"frontend\": 7}",
+                "{\"ids\": []}",
+                "{\"ids\": [0]}",
+                "{\"ids\": [1], \"min_version\": \"1.x\"}",
+                "{\"ids\": [1], \"extra\": 1}",
             ] {
                 add(&format!("{m} {p} {body:?}"), req(m, p, &[a, json], body));
             }
+            let too_many = format!("{{\"ids\": [{}]}}", vec!["1"; 257].join(","));
+            add(
+                &format!("{m} {p} 257 ids"),
+                req(m, p, &[a, json], &too_many),
+            );
             add(
                 &format!("{m} {p} text/plain"),
                 req(
@@ -798,21 +808,6 @@ async fn a_connection_flood_is_capped_cluster_traffic_goes_on_and_idle_connectio
     assert_eq!(c.stock(1).await, start + 5);
 }
 
-/// A gauge's value on a node's `/metrics` page (the first series of that name).
-async fn gauge(c: &TestCluster, node: &str, name: &str) -> f64 {
-    let page = reqwest::get(format!("{}/metrics", c.url(node)))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    page.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .and_then(|l| l.rsplit_once(' '))
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or_else(|| panic!("{node} has no {name}"))
-}
-
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
@@ -907,8 +902,8 @@ async fn two_hundred_thousand_keyless_buys_keep_replica_memory_and_snapshots_bou
         async move {
             let mut out = Vec::new();
             for n in &catalogs {
-                let ids = gauge(c, n, "pygmy_catalog_snapshot_request_ids").await;
-                let bytes = gauge(c, n, "pygmy_catalog_snapshot_bytes").await;
+                let ids = c.metric(n, "pygmy_catalog_snapshot_request_ids").await;
+                let bytes = c.metric(n, "pygmy_catalog_snapshot_bytes").await;
                 let rss = rss_kib(c.pid(n));
                 eprintln!("{what}: {n} snapshot {ids} ids, {bytes} bytes; RSS {rss} KiB");
                 out.push((ids, bytes, rss));

@@ -4,6 +4,8 @@ use crate::common;
 use std::collections::HashSet;
 use std::time::Duration;
 
+use tokio::task::JoinSet;
+
 use crate::common::{Options, TestCluster};
 use pygmy::api::*;
 use pygmy::client::ClientError;
@@ -332,6 +334,52 @@ async fn the_store_without_cache_serves_every_read_from_the_catalog() {
     let stats = c.cache_stats().await;
     assert_eq!(stats["enabled"], false);
     assert_eq!(stats["hits"], 0);
+}
+
+/// Lookups that miss the cache at the same time go to the catalog in
+/// batches: every one of them is counted in a batch, and each still gets
+/// its own book (or its own 404), as the catalog has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_uncached_lookups_each_get_their_own_book_through_batches() {
+    let c = TestCluster::start(Options {
+        no_cache: true,
+        ..Options::default()
+    })
+    .await;
+    let truth: std::collections::HashMap<u64, LookupResponse> = c
+        .books()
+        .await
+        .into_iter()
+        .map(|b| (b.id.get(), b))
+        .collect();
+    let before = c.metric("frontend", "pygmy_lookups_batched_total").await;
+    let fe = c.frontend();
+    let asks: Vec<u64> = (0..240u64).map(|i| 1 + i % 9).collect();
+    let mut tasks = JoinSet::new();
+    for &id in &asks {
+        let fe = fe.clone();
+        tasks.spawn(async move { (id, fe.lookup(&id.to_string()).await) });
+    }
+    for (id, answer) in tasks.join_all().await {
+        match (truth.get(&id), answer) {
+            (Some(book), Ok(got)) => {
+                assert_eq!(got.id, book.id, "asked for book {id}");
+                assert_eq!(
+                    (&got.title, &got.topic, got.cost),
+                    (&book.title, &book.topic, book.cost),
+                    "book {id}"
+                );
+            }
+            (None, Err(e)) => assert_eq!(status(e), 404, "book {id} does not exist"),
+            (want, got) => {
+                panic!("book {id}: the catalog has {want:?}, the frontend answered {got:?}")
+            }
+        }
+    }
+    let batched = c.metric("frontend", "pygmy_lookups_batched_total").await - before;
+    let batches = c.metric("frontend", "pygmy_lookup_batches_total").await;
+    assert_eq!(batched, asks.len() as f64, "every miss went out in a batch");
+    eprintln!("{batched} lookups in {batches} batches");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

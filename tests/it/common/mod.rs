@@ -345,6 +345,22 @@ impl TestCluster {
     }
 
     /// A book as the catalog primary holds it.
+    /// A metric's value on a node's `/metrics` page (the first series of
+    /// that name).
+    pub async fn metric(&self, node: &str, name: &str) -> f64 {
+        let page = reqwest::get(format!("{}/metrics", self.url(node)))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        page.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .and_then(|l| l.rsplit_once(' '))
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or_else(|| panic!("{node} has no {name}"))
+    }
+
     pub async fn book(&self, id: u64) -> LookupResponse {
         let p = self.primary().await;
         let c = self.catalog(&p);
