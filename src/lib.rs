@@ -16,6 +16,7 @@
 //! * [`client`]    — typed clients of the three services (pooled, timeouts).
 //! * [`http`]      — shared server plumbing: errors, token check, limits.
 //! * [`balance`]   — round-robin over healthy replicas, retry on another.
+//! * [`batch`]     — requests gathered into one internal call per batch (the frontend's uncached lookups).
 //! * [`storage`]   — SQLite opened crash-safe, data-dir identity, group
 //!   commit, row checksums, damaged data set aside.
 //! * [`replication`] — the catalog's replication core: a sans-IO state
@@ -36,6 +37,7 @@
 
 pub mod api;
 pub(crate) mod balance;
+pub(crate) mod batch;
 pub mod bench;
 pub mod catalog;
 pub mod client;

@@ -1,13 +1,8 @@
-//! Lookups that miss the cache, gathered into batches: one internal call
-//! (`POST /internal/lookups`) answers every lookup that arrived while the
-//! earlier batches were in flight.
-//!
-//! At most [`IN_FLIGHT`] batches are out at once. A lookup that finds a
-//! slot free goes out at once, alone, so a lone client waits no longer than
-//! before; under load the lookups queue behind the busy slots and leave
-//! together, and the catalog parses, admits and answers one request for
-//! many. That is where an uncached lookup spent most of its time: an HTTP
-//! request and a read admission on a catalog replica for every lookup.
+//! Lookups that miss the cache, gathered into batches ([`crate::batch`]):
+//! one `POST /internal/lookups` answers every lookup that arrived while the
+//! earlier batches were in flight. That is where an uncached lookup spent
+//! most of its time: an HTTP request and a read admission on a catalog
+//! replica for every lookup.
 //!
 //! Linearizable as before: a batch is sent after every lookup in it was
 //! received, and its replica reads from one state that shows every write
@@ -16,10 +11,9 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{Semaphore, mpsc, oneshot};
-
 use crate::api::{BookId, LookupBatch, LookupResponse, MAX_LOOKUP_BATCH, Version};
 use crate::balance::Pool;
+use crate::batch::Batcher;
 use crate::client::{CatalogClient, ClientError};
 
 /// Batches out at once: one is gathered while the other is answered. On two
@@ -28,79 +22,41 @@ use crate::client::{CatalogClient, ClientError};
 /// no batching, 0.19 ×); a lone lookup leaves at once either way.
 const IN_FLIGHT: usize = 2;
 
-/// Lookups waiting for a slot: beyond this many, a lookup waits to queue.
-const QUEUE: usize = 4 * MAX_LOOKUP_BATCH;
-
 /// `None`: no such book.
 type Answer = Result<Option<LookupResponse>, ClientError>;
 
-struct Waiting {
-    id: BookId,
-    min: Option<Version>,
-    answer: oneshot::Sender<Answer>,
-}
-
 /// The handle lookups go through; the gathering task ends when it is dropped.
-pub(crate) struct Lookups {
-    queue: mpsc::Sender<Waiting>,
-}
+pub(crate) struct Lookups(Batcher<(BookId, Option<Version>), Answer>);
 
 impl Lookups {
     /// Starts the task that sends batches to `catalog`.
     pub(crate) fn spawn(catalog: Arc<Pool<CatalogClient>>) -> Self {
-        let (queue, waiting) = mpsc::channel(QUEUE);
-        tokio::spawn(gather(waiting, catalog));
-        Self { queue }
+        Self(Batcher::spawn(IN_FLIGHT, MAX_LOOKUP_BATCH, move |batch| {
+            send(catalog.clone(), batch)
+        }))
     }
 
     /// Reads book `id` from a catalog replica, at least at `min`.
     pub(crate) async fn get(&self, id: BookId, min: Option<Version>) -> Answer {
-        let (answer, reply) = oneshot::channel();
-        let gone = || ClientError::Unreachable {
-            url: "catalog".into(),
-            detail: "the frontend is shutting down".into(),
-        };
-        self.queue
-            .send(Waiting { id, min, answer })
-            .await
-            .map_err(|_| gone())?;
-        reply.await.map_err(|_| gone())?
+        self.0.submit((id, min)).await.unwrap_or_else(|| {
+            Err(ClientError::Unreachable {
+                url: "catalog".into(),
+                detail: "the frontend is shutting down".into(),
+            })
+        })
     }
 }
 
-async fn gather(mut waiting: mpsc::Receiver<Waiting>, catalog: Arc<Pool<CatalogClient>>) {
-    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
-    loop {
-        // A slot first, then the lookups: whatever queued while every slot
-        // was busy leaves together.
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let Some(first) = waiting.recv().await else {
-            return;
-        };
-        let mut batch = vec![first];
-        while batch.len() < MAX_LOOKUP_BATCH {
-            match waiting.try_recv() {
-                Ok(w) => batch.push(w),
-                Err(_) => break,
-            }
-        }
-        let catalog = catalog.clone();
-        tokio::spawn(async move {
-            send(&catalog, batch).await;
-            drop(slot);
-        });
-    }
-}
-
-/// Sends one batch (retried on other replicas as any read) and hands every
-/// lookup in it its answer.
-async fn send(catalog: &Pool<CatalogClient>, batch: Vec<Waiting>) {
+/// Sends one batch (retried on other replicas as any read): one answer per
+/// lookup, in order.
+async fn send(
+    catalog: Arc<Pool<CatalogClient>>,
+    batch: Vec<(BookId, Option<Version>)>,
+) -> Vec<Answer> {
     crate::metrics::lookup_batch(batch.len());
     let ask = LookupBatch {
-        ids: batch.iter().map(|w| w.id).collect(),
-        min_version: batch.iter().filter_map(|w| w.min).max(),
+        ids: batch.iter().map(|(id, _)| *id).collect(),
+        min_version: batch.iter().filter_map(|(_, min)| *min).max(),
     };
     let ask = &ask;
     let reply = catalog
@@ -117,17 +73,8 @@ async fn send(catalog: &Pool<CatalogClient>, batch: Vec<Waiting>) {
             }
         });
     match reply {
-        Ok(books) => {
-            for (w, book) in batch.into_iter().zip(books) {
-                // The client may have gone: nobody to tell.
-                let _ = w.answer.send(Ok(book));
-            }
-        }
-        Err(e) => {
-            for w in batch {
-                let _ = w.answer.send(Err(e.clone()));
-            }
-        }
+        Ok(books) => books.into_iter().map(Ok).collect(),
+        Err(e) => vec![Err(e); batch.len()],
     }
 }
 
