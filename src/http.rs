@@ -518,6 +518,9 @@ pub async fn serve(
     if tokio::time::timeout(DRAIN_TIMEOUT, drained).await.is_err() {
         tracing::warn!("some connections were still busy after {DRAIN_TIMEOUT:?}; closing them");
         conns.abort_all();
+        // Gone once this returns: nothing of a connection (its handler's
+        // state among it) outlives the server.
+        while conns.join_next().await.is_some() {}
     }
     Ok(())
 }
