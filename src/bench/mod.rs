@@ -213,7 +213,7 @@ pub async fn run(mut opts: Options) -> anyhow::Result<Results> {
     };
     let runs = |s: Scenario| opts.scenario == Scenario::All || opts.scenario == s;
     let progress = ProgressBar::new(
-        u64::from(runs(Scenario::Latency)) * (LEVELS.len() as u64 * 7 + 3)
+        u64::from(runs(Scenario::Latency)) * (LEVELS.len() as u64 * 8 + 3)
             + u64::from(runs(Scenario::Invalidation))
             + u64::from(runs(Scenario::Failover)) * 7
             + u64::from(opts.soak.is_some()),
@@ -397,7 +397,7 @@ async fn latency_scenario(
         ("lookup", pick_lookup(books)),
         ("buy", pick_buy(books)),
     ];
-    // The floor, once: it does not touch the cache.
+    // The floor first (it does not touch the cache), and again at the end.
     for &conns in &LEVELS {
         progress.set_message(format!("latency: floor, {}", shape_name(conns)));
         let stats = measure(addr, pick_floor(), conns, cell).await;
@@ -449,6 +449,25 @@ async fn latency_scenario(
             rows.push(r);
             progress.inc(1);
         }
+    }
+    // The floor again: a cell measured while the machine was slow would
+    // flatter every ratio to it, so each keeps the faster of its two runs
+    // (ratios can only come out lower for it).
+    for &conns in &LEVELS {
+        progress.set_message(format!("latency: floor again, {}", shape_name(conns)));
+        let again = row(
+            "floor",
+            true,
+            conns,
+            measure(addr, pick_floor(), conns, cell).await,
+        );
+        if let Some(first) = rows.iter_mut().find(|r| {
+            r.op == "floor" && r.shape == again.shape && r.connections == again.connections
+        }) && again.stats.per_second > first.stats.per_second
+        {
+            *first = again;
+        }
+        progress.inc(1);
     }
     // Ratios to the floor at the same shape and connections.
     let floor: Vec<LatencyRow> = rows.iter().filter(|r| r.op == "floor").cloned().collect();

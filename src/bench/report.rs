@@ -309,8 +309,9 @@ fn markdown(r: &Results) -> String {
              connection (as the original's client did); *closed*: keep-alive connections, each sending when answered; \
              *open*: requests due at a fixed rate (70% of the closed loop's at 32 connections), latency counted from \
              when each was due, so a stall is not hidden by a slower send rate (coordinated omission). \
-             The floor is `GET /healthcheck` on the frontend: the same HTTP stack, no work. \
-             \"× floor\" divides by the floor's figure at the same shape and connections.\n",
+             The floor is `GET /healthcheck` on the frontend: the same HTTP stack, no work; each of its cells ran \
+             before and after everything else, and the faster run is kept, so a slow moment cannot flatter the \
+             ratios. \"× floor\" divides by the floor's figure at the same shape and connections.\n",
             l.cell_seconds
         );
         let _ = writeln!(
