@@ -563,6 +563,11 @@ pub struct UpdateRequest {
 pub struct OrderBuyRequest {
     pub book_id: BookId,
     pub request_id: RequestId,
+    /// The frontend minted `request_id` for this request and this is its
+    /// first attempt: no order log can hold it yet, so the replica does not
+    /// look it up. Absent (false) on every retry and for client keys.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fresh: bool,
 }
 
 /// One row of an order replica's log.

@@ -348,14 +348,23 @@ async fn buy_once(
     }
     let id = BookId::parse(id)?;
     let request_id = request_id(headers)?;
+    // A minted id has been nowhere before its first attempt: the order
+    // replica need not look for it in its log. Every later attempt (the
+    // first may have reached a replica) and every client key does.
+    let minted = request_id.minted_at().is_some();
+    let sent = std::sync::atomic::AtomicBool::new(false);
     let req = OrderBuyRequest {
         book_id: id,
         request_id,
+        fresh: false,
     };
     let result = fe
         .orders
         .call(|o| {
-            let req = req.clone();
+            let req = OrderBuyRequest {
+                fresh: minted && !sent.swap(true, std::sync::atomic::Ordering::Relaxed),
+                ..req.clone()
+            };
             async move { o.buy(&req).await }
         })
         .await?;

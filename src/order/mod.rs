@@ -88,12 +88,16 @@ async fn buy(
     State(o): State<AppState>,
     JsonBody(req): JsonBody<OrderBuyRequest>,
 ) -> Result<Json<WriteResult>, ApiError> {
-    if let Some(first) = o
-        .store
-        .get(&req.request_id)
-        .await
-        .map_err(ApiError::unavailable)?
-    {
+    // A fresh id was minted for this very request: no log holds it.
+    let first = if req.fresh {
+        None
+    } else {
+        o.store
+            .get(&req.request_id)
+            .await
+            .map_err(ApiError::unavailable)?
+    };
+    if let Some(first) = first {
         tracing::debug!(request_id = %req.request_id, "request already handled; answering as before");
         return Ok(Json(first));
     }

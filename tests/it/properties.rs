@@ -110,9 +110,12 @@ fn update_request() -> impl Strategy<Value = UpdateRequest> {
 }
 
 fn order_buy_request() -> impl Strategy<Value = OrderBuyRequest> {
-    (book_id(), request_id()).prop_map(|(book_id, request_id)| OrderBuyRequest {
-        book_id,
-        request_id,
+    (book_id(), request_id(), any::<bool>()).prop_map(|(book_id, request_id, fresh)| {
+        OrderBuyRequest {
+            book_id,
+            request_id,
+            fresh,
+        }
     })
 }
 

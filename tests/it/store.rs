@@ -265,6 +265,47 @@ async fn an_order_replica_killed_during_a_stream_of_buys_is_invisible_to_clients
     );
 }
 
+/// A retry is answered from the order replica's own log, even with every
+/// catalog replica down; a first attempt with a freshly minted id skips the
+/// log (none can hold it) and goes to the catalog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_replica_answers_a_retry_from_its_log_and_sends_a_fresh_id_to_the_catalog() {
+    let mut c = TestCluster::start(Options {
+        tweak: |cfg| {
+            cfg.timing.call_timeout_ms = 1000;
+            cfg.timing.retry_budget_ms = 1500;
+        },
+        ..Options::default()
+    })
+    .await;
+    let order = c.order("order-1");
+    let req = OrderBuyRequest {
+        book_id: BookId::new(4).unwrap(),
+        request_id: RequestId::mint(),
+        fresh: true,
+    };
+    let first = order.buy(&req).await.unwrap();
+    assert!(matches!(first.outcome, Outcome::Bought { .. }), "{first:?}");
+    for name in c.names(pygmy::config::Role::Catalog) {
+        c.kill9(&name);
+    }
+    let retry = OrderBuyRequest {
+        fresh: false,
+        ..req.clone()
+    };
+    assert_eq!(
+        order.buy(&retry).await.unwrap(),
+        first,
+        "a retry is answered from the log, catalog or not"
+    );
+    let err = order.buy(&req).await.unwrap_err();
+    assert_eq!(
+        status(err),
+        503,
+        "a fresh id is not looked up: it needs the catalog"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_buy_retried_with_the_same_idempotency_key_buys_once_even_after_a_frontend_restart() {
     let mut c = TestCluster::start(Options::default()).await;
