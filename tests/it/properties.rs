@@ -730,7 +730,7 @@ fn decode_all(text: &str) -> Result<(), TestCaseError> {
         );
     }
     if decode::<OrderBuyRequest>(text)?.is_some() {
-        prop_assert!(subset(&["book_id", "request_id"]), "{}", text);
+        prop_assert!(subset(&["book_id", "request_id", "fresh"]), "{}", text);
     }
     if decode::<LeaseRequest>(text)?.is_some() {
         prop_assert!(subset(&["frontend"]), "{}", text);
