@@ -61,10 +61,18 @@ pub enum Input {
     },
     /// `epoch`: the epoch whose caches were told a write begins (see
     /// `invalidation`); a write is proposed only in that epoch.
+    /// `ticket`: propose it held ([`Replica::propose_held`]) until
+    /// [`Input::Begun`] with this ticket.
     Write {
         write: CatalogWrite,
         epoch: Option<u64>,
+        ticket: Option<u64>,
         reply: oneshot::Sender<Result<WriteResult, WriteError>>,
+    },
+    /// Every cache has the begin of the write proposed with `ticket`: it
+    /// may commit (nothing to do if it was not proposed held).
+    Begun {
+        ticket: u64,
     },
     /// Every frontend cache was fenced for this epoch.
     CachesFenced {
@@ -189,6 +197,8 @@ struct Io {
     pending: HashMap<u64, Vec<Waiter>>,
     /// Request ids in flight → their seq, so a retry joins the first proposal.
     in_flight: HashMap<String, u64>,
+    /// Writes proposed held, by ticket, until their begins reached the caches.
+    held: HashMap<u64, replication::Version>,
     names: HashMap<NodeId, String>,
     /// Persisting one step for longer than this is logged as a slow disk.
     slow: Duration,
@@ -235,6 +245,7 @@ impl Driver {
                 outbox,
                 pending: HashMap::new(),
                 in_flight: HashMap::new(),
+                held: HashMap::new(),
                 names,
                 slow,
                 dirty: false,
@@ -299,8 +310,14 @@ impl Driver {
             Input::Write {
                 write,
                 epoch,
+                ticket,
                 reply,
-            } => self.write(now, write, epoch, reply),
+            } => self.write(now, write, epoch, ticket, reply),
+            Input::Begun { ticket } => {
+                if let Some(v) = self.io.held.remove(&ticket) {
+                    self.replica.release(v);
+                }
+            }
             Input::CachesFenced { epoch } => self.replica.caches_fenced(epoch),
         }
     }
@@ -310,6 +327,7 @@ impl Driver {
         now: u64,
         write: CatalogWrite,
         epoch: Option<u64>,
+        ticket: Option<u64>,
         reply: oneshot::Sender<Result<WriteResult, WriteError>>,
     ) {
         let id = write.op.book_id();
@@ -369,8 +387,15 @@ impl Driver {
             return;
         }
         let op = machine::Command::from(write.op).encode_stamped(at, until);
-        match self.replica.propose(now, rid.clone(), op) {
+        let proposed = match ticket {
+            Some(_) => self.replica.propose_held(now, rid.clone(), op),
+            None => self.replica.propose(now, rid.clone(), op),
+        };
+        match proposed {
             Ok(v) => {
+                if let Some(t) = ticket {
+                    self.io.held.insert(t, v);
+                }
                 self.io.in_flight.insert(rid.clone(), v.seq);
                 self.io.pending.entry(v.seq).or_default().push(Waiter {
                     request_id: rid,
@@ -428,6 +453,10 @@ impl Driver {
                 }
             }
             self.io.in_flight.clear();
+        }
+        if self.replica.role() != Role::Primary {
+            // A later primaryship holds nothing: its writes' begins are new.
+            self.io.held.clear();
         }
         self.log_changes();
         Ok(())

@@ -5,9 +5,12 @@
 //! primary counts it from when it granted it, which is later, so the primary
 //! never believes a lease over that the frontend still uses.
 //!
-//! Before a write to a book is proposed, the primary tells every frontend
+//! Before a write to a book can commit, the primary tells every frontend
 //! holding a lease that the book has a write *begun*: the frontend drops it
-//! and serves it from the cache no more (no hits, no fills). After the write
+//! and serves it from the cache no more (no hits, no fills). The write is
+//! proposed *held* as its begin is queued: it is replicated and made durable
+//! while the begin travels, and commits only once the begin reached every
+//! frontend ([`crate::replication::Replica::propose_held`]). After the write
 //! commits (or is refused), and before its client is answered, the primary
 //! sends its *end* with the version it committed at: the frontend may cache
 //! the book again, from reads at that version or later. So no frontend
@@ -214,16 +217,18 @@ impl Invalidator {
         )
     }
 
-    /// A write to `book` is about to be proposed: returns once every
-    /// frontend stopped serving it from its cache (or surely stopped serving
-    /// from its cache at all). Each `begin` needs its [`Invalidator::end`].
-    pub async fn begin(&self, book: BookId) {
-        self.push(Some(Invalidation {
+    /// A write to `book` is about to be proposed: its begin is queued for
+    /// every frontend now, before anything queued after this call; the
+    /// returned future ends once every frontend stopped serving the book
+    /// from its cache (or surely stopped serving from its cache at all).
+    /// Each begin needs its [`Invalidator::end`].
+    pub fn begin(&self, book: BookId) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let waits = self.enqueue(Some(Invalidation {
             book_id: book,
             version: Version::default(),
             begin: true,
-        }))
-        .await
+        }));
+        wait_all(waits)
     }
 
     /// The write begun on `book` is over: committed at `version` (or
@@ -245,6 +250,10 @@ impl Invalidator {
     }
 
     async fn push(&self, item: Option<Invalidation>) {
+        wait_all(self.enqueue(item)).await
+    }
+
+    fn enqueue(&self, item: Option<Invalidation>) -> Vec<oneshot::Receiver<()>> {
         let mut waits = Vec::with_capacity(self.links.len());
         for link in &self.links {
             let (done, rx) = oneshot::channel();
@@ -252,9 +261,13 @@ impl Invalidator {
                 waits.push(rx);
             }
         }
-        for w in waits {
-            let _ = w.await;
-        }
+        waits
+    }
+}
+
+async fn wait_all(waits: Vec<oneshot::Receiver<()>>) {
+    for w in waits {
+        let _ = w.await;
     }
 }
 

@@ -79,6 +79,8 @@ struct Catalog {
     /// (epoch, commit) of the disk's hard state at start-up: what `status`
     /// reports while the replica is still starting.
     disk: (u64, Version),
+    /// Names the writes proposed held until their begins reached the caches.
+    tickets: std::sync::atomic::AtomicU64,
 }
 
 /// What every handler gets.
@@ -92,6 +94,31 @@ impl Catalog {
             .ok_or_else(|| ApiError::unavailable("this replica is still starting"))?;
         tx.try_send(input)
             .map_err(|_| ApiError::unavailable("this replica is overloaded, retry shortly"))
+    }
+
+    /// Tells the driver that the caches have the begin of the write held
+    /// under `ticket`, so it may commit. Must arrive (a held write blocks
+    /// every later commit): a full queue is waited out, not refused.
+    async fn release(&self, ticket: u64) {
+        let Some(tx) = self
+            .inputs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        else {
+            return;
+        };
+        let mut input = Input::Begun { ticket };
+        loop {
+            match tx.try_send(input) {
+                Err(std::sync::mpsc::TrySendError::Full(back)) => {
+                    input = back;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                // Sent, or the driver is gone (and its holds with it).
+                _ => return,
+            }
+        }
     }
 
     fn name_of(&self, id: NodeId) -> String {
@@ -271,6 +298,7 @@ pub async fn run(
             })
             .collect(),
         disk: disk_hard_state,
+        tickets: std::sync::atomic::AtomicU64::new(0),
     });
     tracing::info!(addr = %listener.local_addr()?, "catalog {} serving", node.name);
     let node = Arc::new(node);
@@ -835,21 +863,25 @@ async fn topics(State(c): State<AppState>) -> Result<Json<TopicsResponse>, ApiEr
 /// then cache invalidation at every frontend, then the answer. A retried
 /// request id gets its first answer, and its invalidation again.
 async fn apply(
-    c: &Catalog,
+    c: &AppState,
     write: CatalogWrite,
     may_forward: bool,
 ) -> Result<Json<WriteResult>, RouteError> {
     let book = write.op.book_id();
-    // Only a primary holds an invalidator: tell every cache the write
-    // begins before it can be proposed (and so become visible).
+    // Only a primary holds an invalidator. Every cache must have the
+    // write's begin before the write can commit (and so become visible):
+    // the begin is queued first, the write is proposed *held* meanwhile
+    // (replicated and made durable, not committed), and released once
+    // every cache has the begin — the two round trips overlap.
     let inv = c
         .invalidator
         .read()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
-    if let Some((_, inv)) = &inv {
-        inv.begin(book).await;
-    }
+    let held = inv.as_ref().map(|(_, inv)| {
+        let ticket = c.tickets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        (ticket, inv.begin(book))
+    });
     let end = |version: Version| {
         if let Some((_, inv)) = inv.clone() {
             tokio::spawn(async move { inv.end(book, version).await });
@@ -858,13 +890,26 @@ async fn apply(
     let (reply, rx) = oneshot::channel();
     let forwardable = may_forward.then(|| write.clone());
     let epoch = inv.as_ref().map(|(e, _)| *e);
+    let ticket = held.as_ref().map(|(t, _)| *t);
     if let Err(e) = c.send(Input::Write {
         write,
         epoch,
+        ticket,
         reply,
     }) {
         end(*c.shared.applied.borrow());
         return Err(e.into());
+    }
+    if let Some((ticket, begun)) = held {
+        // Not tied to this request: a client that goes away must not leave
+        // its write held.
+        let weak = Arc::downgrade(c);
+        tokio::spawn(async move {
+            begun.await;
+            if let Some(c) = weak.upgrade() {
+                c.release(ticket).await;
+            }
+        });
     }
     let result = match rx.await {
         Ok(Ok(r)) => r,

@@ -4,10 +4,11 @@
 //! * No stale fill: every value carries the version it was read at; an
 //!   invalidation raises the book's *floor*, and a fill below the floor is
 //!   refused. Reads after an invalidation ask replicas for at least the floor.
-//! * A write's *begin* (sent by the primary before it proposes the write)
-//!   drops the book and stops caching it until the write's *end* arrives
-//!   (its commit version becomes the floor): so once a write can be visible
-//!   at any replica, no cache serves the value from before it.
+//! * A write's *begin* (sent by the primary as it proposes the write, which
+//!   cannot commit before every cache has it) drops the book and stops
+//!   caching it until the write's *end* arrives (its commit version becomes
+//!   the floor): so once a write can be visible at any replica, no cache
+//!   serves the value from before it.
 //! * Served only under a cache lease from the catalog primary. When the
 //!   lease lapses, the epoch changes, or the invalidation stream shows a gap,
 //!   everything cached is dropped, and fills that started before are refused

@@ -266,6 +266,8 @@ pub struct UnsafeSwitches {
     /// A voter that granted a pre-vote to a higher id refuses every lower
     /// id for an election timeout, even one whose log is further ahead.
     pub defer_regardless_of_logs: bool,
+    /// Held entries commit as if released at once.
+    pub commit_ignores_holds: bool,
 }
 
 /// Settings of one replica. Durations are in milliseconds of the driver's

@@ -242,6 +242,44 @@ impl Replica {
         request_id: String,
         op: Vec<u8>,
     ) -> Result<Version, ProposeError> {
+        self.propose_inner(now_ms, request_id, op, false)
+    }
+
+    /// [`Replica::propose`], but the entry does not commit (so no replica
+    /// exposes it, nor anything after it) until [`Replica::release`]: it
+    /// is replicated and made durable meanwhile. The catalog proposes a
+    /// write held while it tells the frontends' caches the write begins,
+    /// so that round trip overlaps the replication round trip. If this
+    /// replica stops being primary first, a later primary commits the
+    /// entry only after fencing every cache.
+    pub fn propose_held(
+        &mut self,
+        now_ms: u64,
+        request_id: String,
+        op: Vec<u8>,
+    ) -> Result<Version, ProposeError> {
+        self.propose_inner(now_ms, request_id, op, true)
+    }
+
+    /// The entry proposed held at `v` may commit (a no-op unless this
+    /// replica is still the primary of `v`'s epoch).
+    pub fn release(&mut self, v: Version) {
+        let epoch = self.hs.epoch;
+        if let Some(p) = self.primary_mut()
+            && v.epoch == epoch
+            && p.held.remove(&v.seq)
+        {
+            self.maybe_commit();
+        }
+    }
+
+    fn propose_inner(
+        &mut self,
+        now_ms: u64,
+        request_id: String,
+        op: Vec<u8>,
+        held: bool,
+    ) -> Result<Version, ProposeError> {
         let now = self.advance_clock(now_ms);
         let ready = self.is_primary_ready();
         let (majority, lease_ms) = (self.majority, self.cfg.lease_ms);
@@ -274,6 +312,9 @@ impl Replica {
                 kind: EntryKind::Op(op),
             },
         );
+        if held && let Some(p) = self.primary_mut() {
+            p.held.insert(version.seq);
+        }
         self.maybe_commit();
         Ok(version)
     }

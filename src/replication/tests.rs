@@ -448,6 +448,50 @@ fn a_write_commits_only_when_every_view_member_has_it() {
 }
 
 #[test]
+fn a_held_write_and_every_write_after_it_commit_only_once_released() {
+    let mut net = Net::new(3);
+    net.run(2000);
+    let p = net.primary().unwrap();
+    let held = net.nodes[p]
+        .propose_held(net.now, "held".into(), vec![1])
+        .unwrap();
+    net.pump();
+    let after = net.write(p, "after").unwrap();
+    net.run(200);
+    for i in 0..3 {
+        let st = net.nodes[i].status();
+        assert!(
+            st.last.seq >= after.seq,
+            "node {i} holds both entries meanwhile"
+        );
+        assert!(
+            st.commit.seq < held.seq,
+            "node {i} knows no commit past the hold"
+        );
+        assert!(
+            !net.applied[i]
+                .iter()
+                .any(|e| e.version == held || e.version == after),
+            "node {i} applied a write before its release"
+        );
+    }
+    // A release of another epoch's entry at that seq changes nothing.
+    net.nodes[p].release(Version::new(held.epoch + 1, held.seq));
+    net.pump();
+    assert!(net.applied[p].iter().all(|e| e.version != held));
+    net.nodes[p].release(held);
+    net.pump();
+    net.run(100);
+    for i in 0..3 {
+        assert!(
+            net.applied[i].iter().any(|e| e.version == held)
+                && net.applied[i].iter().any(|e| e.version == after),
+            "node {i} applies both once released"
+        );
+    }
+}
+
+#[test]
 fn an_unmatched_suffix_is_truncated_on_catch_up() {
     // "Catch-up resumes from the last (epoch, seq) that matches the primary's
     // log and truncates everything after it"

@@ -255,6 +255,21 @@ fn teeth_profile(name: &str, broken: bool) -> Options {
             o.w_partition = 1;
             o.fault_every_ms = (40, 200);
         }
+        "held_writes" => {
+            // Writes commit without waiting for their begins to reach the
+            // caches: a frontend serves its cached value of a book after a
+            // write to it was acknowledged. Slow pushes (frontends cut off
+            // now and then) widen the window.
+            sw.commit_ignores_holds = true;
+            let mut c = CacheOptions::new(2);
+            c.read_every_ms = 1;
+            o.caches = Some(c);
+            o.w_partition = 4;
+            o.w_crash = 0;
+            o.w_disk = 0;
+            o.partition_kinds = [0, 0, 0, 1, 0];
+            o.fault_every_ms = (100, 600);
+        }
         "atomic_decrement" => o.check_at_propose = broken,
         "unsynced_entries" => {
             o.unsynced_entries = broken;
@@ -521,6 +536,11 @@ fn five_replicas_with_frontend_caches() {
 #[test]
 fn teeth_cache_leases_allow_for_clock_drift() {
     find_violation("cache_drift", 2000, &["stale read from cache"]);
+}
+
+#[test]
+fn teeth_writes_commit_only_once_their_begins_reached_the_caches() {
+    find_violation("held_writes", 2000, &["stale read from cache"]);
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! The primary: replication to backups, the view, commits, leadership
 //! transfer.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use super::{Replica, RoleState};
 use crate::replication::NodeId;
@@ -33,6 +33,9 @@ pub(super) struct Primary {
     pub(super) last_heartbeat: u64,
     /// The commit point the backups were last sent.
     pub(super) commit_broadcast: u64,
+    /// Seqs of entries proposed held ([`Replica::propose_held`]) and not
+    /// yet released: nothing at or after the first commits.
+    pub(super) held: BTreeSet<u64>,
 }
 
 /// What the primary knows about one backup (reset when its incarnation
@@ -129,6 +132,7 @@ impl Replica {
             last_transfer_at: now,
             last_heartbeat: now,
             commit_broadcast: self.hs.commit.seq,
+            held: BTreeSet::new(),
         }));
         self.primary_id = Some(self.cfg.id);
         self.incoming = None;
@@ -479,6 +483,12 @@ impl Replica {
             if required && !ignore_holders {
                 cand = cand.min(p.matched);
             }
+        }
+        // A held entry becomes visible only once the driver released it.
+        if let Some(first) = pr.held.first()
+            && !self.cfg.unsafe_switches.commit_ignores_holds
+        {
+            cand = cand.min(first - 1);
         }
         if self.majority > 1 {
             // Only voters count toward the majority: a learner (a new disk, or

@@ -2,8 +2,9 @@
 //! at each frontend, the shipped per-frontend link state
 //! (`catalog::invalidation::LinkState`) at the primary, and between them
 //! the protocol of `docs/DESIGN-NOTES.md` ("Linearizable reads"): a write's
-//! *begin* reaches every cache holding a lease before it is proposed, its
-//! *end* before its client is answered; a new primary fences every cache
+//! *begin* is queued for every cache and the write proposed *held*, and it
+//! is released (may commit) once the begin reached every cache holding a
+//! lease; its *end* reaches them before its client is answered; a new primary fences every cache
 //! before it becomes ready; frontends renew their leases every quarter
 //! lease, counting them from when they asked, on their own clocks. Pushes
 //! are one batch at a time per frontend, delivered before the lease the
@@ -76,7 +77,9 @@ pub(super) struct Invalidator {
 
 #[derive(Debug)]
 enum Phase {
-    Begin,
+    /// Proposed held at this version: released once its begin is delivered.
+    Held(Version),
+    /// Released (or not proposed: refused, answered from before).
     Proposed,
     End(Reply),
 }
@@ -493,8 +496,9 @@ impl Sim {
         Ok(())
     }
 
-    /// A client's write at a catalog node, with caches: at the primary it
-    /// begins at every cache first.
+    /// A client's write at a catalog node, with caches: at the primary its
+    /// begin is queued for every cache, and it is proposed held until the
+    /// begin was delivered.
     pub(super) fn request_with_caches(
         &mut self,
         client: usize,
@@ -520,9 +524,9 @@ impl Sim {
             id,
             Op {
                 client,
-                rid,
+                rid: rid.clone(),
                 book,
-                phase: Phase::Begin,
+                phase: Phase::Proposed,
                 waiting: 0,
             },
         );
@@ -532,7 +536,62 @@ impl Sim {
             begin: true,
         };
         self.push(i, Some(begin), Waiter::Op(id));
+        self.propose_held(client, i, id, rid, book)?;
         Ok(true)
+    }
+
+    /// The write of op `id`, its begin queued: answered from before, or
+    /// proposed held, or refused.
+    fn propose_held(
+        &mut self,
+        client: usize,
+        i: usize,
+        id: u64,
+        rid: String,
+        book: usize,
+    ) -> R<()> {
+        let now = self.nodes[i].local(self.t);
+        let node = &mut self.nodes[i];
+        let r = node.r.as_mut().unwrap();
+        if let Some((ok, version)) = node.store.answer(&rid)
+            && r.is_primary_ready()
+        {
+            // A retry of a write already applied: its first answer.
+            self.end_op(i, id, Reply::Ack { rid, ok, version });
+            return Ok(());
+        }
+        let cmd = Command::Buy {
+            book_id: book_id(book),
+        }
+        .encode();
+        let refused = match r.propose_held(now, rid.clone(), cmd) {
+            Ok(v) => {
+                node.pending.insert(v.seq, (client, rid.clone()));
+                node.side.ops.get_mut(&id).unwrap().phase = Phase::Held(v);
+                None
+            }
+            Err(ProposeError::NotPrimary { primary: Some(p) }) => Some(Reply::Redirect {
+                rid: rid.clone(),
+                to: (p - 1) as usize,
+            }),
+            Err(e) => {
+                if std::env::var_os("PYGMY_SIM_TRACE").is_some() {
+                    eprintln!("[{:>5}] propose refused at node {}: {e:?}", self.t, i + 1);
+                }
+                Some(Reply::Retry { rid: rid.clone() })
+            }
+        };
+        match refused {
+            None => self.process(i),
+            Some(reply) => {
+                // Refused: its end goes out (nobody waits for it), and the
+                // client tries again.
+                self.nodes[i].side.ops.get_mut(&id).unwrap().rid = String::new();
+                self.end_op(i, id, Reply::Retry { rid });
+                self.answer(client, reply);
+                Ok(())
+            }
+        }
     }
 
     /// Answers of node `i`'s driver: with caches, a write is answered only
@@ -544,7 +603,9 @@ impl Sim {
                     .side
                     .ops
                     .iter()
-                    .find(|(_, o)| o.rid == *rid && matches!(o.phase, Phase::Proposed))
+                    .find(|(_, o)| {
+                        o.rid == *rid && matches!(o.phase, Phase::Proposed | Phase::Held(_))
+                    })
                     .map(|(id, _)| *id),
                 _ => None,
             };
@@ -576,7 +637,6 @@ impl Sim {
         let Some(op) = self.nodes[i].side.ops.get(&id) else {
             return Ok(());
         };
-        let (client, rid, book) = (op.client, op.rid.clone(), op.book);
         match op.phase {
             Phase::Proposed => Ok(()),
             Phase::End(_) => {
@@ -584,53 +644,17 @@ impl Sim {
                 if let Phase::End(reply) = op.phase
                     && !op.rid.is_empty()
                 {
-                    self.answer(client, reply);
+                    self.answer(op.client, reply);
                 }
                 Ok(())
             }
-            Phase::Begin => {
-                let now = self.nodes[i].local(self.t);
-                let node = &mut self.nodes[i];
-                let r = node.r.as_mut().unwrap();
-                if let Some((ok, version)) = node.store.answer(&rid)
-                    && r.is_primary_ready()
-                {
-                    // A retry of a write already applied: its first answer.
-                    self.end_op(i, id, Reply::Ack { rid, ok, version });
-                    return Ok(());
+            Phase::Held(v) => {
+                // The begin reached every cache: the write may commit.
+                self.nodes[i].side.ops.get_mut(&id).unwrap().phase = Phase::Proposed;
+                if let Some(r) = self.nodes[i].r.as_mut() {
+                    r.release(v);
                 }
-                let cmd = Command::Buy {
-                    book_id: book_id(book),
-                }
-                .encode();
-                let refused = match r.propose(now, rid.clone(), cmd) {
-                    Ok(v) => {
-                        node.pending.insert(v.seq, (client, rid.clone()));
-                        node.side.ops.get_mut(&id).unwrap().phase = Phase::Proposed;
-                        None
-                    }
-                    Err(ProposeError::NotPrimary { primary: Some(p) }) => Some(Reply::Redirect {
-                        rid: rid.clone(),
-                        to: (p - 1) as usize,
-                    }),
-                    Err(e) => {
-                        if std::env::var_os("PYGMY_SIM_TRACE").is_some() {
-                            eprintln!("[{:>5}] propose refused at node {}: {e:?}", self.t, i + 1);
-                        }
-                        Some(Reply::Retry { rid: rid.clone() })
-                    }
-                };
-                match refused {
-                    None => self.process(i),
-                    Some(reply) => {
-                        // Refused: its end goes out (nobody waits for it),
-                        // and the client tries again.
-                        self.nodes[i].side.ops.get_mut(&id).unwrap().rid = String::new();
-                        self.end_op(i, id, Reply::Retry { rid });
-                        self.answer(client, reply);
-                        Ok(())
-                    }
-                }
+                self.process(i)
             }
         }
     }
