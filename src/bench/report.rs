@@ -22,15 +22,19 @@ const MEMORY_TARGET_BYTES: u64 = 80 * 1024 * 1024;
 /// connections to a `pygmy up` store; see docs/DESIGN-NOTES.md).
 const PROFILE: &str = "## What the profile showed, and what changed\n\n\
 Profiled with `perf record -a -g -F 499` for 6 s while `wrk -c32` sent buys to a `pygmy up` store on this \
-2-core machine (release build):\n\n\
-- **Both cores were busy** (~97% of samples): buys are bound by CPU, not by waiting. By process: the catalog \
-primary 26%, each catalog backup 13%, the frontend 13%, each order replica 9%.\n\
-- **Half the samples were in the kernel**: fsync 10% (on this virtual machine each one exits to the device, \
-`iowrite16`), loopback TCP and thread wake-ups most of the rest. In user space: malloc/free, JSON and HTTP \
-parsing, SQLite; no single hot spot.\n\
+2-core machine (release build; the call graphs from a build with frame pointers):\n\n\
+- **Both cores were busy** (97% of samples): buys are bound by CPU, not by waiting. By process: the catalog \
+primary 27%, the frontend 16%, each catalog backup 11–12%, each order replica 8–9%.\n\
+- **Where it goes**: SQLite 16% of all samples (the catalog replicas' steps 13%, and in them the fsyncs, \
+6.5% of the machine: on this virtual machine each one exits to the device, `iowrite16`), loopback TCP sends \
+10%, malloc/free 7%, parking and waking threads 5%; the rest is HTTP, JSON and the runtime, with no single \
+hot spot.\n\
+- **One queue stood out**: every order replica looked each buy's request id up in its log before sending it \
+on, through the blocking pool and one shared SQLite connection, so its buys queued there one at a time. A \
+first attempt with an id the frontend has just minted cannot be in any log: it is now marked `fresh` and not \
+looked up.\n\
 - So a buy costs what its internal requests and fsyncs cost, in every tier: about ten HTTP requests and four \
-fsyncs. What remains to do is fewer of both per buy (replication and invalidation carried in fewer, larger \
-messages; applying without a second fsync), not a faster function.\n\n\
+fsyncs. What remains to do is fewer of both per buy, not a faster function.\n\n\
 Changed because of what the bench and the profile showed:\n\n\
 - the catalog primary sends its appends while it persists them (steps holding only new entries), so its \
 fsync and the backups' overlap: buy p50 at one connection went from 2.0 to 1.7 ms without the cache;\n\
@@ -55,11 +59,20 @@ together, read from one replica state). Uncached lookups at 64 connections went 
 floor;\n\
 - request ids no longer accumulate: keyless buys' ids expire 30 s after they are written (past every retry budget) and idempotency keys \
 after a day, by the primary's entry timestamps, so the store's memory and snapshot stay flat under any \
-number of buys (see the soak).\n\n\
-Tried and not kept: order replicas sending their buys to the catalog primary in batches (one HTTP request \
-for the many buys that queued meanwhile). Buys at 32 connections moved by about 4%, inside run-to-run \
-noise: the per-buy internal requests are not what bounds buys here; the fsyncs and the work around them \
-in every tier are.\n";
+number of buys (see the soak);\n\
+- a buy's first attempt with a freshly minted id skips the order log's lookup (above): buys at 32 \
+connections went from 1 500–1 700 to 1 900–2 000 /s, and buy p50 at one connection down by about 0.35 ms \
+(wrk, runs interleaved);\n\
+- a write's begin no longer precedes its replication: the primary queues the begin for the caches and \
+proposes the write *held* at once (replicated and made durable, not committed), and releases it once every \
+cache has the begin, so the two round trips overlap. Buy p50 at one connection 2.6–3.1 → 2.4–2.5 ms, buys at \
+32 connections 1 500–2 000 → 2 000–2 400 /s (wrk, runs interleaved).\n\n\
+Tried and not kept:\n\n\
+- order replicas sending their buys to the catalog primary in batches (one HTTP request for the many buys \
+that queued meanwhile): buys at 32 connections moved by about 4%, inside run-to-run noise;\n\
+- mimalloc in place of glibc's allocator (malloc/free are 7% of the samples): buys at 32 connections about \
+10% up, inside noise, but the store after a run took 141 MB (PSS) against 57 MB, over the memory target; with \
+its memory handed back at once, 65 MB and no gain left.\n";
 
 type PlotResult = Result<(), Box<dyn std::error::Error>>;
 

@@ -334,6 +334,35 @@ mod tests {
     use super::*;
     use crate::client::Http;
 
+    /// The handler queues a write's begin, then proposes the write held and
+    /// may push its end (a refused write) before it awaits the begin: the
+    /// begin must already be ahead of that end in the frontend's stream, or
+    /// the frontend would count a begin that never ends.
+    #[tokio::test]
+    async fn a_begin_is_queued_when_called_ahead_of_what_is_queued_after_it() {
+        let fe = FrontendClient::new(
+            "http://127.0.0.1:9",
+            Http::new(None, Duration::from_millis(100)),
+        );
+        let inv = Invalidator::new(
+            vec![("frontend".into(), fe)],
+            Duration::from_millis(1000),
+            0.1,
+            Duration::ZERO,
+            1,
+        );
+        let book = BookId::new(1).unwrap();
+        let begun = inv.begin(book);
+        inv.end(book, Version::default()).await;
+        begun.await;
+        let st = inv.links[0].state.lock().unwrap();
+        assert!(
+            st.pending.is_empty(),
+            "the end arrived before its begin: {:?} left begun",
+            st.pending
+        );
+    }
+
     #[tokio::test]
     async fn a_granted_cache_lease_is_waited_out_with_the_drift_margin() {
         let fe = FrontendClient::new(
