@@ -111,6 +111,11 @@ impl<C: Clone + Send + Sync + 'static> Pool<C> {
         let deadline = Instant::now() + self.budget;
         let mut backoff = Duration::from_millis(5);
         let mut redirect: Option<usize> = None;
+        // A replica that names the primary is followed at once, without a
+        // pause (a failover ends with every replica naming the new primary);
+        // but not twice in a row, so two replicas naming each other during
+        // a view change cannot spin.
+        let mut followed = false;
         loop {
             let mut last = None;
             let order = self.order();
@@ -171,6 +176,11 @@ impl<C: Clone + Send + Sync + 'static> Pool<C> {
                     detail: "no replica configured".into(),
                 }));
             }
+            if redirect.is_some() && !followed {
+                followed = true;
+                continue;
+            }
+            followed = false;
             tokio::time::sleep(backoff.min(deadline - now)).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
@@ -195,5 +205,73 @@ impl<C: Clone + Send + Sync + 'static> Pool<C> {
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn redirect(to: &str) -> ClientError {
+        ClientError::Status {
+            url: "test".into(),
+            status: 421,
+            message: "not the primary".into(),
+            primary: Some(to.into()),
+        }
+    }
+
+    /// On the runtime's paused clock a pause shows as time passed.
+    #[tokio::test(start_paused = true)]
+    async fn a_named_primary_is_tried_at_once_and_a_second_redirect_waits() {
+        let pool = Pool::new(
+            "catalog",
+            vec![("a".to_string(), "a"), ("b".to_string(), "b")],
+            Pick::Sticky,
+            Duration::from_secs(8),
+        );
+        let started = tokio::time::Instant::now();
+        let tried = std::sync::Mutex::new(Vec::new());
+        let got = pool
+            .call(|c| {
+                tried.lock().unwrap().push(c);
+                async move {
+                    match c {
+                        "a" => Err(redirect("b")),
+                        _ => Ok(c),
+                    }
+                }
+            })
+            .await
+            .unwrap();
+        assert_eq!(got, "b");
+        assert_eq!(*tried.lock().unwrap(), ["a", "b"]);
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "no pause before the primary"
+        );
+
+        // Two replicas naming each other: followed once at once, then paused.
+        let tried = std::sync::Mutex::new(Vec::new());
+        let err = pool
+            .call(|c| {
+                let mut t = tried.lock().unwrap();
+                t.push(c);
+                let n = t.len();
+                async move {
+                    match (c, n) {
+                        (_, 1..=4) => Err(redirect(if c == "a" { "b" } else { "a" })),
+                        _ => Ok(c),
+                    }
+                }
+            })
+            .await;
+        assert!(err.is_ok());
+        assert_eq!(tried.lock().unwrap().len(), 5);
+        assert!(
+            started.elapsed() >= Duration::from_millis(5),
+            "a second redirect in a row pauses"
+        );
     }
 }
