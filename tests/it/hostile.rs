@@ -856,10 +856,10 @@ async fn two_hundred_thousand_keyless_buys_keep_replica_memory_and_snapshots_bou
         let sold = sold.clone();
         async move {
             const WORKERS: u64 = 48;
-            let primary = c.primary().await;
+            let catalogs = c.catalogs().await;
             let mut tasks = tokio::task::JoinSet::new();
             for w in 0..WORKERS {
-                let cat = c.catalog(&primary);
+                let catalogs = catalogs.clone();
                 let sold = sold.clone();
                 tasks.spawn(async move {
                     for k in (w..n).step_by(WORKERS as usize) {
@@ -870,17 +870,7 @@ async fn two_hundred_thousand_keyless_buys_keep_replica_memory_and_snapshots_bou
                             },
                         };
                         // The same id until it is answered: exactly once.
-                        let mut tries = 0;
-                        let r = loop {
-                            match cat.write(&write).await {
-                                Ok(r) => break r,
-                                Err(e) => {
-                                    tries += 1;
-                                    assert!(tries < 100, "buy {k} failed: {e}");
-                                    tokio::time::sleep(Duration::from_millis(20)).await;
-                                }
-                            }
-                        };
+                        let r = catalogs.write(&write).await;
                         assert!(
                             matches!(r.outcome, Outcome::Bought { .. }),
                             "{:?}",

@@ -716,10 +716,10 @@ async fn damaged_backup_rejoins_after(
 /// `writes` keyless buys of book 1 straight at the primary, 32 at a time;
 /// returns how many bought.
 async fn buy_at_primary(c: &TestCluster, writes: u64) -> usize {
-    let primary = c.catalog(&c.primary().await);
+    let catalogs = c.catalogs().await;
     let mut tasks = tokio::task::JoinSet::new();
     for w in 0..32 {
-        let primary = primary.clone();
+        let catalogs = catalogs.clone();
         tasks.spawn(async move {
             let mut bought = 0;
             for _ in (w..writes).step_by(32) {
@@ -729,7 +729,7 @@ async fn buy_at_primary(c: &TestCluster, writes: u64) -> usize {
                         book_id: BookId::new(1).unwrap(),
                     },
                 };
-                let r = primary.write(&write).await.unwrap();
+                let r = catalogs.write(&write).await;
                 assert!(matches!(r.outcome, Outcome::Bought { .. }));
                 bought += 1;
             }

@@ -222,6 +222,24 @@ impl TestCluster {
         CatalogClient::new(self.url(name), self.http.clone())
     }
 
+    /// Every catalog replica, to write through whichever is primary
+    /// (starting at the one that serves as primary now).
+    pub async fn catalogs(&self) -> Catalogs {
+        let primary = self.primary().await;
+        let names = self.names(Role::Catalog);
+        let at = names.iter().position(|n| *n == primary).unwrap_or(0);
+        Catalogs(
+            names
+                .into_iter()
+                .map(|n| {
+                    let c = self.catalog(&n);
+                    (n, c)
+                })
+                .collect(),
+            std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(at)),
+        )
+    }
+
     pub fn order(&self, name: &str) -> OrderClient {
         OrderClient::new(self.url(name), self.http.clone())
     }
@@ -426,6 +444,51 @@ impl Drop for TestCluster {
             eprintln!("test cluster logs kept in {}", self.dir.display());
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// The catalog replicas, written to as a caller inside the cluster does:
+/// at the replica that answered last (the primary), following it when it
+/// changes.
+#[derive(Clone)]
+pub struct Catalogs(
+    Vec<(String, CatalogClient)>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+);
+
+impl Catalogs {
+    /// Applies `write` at whichever replica is primary: after a refusal
+    /// (not the primary, or a primary that stepped down, say because a
+    /// stalled disk let its lease lapse) the same request id again, at the
+    /// primary a replica names or the next one, until it is answered (30 s
+    /// at most). Exactly once whatever the retries.
+    pub async fn write(&self, write: &pygmy::api::CatalogWrite) -> pygmy::api::WriteResult {
+        use std::sync::atomic::Ordering::Relaxed;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut at = self.1.load(Relaxed);
+        loop {
+            match self.0[at].1.write(write).await {
+                Ok(r) => {
+                    self.1.store(at, Relaxed);
+                    return r;
+                }
+                Err(e) => {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "write {}: still failing after 30 s: {e}",
+                        write.request_id
+                    );
+                    at = match &e {
+                        pygmy::client::ClientError::Status {
+                            primary: Some(p), ..
+                        } => self.0.iter().position(|(n, _)| n == p),
+                        _ => None,
+                    }
+                    .unwrap_or((at + 1) % self.0.len());
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
         }
     }
 }
