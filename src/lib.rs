@@ -36,7 +36,8 @@
 //! * [`tls`]       — the cluster's CA and node certificates; TLS between nodes.
 
 pub mod api;
-pub(crate) mod balance;
+#[doc(hidden)]
+pub mod balance;
 pub(crate) mod batch;
 pub mod bench;
 pub mod catalog;

@@ -856,7 +856,7 @@ async fn two_hundred_thousand_keyless_buys_keep_replica_memory_and_snapshots_bou
         let sold = sold.clone();
         async move {
             const WORKERS: u64 = 48;
-            let catalogs = c.catalogs().await;
+            let catalogs = c.catalogs();
             let mut tasks = tokio::task::JoinSet::new();
             for w in 0..WORKERS {
                 let catalogs = catalogs.clone();
@@ -870,7 +870,7 @@ async fn two_hundred_thousand_keyless_buys_keep_replica_memory_and_snapshots_bou
                             },
                         };
                         // The same id until it is answered: exactly once.
-                        let r = catalogs.write(&write).await;
+                        let r = common::write_at_primary(&catalogs, &write).await;
                         assert!(
                             matches!(r.outcome, Outcome::Bought { .. }),
                             "{:?}",

@@ -716,7 +716,7 @@ async fn damaged_backup_rejoins_after(
 /// `writes` keyless buys of book 1 straight at the primary, 32 at a time;
 /// returns how many bought.
 async fn buy_at_primary(c: &TestCluster, writes: u64) -> usize {
-    let catalogs = c.catalogs().await;
+    let catalogs = c.catalogs();
     let mut tasks = tokio::task::JoinSet::new();
     for w in 0..32 {
         let catalogs = catalogs.clone();
@@ -729,7 +729,7 @@ async fn buy_at_primary(c: &TestCluster, writes: u64) -> usize {
                         book_id: BookId::new(1).unwrap(),
                     },
                 };
-                let r = catalogs.write(&write).await;
+                let r = common::write_at_primary(&catalogs, &write).await;
                 assert!(matches!(r.outcome, Outcome::Bought { .. }));
                 bought += 1;
             }

@@ -106,6 +106,17 @@ fn long_leases(o: &mut Options, partition_kinds: [u32; 5]) {
     o.fault_every_ms = (500, 3000);
 }
 
+/// Caching frontends (`c`) read every millisecond and are now and then cut
+/// off from the catalog (their leases run out unrenewed, pushes to them
+/// wait); no disks lost.
+fn frontends_cut_off(o: &mut Options, mut c: CacheOptions) {
+    c.read_every_ms = 1;
+    o.caches = Some(c);
+    o.w_disk = 0;
+    o.partition_kinds = [0, 0, 0, 1, 0];
+    o.fault_every_ms = (100, 600);
+}
+
 /// The schedules aimed at one weakness; `broken` switches the mechanism off.
 fn teeth_profile(name: &str, broken: bool) -> Options {
     let mut o = Options::new(3);
@@ -235,13 +246,9 @@ fn teeth_profile(name: &str, broken: bool) -> Options {
             // the drift margin.
             let mut c = CacheOptions::new(2);
             c.drift_margin = broken.then_some(0.0);
-            c.read_every_ms = 1;
-            o.caches = Some(c);
+            frontends_cut_off(&mut o, c);
             o.w_partition = 8;
             o.w_crash = 1;
-            o.w_disk = 0;
-            o.partition_kinds = [0, 0, 0, 1, 0];
-            o.fault_every_ms = (100, 600);
         }
         "starting" => {
             // Disks lost often, restarts bunched (heals restart every down
@@ -261,14 +268,9 @@ fn teeth_profile(name: &str, broken: bool) -> Options {
             // write to it was acknowledged. Slow pushes (frontends cut off
             // now and then) widen the window.
             sw.commit_ignores_holds = true;
-            let mut c = CacheOptions::new(2);
-            c.read_every_ms = 1;
-            o.caches = Some(c);
+            frontends_cut_off(&mut o, CacheOptions::new(2));
             o.w_partition = 4;
             o.w_crash = 0;
-            o.w_disk = 0;
-            o.partition_kinds = [0, 0, 0, 1, 0];
-            o.fault_every_ms = (100, 600);
         }
         "atomic_decrement" => o.check_at_propose = broken,
         "unsynced_entries" => {

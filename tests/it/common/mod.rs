@@ -10,10 +10,12 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use pygmy::api::*;
+use pygmy::balance::{Pick, Pool};
 use pygmy::client::{CatalogClient, FrontendClient, Http, OrderClient};
 use pygmy::config::{ClusterConfig, Role};
 
@@ -222,22 +224,21 @@ impl TestCluster {
         CatalogClient::new(self.url(name), self.http.clone())
     }
 
-    /// Every catalog replica, to write through whichever is primary
-    /// (starting at the one that serves as primary now).
-    pub async fn catalogs(&self) -> Catalogs {
-        let primary = self.primary().await;
-        let names = self.names(Role::Catalog);
-        let at = names.iter().position(|n| *n == primary).unwrap_or(0);
-        Catalogs(
-            names
-                .into_iter()
-                .map(|n| {
-                    let c = self.catalog(&n);
-                    (n, c)
-                })
-                .collect(),
-            std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(at)),
-        )
+    /// Every catalog replica as one pool, written to as the order
+    /// replicas write: sticky to the primary, following a replica that names
+    /// another, the same request id again after a refusal (a primary whose
+    /// stalled disk let its lease lapse steps down and is elected again),
+    /// for up to 30 s. Exactly once whatever the retries.
+    pub fn catalogs(&self) -> Arc<Pool<CatalogClient>> {
+        let members = self
+            .names(Role::Catalog)
+            .into_iter()
+            .map(|n| {
+                let c = self.catalog(&n);
+                (n, c)
+            })
+            .collect();
+        Pool::new("catalog", members, Pick::Sticky, Duration::from_secs(30))
     }
 
     pub fn order(&self, name: &str) -> OrderClient {
@@ -448,47 +449,10 @@ impl Drop for TestCluster {
     }
 }
 
-/// The catalog replicas, written to as a caller inside the cluster does:
-/// at the replica that answered last (the primary), following it when it
-/// changes.
-#[derive(Clone)]
-pub struct Catalogs(
-    Vec<(String, CatalogClient)>,
-    std::sync::Arc<std::sync::atomic::AtomicUsize>,
-);
-
-impl Catalogs {
-    /// Applies `write` at whichever replica is primary: after a refusal
-    /// (not the primary, or a primary that stepped down, say because a
-    /// stalled disk let its lease lapse) the same request id again, at the
-    /// primary a replica names or the next one, until it is answered (30 s
-    /// at most). Exactly once whatever the retries.
-    pub async fn write(&self, write: &pygmy::api::CatalogWrite) -> pygmy::api::WriteResult {
-        use std::sync::atomic::Ordering::Relaxed;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        let mut at = self.1.load(Relaxed);
-        loop {
-            match self.0[at].1.write(write).await {
-                Ok(r) => {
-                    self.1.store(at, Relaxed);
-                    return r;
-                }
-                Err(e) => {
-                    assert!(
-                        tokio::time::Instant::now() < deadline,
-                        "write {}: still failing after 30 s: {e}",
-                        write.request_id
-                    );
-                    at = match &e {
-                        pygmy::client::ClientError::Status {
-                            primary: Some(p), ..
-                        } => self.0.iter().position(|(n, _)| n == p),
-                        _ => None,
-                    }
-                    .unwrap_or((at + 1) % self.0.len());
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            }
-        }
-    }
+/// Applies `write` through `catalogs` (see [`TestCluster::catalogs`]).
+pub async fn write_at_primary(catalogs: &Pool<CatalogClient>, write: &CatalogWrite) -> WriteResult {
+    catalogs
+        .call(|c| async move { c.write(write).await })
+        .await
+        .unwrap_or_else(|e| panic!("write {}: still failing after 30 s: {e}", write.request_id))
 }
