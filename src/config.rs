@@ -125,7 +125,7 @@ impl Default for Timing {
             retry_budget_ms: 8_000,
             health_interval_ms: 300,
             cache_lease_ms: 1_000,
-            heartbeat_ms: 25,
+            heartbeat_ms: 15,
             lease_ms: 200,
             election_timeout_ms: 200,
             takeover_after_ms: 2_000,
