@@ -268,17 +268,78 @@ pub fn status_label(status: u16) -> &'static str {
 pub async fn track(req: Request, next: Next) -> Response {
     let start = Instant::now();
     // Route templates are the router's own strings: a fixed set.
-    let route = match req.extensions().get::<MatchedPath>() {
-        Some(p) => p.as_str().to_owned(),
-        None => "unmatched".to_owned(),
-    };
+    let route = req.extensions().get::<MatchedPath>().cloned();
     let method = method_label(req.method());
     let res = next.run(req).await;
+    let route = route.as_ref().map_or("unmatched", |p| p.as_str());
     let status = status_label(res.status().as_u16());
-    metrics::counter!(HTTP_REQUESTS, "route" => route.clone(), "method" => method, "status" => status).increment(1);
-    metrics::histogram!(HTTP_DURATION, "route" => route, "method" => method)
-        .record(start.elapsed().as_secs_f64());
+    let elapsed = start.elapsed().as_secs_f64();
+    if !matches!(HANDLE.get(), Some(Some(_))) {
+        // No recorder of ours (yet): a handle taken now would stay a no-op.
+        metrics::counter!(HTTP_REQUESTS, "route" => route.to_owned(), "method" => method, "status" => status).increment(1);
+        metrics::histogram!(HTTP_DURATION, "route" => route.to_owned(), "method" => method)
+            .record(elapsed);
+        return res;
+    }
+    REQUEST_HANDLES.with_borrow_mut(|h| {
+        let h = match h.get_mut(route) {
+            Some(h) => h,
+            None => h.entry(route.into()).or_default(),
+        };
+        h.counter(route, method, status).increment(1);
+        h.histogram(route, method).record(elapsed);
+    });
     res
+}
+
+thread_local! {
+    /// The request metrics' handles, by route: looking a labelled metric up
+    /// in the recorder's registry builds its key and hashes it; a request
+    /// only needs the handle. The labels are a closed set (see the module
+    /// docs), so these maps stay small.
+    static REQUEST_HANDLES: std::cell::RefCell<std::collections::HashMap<Box<str>, RouteHandles>> =
+        Default::default();
+}
+
+#[derive(Default)]
+struct RouteHandles {
+    counters: Vec<(&'static str, &'static str, metrics::Counter)>,
+    histograms: Vec<(&'static str, metrics::Histogram)>,
+}
+
+impl RouteHandles {
+    fn counter(
+        &mut self,
+        route: &str,
+        method: &'static str,
+        status: &'static str,
+    ) -> &metrics::Counter {
+        let at = match self
+            .counters
+            .iter()
+            .position(|(m, s, _)| *m == method && *s == status)
+        {
+            Some(at) => at,
+            None => {
+                let c = metrics::counter!(HTTP_REQUESTS, "route" => route.to_owned(), "method" => method, "status" => status);
+                self.counters.push((method, status, c));
+                self.counters.len() - 1
+            }
+        };
+        &self.counters[at].2
+    }
+
+    fn histogram(&mut self, route: &str, method: &'static str) -> &metrics::Histogram {
+        let at = match self.histograms.iter().position(|(m, _)| *m == method) {
+            Some(at) => at,
+            None => {
+                let h = metrics::histogram!(HTTP_DURATION, "route" => route.to_owned(), "method" => method);
+                self.histograms.push((method, h));
+                self.histograms.len() - 1
+            }
+        };
+        &self.histograms[at].1
+    }
 }
 
 fn start_time_seconds() -> f64 {

@@ -130,6 +130,17 @@ fn incoming_id(v: &HeaderValue) -> Option<String> {
     ok.then(|| s.to_owned())
 }
 
+/// A new request id: a random (version 4) UUID, in hex. Its bits come
+/// from a per-thread generator (seeded once per thread from the system's
+/// randomness), not a system call per request: an id correlates logs, it
+/// guards nothing.
+fn mint_id() -> String {
+    uuid::Builder::from_random_bytes(fastrand::u128(..).to_le_bytes())
+        .into_uuid()
+        .simple()
+        .to_string()
+}
+
 /// Middleware: gives the request an id, runs it inside a `request` span
 /// and the task-local the typed clients read, and answers with the id.
 pub async fn request_id(req: Request, next: Next) -> Response {
@@ -138,7 +149,7 @@ pub async fn request_id(req: Request, next: Next) -> Response {
         (Some(v), None) => incoming_id(v),
         _ => None,
     }
-    .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    .unwrap_or_else(mint_id);
     let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path());
     let mut res = REQUEST_ID
         .scope(id.clone(), next.run(req).instrument(span))
@@ -162,6 +173,18 @@ mod tests {
             use_colour(true, Some("".into())),
             "an empty NO_COLOR does not count"
         );
+    }
+
+    #[test]
+    fn minted_ids_are_version_4_uuids_and_differ() {
+        let (a, b) = (mint_id(), mint_id());
+        assert_ne!(a, b);
+        for id in [a, b] {
+            let u = uuid::Uuid::parse_str(&id).unwrap();
+            assert_eq!(u.get_version_num(), 4, "{id}");
+            assert_eq!(u.get_variant(), uuid::Variant::RFC4122, "{id}");
+            assert!(incoming_id(&HeaderValue::from_str(&id).unwrap()).is_some());
+        }
     }
 
     #[test]

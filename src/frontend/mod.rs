@@ -121,11 +121,7 @@ fn router(fe: AppState, token: &str) -> Router {
         .route("/buy/{id}", post(buy))
         .route("/openapi.json", get(openapi::serve))
         .route("/readyz", get(readyz))
-        .merge(web::public_routes())
-        .route_layer(axum::middleware::from_fn_with_state(
-            fe.clone(),
-            web::observe,
-        ));
+        .merge(web::public_routes());
     let internal = Router::new()
         .route("/internal/invalidate", post(invalidate))
         .route("/internal/cache", get(cache_stats))
@@ -258,7 +254,16 @@ async fn lookup(
     State(fe): State<AppState>,
     Segment(id): Segment,
 ) -> Result<Json<Arc<LookupResponse>>, ApiError> {
-    let id = BookId::parse(&id)?;
+    let start = Instant::now();
+    let res = lookup_once(&fe, &id).await;
+    if res.is_ok() {
+        web::count_lookup(&fe, start.elapsed());
+    }
+    res
+}
+
+async fn lookup_once(fe: &Frontend, id: &str) -> Result<Json<Arc<LookupResponse>>, ApiError> {
+    let id = BookId::parse(id)?;
     if let Some(hit) = fe.cache.lookup(id) {
         return Ok(Json(hit));
     }
@@ -317,6 +322,12 @@ async fn buy(
     body: axum::body::Bytes,
 ) -> Result<Json<BuyResponse>, ApiError> {
     let answer = buy_once(&fe, &headers, &id, &body).await;
+    web::count_buy(
+        &fe,
+        answer
+            .as_ref()
+            .map_or_else(|e| e.status, |_| StatusCode::OK),
+    );
     crate::metrics::buy(match &answer {
         Ok(_) => "bought",
         Err(e) if e.kind == h::PROBLEM_OUT_OF_STOCK => "out_of_stock",

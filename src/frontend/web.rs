@@ -18,9 +18,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
-use axum::middleware::Next;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -253,27 +252,25 @@ struct Meter {
     lookup_us_max: AtomicU64,
 }
 
-/// Counts the store's buys and lookups (a layer on the public routes).
-pub(super) async fn observe(State(fe): State<AppState>, req: Request, next: Next) -> Response {
-    let path = req.uri().path();
-    let buy = req.method() == Method::POST && path.starts_with("/buy/");
-    let lookup = req.method() == Method::GET && path.starts_with("/lookup/");
-    let start = Instant::now();
-    let res = next.run(req).await;
+/// Counts a buy's answer for the operator view: answered, or failed with
+/// a 5xx (no replica could complete it in time). The handler calls it,
+/// rather than a layer on every public route, so nothing else pays for it.
+pub(super) fn count_buy(fe: &super::Frontend, status: StatusCode) {
     let m = &fe.web.meter;
-    if buy {
-        if res.status().is_success() {
-            m.buys.fetch_add(1, Ordering::Relaxed);
-        } else if res.status().is_server_error() {
-            m.failed_buys.fetch_add(1, Ordering::Relaxed);
-        }
-    } else if lookup && res.status().is_success() {
-        let us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
-        m.lookups.fetch_add(1, Ordering::Relaxed);
-        m.lookup_us_sum.fetch_add(us, Ordering::Relaxed);
-        m.lookup_us_max.fetch_max(us, Ordering::Relaxed);
+    if status.is_success() {
+        m.buys.fetch_add(1, Ordering::Relaxed);
+    } else if status.is_server_error() {
+        m.failed_buys.fetch_add(1, Ordering::Relaxed);
     }
-    res
+}
+
+/// Counts an answered lookup and how long the handler took.
+pub(super) fn count_lookup(fe: &super::Frontend, took: std::time::Duration) {
+    let m = &fe.web.meter;
+    let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+    m.lookups.fetch_add(1, Ordering::Relaxed);
+    m.lookup_us_sum.fetch_add(us, Ordering::Relaxed);
+    m.lookup_us_max.fetch_max(us, Ordering::Relaxed);
 }
 
 /// One second of traffic.
