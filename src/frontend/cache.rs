@@ -22,6 +22,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::api::{
@@ -34,9 +35,17 @@ enum Key {
     Topic(TopicSlug),
 }
 
+/// A cached book, with its answer's JSON rendered once, when it is cached:
+/// a hit sends those bytes as they are.
+#[derive(Debug)]
+struct CachedBook {
+    value: Arc<LookupResponse>,
+    json: Bytes,
+}
+
 #[derive(Debug, Default)]
 struct Inner {
-    books: HashMap<BookId, Arc<LookupResponse>>,
+    books: HashMap<BookId, CachedBook>,
     topics: HashMap<TopicSlug, Arc<SearchResponse>>,
     /// Insertion order, for eviction; may hold keys already removed.
     fifo: VecDeque<Key>,
@@ -195,13 +204,27 @@ impl Cache {
 
     /// [`Cache::lookup`] at a given time (the simulator's clocks).
     pub fn lookup_at(&self, id: BookId, now: Instant) -> Option<Arc<LookupResponse>> {
+        self.lookup_with(id, now, |b| b.value.clone())
+    }
+
+    /// [`Cache::lookup`], as the answer's JSON bytes (what the handler sends).
+    pub fn lookup_json(&self, id: BookId) -> Option<Bytes> {
+        self.lookup_with(id, Instant::now(), |b| b.json.clone())
+    }
+
+    fn lookup_with<T>(
+        &self,
+        id: BookId,
+        now: Instant,
+        f: impl FnOnce(&CachedBook) -> T,
+    ) -> Option<T> {
         if !self.enabled {
             return None;
         }
         let v = {
             let inner = self.lock();
             if inner.lease_valid(now) {
-                inner.books.get(&id).cloned()
+                inner.books.get(&id).map(f)
             } else {
                 None
             }
@@ -248,6 +271,10 @@ impl Cache {
         if !self.enabled {
             return false;
         }
+        // Rendered before taking the lock, as `Json` would render it.
+        let Ok(json) = serde_json::to_vec(&*value) else {
+            return false;
+        };
         let mut inner = self.lock();
         if ticket.generation != inner.generation
             || !inner.lease_valid(now)
@@ -258,7 +285,8 @@ impl Cache {
         }
         inner.make_room(self.capacity);
         inner.fifo.push_back(Key::Book(value.id));
-        inner.books.insert(value.id, value);
+        let json = Bytes::from(json);
+        inner.books.insert(value.id, CachedBook { value, json });
         true
     }
 

@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use tokio::net::TcpListener;
@@ -250,10 +251,7 @@ async fn search(
         (status = 504, description = "No answer within the request timeout", body = Problem, content_type = "application/problem+json"),
     )
 )]
-async fn lookup(
-    State(fe): State<AppState>,
-    Segment(id): Segment,
-) -> Result<Json<Arc<LookupResponse>>, ApiError> {
+async fn lookup(State(fe): State<AppState>, Segment(id): Segment) -> Result<Response, ApiError> {
     let start = Instant::now();
     let res = lookup_once(&fe, &id).await;
     if res.is_ok() {
@@ -262,10 +260,14 @@ async fn lookup(
     res
 }
 
-async fn lookup_once(fe: &Frontend, id: &str) -> Result<Json<Arc<LookupResponse>>, ApiError> {
+async fn lookup_once(fe: &Frontend, id: &str) -> Result<Response, ApiError> {
     let id = BookId::parse(id)?;
-    if let Some(hit) = fe.cache.lookup(id) {
-        return Ok(Json(hit));
+    if let Some(json) = fe.cache.lookup_json(id) {
+        let content_type = [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )];
+        return Ok((content_type, json).into_response());
     }
     let ticket = fe.cache.ticket(Some(id));
     let min = ticket.min_version;
@@ -276,7 +278,7 @@ async fn lookup_once(fe: &Frontend, id: &str) -> Result<Json<Arc<LookupResponse>
             .ok_or_else(|| ApiError::not_found(format!("no book with id {id}")))?,
     );
     fe.cache.fill_book(ticket, res.clone());
-    Ok(Json(res))
+    Ok(Json(res).into_response())
 }
 
 fn request_id(headers: &HeaderMap) -> Result<RequestId, ApiError> {
