@@ -500,6 +500,30 @@ mod tests {
     }
 
     #[test]
+    fn a_hit_sends_the_json_the_value_renders_to() {
+        let c = leased();
+        let id = BookId::new(1).unwrap();
+        assert!(c.lookup_json(id).is_none());
+        let value = book(1, 10, v(1, 2));
+        assert!(c.fill_book(c.ticket(Some(id)), value.clone()));
+        let json = c.lookup_json(id).unwrap();
+        assert_eq!(&json[..], serde_json::to_vec(&*value).unwrap());
+        let back: LookupResponse = serde_json::from_slice(&json).unwrap();
+        assert_eq!(back.stock, 10);
+        // A begun write drops the rendered answer with the value.
+        c.invalidate(&InvalidationBatch {
+            epoch: 1,
+            seq: 0,
+            items: vec![Invalidation {
+                book_id: id,
+                version: v(1, 3),
+                begin: true,
+            }],
+        });
+        assert!(c.lookup_json(id).is_none());
+    }
+
+    #[test]
     fn nothing_is_served_without_a_lease() {
         let c = Cache::new(true, 100);
         let id = BookId::new(1).unwrap();
