@@ -259,16 +259,18 @@ async fn method_not_allowed() -> ApiError {
 /// two Content-Lengths, a Transfer-Encoding that does not end in chunked —
 /// is refused by hyper's parser; Transfer-Encoding with Content-Length is
 /// resolved by it as RFC 9112 §6.3 says, Content-Length dropped.)
-async fn reject_ambiguous(req: Request, next: Next) -> Response {
+fn ambiguous(req: &Request) -> Option<Response> {
     let h = req.headers();
     let hosts = h.get_all(header::HOST).iter().count();
     if hosts > 1 {
-        return ApiError::bad_request("more than one Host header").into_response();
+        return Some(ApiError::bad_request("more than one Host header").into_response());
     }
     if hosts == 0 && req.version() == axum::http::Version::HTTP_11 {
-        return ApiError::bad_request("an HTTP/1.1 request needs a Host header").into_response();
+        return Some(
+            ApiError::bad_request("an HTTP/1.1 request needs a Host header").into_response(),
+        );
     }
-    next.run(req).await
+    None
 }
 
 /// No side effect without the whole request: every request's body is read in
@@ -276,7 +278,7 @@ async fn reject_ambiguous(req: Request, next: Next) -> Response {
 /// or sent) is 413 and the handler never sees the request, so a route that
 /// does not read its body (a buy) cannot act on a request whose body is
 /// still arriving, or too large.
-async fn whole_body(State(limits): State<BodyLimits>, req: Request, next: Next) -> Response {
+async fn whole_body(limits: &BodyLimits, req: Request) -> Result<Request, Response> {
     use http_body::Body as _;
     let limit = limits.for_route(
         req.extensions()
@@ -289,26 +291,23 @@ async fn whole_body(State(limits): State<BodyLimits>, req: Request, next: Next) 
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
-        return too_large(limit).into_response();
+        return Err(too_large(limit).into_response());
     }
     if req.body().is_end_stream() {
-        return next.run(req).await;
+        return Ok(req);
     }
     let (parts, body) = req.into_parts();
     match axum::body::to_bytes(body, limit).await {
-        Ok(bytes) => {
-            next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
-                .await
-        }
+        Ok(bytes) => Ok(Request::from_parts(parts, axum::body::Body::from(bytes))),
         Err(e) => {
             let length_limit = std::error::Error::source(&e)
                 .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            if length_limit {
+            Err(if length_limit {
                 too_large(limit).into_response()
             } else {
                 ApiError::bad_request(format!("the request body could not be read: {e}"))
                     .into_response()
-            }
+            })
         }
     }
 }
@@ -345,19 +344,25 @@ async fn overloaded(err: BoxError) -> ApiError {
     }
 }
 
+/// Every request's admission, in one layer: within the time limit, the
+/// whole body is read ([`whole_body`]), then the request is counted and
+/// timed ([`crate::metrics::track`]) and, unless ambiguous ([`ambiguous`]),
+/// routed.
+///
 /// Answers a request that outlasts `limits.request_timeout_ms` with a JSON
 /// problem (never an empty body): 504 if the store took too long, 408 if
 /// the request has a body (the client may not have sent all of it). Every
 /// retry budget inside the store is cut to fit within this time, so a 504
 /// only comes from a handler that is stuck. (The public routes take no
 /// body; the internal ones that do are called by cluster members only.)
-async fn time_limit(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+async fn gate(State(gate): State<Gate>, req: Request, next: Next) -> Response {
+    let limit = gate.request_timeout;
     let h = req.headers();
     let has_body = h.contains_key(header::TRANSFER_ENCODING)
         || h.get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.trim() != "0");
-    match tokio::time::timeout(limit, next.run(req)).await {
+    match tokio::time::timeout(limit, admitted(&gate.body, req, next)).await {
         Ok(res) => res,
         Err(_) => {
             let (status, detail) = if has_body {
@@ -388,26 +393,48 @@ async fn time_limit(State(limit): State<Duration>, req: Request, next: Next) -> 
     }
 }
 
+/// Inside the time limit: the whole body, then the request metrics around
+/// the routes, which refuse an ambiguous request first.
+async fn admitted(limits: &BodyLimits, req: Request, next: Next) -> Response {
+    let req = match whole_body(limits, req).await {
+        Ok(req) => req,
+        Err(res) => return res,
+    };
+    crate::metrics::track(req, |req| async move {
+        match ambiguous(&req) {
+            Some(refused) => refused,
+            None => next.run(req).await,
+        }
+    })
+    .await
+}
+
+/// What [`gate`] needs: the time limit and the body limits.
+#[derive(Clone)]
+struct Gate {
+    request_timeout: Duration,
+    body: BodyLimits,
+}
+
 /// Wraps a service's routes with the shared routes and limits, with larger
 /// body limits for the routes named (route template, bytes).
 pub fn finish(router: Router, limits: &Limits, routes: &[(&'static str, usize)]) -> Router {
-    let body_limits = BodyLimits {
-        default: limits.max_body_bytes,
-        routes: routes.into(),
+    let gate_state = Gate {
+        request_timeout: Duration::from_millis(limits.request_timeout_ms),
+        body: BodyLimits {
+            default: limits.max_body_bytes,
+            routes: routes.into(),
+        },
     };
     router
         .route("/healthcheck", get(healthcheck))
         .route("/metrics", get(metrics_route))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn(reject_ambiguous))
-        .layer(middleware::from_fn(crate::metrics::track))
         .layer(axum::extract::DefaultBodyLimit::max(limits.max_body_bytes))
-        .layer(middleware::from_fn_with_state(body_limits, whole_body))
-        .layer(middleware::from_fn_with_state(
-            Duration::from_millis(limits.request_timeout_ms),
-            time_limit,
-        ))
+        // One layer of our own for every request (each layer costs a boxed
+        // future and a clone of the routes per request): see `gate`.
+        .layer(middleware::from_fn_with_state(gate_state, gate))
         .layer(middleware::from_fn(crate::telemetry::request_id))
         .layer(
             ServiceBuilder::new()

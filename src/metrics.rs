@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request};
 use axum::http::Method;
-use axum::middleware::Next;
 use axum::response::Response;
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -264,13 +263,17 @@ pub fn status_label(status: u16) -> &'static str {
     }
 }
 
-/// Middleware: counts and times every request under bounded labels.
-pub async fn track(req: Request, next: Next) -> Response {
+/// Counts and times every request under bounded labels: `run` answers it.
+pub async fn track<F, Fut>(req: Request, run: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: std::future::Future<Output = Response>,
+{
     let start = Instant::now();
     // Route templates are the router's own strings: a fixed set.
     let route = req.extensions().get::<MatchedPath>().cloned();
     let method = method_label(req.method());
-    let res = next.run(req).await;
+    let res = run(req).await;
     let route = route.as_ref().map_or("unmatched", |p| p.as_str());
     let status = status_label(res.status().as_u16());
     let elapsed = start.elapsed().as_secs_f64();
