@@ -344,7 +344,8 @@ async fn overloaded(err: BoxError) -> ApiError {
     }
 }
 
-/// Every request's admission, in one layer: within the time limit, the
+/// Every request's admission, in one layer: with its id and span
+/// ([`crate::telemetry::with_request_id`]) and within the time limit, the
 /// whole body is read ([`whole_body`]), then the request is counted and
 /// timed ([`crate::metrics::track`]) and, unless ambiguous ([`ambiguous`]),
 /// routed.
@@ -356,6 +357,10 @@ async fn overloaded(err: BoxError) -> ApiError {
 /// only comes from a handler that is stuck. (The public routes take no
 /// body; the internal ones that do are called by cluster members only.)
 async fn gate(State(gate): State<Gate>, req: Request, next: Next) -> Response {
+    crate::telemetry::with_request_id(req, |req| limited(gate, req, next)).await
+}
+
+async fn limited(gate: Gate, req: Request, next: Next) -> Response {
     let limit = gate.request_timeout;
     let h = req.headers();
     let has_body = h.contains_key(header::TRANSFER_ENCODING)
@@ -435,7 +440,6 @@ pub fn finish(router: Router, limits: &Limits, routes: &[(&'static str, usize)])
         // One layer of our own for every request (each layer costs a boxed
         // future and a clone of the routes per request): see `gate`.
         .layer(middleware::from_fn_with_state(gate_state, gate))
-        .layer(middleware::from_fn(crate::telemetry::request_id))
         .layer(
             ServiceBuilder::new()
                 .layer(axum::error_handling::HandleErrorLayer::new(overloaded))

@@ -13,7 +13,6 @@ use std::fmt;
 
 use axum::extract::Request;
 use axum::http::HeaderValue;
-use axum::middleware::Next;
 use axum::response::Response;
 use tracing::Instrument;
 use tracing_subscriber::EnvFilter;
@@ -141,9 +140,14 @@ fn mint_id() -> String {
         .to_string()
 }
 
-/// Middleware: gives the request an id, runs it inside a `request` span
-/// and the task-local the typed clients read, and answers with the id.
-pub async fn request_id(req: Request, next: Next) -> Response {
+/// Gives the request an id, runs `run` (which answers it) inside a
+/// `request` span and the task-local the typed clients read, and answers
+/// with the id.
+pub async fn with_request_id<F, Fut>(req: Request, run: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: std::future::Future<Output = Response>,
+{
     let mut ids = req.headers().get_all(REQUEST_ID_HEADER).iter();
     let id = match (ids.next(), ids.next()) {
         (Some(v), None) => incoming_id(v),
@@ -152,7 +156,7 @@ pub async fn request_id(req: Request, next: Next) -> Response {
     .unwrap_or_else(mint_id);
     let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path());
     let mut res = REQUEST_ID
-        .scope(id.clone(), next.run(req).instrument(span))
+        .scope(id.clone(), run(req).instrument(span))
         .await;
     if let Ok(v) = HeaderValue::from_str(&id) {
         res.headers_mut().insert(REQUEST_ID_HEADER, v);
