@@ -204,7 +204,13 @@ struct Io {
     slow: Duration,
     /// The applied state changed since it was last published.
     dirty: bool,
+    /// A snapshot being built beside the driver, and when it began.
+    snapshot: Option<(Instant, std::sync::mpsc::Receiver<SnapshotBuilt>)>,
 }
+
+/// What a snapshot thread sends back: the version the bytes are of, and
+/// the bytes with the number of answers in them.
+type SnapshotBuilt = (Version, rusqlite::Result<(Vec<u8>, u64)>);
 
 pub struct Driver {
     replica: Replica,
@@ -249,6 +255,7 @@ impl Driver {
                 names,
                 slow,
                 dirty: false,
+                snapshot: None,
             },
             inputs,
             tick,
@@ -297,6 +304,12 @@ impl Driver {
                 tracing::error!(error = %e, "catalog storage failed; stopping this replica");
                 std::process::exit(70);
             }
+        }
+        // A snapshot still being read holds a second connection to the
+        // database: let it finish, so this one closes last and SQLite
+        // removes its write-ahead log (a clean stop).
+        if let Some((_, rx)) = self.io.snapshot.take() {
+            let _ = rx.recv();
         }
     }
 
@@ -444,6 +457,7 @@ impl Driver {
 
     /// Persist, publish, send, answer (see [`drive::advance`]).
     fn advance(&mut self) -> rusqlite::Result<()> {
+        self.finish_snapshot()?;
         drive::advance(&mut self.replica, &mut self.io)?;
         if self.replica.role() != Role::Primary && !self.io.pending.is_empty() {
             let primary = self.replica.status().primary;
@@ -459,6 +473,39 @@ impl Driver {
             self.io.held.clear();
         }
         self.log_changes();
+        Ok(())
+    }
+
+    /// Hands a snapshot built beside the driver to the core, which compacts
+    /// its log up to it, and stores it.
+    fn finish_snapshot(&mut self) -> rusqlite::Result<()> {
+        let Some((started, rx)) = &self.io.snapshot else {
+            return Ok(());
+        };
+        let (version, built) = match rx.try_recv() {
+            Ok(b) => b,
+            Err(std::sync::mpsc::TryRecvError::Empty) => return Ok(()),
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                tracing::warn!(
+                    "the snapshot thread stopped without a snapshot; the next step asks again"
+                );
+                self.io.snapshot = None;
+                return Ok(());
+            }
+        };
+        let started = *started;
+        self.io.snapshot = None;
+        let (data, answers) = built?;
+        let (built_in, bytes) = (started.elapsed(), data.len());
+        let storing = Instant::now();
+        drive::snapshot_built(
+            &mut self.replica,
+            &mut self.io,
+            store::to_core(version),
+            data,
+        )?;
+        self.io
+            .snapshot_built(version, answers, bytes, built_in, Some(storing.elapsed()));
         Ok(())
     }
 
@@ -541,6 +588,35 @@ impl Io {
             .get(&id)
             .cloned()
             .unwrap_or_else(|| format!("replica {id}"))
+    }
+}
+
+impl Io {
+    /// Logs a snapshot taken: built in `built` (beside the driver unless
+    /// `stored` is `None`), kept in `stored` on the driver's thread.
+    fn snapshot_built(
+        &self,
+        version: Version,
+        answers: u64,
+        bytes: usize,
+        built: Duration,
+        stored: Option<Duration>,
+    ) {
+        let stored_ms = stored.map(|d| d.as_millis() as u64);
+        tracing::info!(
+            version = %version,
+            answers,
+            bytes,
+            built_ms = built.as_millis() as u64,
+            stored_ms,
+            "snapshot taken: {answers} answers, {} KB, built {} in {} ms{}",
+            bytes / 1024,
+            if stored.is_some() { "beside the driver" } else { "on the driver's thread" },
+            built.as_millis(),
+            stored_ms.map_or(String::new(), |ms| format!(", stored in {ms} ms")),
+        );
+        metrics::gauge!(crate::metrics::CATALOG_SNAPSHOT_BYTES).set(bytes as f64);
+        metrics::gauge!(crate::metrics::CATALOG_SNAPSHOT_ANSWERS).set(answers as f64);
     }
 }
 
@@ -644,23 +720,37 @@ impl Host for Io {
         }
     }
 
-    fn take_snapshot(&mut self) -> rusqlite::Result<(replication::Version, Vec<u8>)> {
-        let started = Instant::now();
-        let (data, answers) = self.db.snapshot_bytes(&self.state)?;
-        // Taken on the driver's thread: nothing commits meanwhile.
-        let took = started.elapsed();
-        tracing::info!(
-            version = %self.state.version,
-            answers,
-            bytes = data.len(),
-            took_ms = took.as_millis() as u64,
-            "snapshot taken: {answers} answers, {} KB, in {} ms",
-            data.len() / 1024,
-            took.as_millis()
-        );
-        metrics::gauge!(crate::metrics::CATALOG_SNAPSHOT_BYTES).set(data.len() as f64);
-        metrics::gauge!(crate::metrics::CATALOG_SNAPSHOT_ANSWERS).set(answers as f64);
-        Ok((store::to_core(self.state.version), data))
+    /// Begins a snapshot of the applied state and builds its bytes on a
+    /// thread of its own: with many answers kept (after heavy load, tens of
+    /// thousands) building takes 100–200 ms, and writes would wait that
+    /// long on this thread. [`Driver::finish_snapshot`] hands them over.
+    fn take_snapshot(&mut self) -> rusqlite::Result<Option<(replication::Version, Vec<u8>)>> {
+        if self.snapshot.is_some() {
+            return Ok(None);
+        }
+        let read = self.db.begin_snapshot(&self.state)?;
+        let version = read.version();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("catalog-snapshot".into())
+            .spawn(move || {
+                let _ = tx.send((version, read.bytes()));
+            });
+        match spawned {
+            Ok(_) => {
+                self.snapshot = Some((Instant::now(), rx));
+                Ok(None)
+            }
+            Err(e) => {
+                // No thread to spare: build it here, as before.
+                tracing::warn!(error = %e, "no thread for the snapshot; building it on the driver's");
+                let started = Instant::now();
+                let (data, answers) = self.db.snapshot_bytes(&self.state)?;
+                let built = started.elapsed();
+                self.snapshot_built(self.state.version, answers, data.len(), built, None);
+                Ok(Some((store::to_core(self.state.version), data)))
+            }
+        }
     }
 
     fn store_snapshot(&mut self, snapshot: &replication::Snapshot) -> rusqlite::Result<()> {

@@ -670,21 +670,25 @@ impl Db {
     /// The state machine at its applied version, as snapshot bytes
     /// ([`codec`]), with the number of answers it holds.
     pub fn snapshot_bytes(&self, state: &State) -> rusqlite::Result<(Vec<u8>, u64)> {
-        let mut books: Vec<Book> = state.books.values().cloned().collect();
-        books.sort_by_key(|b| b.id);
-        let mut w = codec::Writer::new(state.clock, &books);
-        let mut q = self.conn.prepare(
-            "SELECT epoch, seq, outcome, until, sum, request_id FROM applied ORDER BY request_id",
-        )?;
-        let mut rows = q.query([])?;
-        while let Some(r) = rows.next()? {
-            let id: String = r.get(5)?;
-            let until = r.get::<_, i64>(3)? as u64;
-            let (outcome, version) = read_answer(r, &id)?;
-            w.answer(&id, version, until, &outcome);
-        }
-        let n = w.answers();
-        Ok((w.finish(), n))
+        encode_snapshot(&self.conn, state.clock, &sorted_books(state))
+    }
+
+    /// Begins reading a snapshot of the state at its applied version on a
+    /// second connection, so that another thread can build the bytes while
+    /// this one goes on writing: call it between two steps (when the
+    /// database holds exactly `state`). The read transaction's first read
+    /// fixes what it sees; WAL keeps that version readable until it ends.
+    pub fn begin_snapshot(&self, state: &State) -> rusqlite::Result<SnapshotRead> {
+        let conn = Connection::open(self.dir.join("catalog.sqlite"))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch("PRAGMA query_only = 1; BEGIN")?;
+        conn.query_row("SELECT count(*) FROM applied", [], |_| Ok(()))?;
+        Ok(SnapshotRead {
+            conn,
+            clock: state.clock,
+            books: sorted_books(state),
+            version: state.version,
+        })
     }
 
     /// Stores a snapshot taken at `version` and drops the log it covers.
@@ -697,6 +701,57 @@ impl Db {
         )?;
         tx.commit()
     }
+}
+
+/// A snapshot being read beside the driver ([`Db::begin_snapshot`]).
+pub struct SnapshotRead {
+    conn: Connection,
+    clock: u64,
+    books: Vec<Book>,
+    version: Version,
+}
+
+impl SnapshotRead {
+    /// The snapshot bytes at [`SnapshotRead::version`], with the number of
+    /// answers they hold. Runs on any thread.
+    pub fn bytes(self) -> rusqlite::Result<(Vec<u8>, u64)> {
+        let out = encode_snapshot(&self.conn, self.clock, &self.books);
+        self.conn.execute_batch("COMMIT")?;
+        out
+    }
+
+    /// The applied version the snapshot is of.
+    pub fn version(&self) -> Version {
+        self.version
+    }
+}
+
+fn sorted_books(state: &State) -> Vec<Book> {
+    let mut books: Vec<Book> = state.books.values().cloned().collect();
+    books.sort_by_key(|b| b.id);
+    books
+}
+
+/// The books and every kept answer (read from `conn`, each row checked
+/// against its checksum) as snapshot bytes.
+fn encode_snapshot(
+    conn: &Connection,
+    clock: u64,
+    books: &[Book],
+) -> rusqlite::Result<(Vec<u8>, u64)> {
+    let mut w = codec::Writer::new(clock, books);
+    let mut q = conn.prepare(
+        "SELECT epoch, seq, outcome, until, sum, request_id FROM applied ORDER BY request_id",
+    )?;
+    let mut rows = q.query([])?;
+    while let Some(r) = rows.next()? {
+        let id: String = r.get(5)?;
+        let until = r.get::<_, i64>(3)? as u64;
+        let (outcome, version) = read_answer(r, &id)?;
+        w.answer(&id, version, until, &outcome);
+    }
+    let n = w.answers();
+    Ok((w.finish(), n))
 }
 
 pub fn to_api(v: replication::Version) -> Version {
@@ -971,6 +1026,69 @@ mod tests {
             999,
             "bought once"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_snapshot_read_beside_the_driver_is_of_the_version_it_began_at() {
+        let dir =
+            std::env::temp_dir().join(format!("pygmy-store-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        crate::storage::claim(&dir, "catalog.sqlite", "c", "catalog-1").unwrap();
+        let mut db = Db::open(&dir).unwrap();
+        let mut state = db.load_state().unwrap();
+        let seed = machine::Command::Seed {
+            books: crate::catalog::seed::default_books(),
+        };
+        let buy = machine::Command::Buy {
+            book_id: BookId::new(1).unwrap(),
+        };
+        let first = vec![
+            entry(1, 1, "epoch-start-1", None),
+            entry(1, 2, machine::SEED_REQUEST_ID, Some(&seed)),
+            entry(1, 3, "k:a", Some(&buy)),
+        ];
+        let step = |db: &mut Db, state: &mut State, log: Vec<Entry>| {
+            let rd = Ready {
+                entries: log.clone(),
+                committed: log,
+                ..Ready::default()
+            };
+            db.handle(&rd, state).unwrap();
+        };
+        step(&mut db, &mut state, first);
+        let at = state.clone();
+        let expected = db.snapshot_bytes(&at).unwrap();
+        let read = db.begin_snapshot(&state).unwrap();
+        assert_eq!(read.version(), Version { epoch: 1, seq: 3 });
+        // The driver goes on: another buy applies before the bytes are built.
+        step(&mut db, &mut state, vec![entry(1, 4, "k:b", Some(&buy))]);
+        let later = db.snapshot_bytes(&state).unwrap();
+        assert_ne!(later, expected, "the later write shows in a later snapshot");
+        let built = std::thread::spawn(move || read.bytes())
+            .join()
+            .unwrap()
+            .unwrap();
+        assert!(
+            built == expected,
+            "the snapshot read beside shows the state it began at: {} answers, {} expected",
+            built.1,
+            expected.1
+        );
+        let decoded = codec::decode(&built.0).unwrap();
+        assert_eq!(
+            decoded
+                .books
+                .iter()
+                .find(|b| b.id.get() == 1)
+                .unwrap()
+                .stock,
+            999
+        );
+        assert_eq!(decoded.applied.len(), expected.1 as usize);
+        // Its connection is gone: the driver's writes go on.
+        step(&mut db, &mut state, vec![entry(1, 5, "k:c", Some(&buy))]);
+        assert_eq!(state.books[&BookId::new(1).unwrap()].stock, 997);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

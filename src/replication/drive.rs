@@ -57,8 +57,11 @@ pub trait Host {
     fn send(&mut self, to: NodeId, msg: Message);
     /// Answer the clients whose writes `applied` completes.
     fn answer(&mut self, applied: Vec<Self::Applied>);
-    /// The state machine as snapshot bytes, at the version it has applied.
-    fn take_snapshot(&mut self) -> Result<(Version, Vec<u8>), Self::Error>;
+    /// The state machine as snapshot bytes, at the version it has applied;
+    /// `None` when the host builds them beside the driver instead (or is
+    /// already building one) and hands them over later with
+    /// [`snapshot_built`].
+    fn take_snapshot(&mut self) -> Result<Option<(Version, Vec<u8>)>, Self::Error>;
     /// Keep a snapshot the core accepted (entries up to it may be dropped).
     fn store_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), Self::Error>;
 }
@@ -90,11 +93,25 @@ pub fn advance<H: Host>(replica: &mut Replica, host: &mut H) -> Result<bool, H::
         host.send(to, msg);
     }
     host.answer(applied);
-    if rd.need_snapshot {
-        let (version, data) = host.take_snapshot()?;
-        if replica.snapshot_taken(version, data.clone()) {
-            host.store_snapshot(&Snapshot { version, data })?;
-        }
+    if rd.need_snapshot
+        && let Some((version, data)) = host.take_snapshot()?
+    {
+        snapshot_built(replica, host, version, data)?;
     }
     Ok(true)
+}
+
+/// Snapshot bytes of the state machine at `version` (at most what
+/// `replica` has applied) are ready: the core takes them, and `host` keeps
+/// them if the core did (a newer snapshot may have arrived meanwhile).
+pub fn snapshot_built<H: Host>(
+    replica: &mut Replica,
+    host: &mut H,
+    version: Version,
+    data: Vec<u8>,
+) -> Result<(), H::Error> {
+    if replica.snapshot_taken(version, data.clone()) {
+        host.store_snapshot(&Snapshot { version, data })?;
+    }
+    Ok(())
 }

@@ -135,8 +135,10 @@
 //! 3. apply `committed` in order (skip seq <= your applied seq), then
 //!    answer the clients whose versions are now applied;
 //! 4. if `need_snapshot`: serialize the state machine at its applied
-//!    version `v`, persist it, call [`Replica::snapshot_taken`], then you
-//!    may drop log entries `<= v.seq`.
+//!    version `v` (now, or beside the driver from a view of the state at
+//!    `v` while later steps go on), call [`Replica::snapshot_taken`], and
+//!    if it accepts, persist the snapshot; then you may drop log entries
+//!    `<= v.seq`.
 //!
 //! One replica alone, driven by hand (the doctest runs it):
 //!

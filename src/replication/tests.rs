@@ -157,14 +157,14 @@ impl drive::Host for MemHost<'_> {
     fn answer(&mut self, applied: Vec<Entry>) {
         self.applied.extend(applied);
     }
-    fn take_snapshot(&mut self) -> Result<(Version, Vec<u8>), Self::Error> {
+    fn take_snapshot(&mut self) -> Result<Option<(Version, Vec<u8>)>, Self::Error> {
         let ids: Vec<&str> = self.applied.iter().map(|e| e.request_id.as_str()).collect();
-        Ok((
+        Ok(Some((
             self.applied
                 .last()
                 .map_or(Version::default(), |e| e.version),
             ids.join(",").into_bytes(),
-        ))
+        )))
     }
     fn store_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), Self::Error> {
         self.disk.compact(snapshot.clone());

@@ -433,6 +433,27 @@ fn three_replicas_tiny_snapshots_heavy_reordering() {
     });
 }
 
+/// Snapshots built beside the driver (as the catalog builds them): the
+/// core takes bytes of a version older than what it has applied since.
+#[test]
+fn three_replicas_deferred_snapshots() {
+    run("3 replicas, deferred snapshots", 800_000_000, 300, |seed| {
+        let mut o = Options::varied(3, seed);
+        o.deferred_snapshots = true;
+        o
+    });
+    run(
+        "3 replicas, tiny deferred snapshots",
+        810_000_000,
+        300,
+        |_| {
+            let mut o = Options::tiny_snapshots(3);
+            o.deferred_snapshots = true;
+            o
+        },
+    );
+}
+
 /// Disks put back to older copies of themselves (restored backups) rejoin
 /// as learners: no vote, no part in a commit, until caught up.
 #[test]

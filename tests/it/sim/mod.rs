@@ -68,6 +68,11 @@ pub struct Options {
     /// Disk replacement allowed even when the disk holds entries that the
     /// other replicas do not all have.
     pub relaxed_disk_policy: bool,
+    /// Snapshots are built beside the driver, as the catalog builds them:
+    /// `take_snapshot` answers later, and the bytes (of the version applied
+    /// when it was asked) reach the core at the node's next turn, after
+    /// more entries may have applied; a crash meanwhile loses them.
+    pub deferred_snapshots: bool,
     pub fault_every_ms: (u64, u64),
     pub w_crash: u32,
     pub w_restart: u32,
@@ -129,6 +134,7 @@ impl Options {
             no_dedupe: false,
             unsynced_entries: false,
             relaxed_disk_policy: false,
+            deferred_snapshots: false,
             fault_every_ms: (80, 400),
             w_crash: 3,
             w_restart: 4,
@@ -434,6 +440,8 @@ struct Node {
     life: u64,
     /// Cache invalidation state while primary.
     side: caches::PrimarySide,
+    /// A snapshot being built beside the driver (`deferred_snapshots`).
+    deferred_snapshot: Option<(Version, Vec<u8>)>,
 }
 
 impl Node {
@@ -586,6 +594,7 @@ impl Sim {
                 old_copy: None,
                 life: 0,
                 side: caches::PrimarySide::default(),
+                deferred_snapshot: None,
             });
         }
         let clients = (0..opts.clients)
@@ -818,6 +827,7 @@ impl Sim {
             pending,
             crash_armed,
             crash_before_persist,
+            deferred_snapshot,
             ..
         } = &mut self.nodes[i];
         let mut host = SimHost {
@@ -840,8 +850,17 @@ impl Sim {
             out: Vec::new(),
             answers: Vec::new(),
             snapshots_installed: 0,
+            defer_snapshots: self.opts.deferred_snapshots,
+            deferred_snapshot,
         };
-        let res = drive::advance(r.as_mut().unwrap(), &mut host);
+        // A snapshot built beside the driver since its last turn reaches the
+        // core after this turn's step, which may apply more entries first:
+        // the core then takes bytes of a version older than it has applied.
+        let earlier = host.deferred_snapshot.take();
+        let mut res = drive::advance(r.as_mut().unwrap(), &mut host).map(|_| ());
+        if let (Ok(()), Some((v, data)), false) = (&res, earlier, host.crashed) {
+            res = drive::snapshot_built(r.as_mut().unwrap(), &mut host, v, data);
+        }
         let SimHost {
             crashed,
             out,
@@ -1162,6 +1181,7 @@ impl Sim {
         node.paused_until = 0;
         node.life += 1;
         node.side = caches::PrimarySide::default();
+        node.deferred_snapshot = None;
     }
 
     /// What each peer of blank node `i` answers when asked whether it has
@@ -1630,6 +1650,8 @@ struct SimHost<'a> {
     crash_armed: bool,
     crash_before_persist: bool,
     crashed: bool,
+    defer_snapshots: bool,
+    deferred_snapshot: &'a mut Option<(Version, Vec<u8>)>,
     out: Vec<(NodeId, Message)>,
     answers: Vec<(usize, Reply)>,
     snapshots_installed: usize,
@@ -1777,8 +1799,15 @@ impl Host for SimHost<'_> {
         }
     }
 
-    fn take_snapshot(&mut self) -> Result<(Version, Vec<u8>), String> {
-        Ok((self.store.last, self.store.encode()))
+    fn take_snapshot(&mut self) -> Result<Option<(Version, Vec<u8>)>, String> {
+        let snapshot = (self.store.last, self.store.encode());
+        if !self.defer_snapshots {
+            return Ok(Some(snapshot));
+        }
+        if self.deferred_snapshot.is_none() {
+            *self.deferred_snapshot = Some(snapshot);
+        }
+        Ok(None)
     }
 
     fn store_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), String> {
