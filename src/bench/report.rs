@@ -80,7 +80,13 @@ rendered JSON: CPU per cached lookup 23 → 15–16 µs, per floor request 19 �
 µs, per buy about −5%;\n\
 - the heartbeat went from 25 to 15 ms: the election stagger is two heartbeats per higher id, so the next \
 primary campaigns 20 ms sooner. A primary SIGKILL under load left 237–241 ms without a buy in three \
-failover runs, against 265–286 ms interleaved with them; the idle store uses 10% of a core instead of 7%.\n\n\
+failover runs, against 265–286 ms interleaved with them; the idle store uses 10% of a core instead of 7%;\n\
+- full runs showed a 120–130 ms gap without a buy while an order replica was down, where failover-only runs \
+showed 6–13 ms: the catalog replicas were snapshotting (every 10 000 entries: after the latency run, 50 000 \
+to 90 000 kept answers, 5–9 MB, built in 80–213 ms on the driver's thread, with nothing committing \
+meanwhile). Snapshots are now built beside the driver, from a read transaction begun between two steps; \
+storing one still takes 60–80 ms on the driver's thread. Buy p99 at 64 connections under that load went \
+from 158 to 71–91 ms.\n\n\
 Tried and not kept:\n\n\
 - order replicas sending their buys to the catalog primary in batches (one HTTP request for the many buys \
 that queued meanwhile): buys at 32 connections moved by about 4%, inside run-to-run noise;\n\
