@@ -975,24 +975,36 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_retry_applied_under_an_entry_of_its_own_gets_the_first_entrys_answer() {
-        // "A retried request whose first entry is committed but not yet
-        // applied gets the first entry's answer: the same order_id and
-        // version." The retry was proposed again (a new primary did not yet
-        // know the first had committed); applying it answers as the first.
+    /// An empty catalog database in a directory of its own, and its state.
+    fn fresh_db() -> (std::path::PathBuf, Db, State) {
         let dir =
             std::env::temp_dir().join(format!("pygmy-store-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
         crate::storage::claim(&dir, "catalog.sqlite", "c", "catalog-1").unwrap();
-        let mut db = Db::open(&dir).unwrap();
-        let mut state = db.load_state().unwrap();
+        let db = Db::open(&dir).unwrap();
+        let state = db.load_state().unwrap();
+        (dir, db, state)
+    }
+
+    /// The founding catalog, and a buy of book 1.
+    fn seed_and_buy() -> (machine::Command, machine::Command) {
         let seed = machine::Command::Seed {
             books: crate::catalog::seed::default_books(),
         };
         let buy = machine::Command::Buy {
             book_id: BookId::new(1).unwrap(),
         };
+        (seed, buy)
+    }
+
+    #[test]
+    fn a_retry_applied_under_an_entry_of_its_own_gets_the_first_entrys_answer() {
+        // "A retried request whose first entry is committed but not yet
+        // applied gets the first entry's answer: the same order_id and
+        // version." The retry was proposed again (a new primary did not yet
+        // know the first had committed); applying it answers as the first.
+        let (dir, mut db, mut state) = fresh_db();
+        let (seed, buy) = seed_and_buy();
         let log = vec![
             entry(1, 1, "epoch-start-1", None),
             entry(1, 2, machine::SEED_REQUEST_ID, Some(&seed)),
@@ -1031,18 +1043,8 @@ mod tests {
 
     #[test]
     fn a_snapshot_read_beside_the_driver_is_of_the_version_it_began_at() {
-        let dir =
-            std::env::temp_dir().join(format!("pygmy-store-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir).unwrap();
-        crate::storage::claim(&dir, "catalog.sqlite", "c", "catalog-1").unwrap();
-        let mut db = Db::open(&dir).unwrap();
-        let mut state = db.load_state().unwrap();
-        let seed = machine::Command::Seed {
-            books: crate::catalog::seed::default_books(),
-        };
-        let buy = machine::Command::Buy {
-            book_id: BookId::new(1).unwrap(),
-        };
+        let (dir, mut db, mut state) = fresh_db();
+        let (seed, buy) = seed_and_buy();
         let first = vec![
             entry(1, 1, "epoch-start-1", None),
             entry(1, 2, machine::SEED_REQUEST_ID, Some(&seed)),
