@@ -589,9 +589,7 @@ impl Io {
             .cloned()
             .unwrap_or_else(|| format!("replica {id}"))
     }
-}
 
-impl Io {
     /// Logs a snapshot taken: built in `built` (beside the driver unless
     /// `stored` is `None`), kept in `stored` on the driver's thread.
     fn snapshot_built(
