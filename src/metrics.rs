@@ -277,20 +277,18 @@ where
     let route = route.as_ref().map_or("unmatched", |p| p.as_str());
     let status = status_label(res.status().as_u16());
     let elapsed = start.elapsed().as_secs_f64();
-    if !matches!(HANDLE.get(), Some(Some(_))) {
-        // No recorder of ours (yet): a handle taken now would stay a no-op.
-        metrics::counter!(HTTP_REQUESTS, "route" => route.to_owned(), "method" => method, "status" => status).increment(1);
-        metrics::histogram!(HTTP_DURATION, "route" => route.to_owned(), "method" => method)
-            .record(elapsed);
-        return res;
-    }
-    REQUEST_HANDLES.with_borrow_mut(|h| {
-        let h = match h.get_mut(route) {
-            Some(h) => h,
-            None => h.entry(route.into()).or_default(),
-        };
+    let record = |h: &mut RouteHandles| {
         h.counter(route, method, status).increment(1);
         h.histogram(route, method).record(elapsed);
+    };
+    if !matches!(HANDLE.get(), Some(Some(_))) {
+        // No recorder of ours (yet): a handle kept now would stay a no-op.
+        record(&mut RouteHandles::default());
+        return res;
+    }
+    REQUEST_HANDLES.with_borrow_mut(|h| match h.get_mut(route) {
+        Some(h) => record(h),
+        None => record(h.entry(route.into()).or_default()),
     });
     res
 }
