@@ -1050,6 +1050,24 @@ mod tests {
         (seed, buy)
     }
 
+    /// The log's first two entries: epoch 1 begins, the founding catalog.
+    fn founding(seed: &machine::Command) -> Vec<Entry> {
+        vec![
+            entry(1, 1, "epoch-start-1", None),
+            entry(1, 2, machine::SEED_REQUEST_ID, Some(seed)),
+        ]
+    }
+
+    /// One step that persists `log` and applies all of it.
+    fn commit(db: &mut Db, state: &mut State, log: Vec<Entry>) {
+        let rd = Ready {
+            entries: log.clone(),
+            committed: log,
+            ..Ready::default()
+        };
+        db.handle(&rd, state).unwrap();
+    }
+
     #[test]
     fn a_retry_applied_under_an_entry_of_its_own_gets_the_first_entrys_answer() {
         // "A retried request whose first entry is committed but not yet
@@ -1098,26 +1116,15 @@ mod tests {
     fn a_snapshot_read_beside_the_driver_is_of_the_version_it_began_at() {
         let (dir, mut db, mut state) = fresh_db();
         let (seed, buy) = seed_and_buy();
-        let first = vec![
-            entry(1, 1, "epoch-start-1", None),
-            entry(1, 2, machine::SEED_REQUEST_ID, Some(&seed)),
-            entry(1, 3, "k:a", Some(&buy)),
-        ];
-        let step = |db: &mut Db, state: &mut State, log: Vec<Entry>| {
-            let rd = Ready {
-                entries: log.clone(),
-                committed: log,
-                ..Ready::default()
-            };
-            db.handle(&rd, state).unwrap();
-        };
-        step(&mut db, &mut state, first);
+        let mut first = founding(&seed);
+        first.push(entry(1, 3, "k:a", Some(&buy)));
+        commit(&mut db, &mut state, first);
         let at = state.clone();
         let expected = db.snapshot_bytes(&at).unwrap();
         let read = db.begin_snapshot(&state).unwrap();
         assert_eq!(read.version(), Version { epoch: 1, seq: 3 });
         // The driver goes on: another buy applies before the bytes are built.
-        step(&mut db, &mut state, vec![entry(1, 4, "k:b", Some(&buy))]);
+        commit(&mut db, &mut state, vec![entry(1, 4, "k:b", Some(&buy))]);
         let later = db.snapshot_bytes(&state).unwrap();
         assert_ne!(later, expected, "the later write shows in a later snapshot");
         let built = std::thread::spawn(move || read.bytes())
@@ -1142,7 +1149,7 @@ mod tests {
         );
         assert_eq!(decoded.applied.len(), expected.1 as usize);
         // Its connection is gone: the driver's writes go on.
-        step(&mut db, &mut state, vec![entry(1, 5, "k:c", Some(&buy))]);
+        commit(&mut db, &mut state, vec![entry(1, 5, "k:c", Some(&buy))]);
         assert_eq!(state.books[&BookId::new(1).unwrap()].stock, 997);
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -1151,19 +1158,11 @@ mod tests {
     fn a_stored_snapshot_is_rebuilt_from_the_tables_at_their_version_on_restart() {
         let (dir, mut db, mut state) = fresh_db();
         let (seed, buy) = seed_and_buy();
-        let log = vec![
-            entry(1, 1, "epoch-start-1", None),
-            entry(1, 2, machine::SEED_REQUEST_ID, Some(&seed)),
-            entry(1, 3, "k:a", Some(&buy)),
-            entry(1, 4, "k:b", Some(&buy)),
-        ];
-        let rd = Ready {
-            entries: log.clone(),
-            // Committed and applied up to 4; entry 5 is in the log only.
-            committed: log,
-            ..Ready::default()
-        };
-        db.handle(&rd, &mut state).unwrap();
+        let mut log = founding(&seed);
+        log.push(entry(1, 3, "k:a", Some(&buy)));
+        log.push(entry(1, 4, "k:b", Some(&buy)));
+        // Committed and applied up to 4; entry 5 is in the log only.
+        commit(&mut db, &mut state, log);
         let uncommitted = Ready {
             entries: vec![entry(1, 5, "k:c", Some(&buy))],
             ..Ready::default()
@@ -1227,21 +1226,10 @@ mod tests {
     fn the_log_a_snapshot_covers_is_deleted_a_few_rows_per_step() {
         let (dir, mut db, mut state) = fresh_db();
         let (seed, buy) = seed_and_buy();
-        let step = |db: &mut Db, state: &mut State, log: Vec<Entry>| {
-            let rd = Ready {
-                entries: log.clone(),
-                committed: log,
-                ..Ready::default()
-            };
-            db.handle(&rd, state).unwrap();
-        };
         let n = 2 * TRIM_PER_STEP as u64 + 10;
-        let mut log = vec![
-            entry(1, 1, "epoch-start-1", None),
-            entry(1, 2, machine::SEED_REQUEST_ID, Some(&seed)),
-        ];
+        let mut log = founding(&seed);
         log.extend((3..=n).map(|q| entry(1, q, &format!("k:{q}"), Some(&buy))));
-        step(&mut db, &mut state, log);
+        commit(&mut db, &mut state, log);
         db.store_snapshot(&Snapshot {
             version: replication::Version::new(1, n - 5),
             data: Vec::new(),
@@ -1258,7 +1246,7 @@ mod tests {
         let mut q = n;
         let mut next = |db: &mut Db, state: &mut State| {
             q += 1;
-            step(db, state, vec![entry(1, q, &format!("k:{q}"), Some(&buy))]);
+            commit(db, state, vec![entry(1, q, &format!("k:{q}"), Some(&buy))]);
         };
         next(&mut db, &mut state);
         assert_eq!(rows(&db).0, 1 + TRIM_PER_STEP, "one step deletes its share");
