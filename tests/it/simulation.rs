@@ -71,15 +71,25 @@ fn five_replicas_b() {
 /// failure messages' words); other failures (liveness, say) do not count.
 /// The same schedule must then pass with the mechanism on.
 fn find_violation(name: &str, max: u64, safety: &[&str]) {
+    find_violation_from(name, 1, max, safety);
+}
+
+/// [`find_violation`] in the `max` schedules from seed `from`: for a
+/// violation rare enough that a search from 1 takes too long, a range
+/// where one was once found.
+fn find_violation_from(name: &str, from: u64, max: u64, safety: &[&str]) {
     let mut other = None;
-    for seed in 1..=max {
+    for seed in from..from + max {
         if let Err(e) = Sim::new(seed, teeth_profile(name, true)).run() {
             let first = e.lines().next().unwrap_or("").to_string();
             if !safety.iter().any(|s| first.contains(s)) {
                 other.get_or_insert(first);
                 continue;
             }
-            eprintln!("teeth {name}: found after {seed} schedules: {first}");
+            eprintln!(
+                "teeth {name}: found at seed {seed}, after {} schedules: {first}",
+                seed - from + 1
+            );
             if let Err(e) = Sim::new(seed, teeth_profile(name, false)).run() {
                 panic!("teeth {name}: the control run (mechanism on) fails too: {e}");
             }
@@ -271,6 +281,15 @@ fn teeth_profile(name: &str, broken: bool) -> Options {
             frontends_cut_off(&mut o, CacheOptions::new(2));
             o.w_partition = 4;
             o.w_crash = 0;
+        }
+        "ends_before_answers" => {
+            // As "cache_drift", with writes answered as their ends leave
+            // rather than once they reached the caches.
+            let mut c = CacheOptions::new(2);
+            c.answer_before_end = broken;
+            frontends_cut_off(&mut o, c);
+            o.w_partition = 8;
+            o.w_crash = 1;
         }
         "atomic_decrement" => o.check_at_propose = broken,
         "unsynced_entries" => {
@@ -559,6 +578,20 @@ fn five_replicas_with_frontend_caches() {
 #[test]
 fn teeth_cache_leases_allow_for_clock_drift() {
     find_violation("cache_drift", 2000, &["stale read from cache"]);
+}
+
+/// A new primary's fence clears what a frontend counted as begun while the
+/// old primary can still commit: answered before its end arrived, a write's
+/// book can be filled from a read that began before it committed.
+#[test]
+fn teeth_writes_are_answered_only_once_their_ends_reached_the_caches() {
+    // Rare: found once in 3 000 fresh schedules of the cache profiles.
+    find_violation_from(
+        "ends_before_answers",
+        759_002_001,
+        1000,
+        &["stale read from cache"],
+    );
 }
 
 #[test]

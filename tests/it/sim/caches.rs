@@ -240,6 +240,9 @@ pub struct CacheOptions {
     /// (`None`: the core's).
     pub drift_margin: Option<f64>,
     pub read_every_ms: u64,
+    /// Answer a write as its end is queued for the caches, without waiting
+    /// for it to arrive (unsafe: for the teeth test).
+    pub answer_before_end: bool,
 }
 
 impl CacheOptions {
@@ -249,6 +252,7 @@ impl CacheOptions {
             lease_ms: 1000,
             drift_margin: None,
             read_every_ms: 4,
+            answer_before_end: false,
         }
     }
 }
@@ -621,9 +625,18 @@ impl Sim {
             Reply::Ack { version, .. } => to_api(*version),
             _ => to_api(self.nodes[i].store.last),
         };
+        let early = self
+            .opts
+            .caches
+            .as_ref()
+            .is_some_and(|c| c.answer_before_end);
         let Some(op) = self.nodes[i].side.ops.get_mut(&id) else {
             return;
         };
+        let answer = (early && !op.rid.is_empty()).then(|| (op.client, reply.clone()));
+        if answer.is_some() {
+            op.rid = String::new();
+        }
         op.phase = Phase::End(reply);
         let end = pygmy::api::Invalidation {
             book_id: book_id(op.book),
@@ -631,6 +644,9 @@ impl Sim {
             begin: false,
         };
         self.push(i, Some(end), Waiter::Op(id));
+        if let Some((client, reply)) = answer {
+            self.answer(client, reply);
+        }
     }
 
     fn op_ready(&mut self, i: usize, id: u64) -> R<()> {
