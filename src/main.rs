@@ -270,13 +270,14 @@ async fn run(cmd: Cmd) -> Result<(), Fail> {
             no_cache,
             log_format,
         } => {
+            let shutdown = pygmy::shutdown_signal();
             let (_, cfg) = config.load()?;
             pygmy::telemetry::init(Some(&name), log_format);
             let listener = pygmy::bind(&cfg, &name, listen)
                 .await
                 .map_err(anyhow::Error::from)?;
             let opts = pygmy::frontend::Options { no_cache };
-            pygmy::run_node(listener, cfg, &name, opts, pygmy::shutdown_signal())
+            pygmy::run_node(listener, cfg, &name, opts, shutdown)
                 .await
                 .with_context(|| format!("node {name} failed"))
                 .map_err(Fail::from)
