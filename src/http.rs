@@ -827,6 +827,19 @@ impl From<crate::client::ClientError> for ApiError {
 mod tests {
     use super::constant_time_eq;
 
+    /// A stop sent before the shutdown future is first polled is caught,
+    /// not fatal: with the handler registered on the first poll, this
+    /// SIGTERM would kill the test process.
+    #[tokio::test]
+    async fn a_sigterm_before_the_shutdown_future_is_polled_stops_it() {
+        let shutdown = super::shutdown_signal();
+        // SAFETY: raising a signal this process now handles.
+        assert_eq!(unsafe { libc::raise(libc::SIGTERM) }, 0);
+        tokio::time::timeout(std::time::Duration::from_secs(10), shutdown)
+            .await
+            .expect("the SIGTERM sent before the first poll resolves the future");
+    }
+
     #[test]
     fn constant_time_eq_compares_whole_values() {
         assert!(constant_time_eq(b"abc", b"abc"));
