@@ -509,20 +509,20 @@ impl Db {
             // tables, at the version they were applied to (that one or
             // later; the core drops the entries it covers).
             Some(s) => {
-                let state = self.load_state()?;
-                if state.version.seq < s.version.seq {
+                let applied: Version = self.meta("applied")?.unwrap_or_default();
+                if applied.seq < s.version.seq {
                     return Err(corrupt(format!(
-                        "the tables are at {}, before the compacted log's end {}",
-                        state.version,
+                        "the tables are at {applied}, before the compacted log's end {}",
                         to_api(s.version)
                     )));
                 }
+                // Only the bytes need the books and the answers read.
                 let data = match encode {
-                    true => self.snapshot_bytes(&state)?.0,
+                    true => self.snapshot_bytes(&self.load_state()?)?.0,
                     false => Vec::new(),
                 };
                 Some(Snapshot {
-                    version: to_core(state.version),
+                    version: to_core(applied),
                     data,
                 })
             }
