@@ -148,6 +148,16 @@ pub struct Append {
     /// The receiver's incarnation as the sender knows it (0: unknown):
     /// a learner is promoted only by appends addressed to its own.
     pub to_inc: u64,
+    /// Only a new commit point, pushed as soon as it moved: the receiver
+    /// answers it only to refuse it or when it promotes a learner (the
+    /// entries and heartbeats around it are answered, which is what leases
+    /// and the primary's progress count). Left out on the wire when false.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub quiet: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// `ok`: the log matched `prev`; `match_seq` is then durable and equal to

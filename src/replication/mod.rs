@@ -55,7 +55,13 @@
 //!   lease it was granted surely ran out (`lease × (1 + drift)` after the
 //!   append that granted it). Without a majority acknowledging within the
 //!   lease the primary refuses writes ([`ProposeError::NoQuorum`]); without
-//!   acknowledgements for `lease + election_timeout` it steps down.
+//!   acknowledgements for `lease + election_timeout` it steps down. A commit
+//!   point that moved is pushed to the view at once, so backups apply (and
+//!   serve) it without waiting for the next heartbeat; such a push without
+//!   entries is `quiet`, answered only by a refusal or a learner's
+//!   promotion. Leases and the primary's progress count the answers to
+//!   entries and heartbeats, which always come; an unanswered push can only
+//!   leave the primary's picture of a backup older, the safe side.
 //! * **Log matching.** Appends carry the `(epoch, seq)` of the preceding
 //!   entry; a backup whose log does not match there rejects (hinting its
 //!   commit point) and the primary probes backwards one message at a time. A

@@ -234,6 +234,7 @@ fn only_a_step_that_moves_nothing_but_the_commit_point_skips_the_sync() {
                 echo: None,
                 lease_ms: 0,
                 to_inc: 1,
+                quiet: false,
             },
         )
     };
@@ -245,6 +246,108 @@ fn only_a_step_that_moves_nothing_but_the_commit_point_skips_the_sync() {
     assert_eq!(rd.committed.len(), 2);
     assert!(rd.hard_state.is_some(), "the commit point moved");
     assert!(!rd.sync, "a new commit point alone is not waited for");
+}
+
+#[test]
+fn a_commit_point_pushed_alone_goes_quiet_and_only_a_refusal_answers_it() {
+    // The primary pushes a moved commit point at once, so backups apply
+    // (and serve) it without waiting for the next heartbeat; that push is
+    // `quiet`. Entries and heartbeats are still answered: they are what
+    // the primary's progress and leases count.
+    let mut net = Net::new(3);
+    net.run(2000);
+    let p = net.primary().expect("a primary");
+    let seen = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let log = seen.clone();
+    net.deliver_if = Some(Box::new(move |m: &Message| {
+        log.borrow_mut().push(m.clone());
+        true
+    }));
+    net.write(p, "w1").expect("written");
+    let appends: Vec<Append> = seen
+        .borrow()
+        .iter()
+        .filter_map(|m| match &m.body {
+            Body::Append(a) => Some(a.clone()),
+            _ => None,
+        })
+        .collect();
+    let carrying: Vec<&Append> = appends.iter().filter(|a| !a.entries.is_empty()).collect();
+    let announcing: Vec<&Append> = appends.iter().filter(|a| a.quiet).collect();
+    assert_eq!(carrying.len(), 2, "the entry goes to both backups");
+    assert!(carrying.iter().all(|a| !a.quiet), "entries are answered");
+    assert_eq!(announcing.len(), 2, "the new commit point goes to both");
+    assert!(
+        announcing
+            .iter()
+            .all(|a| a.entries.is_empty() && a.commit > carrying[0].commit)
+    );
+    let replies = seen
+        .borrow()
+        .iter()
+        .filter(|m| matches!(m.body, Body::AppendReply(_)))
+        .count();
+    assert_eq!(
+        replies, 2,
+        "one answer per backup: for the entry, none for the commit point"
+    );
+    net.deliver_if = None;
+    net.run(100);
+    assert!(
+        net.applied
+            .iter()
+            .all(|a| a.iter().any(|e| e.request_id == "w1")),
+        "every replica applied the write"
+    );
+
+    // At a backup: a quiet push it matches is applied, unanswered; one it
+    // cannot match is refused; a heartbeat is answered.
+    let mut r = fresh(1, 3);
+    let e = |seq| Entry {
+        version: Version::new(1, seq),
+        request_id: format!("r{seq}"),
+        kind: EntryKind::Op(vec![]),
+    };
+    let append = |entries: Vec<Entry>, prev: u64, commit: u64, quiet: bool| {
+        Message::new(
+            1,
+            1,
+            Append {
+                prev: Version::new(if prev == 0 { 0 } else { 1 }, prev),
+                entries,
+                commit,
+                sent_at: 1,
+                echo: None,
+                lease_ms: 0,
+                to_inc: 1,
+                quiet,
+            },
+        )
+    };
+    r.step(10_000, 2, append(vec![e(1), e(2)], 0, 0, false));
+    assert_eq!(r.ready().messages.len(), 1, "entries are answered");
+    r.step(10_001, 2, append(vec![], 2, 2, true));
+    let rd = r.ready();
+    assert_eq!(rd.committed.len(), 2, "the quiet commit point is applied");
+    assert!(rd.messages.is_empty(), "and not answered");
+    r.step(10_002, 2, append(vec![], 5, 2, true));
+    let rd = r.ready();
+    assert!(
+        matches!(
+            rd.messages[..],
+            [(
+                2,
+                Message {
+                    body: Body::AppendReply(AppendReply { ok: false, .. }),
+                    ..
+                }
+            )]
+        ),
+        "a quiet push it cannot match is refused: {:?}",
+        rd.messages
+    );
+    r.step(10_003, 2, append(vec![], 2, 2, false));
+    assert_eq!(r.ready().messages.len(), 1, "a heartbeat is answered");
 }
 
 #[test]
@@ -291,6 +394,7 @@ fn messages_of_an_older_epoch_are_rejected() {
                 echo: None,
                 lease_ms: 0,
                 to_inc: 1,
+                quiet: false,
             },
         ),
     );
@@ -649,6 +753,7 @@ fn nonsense_messages_are_ignored_without_panicking() {
                 }),
                 lease_ms: u64::MAX,
                 to_inc: 1,
+                quiet: false,
             },
         ),
         Message::new(
@@ -749,6 +854,7 @@ fn messages_round_trip_through_json() {
                 echo: Some(Echo { boot: 7, at: 99 }),
                 lease_ms: 500,
                 to_inc: 1,
+                quiet: false,
             },
         ),
         Message::new(
@@ -909,6 +1015,7 @@ fn random_garbage_never_panics() {
                             }),
                             lease_ms: pick(&mut rng),
                             to_inc: 1,
+                            quiet: false,
                         },
                     )
                 }
@@ -1071,6 +1178,7 @@ fn append(epoch: u64, prev: Version, entries: Vec<Entry>, commit: u64) -> Messag
             echo: None,
             lease_ms: 0,
             to_inc: 1,
+            quiet: false,
         },
     )
 }
@@ -1552,6 +1660,7 @@ fn learner_after_append(to_inc: u64, promote_on_any: bool) -> bool {
             echo: None,
             lease_ms: 0,
             to_inc,
+            quiet: false,
         },
     );
     deliver(&mut r, &mut disk, 3, msg);

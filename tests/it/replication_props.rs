@@ -64,17 +64,19 @@ fn body() -> impl Strategy<Value = Body> {
             num(),
             prop::option::of(echo()),
             num(),
-            num()
+            num(),
+            any::<bool>()
         )
             .prop_map(
-                |(prev, entries, commit, sent_at, echo, lease_ms, to_inc)| Append {
+                |(prev, entries, commit, sent_at, echo, lease_ms, to_inc, quiet)| Append {
                     prev,
                     entries,
                     commit,
                     sent_at,
                     echo,
                     lease_ms,
-                    to_inc
+                    to_inc,
+                    quiet
                 }
                 .into()
             ),
@@ -123,7 +125,7 @@ fn message() -> impl Strategy<Value = Message> {
             let entries = (0..n as u64)
                 .map(|i| Entry { version: Version { epoch, seq: ps + 1 + i }, request_id: format!("r{i}"), kind: EntryKind::Op(b"{}".to_vec()) })
                 .collect();
-            Message::new(epoch, 7, Append { prev: Version { epoch: pe, seq: ps }, entries, commit, sent_at: 10, echo: None, lease_ms: if lease { 500 } else { 0 }, to_inc: 7 })
+            Message::new(epoch, 7, Append { prev: Version { epoch: pe, seq: ps }, entries, commit, sent_at: 10, echo: None, lease_ms: if lease { 500 } else { 0 }, to_inc: 7, quiet: false })
         }),
         // Whole small snapshots a primary could have sent.
         1 => (1u64..6, 0u64..12, prop::collection::vec(any::<u8>(), 0..16)).prop_map(|(epoch, seq, data)| {

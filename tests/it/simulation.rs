@@ -413,8 +413,11 @@ fn teeth_commits_wait_for_every_lease_holder() {
 
 #[test]
 fn teeth_backup_leases_are_capped_at_the_primarys() {
-    find_violation(
+    // Found at seed 1121 since commit points pushed alone go unanswered
+    // (fewer messages, other schedules); within the first 1 000 before.
+    find_violation_from(
         "lease_cap",
+        1001,
         1000,
         &["stale read at backup", "lacks committed entries"],
     );
@@ -507,7 +510,9 @@ fn five_replicas_restored_copies() {
 /// with the switch every election keeps failing after the faults heal.
 #[test]
 fn teeth_deferral_yields_to_a_log_further_ahead() {
-    let seed = 710_004_331;
+    // 710 004 331 until commit points pushed alone went unanswered (fewer
+    // messages, other schedules); rare: one in the 110 000 seeds searched.
+    let seed = 710_053_476;
     let profile = |broken: bool| {
         let mut o = Options::varied(5, seed);
         o.w_restore = 4;
@@ -585,10 +590,12 @@ fn teeth_cache_leases_allow_for_clock_drift() {
 /// book can be filled from a read that began before it committed.
 #[test]
 fn teeth_writes_are_answered_only_once_their_ends_reached_the_caches() {
-    // Rare: found once in 3 000 fresh schedules of the cache profiles.
+    // Rare: found once in 3 000 fresh schedules of the cache profiles, at
+    // 759 002 709; at 759 001 158 since commit points pushed alone go
+    // unanswered (fewer messages, other schedules).
     find_violation_from(
         "ends_before_answers",
-        759_002_001,
+        759_001_001,
         1000,
         &["stale read from cache"],
     );

@@ -63,6 +63,7 @@ impl Replica {
             echo,
             lease_ms,
             to_inc,
+            quiet,
         } = a;
         if self.primary().is_some() && epoch == self.hs.epoch {
             return; // two primaries in one epoch cannot happen; ignore
@@ -149,12 +150,16 @@ impl Replica {
         // what this disk holds relative to the primary's commit point now.
         let to_me =
             to_inc == self.cfg.incarnation || self.cfg.unsafe_switches.promote_on_any_append;
-        if self.learner && matched >= commit && to_me {
+        let promoted = self.learner && matched >= commit && to_me;
+        if promoted {
             self.learner = false;
             self.hs.incarnation = self.cfg.incarnation;
             // The primary of this epoch won it: whatever vote the disk
             // remembers for it (a restored copy's, say) stands for this one.
             self.hs.voted_for = Some(from);
+        }
+        if quiet && !promoted {
+            return;
         }
         self.reply_append(from, true, matched, self.log.last_seq(), sent_at);
     }

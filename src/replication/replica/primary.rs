@@ -231,14 +231,15 @@ impl Replica {
             None => return,
         };
         for id in ids {
-            self.send_append(id, now);
+            self.send_append(id, now, false);
         }
     }
 
     /// Send what `id` misses (or a heartbeat; or, when its next entry is
     /// compacted, the next snapshot chunk). Optimistically advances `next`
-    /// for active backups so entries are pipelined.
-    fn send_append(&mut self, id: NodeId, now: u64) {
+    /// for active backups so entries are pipelined. `announce`: sent only
+    /// because the commit point moved; without entries it goes `quiet`.
+    fn send_append(&mut self, id: NodeId, now: u64, announce: bool) {
         let last = self.log.last_seq();
         // Backups read only what a ready primary could serve: not before our
         // epoch start committed and earlier leases ran out.
@@ -275,6 +276,7 @@ impl Replica {
         };
         let to = last.min(prev_seq + max_batch);
         let entries = self.log.slice(p.next, to);
+        let quiet = announce && entries.is_empty();
         let mut lease_ms = 0;
         if p.in_view && p.echo.is_some() {
             lease_ms = lease_cap.min(lease_left);
@@ -296,6 +298,7 @@ impl Replica {
             echo: if lease_ms > 0 { p.echo } else { None },
             lease_ms,
             to_inc,
+            quiet,
         };
         let msg = self.message(body);
         self.out.send(id, msg);
@@ -395,7 +398,7 @@ impl Replica {
             .copied()
             .collect();
         for id in due {
-            self.send_append(id, now);
+            self.send_append(id, now, true);
         }
         if let Some(pr) = self.primary_mut() {
             pr.commit_broadcast = commit;
@@ -435,7 +438,7 @@ impl Replica {
             if resume < p.next {
                 p.next = resume;
                 if r.sent_at_echo > 0 {
-                    self.send_append(from, now);
+                    self.send_append(from, now, false);
                 }
             }
         }
