@@ -227,11 +227,6 @@ impl RouteError {
             ),
         }
     }
-
-    fn parts(self) -> (StatusCode, String, Option<String>) {
-        let (e, primary) = self.problem();
-        (e.status, e.message, primary)
-    }
 }
 
 impl IntoResponse for RouteError {
@@ -1040,26 +1035,21 @@ async fn writes(
             })
         })
         .collect();
-    if let Some(Err(RouteError::NotPrimary { .. })) = results.first()
-        && results
-            .iter()
-            .all(|r| matches!(r, Err(RouteError::NotPrimary { .. })))
-    {
-        return Err(results
-            .into_iter()
-            .next()
-            .and_then(|r| r.err())
-            .expect("checked above"));
+    let refused_whole = results
+        .iter()
+        .all(|r| matches!(r, Err(RouteError::NotPrimary { .. })));
+    let mut results = results.into_iter();
+    if refused_whole && let Some(Err(e)) = results.next() {
+        return Err(e);
     }
     let outcomes = results
-        .into_iter()
         .map(|r| match r {
             Ok(Json(done)) => WriteOutcome::Done(done),
             Err(e) => {
-                let (status, message, primary) = e.parts();
+                let (e, primary) = e.problem();
                 WriteOutcome::Refused {
-                    status: status.as_u16(),
-                    message,
+                    status: e.status.as_u16(),
+                    message: e.message,
                     primary,
                 }
             }
