@@ -227,6 +227,11 @@ impl RouteError {
             ),
         }
     }
+
+    fn parts(self) -> (StatusCode, String, Option<String>) {
+        let (e, primary) = self.problem();
+        (e.status, e.message, primary)
+    }
 }
 
 impl IntoResponse for RouteError {
@@ -1035,21 +1040,26 @@ async fn writes(
             })
         })
         .collect();
-    let refused_whole = results
-        .iter()
-        .all(|r| matches!(r, Err(RouteError::NotPrimary { .. })));
-    let mut results = results.into_iter();
-    if refused_whole && let Some(Err(e)) = results.next() {
-        return Err(e);
+    if let Some(Err(RouteError::NotPrimary { .. })) = results.first()
+        && results
+            .iter()
+            .all(|r| matches!(r, Err(RouteError::NotPrimary { .. })))
+    {
+        return Err(results
+            .into_iter()
+            .next()
+            .and_then(|r| r.err())
+            .expect("checked above"));
     }
     let outcomes = results
+        .into_iter()
         .map(|r| match r {
             Ok(Json(done)) => WriteOutcome::Done(done),
             Err(e) => {
-                let (e, primary) = e.problem();
+                let (status, message, primary) = e.parts();
                 WriteOutcome::Refused {
-                    status: e.status.as_u16(),
-                    message: e.message,
+                    status: status.as_u16(),
+                    message,
                     primary,
                 }
             }
