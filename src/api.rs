@@ -553,10 +553,6 @@ pub const MAX_WRITE_BATCH: usize = 128;
 #[serde(deny_unknown_fields)]
 pub struct WriteBatch {
     pub writes: Vec<CatalogWrite>,
-    /// The id of the request each write came in (for its log lines),
-    /// aligned with `writes`; empty when none is known.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub request_ids: Vec<String>,
 }
 
 /// One write's answer in a [`WriteBatch`]: its result, or the refusal a

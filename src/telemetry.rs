@@ -125,21 +125,8 @@ where
 /// An incoming request id worth keeping: 1–64 visible ASCII characters.
 fn incoming_id(v: &HeaderValue) -> Option<String> {
     let s = v.to_str().ok()?;
-    sane_request_id(s).then(|| s.to_owned())
-}
-
-/// Whether `s` may be taken as a request id from outside: 1 to 64
-/// printable ASCII characters.
-pub fn sane_request_id(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_graphic())
-}
-
-/// Runs `work` as part of request `id` (one item of a batch that came in
-/// one request): its lines carry a `request` span with that id, and the
-/// calls it makes send it on.
-pub async fn in_request<F: std::future::Future>(id: String, work: F) -> F::Output {
-    let span = tracing::info_span!("request", request_id = %id);
-    REQUEST_ID.scope(id, work.instrument(span)).await
+    let ok = !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_graphic());
+    ok.then(|| s.to_owned())
 }
 
 /// A new request id: a random (version 4) UUID, in hex. Its bits come

@@ -996,31 +996,11 @@ async fn writes(
         ))
         .into());
     }
-    if !b.request_ids.is_empty()
-        && (b.request_ids.len() != b.writes.len()
-            || !b
-                .request_ids
-                .iter()
-                .all(|id| crate::telemetry::sane_request_id(id)))
-    {
-        return Err(ApiError::bad_request(
-            "request_ids: one id (1 to 64 printable ASCII characters) per write, or none",
-        )
-        .into());
-    }
     let n = b.writes.len();
-    let mut ids = b.request_ids.into_iter();
     let mut running = tokio::task::JoinSet::new();
     for (i, w) in b.writes.into_iter().enumerate() {
         let c = c.clone();
-        let write = async move {
-            tracing::debug!(write_id = %w.request_id, "write received (in a batch)");
-            (i, apply(&c, w, false).await)
-        };
-        match ids.next() {
-            Some(id) => running.spawn(crate::telemetry::in_request(id, write)),
-            None => running.spawn(write),
-        };
+        running.spawn(async move { (i, apply(&c, w, false).await) });
     }
     let mut slots: Vec<Option<Result<Json<WriteResult>, RouteError>>> =
         std::iter::repeat_with(|| None).take(n).collect();

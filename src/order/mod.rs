@@ -29,8 +29,7 @@ use store::OrderStore;
 struct Order {
     store: OrderStore,
     catalog: Arc<Pool<CatalogClient>>,
-    /// Each write with the id of the request it came in.
-    writes: Batcher<(CatalogWrite, Option<String>), Batched>,
+    writes: Batcher<CatalogWrite, Batched>,
     /// The catalog pool's retry budget: a write refused inside a batch is
     /// retried alone only within what is left of it.
     budget: Duration,
@@ -52,23 +51,10 @@ enum Batched {
 
 /// Sends one batch to the primary (followed, and retried, as a lone write
 /// is): one answer per write, in order.
-async fn send_writes(
-    catalog: Arc<Pool<CatalogClient>>,
-    batch: Vec<(CatalogWrite, Option<String>)>,
-) -> Vec<Batched> {
-    let n = batch.len();
+async fn send_writes(catalog: Arc<Pool<CatalogClient>>, writes: Vec<CatalogWrite>) -> Vec<Batched> {
+    let n = writes.len();
     crate::metrics::write_batch(n);
-    let (writes, ids): (Vec<CatalogWrite>, Vec<Option<String>>) = batch.into_iter().unzip();
-    // The catalog logs each write under the request it came in.
-    let request_ids = if ids.iter().all(Option::is_some) {
-        ids.into_iter().flatten().collect()
-    } else {
-        Vec::new()
-    };
-    let ask = WriteBatch {
-        writes,
-        request_ids,
-    };
+    let ask = WriteBatch { writes };
     let ask = &ask;
     let reply = catalog
         .call(|c| async move { c.writes(ask).await })
@@ -201,8 +187,7 @@ async fn buy(
             .await
     };
     let deadline = tokio::time::Instant::now() + o.budget;
-    let traced = (write.clone(), crate::telemetry::current_request_id());
-    let result = match o.writes.submit(traced).await {
+    let result = match o.writes.submit(write.clone()).await {
         Some(Batched::Done(r)) => r,
         Some(Batched::Refused(e)) if e.is_retryable() => {
             match tokio::time::timeout_at(deadline, alone(write)).await {
@@ -254,15 +239,12 @@ mod tests {
     #[tokio::test]
     async fn every_write_in_a_failed_batch_gets_the_batchs_error() {
         let pool = crate::client::unreachable_catalog(Pick::Sticky);
-        let writes: Vec<(CatalogWrite, Option<String>)> = (1..=5u64)
-            .map(|i| {
-                let w = CatalogWrite {
-                    request_id: RequestId::parse(&format!("k:w{i}")).unwrap(),
-                    op: CatalogOp::Buy {
-                        book_id: BookId::new(i).unwrap(),
-                    },
-                };
-                (w, Some(format!("trace-{i}")))
+        let writes: Vec<CatalogWrite> = (1..=5u64)
+            .map(|i| CatalogWrite {
+                request_id: RequestId::parse(&format!("k:w{i}")).unwrap(),
+                op: CatalogOp::Buy {
+                    book_id: BookId::new(i).unwrap(),
+                },
             })
             .collect();
         let answers = tokio::time::timeout(Duration::from_secs(10), send_writes(pool, writes))

@@ -500,7 +500,6 @@ async fn a_batch_of_writes_is_refused_whole_by_a_backup_and_applied_write_by_wri
             buy("k:batch-b", 99),
             buy("k:batch-a", 5),
         ],
-        request_ids: Vec::new(),
     };
     let stock = c.stock(5).await;
     match c.catalog(&backup).writes(&batch).await {
