@@ -480,25 +480,3 @@ impl FrontendClient {
         self.http.get(format!("{}/readyz", self.base)).await
     }
 }
-
-/// A pool of one catalog replica at a port nothing listens on (bound, then
-/// closed): every call fails as unreachable, fast.
-#[cfg(test)]
-pub(crate) fn unreachable_catalog(
-    pick: crate::balance::Pick,
-) -> std::sync::Arc<crate::balance::Pool<CatalogClient>> {
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let http = Http::with_tls(None, Duration::from_millis(200), None);
-    crate::balance::Pool::new(
-        "catalog",
-        vec![(
-            "catalog-1".into(),
-            CatalogClient::new(format!("http://{addr}"), http),
-        )],
-        pick,
-        Duration::from_millis(100),
-    )
-}

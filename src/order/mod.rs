@@ -232,13 +232,28 @@ async fn log(
 mod tests {
     use super::*;
     use crate::balance::Pick;
+    use crate::client::Http;
 
     /// A catalog that cannot be reached: every write of the batch gets the
     /// batch's error, marked as the batch's (it is not retried alone: the
     /// pool already spent its budget on it).
     #[tokio::test]
     async fn every_write_in_a_failed_batch_gets_the_batchs_error() {
-        let pool = crate::client::unreachable_catalog(Pick::Sticky);
+        // A port nothing listens on: bound, then closed.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let http = Http::with_tls(None, Duration::from_millis(200), None);
+        let pool = Pool::new(
+            "catalog",
+            vec![(
+                "catalog-1".into(),
+                CatalogClient::new(format!("http://{addr}"), http),
+            )],
+            Pick::Sticky,
+            Duration::from_millis(100),
+        );
         let writes: Vec<CatalogWrite> = (1..=5u64)
             .map(|i| CatalogWrite {
                 request_id: RequestId::parse(&format!("k:w{i}")).unwrap(),

@@ -190,25 +190,6 @@ fn granted(msgs: &[(NodeId, Message)], to: NodeId) -> bool {
     })
 }
 
-/// Entry `seq` of epoch 1 (an empty op).
-fn epoch_1_entry(seq: u64) -> Entry {
-    Entry {
-        version: Version::new(1, seq),
-        request_id: format!("r{seq}"),
-        kind: EntryKind::Op(vec![]),
-    }
-}
-
-/// An append of epoch 1 after entry `prev` of epoch 1 (see [`append`]).
-fn epoch_1_append(entries: Vec<Entry>, prev: u64, commit: u64, quiet: bool) -> Message {
-    let prev = Version::new(if prev == 0 { 0 } else { 1 }, prev);
-    let mut m = append(1, prev, entries, commit);
-    if let Body::Append(a) = &mut m.body {
-        a.quiet = quiet;
-    }
-    m
-}
-
 fn fresh(id: NodeId, n: u64) -> Replica {
     Replica::new(
         Config::new(id, 1, (1..=n).collect(), 42),
@@ -236,8 +217,27 @@ fn only_a_step_that_moves_nothing_but_the_commit_point_skips_the_sync() {
     r.step(10_000, 2, vote(1, 0, 0));
     let rd = r.ready();
     assert!(rd.hard_state.is_some() && rd.sync, "a vote is synced");
-    let e = epoch_1_entry;
-    let append = |entries, prev, commit| epoch_1_append(entries, prev, commit, false);
+    let e = |seq| Entry {
+        version: Version::new(1, seq),
+        request_id: format!("r{seq}"),
+        kind: EntryKind::Op(vec![]),
+    };
+    let append = |entries: Vec<Entry>, prev: u64, commit: u64| {
+        Message::new(
+            1,
+            1,
+            Append {
+                prev: Version::new(if prev == 0 { 0 } else { 1 }, prev),
+                entries,
+                commit,
+                sent_at: 1,
+                echo: None,
+                lease_ms: 0,
+                to_inc: 1,
+                quiet: false,
+            },
+        )
+    };
     r.step(10_001, 2, append(vec![e(1), e(2)], 0, 0));
     let rd = r.ready();
     assert!(!rd.entries.is_empty() && rd.sync, "new entries are synced");
@@ -303,7 +303,27 @@ fn a_commit_point_pushed_alone_goes_quiet_and_only_a_refusal_answers_it() {
     // At a backup: a quiet push it matches is applied, unanswered; one it
     // cannot match is refused; a heartbeat is answered.
     let mut r = fresh(1, 3);
-    let (e, append) = (epoch_1_entry, epoch_1_append);
+    let e = |seq| Entry {
+        version: Version::new(1, seq),
+        request_id: format!("r{seq}"),
+        kind: EntryKind::Op(vec![]),
+    };
+    let append = |entries: Vec<Entry>, prev: u64, commit: u64, quiet: bool| {
+        Message::new(
+            1,
+            1,
+            Append {
+                prev: Version::new(if prev == 0 { 0 } else { 1 }, prev),
+                entries,
+                commit,
+                sent_at: 1,
+                echo: None,
+                lease_ms: 0,
+                to_inc: 1,
+                quiet,
+            },
+        )
+    };
     r.step(10_000, 2, append(vec![e(1), e(2)], 0, 0, false));
     assert_eq!(r.ready().messages.len(), 1, "entries are answered");
     r.step(10_001, 2, append(vec![], 2, 2, true));
