@@ -305,19 +305,6 @@ impl CatalogClient {
             .await
     }
 
-    /// Sends writes to this replica, each applied there only, as
-    /// [`CatalogClient::write`] sends one.
-    pub async fn writes(&self, b: &WriteBatch) -> Result<WriteBatchReply, ClientError> {
-        self.http
-            .call(
-                Method::POST,
-                format!("{}/internal/writes", self.base),
-                Some(b),
-                &[(NO_FORWARD_HEADER, "1")],
-            )
-            .await
-    }
-
     /// The replica's latest state digests.
     pub async fn digests(&self) -> Result<Vec<StateDigest>, ClientError> {
         self.http

@@ -92,13 +92,10 @@ Buy p99 at 64 connections under that load went from 158 to 71–91 ms, then to 3
 each backup answered the entry and then the commit point pushed alone right after it. That push now goes \
 `quiet`, answered only by a refusal (leases and progress count the answers to entries and heartbeats): \
 6.4 replication messages per buy at one connection, CPU per buy about −10%, p50 about −4%; at 32 \
-connections, where commit points ride with the next entries, no change beyond noise;\n\
-- order replicas send their buys to the catalog primary in batches (one HTTP request for the buys that \
-queued while two batches were out, each applied as if alone). Tried once, it moved buys by about 4%, \
-inside noise, while every buy still queued for the order log's lookup; measured again after that queue \
-went: CPU per buy at 32 connections −8%, buys +8% in four interleaved pairs, about three buys per \
-batch; at one connection a lone buy leaves alone, after one task hop, about the noise.\n\n\
+connections, where commit points ride with the next entries, no change beyond noise.\n\n\
 Tried and not kept:\n\n\
+- order replicas sending their buys to the catalog primary in batches (one HTTP request for the many buys \
+that queued meanwhile): buys at 32 connections moved by about 4%, inside run-to-run noise;\n\
 - mimalloc in place of glibc's allocator (malloc/free are 7% of the samples): buys at 32 connections about \
 10% up, inside noise, but the store after a run took 141 MB (PSS) against 57 MB, over the memory target; with \
 its memory handed back at once, 65 MB and no gain left;\n\

@@ -192,18 +192,16 @@ impl From<ApiError> for RouteError {
     }
 }
 
-impl RouteError {
-    /// The problem to answer and the primary to name (in the `Primary`
-    /// header of a lone write's answer, in the outcome of a batched one).
-    fn problem(self) -> (ApiError, Option<String>) {
+impl IntoResponse for RouteError {
+    fn into_response(self) -> Response {
         match self {
-            RouteError::Problem(e) => (e, None),
+            RouteError::Problem(e) => e.into_response(),
             RouteError::NotPrimary {
                 replica,
                 primary: Some(name),
                 live,
             } => {
-                let e = if live {
+                let mut res = if live {
                     ApiError::new(
                         StatusCode::MISDIRECTED_REQUEST,
                         format!("{replica} is not the primary; {name} is"),
@@ -212,38 +210,22 @@ impl RouteError {
                     ApiError::unavailable(format!(
                         "{replica} is not the primary and has lost contact with the last one ({name}); no majority reachable?"
                     ))
-                };
-                (e, Some(name))
+                }
+                .into_response();
+                if let Ok(v) = HeaderValue::from_str(&name) {
+                    res.headers_mut().insert(PRIMARY_HEADER, v);
+                }
+                res
             }
             RouteError::NotPrimary {
                 replica,
                 primary: None,
                 ..
-            } => (
-                ApiError::unavailable(format!(
-                    "{replica} is not the primary and knows of none yet"
-                )),
-                None,
-            ),
+            } => ApiError::unavailable(format!(
+                "{replica} is not the primary and knows of none yet"
+            ))
+            .into_response(),
         }
-    }
-
-    fn parts(self) -> (StatusCode, String, Option<String>) {
-        let (e, primary) = self.problem();
-        (e.status, e.message, primary)
-    }
-}
-
-impl IntoResponse for RouteError {
-    fn into_response(self) -> Response {
-        let (e, primary) = self.problem();
-        let mut res = e.into_response();
-        if let Some(name) = primary
-            && let Ok(v) = HeaderValue::from_str(&name)
-        {
-            res.headers_mut().insert(PRIMARY_HEADER, v);
-        }
-        res
     }
 }
 
@@ -755,7 +737,6 @@ fn router(state: AppState, token: &str) -> Router {
         .route("/search/{topic}", get(search))
         .route("/topics", get(topics))
         .route("/internal/write", post(write))
-        .route("/internal/writes", post(writes))
         .route("/catalog/update", put(update))
         .route("/internal/cache-lease", post(cache_lease))
         .route("/internal/status", get(status))
@@ -978,74 +959,6 @@ async fn write(
 ) -> Result<Json<WriteResult>, RouteError> {
     tracing::debug!(write_id = %w.request_id, "write received");
     apply(&c, w, may_forward(&headers)).await
-}
-
-/// `POST /internal/writes`: each write applied here as if it came alone
-/// (never forwarded), all at once, so they share the primary's next
-/// appends; one outcome per write, in order. A replica that is not the
-/// primary refuses the whole batch as it refuses one write (421 naming the
-/// primary), so the caller follows the primary with the batch.
-async fn writes(
-    State(c): State<AppState>,
-    JsonBody(b): JsonBody<WriteBatch>,
-) -> Result<Json<WriteBatchReply>, RouteError> {
-    if b.writes.is_empty() || b.writes.len() > MAX_WRITE_BATCH {
-        return Err(ApiError::bad_request(format!(
-            "a batch holds 1 to {MAX_WRITE_BATCH} writes, not {}",
-            b.writes.len()
-        ))
-        .into());
-    }
-    let n = b.writes.len();
-    let mut running = tokio::task::JoinSet::new();
-    for (i, w) in b.writes.into_iter().enumerate() {
-        let c = c.clone();
-        running.spawn(async move { (i, apply(&c, w, false).await) });
-    }
-    let mut slots: Vec<Option<Result<Json<WriteResult>, RouteError>>> =
-        std::iter::repeat_with(|| None).take(n).collect();
-    while let Some(done) = running.join_next().await {
-        if let Ok((i, r)) = done {
-            slots[i] = Some(r);
-        }
-    }
-    let results: Vec<Result<Json<WriteResult>, RouteError>> = slots
-        .into_iter()
-        .map(|r| {
-            r.unwrap_or_else(|| {
-                Err(ApiError::unavailable(
-                    "the write's task failed; retry with the same request id",
-                )
-                .into())
-            })
-        })
-        .collect();
-    if let Some(Err(RouteError::NotPrimary { .. })) = results.first()
-        && results
-            .iter()
-            .all(|r| matches!(r, Err(RouteError::NotPrimary { .. })))
-    {
-        return Err(results
-            .into_iter()
-            .next()
-            .and_then(|r| r.err())
-            .expect("checked above"));
-    }
-    let outcomes = results
-        .into_iter()
-        .map(|r| match r {
-            Ok(Json(done)) => WriteOutcome::Done(done),
-            Err(e) => {
-                let (status, message, primary) = e.parts();
-                WriteOutcome::Refused {
-                    status: status.as_u16(),
-                    message,
-                    primary,
-                }
-            }
-        })
-        .collect();
-    Ok(Json(WriteBatchReply { outcomes }))
 }
 
 async fn update(

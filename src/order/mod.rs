@@ -18,8 +18,7 @@ use tokio::net::TcpListener;
 use crate::NodeError;
 use crate::api::*;
 use crate::balance::{Pick, Pool};
-use crate::batch::Batcher;
-use crate::client::{CatalogClient, ClientError};
+use crate::client::CatalogClient;
 use crate::config::Role;
 use crate::http::{self as h, ApiError, JsonBody, QueryArgs};
 use crate::node::Node;
@@ -29,65 +28,6 @@ use store::OrderStore;
 struct Order {
     store: OrderStore,
     catalog: Arc<Pool<CatalogClient>>,
-    writes: Batcher<CatalogWrite, Batched>,
-    /// The catalog pool's retry budget: a write refused inside a batch is
-    /// retried alone only within what is left of it.
-    budget: Duration,
-}
-
-/// Batches of writes out to the catalog primary at once: one is gathered
-/// while the other is answered (as the frontend's lookups).
-const WRITE_SLOTS: usize = 2;
-
-/// A write's fate in a batch.
-enum Batched {
-    Done(WriteResult),
-    /// Refused inside a batch that was answered: it may go alone (to be
-    /// retried as a lone write is) when the refusal is retryable.
-    Refused(ClientError),
-    /// The batch itself failed, after the pool's whole retry budget.
-    Failed(ClientError),
-}
-
-/// Sends one batch to the primary (followed, and retried, as a lone write
-/// is): one answer per write, in order.
-async fn send_writes(catalog: Arc<Pool<CatalogClient>>, writes: Vec<CatalogWrite>) -> Vec<Batched> {
-    let n = writes.len();
-    crate::metrics::write_batch(n);
-    let ask = WriteBatch { writes };
-    let ask = &ask;
-    let reply = catalog
-        .call(|c| async move { c.writes(ask).await })
-        .await
-        .and_then(|r| {
-            if r.outcomes.len() == n {
-                Ok(r.outcomes)
-            } else {
-                Err(ClientError::Decode {
-                    url: "catalog /internal/writes".into(),
-                    detail: format!("{} outcomes for {n} writes", r.outcomes.len()),
-                })
-            }
-        });
-    match reply {
-        Ok(outcomes) => outcomes
-            .into_iter()
-            .map(|o| match o {
-                WriteOutcome::Done(r) => Batched::Done(r),
-                WriteOutcome::Refused {
-                    status,
-                    message,
-                    primary,
-                } => Batched::Refused(ClientError::Status {
-                    url: "catalog /internal/writes".into(),
-                    status,
-                    message,
-                    primary,
-                }),
-            })
-            .collect(),
-        Err(e) => (0..n).map(|_| Batched::Failed(e.clone())).collect(),
-    }
 }
 
 /// What every handler gets.
@@ -104,16 +44,7 @@ pub async fn run(
     let budget = Duration::from_millis(node.cfg.timing.retry_budget_ms)
         .min(crate::frontend::public_budget(&node.cfg));
     let catalog = node.pool(Role::Catalog, &node.http, Pick::Sticky, budget);
-    let writes = Batcher::spawn(WRITE_SLOTS, MAX_WRITE_BATCH, {
-        let catalog = catalog.clone();
-        move |batch| send_writes(catalog.clone(), batch)
-    });
-    let state: AppState = Arc::new(Order {
-        store,
-        catalog,
-        writes,
-        budget,
-    });
+    let state: AppState = Arc::new(Order { store, catalog });
     crate::metrics::register(Role::Order);
     let app = router(state.clone(), &node.cfg.token);
     tracing::info!(addr = %listener.local_addr()?, data_dir = %dir.display(), "order {} serving", node.name);
@@ -177,27 +108,13 @@ async fn buy(
             book_id: req.book_id,
         },
     };
-    let catalog = &o.catalog;
-    let alone = |write: CatalogWrite| async move {
-        catalog
-            .call(|c| {
-                let write = write.clone();
-                async move { c.write(&write).await }
-            })
-            .await
-    };
-    let deadline = tokio::time::Instant::now() + o.budget;
-    let result = match o.writes.submit(write.clone()).await {
-        Some(Batched::Done(r)) => r,
-        Some(Batched::Refused(e)) if e.is_retryable() => {
-            match tokio::time::timeout_at(deadline, alone(write)).await {
-                Ok(r) => r?,
-                Err(_) => return Err(e.into()),
-            }
-        }
-        Some(Batched::Refused(e) | Batched::Failed(e)) => return Err(e.into()),
-        None => alone(write).await?,
-    };
+    let result = o
+        .catalog
+        .call(|c| {
+            let write = write.clone();
+            async move { c.write(&write).await }
+        })
+        .await?;
     o.store
         .record(req.request_id, result.clone())
         .await
@@ -226,51 +143,4 @@ async fn log(
             .await
             .map_err(ApiError::unavailable)?,
     ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::balance::Pick;
-    use crate::client::Http;
-
-    /// A catalog that cannot be reached: every write of the batch gets the
-    /// batch's error, marked as the batch's (it is not retried alone: the
-    /// pool already spent its budget on it).
-    #[tokio::test]
-    async fn every_write_in_a_failed_batch_gets_the_batchs_error() {
-        // A port nothing listens on: bound, then closed.
-        let addr = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
-        let http = Http::with_tls(None, Duration::from_millis(200), None);
-        let pool = Pool::new(
-            "catalog",
-            vec![(
-                "catalog-1".into(),
-                CatalogClient::new(format!("http://{addr}"), http),
-            )],
-            Pick::Sticky,
-            Duration::from_millis(100),
-        );
-        let writes: Vec<CatalogWrite> = (1..=5u64)
-            .map(|i| CatalogWrite {
-                request_id: RequestId::parse(&format!("k:w{i}")).unwrap(),
-                op: CatalogOp::Buy {
-                    book_id: BookId::new(i).unwrap(),
-                },
-            })
-            .collect();
-        let answers = tokio::time::timeout(Duration::from_secs(10), send_writes(pool, writes))
-            .await
-            .expect("the batch is answered");
-        assert_eq!(answers.len(), 5, "one answer per write");
-        for a in answers {
-            assert!(
-                matches!(a, Batched::Failed(ClientError::Unreachable { .. })),
-                "expected the batch's failure"
-            );
-        }
-    }
 }
