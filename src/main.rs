@@ -71,6 +71,12 @@ enum Cmd {
         /// Log lines as text or as one JSON object each.
         #[arg(long, value_enum, default_value = "text", env = "PYGMY_LOG_FORMAT")]
         log_format: pygmy::telemetry::LogFormat,
+        /// Threads that run the node's requests. One (the default) serves
+        /// everything on one thread, which costs the least where several
+        /// nodes share a few cores; give more to a node that has cores of
+        /// its own (a frontend under heavy load).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024), env = "PYGMY_THREADS")]
+        threads: u16,
     },
     /// Show every node — reachable, ready and, for catalog replicas, role, epoch, primary, versions, view —
     /// probing them concurrently. Exits 3 when a node is unreachable or no primary is known.
@@ -218,10 +224,19 @@ pub enum Output {
 fn main() -> ExitCode {
     pygmy::tune_allocator();
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // A node runs on as many threads as it is given (one by default: see
+    // `Serve::threads`); the tools (the bench's load generator among them)
+    // on one per core.
+    let mut builder = match &cli.command {
+        Cmd::Serve { threads: 1, .. } => tokio::runtime::Builder::new_current_thread(),
+        Cmd::Serve { threads, .. } => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(usize::from(*threads));
+            b
+        }
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("pygmy: cannot start the runtime: {e}");
@@ -269,6 +284,7 @@ async fn run(cmd: Cmd) -> Result<(), Fail> {
             listen,
             no_cache,
             log_format,
+            threads: _,
         } => {
             let shutdown = pygmy::shutdown_signal();
             let (_, cfg) = config.load()?;

@@ -47,6 +47,7 @@ pub const CATALOG_SNAPSHOT_BYTES: &str = "pygmy_catalog_snapshot_bytes";
 pub const CATALOG_SNAPSHOT_ANSWERS: &str = "pygmy_catalog_snapshot_request_ids";
 pub const OPEN_CONNECTIONS: &str = "pygmy_open_connections";
 pub const CONNECTIONS_SHED: &str = "pygmy_connections_shed_total";
+pub const RUNTIME_THREADS: &str = "pygmy_runtime_threads";
 
 /// Outcomes a buy is counted under at the frontend.
 pub const BUY_OUTCOMES: &[&str] = &[
@@ -117,6 +118,10 @@ fn describe() {
         "Lookups in those batches (divided by the batches: the mean batch size)"
     );
     describe_gauge!(OPEN_CONNECTIONS, "HTTP connections open on this node");
+    describe_gauge!(
+        RUNTIME_THREADS,
+        "Threads that run this node's requests (`pygmy serve --threads`)"
+    );
     describe_counter!(
         CONNECTIONS_SHED,
         "Connections closed for lack of room, and requests without the cluster token refused on the reserved connections"
@@ -174,6 +179,9 @@ pub fn register(role: crate::config::Role) {
     use crate::config::Role;
     if handle().is_none() {
         return;
+    }
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        metrics::gauge!(RUNTIME_THREADS).set(rt.metrics().num_workers() as f64);
     }
     match role {
         Role::Frontend => {

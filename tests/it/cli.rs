@@ -270,6 +270,76 @@ async fn serve_listens_where_the_flag_or_the_environment_says() {
     std::fs::remove_dir_all(&root).unwrap();
 }
 
+/// A node runs on one thread unless told otherwise (by flag or by
+/// environment), and says on `/metrics` how many it has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_runs_on_the_threads_it_is_given() {
+    let root = common::temp_dir("threads");
+    let host = common::unique_host();
+    let cfg = ClusterConfig::local(&host, 1);
+    let path = root.join("cluster.toml");
+    cfg.save(&path).unwrap();
+    let http = Http::new(None, Duration::from_secs(2));
+    let config = path.to_str().unwrap();
+
+    // (listen address, extra arguments, environment, threads expected)
+    let cases: [(String, &[&str], Option<&str>, usize); 3] = [
+        (format!("{host}:6111"), &[], None, 1),
+        (format!("{host}:6112"), &["--threads", "3"], None, 3),
+        (format!("{host}:6113"), &[], Some("2"), 2),
+    ];
+    let mut nodes = Vec::new();
+    for (addr, extra, env, _) in &cases {
+        let mut cmd = Command::new(common::BIN);
+        cmd.args(["serve", "--config", config, "frontend", "--listen", addr])
+            .args(*extra)
+            .env_remove("PYGMY_THREADS")
+            .stderr(Stdio::null());
+        if let Some(n) = env {
+            cmd.env("PYGMY_THREADS", n);
+        }
+        nodes.push(cmd.spawn().unwrap());
+    }
+    for (addr, _, _, want) in &cases {
+        let c = FrontendClient::new(format!("http://{addr}"), http.clone());
+        common::wait_until(
+            &format!("a node answers on {addr}"),
+            Duration::from_secs(30),
+            || {
+                let c = c.clone();
+                async move { c.health().await.is_ok() }
+            },
+        )
+        .await;
+        let page = reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let threads = page
+            .lines()
+            .find_map(|l| l.strip_prefix("pygmy_runtime_threads "))
+            .unwrap_or_else(|| panic!("no pygmy_runtime_threads on {addr}:\n{page}"));
+        assert_eq!(threads.parse::<f64>().unwrap(), *want as f64, "{addr}");
+    }
+    for mut n in nodes {
+        n.kill().unwrap();
+        n.wait().unwrap();
+    }
+
+    // No threads at all is refused at start, with the reason.
+    let out = Command::new(common::BIN)
+        .args(["serve", "--config", config, "frontend", "--threads", "0"])
+        .env_remove("PYGMY_THREADS")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--threads"), "{err}");
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
 /// Runs `pygmy ARGS` in `cwd` with `env`; (exit code, stdout, stderr).
 fn pygmy(args: &[&str], cwd: &std::path::Path, env: &[(&str, &str)]) -> (i32, String, String) {
     let out = Command::new(common::BIN)

@@ -363,7 +363,6 @@ impl TestCluster {
         }
     }
 
-    /// A book as the catalog primary holds it.
     /// A metric's value on a node's `/metrics` page (the first series of
     /// that name).
     pub async fn metric(&self, node: &str, name: &str) -> f64 {
@@ -380,6 +379,7 @@ impl TestCluster {
             .unwrap_or_else(|| panic!("{node} has no {name}"))
     }
 
+    /// A book as the catalog primary holds it.
     pub async fn book(&self, id: u64) -> LookupResponse {
         let p = self.primary().await;
         let c = self.catalog(&p);
