@@ -101,6 +101,39 @@ impl Http {
         Self { client, token }
     }
 
+    /// Opens a connection to `url` and switches it to `protocol` (an HTTP/1.1
+    /// upgrade, with the token): what is written on it afterwards is that
+    /// protocol's. The answer must be `101 Switching Protocols`.
+    pub async fn upgrade(
+        &self,
+        url: String,
+        protocol: &'static str,
+    ) -> Result<reqwest::Upgraded, ClientError> {
+        let mut req = self
+            .client
+            .get(&url)
+            .header(reqwest::header::CONNECTION, "upgrade")
+            .header(reqwest::header::UPGRADE, protocol);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let unreachable = |e: reqwest::Error| ClientError::Unreachable {
+            url: url.clone(),
+            detail: error_chain(&e),
+        };
+        let res = req.send().await.map_err(unreachable)?;
+        let status = res.status();
+        if status != reqwest::StatusCode::SWITCHING_PROTOCOLS {
+            return Err(ClientError::Status {
+                url: url.clone(),
+                status: status.as_u16(),
+                message: format!("did not switch to {protocol}"),
+                primary: None,
+            });
+        }
+        res.upgrade().await.map_err(unreachable)
+    }
+
     /// An `Http` over a client configured elsewhere (its own TLS roots or
     /// name resolution, say).
     pub fn from_client(client: reqwest::Client, token: Option<String>) -> Self {

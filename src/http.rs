@@ -570,7 +570,11 @@ async fn drive<I>(
 {
     use hyper_util::rt::TokioIo;
     use hyper_util::service::TowerToHyperService;
-    let connection = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
+    // Upgrades: a catalog replica's peers switch a connection to their
+    // replication stream (`catalog::stream`), which then lives on its own.
+    let connection = builder
+        .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
+        .with_upgrades();
     tokio::pin!(connection);
     let mut closing = false;
     loop {

@@ -48,6 +48,7 @@ pub const CATALOG_SNAPSHOT_ANSWERS: &str = "pygmy_catalog_snapshot_request_ids";
 pub const OPEN_CONNECTIONS: &str = "pygmy_open_connections";
 pub const CONNECTIONS_SHED: &str = "pygmy_connections_shed_total";
 pub const RUNTIME_THREADS: &str = "pygmy_runtime_threads";
+pub const REPL_STREAM_FRAMES: &str = "pygmy_replication_stream_frames_total";
 
 /// Outcomes a buy is counted under at the frontend.
 pub const BUY_OUTCOMES: &[&str] = &[
@@ -163,6 +164,10 @@ fn describe() {
     describe_gauge!(REPL_VIEW, "Replicas in the primary's view (0 on a backup)");
     describe_counter!(REPL_ELECTIONS, "Elections this catalog replica started");
     describe_counter!(
+        REPL_STREAM_FRAMES,
+        "Batches of replication messages this catalog replica read from its peers' streams"
+    );
+    describe_counter!(
         REPL_LEASE_REFUSALS,
         "Reads this catalog replica refused for lack of a read lease"
     );
@@ -200,9 +205,15 @@ pub fn register(role: crate::config::Role) {
         }
         Role::Catalog => {
             metrics::counter!(REPL_ELECTIONS).absolute(0);
+            metrics::counter!(REPL_STREAM_FRAMES).absolute(0);
             metrics::counter!(REPL_LEASE_REFUSALS).absolute(0);
         }
     }
+}
+
+/// Counts one batch read from a peer's replication stream.
+pub fn replication_frame() {
+    metrics::counter!(REPL_STREAM_FRAMES).increment(1);
 }
 
 /// Counts one buy answered with `outcome` (one of [`BUY_OUTCOMES`]).

@@ -92,7 +92,16 @@ Buy p99 at 64 connections under that load went from 158 to 71–91 ms, then to 3
 each backup answered the entry and then the commit point pushed alone right after it. That push now goes \
 `quiet`, answered only by a refusal (leases and progress count the answers to entries and heartbeats): \
 6.4 replication messages per buy at one connection, CPU per buy about −10%, p50 about −4%; at 32 \
-connections, where commit points ride with the next entries, no change beyond noise.\n\n\
+connections, where commit points ride with the next entries, no change beyond noise;\n\
+- fourteen runtime workers for seven processes on two cores, each a thread to wake: a node now runs on one \
+thread (tokio's current-thread runtime; `serve --threads N` gives more). Buys at 32 connections +6 to +13%, \
+CPU per buy −7 to −13%, buy p50 at one connection −6 to −16%, uncached lookups +13 to +39% (wrk, runs \
+interleaved);\n\
+- CPU per process then put each backup at 82–84 µs per buy at 32 connections, much of it HTTP: each batch \
+of replication messages was a request with an answer that says nothing. Replicas now keep one stream per \
+peer (an HTTP upgrade, then length-prefixed frames one way; `POST` while a stream cannot open): buys at 32 \
+connections +9 to +22%, CPU per buy −12 to −18% (each backup 58–61 µs), buy p50 at one connection −5 to \
+−20% (wrk, runs interleaved).\n\n\
 Tried and not kept:\n\n\
 - order replicas sending their buys to the catalog primary in batches (one HTTP request for the many buys \
 that queued meanwhile): buys at 32 connections moved by about 4%, inside run-to-run noise;\n\

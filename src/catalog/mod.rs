@@ -23,6 +23,7 @@ pub mod machine;
 pub mod seed;
 #[doc(hidden)]
 pub mod store;
+pub(crate) mod stream;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -81,6 +82,11 @@ struct Catalog {
     disk: (u64, Version),
     /// Names the writes proposed held until their begins reached the caches.
     tickets: std::sync::atomic::AtomicU64,
+    /// For each peer, the newest replication stream it opened here (see
+    /// [`stream`]): an older one ends.
+    streams: HashMap<NodeId, watch::Sender<u64>>,
+    /// Set when this replica stops: its replication streams end.
+    stopping: watch::Sender<bool>,
 }
 
 /// What every handler gets.
@@ -299,6 +305,12 @@ pub async fn run(
             .collect(),
         disk: disk_hard_state,
         tickets: std::sync::atomic::AtomicU64::new(0),
+        streams: names
+            .keys()
+            .filter(|id| **id != node.entry.process_id)
+            .map(|id| (*id, watch::Sender::new(0)))
+            .collect(),
+        stopping: watch::Sender::new(false),
     });
     tracing::info!(addr = %listener.local_addr()?, "catalog {} serving", node.name);
     let node = Arc::new(node);
@@ -328,6 +340,7 @@ pub async fn run(
     let res = server
         .await
         .map_err(|e| NodeError::Config(format!("server task failed: {e}")))?;
+    catalog.stopping.send_replace(true);
     // Stop the driver: drop the only sender of its inputs. Once it has
     // closed the database (SQLite checkpoints and removes its write-ahead
     // log), the directory is marked cleanly stopped.
@@ -637,7 +650,8 @@ pub fn founds_new_cluster(answers: &[Option<(u64, u64)>]) -> Option<bool> {
 }
 
 /// Sends the core's messages: one task per peer, each sending what has
-/// queued up as one batch. Lost messages are fine (the core retries).
+/// queued up as one batch, on a stream ([`stream::send_to`]). Lost
+/// messages are fine (the core retries).
 async fn transport(
     me: NodeId,
     mut outbox: mpsc::UnboundedReceiver<(NodeId, Message)>,
@@ -647,29 +661,15 @@ async fn transport(
 ) {
     let mut queues: HashMap<NodeId, mpsc::UnboundedSender<Message>> = HashMap::new();
     for p in peers {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
+        let (tx, rx) = mpsc::unbounded_channel::<Message>();
         queues.insert(p.process_id, tx);
-        let http = http.clone();
-        let url = format!("{}/internal/replication", p.base_url());
-        tokio::spawn(async move {
-            while let Some(first) = rx.recv().await {
-                let mut messages = vec![first];
-                while messages.len() < 1024 {
-                    match rx.try_recv() {
-                        Ok(m) => messages.push(m),
-                        Err(_) => break,
-                    }
-                }
-                let batch = ReplicationBatch { from: me, messages };
-                let call = http.call::<_, serde_json::Value>(
-                    reqwest::Method::POST,
-                    url.clone(),
-                    Some(&batch),
-                    &[],
-                );
-                let _ = tokio::time::timeout(Duration::from_millis(timeout_ms), call).await;
-            }
-        });
+        tokio::spawn(stream::send_to(
+            me,
+            p.base_url(),
+            rx,
+            http.clone(),
+            Duration::from_millis(timeout_ms),
+        ));
     }
     while let Some((to, msg)) = outbox.recv().await {
         if let Some(q) = queues.get(&to) {
@@ -744,7 +744,8 @@ fn router(state: AppState, token: &str) -> Router {
         .route(
             "/internal/replication",
             post(replication_in).layer(axum::extract::DefaultBodyLimit::max(MAX_REPLICATION_BODY)),
-        );
+        )
+        .route(stream::PATH, get(stream::accept));
     let public = Router::new().route("/readyz", get(readyz));
     public.merge(h::internal(internal, token)).with_state(state)
 }

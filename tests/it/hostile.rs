@@ -626,6 +626,146 @@ async fn the_http_edge_refuses_hostless_requests_hides_routes_and_bounds_replica
     c.book(1).await;
 }
 
+/// One replication frame as the wire carries it: the batch's length
+/// (4 bytes, big-endian), then the batch's JSON.
+fn frame(batch: &serde_json::Value) -> Vec<u8> {
+    let body = serde_json::to_vec(batch).unwrap();
+    let mut f = (body.len() as u32).to_be_bytes().to_vec();
+    f.extend(body);
+    f
+}
+
+/// Replication travels on streams: every catalog replica reads frames from
+/// its peers. The stream route answers what is not a peer's stream with a
+/// 4xx; a stream that sends what is not a frame of its peer is closed, and
+/// nothing changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_streams_carry_only_their_peers_frames() {
+    use pygmy::config::Role;
+    const FRAMES: &str = "pygmy_replication_stream_frames_total";
+    let c = TestCluster::start(Options::default()).await;
+    c.frontend().buy("1", None).await.unwrap();
+    for name in c.names(Role::Catalog) {
+        common::wait_until(
+            &format!("{name} reads replication frames"),
+            Duration::from_secs(30),
+            || {
+                let c = &c;
+                let name = name.clone();
+                async move { c.metric(&name, FRAMES).await > 0.0 }
+            },
+        )
+        .await;
+    }
+    let books = c.books().await;
+    let primary = c.primary().await;
+    // A backup, and a stream in the name of the other backup: backups do
+    // not stream to each other between elections, so no real stream
+    // replaces the test's while it runs.
+    let backups: Vec<String> = c
+        .names(Role::Catalog)
+        .into_iter()
+        .filter(|n| *n != primary)
+        .collect();
+    let (target, peer) = (&backups[0], &backups[1]);
+    let addr = c.cfg.node(target).unwrap().addr.clone();
+    let id = |n: &str| c.cfg.node(n).unwrap().process_id;
+    let auth = format!("Authorization: Bearer {}", c.cfg.token);
+    let open = |from: String, headers: &[&str]| {
+        let mut s = format!("GET /internal/replication/stream?from={from} HTTP/1.1\r\nHost: x\r\n");
+        for h in headers {
+            s.push_str(h);
+            s.push_str("\r\n");
+        }
+        s.push_str("\r\n");
+        s.into_bytes()
+    };
+    let upgrade = ["Connection: upgrade", "Upgrade: pygmy-replication"];
+    let with_token = [upgrade[0], upgrade[1], auth.as_str()];
+
+    for (what, request, status) in [
+        (
+            "without the token",
+            open(id(peer).to_string(), &upgrade),
+            401,
+        ),
+        (
+            "without the upgrade",
+            open(id(peer).to_string(), &[auth.as_str()]),
+            426,
+        ),
+        (
+            "from an unknown sender",
+            open("999".into(), &with_token),
+            400,
+        ),
+        (
+            "from itself",
+            open(id(target).to_string(), &with_token),
+            400,
+        ),
+        ("from no number", open("x".into(), &with_token), 400),
+    ] {
+        assert_eq!(raw(&addr, &request).await, Some(status), "{what}");
+    }
+
+    let too_long = (pygmy::catalog::MAX_REPLICATION_BODY as u32 + 1)
+        .to_be_bytes()
+        .to_vec();
+    let mut not_a_batch = 3u32.to_be_bytes().to_vec();
+    not_a_batch.extend(b"{x}");
+    let someone_elses = frame(&serde_json::json!({
+        "from": id(&primary),
+        "messages": [{"epoch": 0, "inc": 0, "body": "TimeoutNow"}],
+    }));
+    let its_own = frame(&serde_json::json!({"from": id(peer), "messages": []}));
+    for (what, bad) in [
+        ("a length past the limit", too_long),
+        ("a frame that is not a batch", not_a_batch),
+        ("another sender's batch", someone_elses),
+    ] {
+        let mut s = TcpStream::connect(&addr).await.unwrap();
+        s.write_all(&open(id(peer).to_string(), &with_token))
+            .await
+            .unwrap();
+        assert_eq!(read_status(&mut s).await, Some(101), "{what}: switched");
+        // The peer's own frame keeps the stream open...
+        s.write_all(&its_own).await.unwrap();
+        assert!(
+            !closed_by_server(&mut s, Duration::from_millis(500)).await,
+            "{what}: a good frame closed the stream"
+        );
+        // ...this one closes it.
+        s.write_all(&bad).await.unwrap();
+        assert!(
+            closed_by_server(&mut s, Duration::from_secs(10)).await,
+            "{what}: the stream stays open"
+        );
+    }
+
+    // Nothing changed; the store goes on, its writes on every replica.
+    assert_eq!(c.primary().await, primary);
+    assert_eq!(c.books().await, books);
+    c.frontend().buy("1", None).await.unwrap();
+    for name in c.names(Role::Catalog) {
+        let want = books[0].stock - 1;
+        let cat = c.catalog(&name);
+        common::wait_until(
+            &format!("{name} applies the buy"),
+            Duration::from_secs(30),
+            || {
+                let cat = cat.clone();
+                async move {
+                    cat.lookup(pygmy::api::BookId::new(1).unwrap(), None)
+                        .await
+                        .is_ok_and(|b| b.stock == want)
+                }
+            },
+        )
+        .await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalidation_with_a_made_up_epoch_turns_the_cache_off_only_briefly() {
     let c = TestCluster::start(Options::default()).await;
