@@ -16,6 +16,8 @@ pub struct Member<C> {
     pub name: String,
     pub client: C,
     healthy: AtomicBool,
+    /// Its `pygmy_pool_replica_healthy` series, looked up once.
+    gauge: std::sync::OnceLock<metrics::Gauge>,
 }
 
 impl<C> Member<C> {
@@ -63,6 +65,7 @@ impl<C: Clone + Send + Sync + 'static> Pool<C> {
                     name,
                     client,
                     healthy: AtomicBool::new(true),
+                    gauge: std::sync::OnceLock::new(),
                 })
                 .collect(),
             next: AtomicUsize::new(0),
@@ -91,7 +94,9 @@ impl<C: Clone + Send + Sync + 'static> Pool<C> {
 
     fn set_health(&self, i: usize, healthy: bool, why: &str) {
         let m = &self.members[i];
-        crate::metrics::replica_health(self.what, &m.name, healthy);
+        m.gauge
+            .get_or_init(|| crate::metrics::replica_health_gauge(self.what, &m.name))
+            .set(if healthy { 1.0 } else { 0.0 });
         if m.healthy.swap(healthy, Ordering::Relaxed) != healthy {
             if healthy {
                 tracing::info!(replica = %m.name, "{} {} is available again", self.what, m.name);

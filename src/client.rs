@@ -63,6 +63,8 @@ impl ClientError {
 pub struct Http {
     client: reqwest::Client,
     token: Option<String>,
+    /// `Bearer <token>`, built once.
+    auth: Option<reqwest::header::HeaderValue>,
 }
 
 impl Http {
@@ -98,7 +100,7 @@ impl Http {
             .no_proxy()
             .build()
             .expect("the HTTP client builds with static settings");
-        Self { client, token }
+        Self::from_client(client, token)
     }
 
     /// Opens a connection to `url` and switches it to `protocol` (an HTTP/1.1
@@ -137,7 +139,16 @@ impl Http {
     /// An `Http` over a client configured elsewhere (its own TLS roots or
     /// name resolution, say).
     pub fn from_client(client: reqwest::Client, token: Option<String>) -> Self {
-        Self { client, token }
+        let auth = token.as_ref().and_then(|t| {
+            let mut v = reqwest::header::HeaderValue::try_from(format!("Bearer {t}")).ok()?;
+            v.set_sensitive(true);
+            Some(v)
+        });
+        Self {
+            client,
+            token,
+            auth,
+        }
     }
 
     pub async fn call<B: Serialize + ?Sized, T: DeserializeOwned>(
@@ -147,9 +158,29 @@ impl Http {
         body: Option<&B>,
         headers: &[(&str, &str)],
     ) -> Result<T, ClientError> {
-        let mut req = self.client.request(method, &url);
-        if let Some(t) = &self.token {
-            req = req.bearer_auth(t);
+        match reqwest::Url::parse(&url) {
+            Ok(parsed) => self.call_at(method, &parsed, body, headers).await,
+            Err(e) => Err(ClientError::Unreachable {
+                url,
+                detail: format!("not a URL: {e}"),
+            }),
+        }
+    }
+
+    /// [`Http::call`] to a URL parsed beforehand: the routes a node calls
+    /// on every request parse theirs once (a host goes through IDNA
+    /// mapping each time a URL is parsed).
+    pub async fn call_at<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        at: &reqwest::Url,
+        body: Option<&B>,
+        headers: &[(&str, &str)],
+    ) -> Result<T, ClientError> {
+        let url = || at.to_string();
+        let mut req = self.client.request(method, at.clone());
+        if let Some(auth) = &self.auth {
+            req = req.header(reqwest::header::AUTHORIZATION, auth.clone());
         }
         for (k, v) in headers {
             req = req.header(*k, *v);
@@ -161,7 +192,7 @@ impl Http {
             req = req.json(b);
         }
         let res = req.send().await.map_err(|e| ClientError::Unreachable {
-            url: url.clone(),
+            url: url(),
             detail: error_chain(&e),
         })?;
         let status = res.status();
@@ -171,7 +202,7 @@ impl Http {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         let bytes = res.bytes().await.map_err(|e| ClientError::Unreachable {
-            url: url.clone(),
+            url: url(),
             detail: error_chain(&e),
         })?;
         if !status.is_success() {
@@ -179,14 +210,14 @@ impl Http {
                 .map(|b| b.message)
                 .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).chars().take(200).collect());
             return Err(ClientError::Status {
-                url,
+                url: url(),
                 status: status.as_u16(),
                 message,
                 primary,
             });
         }
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
-            url,
+            url: url(),
             detail: e.to_string(),
         })
     }
@@ -258,6 +289,11 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// `base` + `path`, parsed once, for a route called on every request.
+fn route(base: &str, path: &str) -> Option<reqwest::Url> {
+    reqwest::Url::parse(&format!("{base}{path}")).ok()
+}
+
 /// A typed client of one node, made from the node's base URL and the HTTP
 /// client its calls go through.
 pub trait NodeClient: Clone + Send + Sync + 'static {
@@ -280,13 +316,21 @@ node_client!(CatalogClient, OrderClient, FrontendClient);
 pub struct CatalogClient {
     pub base: String,
     http: Http,
+    /// `/internal/write` and `/internal/lookups`, parsed once.
+    hot: std::sync::Arc<[Option<reqwest::Url>; 2]>,
 }
 
 impl CatalogClient {
     pub fn new(base: impl Into<String>, http: Http) -> Self {
+        let base = base.into();
+        let hot = [
+            route(&base, "/internal/write"),
+            route(&base, "/internal/lookups"),
+        ];
         Self {
-            base: base.into(),
+            base,
             http,
+            hot: std::sync::Arc::new(hot),
         }
     }
 
@@ -306,14 +350,13 @@ impl CatalogClient {
     /// Reads several books from one state of this replica, at least at
     /// `batch.min_version`.
     pub async fn lookups(&self, batch: &LookupBatch) -> Result<LookupBatchReply, ClientError> {
-        self.http
-            .call(
-                Method::POST,
-                format!("{}/internal/lookups", self.base),
-                Some(batch),
-                &[],
-            )
-            .await
+        match &self.hot[1] {
+            Some(at) => self.http.call_at(Method::POST, at, Some(batch), &[]).await,
+            None => {
+                let url = format!("{}/internal/lookups", self.base);
+                self.http.call(Method::POST, url, Some(batch), &[]).await
+            }
+        }
     }
 
     pub async fn search(&self, topic: &TopicSlug) -> Result<SearchResponse, ClientError> {
@@ -328,14 +371,14 @@ impl CatalogClient {
     /// that is not the primary answers 421 naming the primary (it does not
     /// forward it). The order service and forwarding replicas use this.
     pub async fn write(&self, w: &CatalogWrite) -> Result<WriteResult, ClientError> {
-        self.http
-            .call(
-                Method::POST,
-                format!("{}/internal/write", self.base),
-                Some(w),
-                &[(NO_FORWARD_HEADER, "1")],
-            )
-            .await
+        let headers = [(NO_FORWARD_HEADER, "1")];
+        match &self.hot[0] {
+            Some(at) => self.http.call_at(Method::POST, at, Some(w), &headers).await,
+            None => {
+                let url = format!("{}/internal/write", self.base);
+                self.http.call(Method::POST, url, Some(w), &headers).await
+            }
+        }
     }
 
     /// The replica's latest state digests.
@@ -400,25 +443,25 @@ impl CatalogClient {
 pub struct OrderClient {
     pub base: String,
     http: Http,
+    /// `/internal/buy`, parsed once.
+    buy: std::sync::Arc<Option<reqwest::Url>>,
 }
 
 impl OrderClient {
     pub fn new(base: impl Into<String>, http: Http) -> Self {
-        Self {
-            base: base.into(),
-            http,
-        }
+        let base = base.into();
+        let buy = std::sync::Arc::new(route(&base, "/internal/buy"));
+        Self { base, http, buy }
     }
 
     pub async fn buy(&self, req: &OrderBuyRequest) -> Result<WriteResult, ClientError> {
-        self.http
-            .call(
-                Method::POST,
-                format!("{}/internal/buy", self.base),
-                Some(req),
-                &[],
-            )
-            .await
+        match &*self.buy {
+            Some(at) => self.http.call_at(Method::POST, at, Some(req), &[]).await,
+            None => {
+                let url = format!("{}/internal/buy", self.base);
+                self.http.call(Method::POST, url, Some(req), &[]).await
+            }
+        }
     }
 
     pub async fn log(&self, limit: u32, before: Option<u64>) -> Result<OrderLogPage, ClientError> {

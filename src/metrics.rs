@@ -232,10 +232,12 @@ pub fn retry(pool: &'static str) {
     metrics::counter!(POOL_RETRIES, "pool" => pool).increment(1);
 }
 
-/// A replica's health as its pool sees it.
-pub fn replica_health(pool: &'static str, replica: &str, healthy: bool) {
+/// The handle of [`POOL_HEALTHY`] for one replica of a pool, to keep and
+/// set on every call without looking the series up each time (the
+/// recorder is installed first, so the handle is never a no-op's).
+pub fn replica_health_gauge(pool: &'static str, replica: &str) -> metrics::Gauge {
+    let _ = handle();
     metrics::gauge!(POOL_HEALTHY, "pool" => pool, "replica" => replica.to_owned())
-        .set(if healthy { 1.0 } else { 0.0 });
 }
 
 /// The catalog replica's replication state.
