@@ -88,6 +88,29 @@ async fn nodes_speak_tls_and_refuse_anyone_without_a_certificate_of_the_cluster_
     )
     .await;
     assert!(bought.order_id > 0);
+    // Replication travels on streams over TLS too (a stream that failed to
+    // open would fall back to one POST per batch, and still replicate).
+    for n in c.names(Role::Catalog) {
+        let url = format!("http://{}/metrics", c.cfg.node(&n).unwrap().addr);
+        wait_until(
+            &format!("{n} reads replication frames"),
+            Duration::from_secs(10),
+            || {
+                let url = url.clone();
+                async move {
+                    let Ok(page) = reqwest::get(url).await else {
+                        return false;
+                    };
+                    let page = page.text().await.unwrap_or_default();
+                    page.lines()
+                        .find_map(|l| l.strip_prefix("pygmy_replication_stream_frames_total "))
+                        .and_then(|v| v.parse::<f64>().ok())
+                        .is_some_and(|v| v > 0.0)
+                }
+            },
+        )
+        .await;
+    }
 
     // Public routes still answer plain HTTP on the same port.
     let fe_addr = c.cfg.node("frontend").unwrap().addr.clone();
