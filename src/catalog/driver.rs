@@ -206,6 +206,20 @@ struct Io {
     dirty: bool,
     /// A snapshot being built beside the driver, and when it began.
     snapshot: Option<(Instant, std::sync::mpsc::Receiver<SnapshotBuilt>)>,
+    /// The snapshot last sent to each replica, for the log (see `send`).
+    sync_logged: HashMap<NodeId, SyncLogged>,
+}
+
+/// How often a snapshot sent again and again to a replica that does not
+/// answer is said at `info`.
+const SYNC_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// The snapshot last sent to one replica: its version, when that was last
+/// said at `info`, and how many times it was sent again since.
+struct SyncLogged {
+    version: replication::Version,
+    at: Instant,
+    resent: u32,
 }
 
 /// What a snapshot thread sends back: the version the bytes are of, and
@@ -256,6 +270,7 @@ impl Driver {
                 slow,
                 dirty: false,
                 snapshot: None,
+                sync_logged: HashMap::new(),
             },
             inputs,
             tick,
@@ -687,10 +702,39 @@ impl Host for Io {
         if let replication::Body::SnapshotChunk(replication::SnapshotChunk {
             offset: 0,
             total,
+            version,
             ..
         }) = &msg.body
         {
-            tracing::info!(to = %self.name(to), bytes = total, "sync sent: snapshot to a replica too far behind (first chunk)");
+            // The core sends the first chunk again until the replica
+            // answers, every few heartbeats: to a replica that is down that
+            // is for as long as it is down. Said once per snapshot and
+            // replica, then every SYNC_LOG_EVERY with the count.
+            let now = Instant::now();
+            let (total, version) = (*total, *version);
+            let name = self.name(to);
+            match self.sync_logged.get_mut(&to) {
+                Some(l) if l.version == version && now < l.at + SYNC_LOG_EVERY => {
+                    l.resent += 1;
+                    tracing::debug!(to = %name, bytes = total, "sync sent again: snapshot (first chunk)");
+                }
+                Some(l) if l.version == version => {
+                    let resent = std::mem::take(&mut l.resent) + 1;
+                    l.at = now;
+                    tracing::info!(to = %name, bytes = total, resent, "sync still unanswered: snapshot (first chunk) sent {resent} more times in {SYNC_LOG_EVERY:?} (is the replica down?)");
+                }
+                _ => {
+                    self.sync_logged.insert(
+                        to,
+                        SyncLogged {
+                            version,
+                            at: now,
+                            resent: 0,
+                        },
+                    );
+                    tracing::info!(to = %name, bytes = total, "sync sent: snapshot to a replica too far behind (first chunk)");
+                }
+            }
         }
         let _ = self.outbox.send((to, msg));
     }

@@ -1060,3 +1060,70 @@ async fn a_catalog_stopped_cleanly_restarts_as_the_same_replica() {
         assert!(!log.contains(word), "{word:?} after a clean stop:\n{log}");
     }
 }
+
+/// A backup that is down while the primary compacts its log past it would
+/// need a snapshot: the primary sends the first chunk again every few
+/// heartbeats until the backup answers. It says so once, then every 10 s
+/// with the count, not on every send. In the backup's place, a server that
+/// answers everything 503 (as a replica still starting) counts the chunks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_sent_again_and_again_to_a_replica_that_is_down_is_logged_once() {
+    let mut c = TestCluster::start(Options::default()).await;
+    c.set_stock(1, 1_000_000).await;
+    let primary = c.primary().await;
+    let victim = c
+        .names(Role::Catalog)
+        .into_iter()
+        .find(|n| *n != primary)
+        .unwrap();
+    c.kill9(&victim);
+    let chunks = Arc::new(AtomicU64::new(0));
+    let counted = chunks.clone();
+    let app = axum::Router::new().fallback(move |body: axum::body::Bytes| {
+        let counted = counted.clone();
+        async move {
+            if let Ok(batch) = serde_json::from_slice::<serde_json::Value>(&body) {
+                for m in batch["messages"].as_array().into_iter().flatten() {
+                    if m["body"]["SnapshotChunk"]["offset"] == 0 {
+                        counted.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            axum::http::StatusCode::SERVICE_UNAVAILABLE
+        }
+    });
+    let listener = tokio::net::TcpListener::bind(&c.cfg.node(&victim).unwrap().addr)
+        .await
+        .unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    // Past the snapshot threshold (10 000 entries): the primary compacts
+    // its log beyond what the backup holds.
+    buy_at_primary(&c, 10_500).await;
+    let log_path = c.dir.join(format!("{primary}.log"));
+    let log = || std::fs::read_to_string(&log_path).unwrap();
+    let to = format!("to={victim}");
+    wait_until(
+        "the primary says it sends again, 10 s after the first",
+        Duration::from_secs(40),
+        || async {
+            log()
+                .lines()
+                .any(|l| l.contains("sync still unanswered") && l.contains(&to))
+        },
+    )
+    .await;
+    let sent = chunks.load(Ordering::Relaxed);
+    assert!(sent >= 20, "the first chunk was sent {sent} times");
+    let said = log()
+        .lines()
+        .filter(|l| l.contains("sync sent: snapshot") && l.contains(&to))
+        .count();
+    assert_eq!(
+        said,
+        1,
+        "said once, not on each of {sent} sends:\n{}",
+        log()
+    );
+    server.abort();
+}
