@@ -62,9 +62,9 @@ impl From<LeaseError> for ApiError {
     }
 }
 
-/// Most replication bytes in one request. A snapshot travels in one
-/// request: a 100 000-book catalog's snapshot is about 45 MB on the wire
-/// (see docs/DESIGN-NOTES.md, "Telemetry and errors"), well within this.
+/// Most replication bytes in one request or stream frame. A snapshot
+/// travels in chunks of 256 KiB (`replication::Config::snapshot_chunk_bytes`),
+/// each message far within this.
 pub const MAX_REPLICATION_BODY: usize = 256 << 20;
 
 struct Catalog {
