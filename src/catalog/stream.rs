@@ -134,16 +134,16 @@ pub async fn send_to(
                 Err(_) => reopen_at = Instant::now() + REOPEN_AFTER,
             }
         }
-        let frame = encode(&batch);
-        if frame.len() - 4 <= MAX_REPLICATION_BODY
-            && let Some(open) = &mut stream
-        {
-            if let Err(why) = open.write(&frame, timeout).await {
-                // Lost, as a message may be; the next batch opens a new stream.
-                tracing::debug!(peer = %base_url, "replication stream ended: {why}");
-                stream = None;
+        if let Some(open) = &mut stream {
+            let frame = encode(&batch);
+            if frame.len() - 4 <= MAX_REPLICATION_BODY {
+                if let Err(why) = open.write(&frame, timeout).await {
+                    // Lost, as a message may be; the next batch opens a new stream.
+                    tracing::debug!(peer = %base_url, "replication stream ended: {why}");
+                    stream = None;
+                }
+                continue;
             }
-            continue;
         }
         let call = http.call::<_, serde_json::Value>(
             reqwest::Method::POST,
