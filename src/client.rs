@@ -62,7 +62,6 @@ impl ClientError {
 #[derive(Clone, Debug)]
 pub struct Http {
     client: reqwest::Client,
-    token: Option<String>,
     /// `Bearer <token>`, built once.
     auth: Option<reqwest::header::HeaderValue>,
 }
@@ -111,19 +110,13 @@ impl Http {
         url: String,
         protocol: &'static str,
     ) -> Result<reqwest::Upgraded, ClientError> {
-        let mut req = self
+        let req = self
             .client
             .get(&url)
             .header(reqwest::header::CONNECTION, "upgrade")
             .header(reqwest::header::UPGRADE, protocol);
-        if let Some(t) = &self.token {
-            req = req.bearer_auth(t);
-        }
-        let unreachable = |e: reqwest::Error| ClientError::Unreachable {
-            url: url.clone(),
-            detail: error_chain(&e),
-        };
-        let res = req.send().await.map_err(unreachable)?;
+        let unreachable = unreachable(&url);
+        let res = self.with_token(req).send().await.map_err(unreachable)?;
         let status = res.status();
         if status != reqwest::StatusCode::SWITCHING_PROTOCOLS {
             return Err(ClientError::Status {
@@ -144,10 +137,14 @@ impl Http {
             v.set_sensitive(true);
             Some(v)
         });
-        Self {
-            client,
-            token,
-            auth,
+        Self { client, auth }
+    }
+
+    /// `req` with the cluster token, if this client has one.
+    fn with_token(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.auth {
+            Some(auth) => req.header(reqwest::header::AUTHORIZATION, auth.clone()),
+            None => req,
         }
     }
 
@@ -178,10 +175,7 @@ impl Http {
         headers: &[(&str, &str)],
     ) -> Result<T, ClientError> {
         let url = || at.to_string();
-        let mut req = self.client.request(method, at.clone());
-        if let Some(auth) = &self.auth {
-            req = req.header(reqwest::header::AUTHORIZATION, auth.clone());
-        }
+        let mut req = self.with_token(self.client.request(method, at.clone()));
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
@@ -228,14 +222,8 @@ impl Http {
 
     /// GETs a page that is not JSON (`/metrics`).
     pub async fn text(&self, url: String) -> Result<String, ClientError> {
-        let mut req = self.client.get(&url);
-        if let Some(t) = &self.token {
-            req = req.bearer_auth(t);
-        }
-        let unreachable = |e: reqwest::Error| ClientError::Unreachable {
-            url: url.clone(),
-            detail: error_chain(&e),
-        };
+        let unreachable = unreachable(&url);
+        let req = self.with_token(self.client.get(&url));
         let res = req.send().await.map_err(unreachable)?;
         let status = res.status();
         let body = res.text().await.map_err(unreachable)?;
@@ -276,6 +264,14 @@ pub fn catalog_admin_pool(
         crate::balance::Pick::Sticky,
         Duration::from_millis(cfg.timing.retry_budget_ms),
     )
+}
+
+/// How a failed request to `url` is told.
+fn unreachable(url: &str) -> impl Fn(reqwest::Error) -> ClientError + Copy + '_ {
+    move |e| ClientError::Unreachable {
+        url: url.to_string(),
+        detail: error_chain(&e),
+    }
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

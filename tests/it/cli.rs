@@ -239,16 +239,7 @@ async fn serve_listens_where_the_flag_or_the_environment_says() {
         .spawn()
         .unwrap();
     for addr in [&flag, &env] {
-        let c = FrontendClient::new(format!("http://{addr}"), http.clone());
-        common::wait_until(
-            &format!("a node answers on {addr}"),
-            Duration::from_secs(30),
-            || {
-                let c = c.clone();
-                async move { c.health().await.is_ok() }
-            },
-        )
-        .await;
+        answers(addr, &http).await;
     }
     by_flag.kill().unwrap();
     by_env.kill().unwrap();
@@ -268,6 +259,20 @@ async fn serve_listens_where_the_flag_or_the_environment_says() {
         String::from_utf8_lossy(&out.stderr)
     );
     std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// Waits until a node answers its health check on `addr`.
+async fn answers(addr: &str, http: &Http) {
+    let c = FrontendClient::new(format!("http://{addr}"), http.clone());
+    common::wait_until(
+        &format!("a node answers on {addr}"),
+        Duration::from_secs(30),
+        || {
+            let c = c.clone();
+            async move { c.health().await.is_ok() }
+        },
+    )
+    .await;
 }
 
 /// A node runs on one thread unless told otherwise (by flag or by
@@ -301,16 +306,7 @@ async fn serve_runs_on_the_threads_it_is_given() {
         nodes.push(cmd.spawn().unwrap());
     }
     for (addr, _, _, want) in &cases {
-        let c = FrontendClient::new(format!("http://{addr}"), http.clone());
-        common::wait_until(
-            &format!("a node answers on {addr}"),
-            Duration::from_secs(30),
-            || {
-                let c = c.clone();
-                async move { c.health().await.is_ok() }
-            },
-        )
-        .await;
+        answers(addr, &http).await;
         let page = reqwest::get(format!("http://{addr}/metrics"))
             .await
             .unwrap()
