@@ -164,10 +164,21 @@ impl Http {
         }
     }
 
-    /// [`Http::call`] to a URL parsed beforehand: the routes a node calls
-    /// on every request parse theirs once (a host goes through IDNA
-    /// mapping each time a URL is parsed).
-    pub async fn call_at<B: Serialize + ?Sized, T: DeserializeOwned>(
+    /// [`Http::call`] to a [`Route`], parsed once.
+    pub async fn call_route<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        route: &Route,
+        body: Option<&B>,
+        headers: &[(&str, &str)],
+    ) -> Result<T, ClientError> {
+        match &route.parsed {
+            Some(at) => self.call_at(method, at, body, headers).await,
+            None => self.call(method, route.text.clone(), body, headers).await,
+        }
+    }
+
+    async fn call_at<B: Serialize + ?Sized, T: DeserializeOwned>(
         &self,
         method: Method,
         at: &reqwest::Url,
@@ -285,9 +296,21 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// `base` + `path`, parsed once, for a route called on every request.
-fn route(base: &str, path: &str) -> Option<reqwest::Url> {
-    reqwest::Url::parse(&format!("{base}{path}")).ok()
+/// A URL called on every request, parsed once (parsing maps the host
+/// through IDNA each time). One that does not parse is called as text,
+/// to fail as any call to it would.
+#[derive(Debug)]
+pub struct Route {
+    text: String,
+    parsed: Option<reqwest::Url>,
+}
+
+impl Route {
+    pub fn new(base: &str, path: &str) -> Self {
+        let text = format!("{base}{path}");
+        let parsed = reqwest::Url::parse(&text).ok();
+        Self { text, parsed }
+    }
 }
 
 /// A typed client of one node, made from the node's base URL and the HTTP
@@ -312,21 +335,18 @@ node_client!(CatalogClient, OrderClient, FrontendClient);
 pub struct CatalogClient {
     pub base: String,
     http: Http,
-    /// `/internal/write` and `/internal/lookups`, parsed once.
-    hot: std::sync::Arc<[Option<reqwest::Url>; 2]>,
+    write: std::sync::Arc<Route>,
+    lookups: std::sync::Arc<Route>,
 }
 
 impl CatalogClient {
     pub fn new(base: impl Into<String>, http: Http) -> Self {
         let base = base.into();
-        let hot = [
-            route(&base, "/internal/write"),
-            route(&base, "/internal/lookups"),
-        ];
         Self {
+            write: std::sync::Arc::new(Route::new(&base, "/internal/write")),
+            lookups: std::sync::Arc::new(Route::new(&base, "/internal/lookups")),
             base,
             http,
-            hot: std::sync::Arc::new(hot),
         }
     }
 
@@ -346,13 +366,9 @@ impl CatalogClient {
     /// Reads several books from one state of this replica, at least at
     /// `batch.min_version`.
     pub async fn lookups(&self, batch: &LookupBatch) -> Result<LookupBatchReply, ClientError> {
-        match &self.hot[1] {
-            Some(at) => self.http.call_at(Method::POST, at, Some(batch), &[]).await,
-            None => {
-                let url = format!("{}/internal/lookups", self.base);
-                self.http.call(Method::POST, url, Some(batch), &[]).await
-            }
-        }
+        self.http
+            .call_route(Method::POST, &self.lookups, Some(batch), &[])
+            .await
     }
 
     pub async fn search(&self, topic: &TopicSlug) -> Result<SearchResponse, ClientError> {
@@ -368,13 +384,9 @@ impl CatalogClient {
     /// forward it). The order service and forwarding replicas use this.
     pub async fn write(&self, w: &CatalogWrite) -> Result<WriteResult, ClientError> {
         let headers = [(NO_FORWARD_HEADER, "1")];
-        match &self.hot[0] {
-            Some(at) => self.http.call_at(Method::POST, at, Some(w), &headers).await,
-            None => {
-                let url = format!("{}/internal/write", self.base);
-                self.http.call(Method::POST, url, Some(w), &headers).await
-            }
-        }
+        self.http
+            .call_route(Method::POST, &self.write, Some(w), &headers)
+            .await
     }
 
     /// The replica's latest state digests.
@@ -439,25 +451,20 @@ impl CatalogClient {
 pub struct OrderClient {
     pub base: String,
     http: Http,
-    /// `/internal/buy`, parsed once.
-    buy: std::sync::Arc<Option<reqwest::Url>>,
+    buy: std::sync::Arc<Route>,
 }
 
 impl OrderClient {
     pub fn new(base: impl Into<String>, http: Http) -> Self {
         let base = base.into();
-        let buy = std::sync::Arc::new(route(&base, "/internal/buy"));
+        let buy = std::sync::Arc::new(Route::new(&base, "/internal/buy"));
         Self { base, http, buy }
     }
 
     pub async fn buy(&self, req: &OrderBuyRequest) -> Result<WriteResult, ClientError> {
-        match &*self.buy {
-            Some(at) => self.http.call_at(Method::POST, at, Some(req), &[]).await,
-            None => {
-                let url = format!("{}/internal/buy", self.base);
-                self.http.call(Method::POST, url, Some(req), &[]).await
-            }
-        }
+        self.http
+            .call_route(Method::POST, &self.buy, Some(req), &[])
+            .await
     }
 
     pub async fn log(&self, limit: u32, before: Option<u64>) -> Result<OrderLogPage, ClientError> {

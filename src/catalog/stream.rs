@@ -99,7 +99,7 @@ pub async fn send_to(
     http: Http,
     timeout: Duration,
 ) {
-    let post_url = format!("{base_url}/internal/replication");
+    let post = crate::client::Route::new(&base_url, "/internal/replication");
     let stream_url = format!("{base_url}{PATH}?from={me}");
     let mut stream: Option<Open> = None;
     let mut reopen_at = Instant::now();
@@ -145,9 +145,9 @@ pub async fn send_to(
                 continue;
             }
         }
-        let call = http.call::<_, serde_json::Value>(
+        let call = http.call_route::<_, serde_json::Value>(
             reqwest::Method::POST,
-            post_url.clone(),
+            &post,
             Some(&batch),
             &[],
         );

@@ -217,31 +217,14 @@ fn only_a_step_that_moves_nothing_but_the_commit_point_skips_the_sync() {
     r.step(10_000, 2, vote(1, 0, 0));
     let rd = r.ready();
     assert!(rd.hard_state.is_some() && rd.sync, "a vote is synced");
-    let e = |seq| Entry {
-        version: Version::new(1, seq),
-        request_id: format!("r{seq}"),
-        kind: EntryKind::Op(vec![]),
-    };
-    let append = |entries: Vec<Entry>, prev: u64, commit: u64| {
-        Message::new(
-            1,
-            1,
-            Append {
-                prev: Version::new(if prev == 0 { 0 } else { 1 }, prev),
-                entries,
-                commit,
-                sent_at: 1,
-                echo: None,
-                lease_ms: 0,
-                to_inc: 1,
-                quiet: false,
-            },
-        )
-    };
-    r.step(10_001, 2, append(vec![e(1), e(2)], 0, 0));
+    r.step(
+        10_001,
+        2,
+        append(1, Version::default(), entries(1, 1..=2), 0),
+    );
     let rd = r.ready();
     assert!(!rd.entries.is_empty() && rd.sync, "new entries are synced");
-    r.step(10_002, 2, append(vec![], 2, 2));
+    r.step(10_002, 2, append(1, Version::new(1, 2), vec![], 2));
     let rd = r.ready();
     assert_eq!(rd.committed.len(), 2);
     assert!(rd.hard_state.is_some(), "the commit point moved");
@@ -303,34 +286,17 @@ fn a_commit_point_pushed_alone_goes_quiet_and_only_a_refusal_answers_it() {
     // At a backup: a quiet push it matches is applied, unanswered; one it
     // cannot match is refused; a heartbeat is answered.
     let mut r = fresh(1, 3);
-    let e = |seq| Entry {
-        version: Version::new(1, seq),
-        request_id: format!("r{seq}"),
-        kind: EntryKind::Op(vec![]),
-    };
-    let append = |entries: Vec<Entry>, prev: u64, commit: u64, quiet: bool| {
-        Message::new(
-            1,
-            1,
-            Append {
-                prev: Version::new(if prev == 0 { 0 } else { 1 }, prev),
-                entries,
-                commit,
-                sent_at: 1,
-                echo: None,
-                lease_ms: 0,
-                to_inc: 1,
-                quiet,
-            },
-        )
-    };
-    r.step(10_000, 2, append(vec![e(1), e(2)], 0, 0, false));
+    r.step(
+        10_000,
+        2,
+        append(1, Version::default(), entries(1, 1..=2), 0),
+    );
     assert_eq!(r.ready().messages.len(), 1, "entries are answered");
-    r.step(10_001, 2, append(vec![], 2, 2, true));
+    r.step(10_001, 2, quiet(append(1, Version::new(1, 2), vec![], 2)));
     let rd = r.ready();
     assert_eq!(rd.committed.len(), 2, "the quiet commit point is applied");
     assert!(rd.messages.is_empty(), "and not answered");
-    r.step(10_002, 2, append(vec![], 5, 2, true));
+    r.step(10_002, 2, quiet(append(1, Version::new(1, 5), vec![], 2)));
     let rd = r.ready();
     assert!(
         matches!(
@@ -346,7 +312,7 @@ fn a_commit_point_pushed_alone_goes_quiet_and_only_a_refusal_answers_it() {
         "a quiet push it cannot match is refused: {:?}",
         rd.messages
     );
-    r.step(10_003, 2, append(vec![], 2, 2, false));
+    r.step(10_003, 2, append(1, Version::new(1, 2), vec![], 2));
     assert_eq!(r.ready().messages.len(), 1, "a heartbeat is answered");
 }
 
@@ -1181,6 +1147,14 @@ fn append(epoch: u64, prev: Version, entries: Vec<Entry>, commit: u64) -> Messag
             quiet: false,
         },
     )
+}
+
+/// `msg`, an append, marked quiet (a commit point pushed alone).
+fn quiet(mut msg: Message) -> Message {
+    if let Body::Append(a) = &mut msg.body {
+        a.quiet = true;
+    }
+    msg
 }
 
 /// Steps a message into `r` and persists what it asks on `disk`.
