@@ -485,13 +485,17 @@ impl OrderClient {
 pub struct FrontendClient {
     pub base: String,
     http: Http,
+    invalidate: std::sync::Arc<Route>,
 }
 
 impl FrontendClient {
     pub fn new(base: impl Into<String>, http: Http) -> Self {
+        let base = base.into();
+        let invalidate = std::sync::Arc::new(Route::new(&base, "/internal/invalidate"));
         Self {
-            base: base.into(),
+            base,
             http,
+            invalidate,
         }
     }
 
@@ -523,17 +527,9 @@ impl FrontendClient {
     }
 
     /// Pushes cache invalidations (the catalog primary's call; token required).
-    pub async fn invalidate(
-        &self,
-        batch: &InvalidationBatch,
-    ) -> Result<serde_json::Value, ClientError> {
+    pub async fn invalidate(&self, batch: &InvalidationBatch) -> Result<Health, ClientError> {
         self.http
-            .call(
-                Method::POST,
-                format!("{}/internal/invalidate", self.base),
-                Some(batch),
-                &[],
-            )
+            .call_route(Method::POST, &self.invalidate, Some(batch), &[])
             .await
     }
 
