@@ -39,6 +39,7 @@ pub enum LogFormat {
 }
 
 /// The request a task is handling: what its log lines carry.
+#[derive(Clone)]
 struct RequestContext {
     id: String,
     method: Method,
@@ -52,6 +53,18 @@ tokio::task_local! {
 /// The id of the request the current task is handling, if any.
 pub fn current_request_id() -> Option<String> {
     REQUEST.try_with(|r| r.id.clone()).ok()
+}
+
+/// `fut` as part of the current request (if any), for a task spawned to
+/// finish the request's work: its lines and its calls carry the request's id.
+pub fn carry<F: std::future::Future>(fut: F) -> impl std::future::Future<Output = F::Output> {
+    let context = REQUEST.try_with(RequestContext::clone).ok();
+    async move {
+        match context {
+            Some(c) => REQUEST.scope(c, fut).await,
+            None => fut.await,
+        }
+    }
 }
 
 /// The current request as text, `request{request_id=… method=… path=…}`,
@@ -385,6 +398,32 @@ mod tests {
         assert_eq!(v["node"], "frontend");
         assert!(v.get("spans").is_none(), "{line}");
         assert_eq!(line.lines().count(), 1, "{line}");
+    }
+
+    #[tokio::test]
+    async fn a_task_spawned_with_carry_is_part_of_the_request() {
+        let context = || RequestContext {
+            id: "id-9".into(),
+            method: Method::PUT,
+            uri: "/catalog/update".parse().unwrap(),
+        };
+        let carried = REQUEST
+            .scope(context(), async {
+                tokio::spawn(carry(async { current_request_id() }))
+                    .await
+                    .unwrap()
+            })
+            .await;
+        assert_eq!(carried.as_deref(), Some("id-9"));
+        // A task spawned without it is not.
+        let bare = REQUEST
+            .scope(context(), async {
+                tokio::spawn(async { current_request_id() }).await.unwrap()
+            })
+            .await;
+        assert_eq!(bare, None);
+        // Outside a request, it changes nothing.
+        assert_eq!(carry(async { current_request_id() }).await, None);
     }
 
     fn strip_ansi(s: &str) -> String {

@@ -948,6 +948,24 @@ async fn apply(
     Ok(Json(result))
 }
 
+/// [`apply`] in a task of its own, which the caller awaits: a caller that
+/// goes away (its client gave up, its connection closed) must not cut a
+/// write short between its begin at the caches and its end. The write may
+/// still commit, and without its end every cache would keep the book
+/// pending, never caching it again.
+async fn apply_whole(
+    c: &AppState,
+    write: CatalogWrite,
+    may_forward: bool,
+) -> Result<Json<WriteResult>, RouteError> {
+    let c = c.clone();
+    let whole = crate::telemetry::carry(async move { apply(&c, write, may_forward).await });
+    tokio::spawn(whole).await.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "a write's task failed");
+        Err(ApiError::unavailable("the write's task failed; retry with the same request id").into())
+    })
+}
+
 /// Whether the sender allows this write to be forwarded to the primary.
 fn may_forward(headers: &HeaderMap) -> bool {
     !headers.contains_key(NO_FORWARD_HEADER)
@@ -959,7 +977,7 @@ async fn write(
     JsonBody(w): JsonBody<CatalogWrite>,
 ) -> Result<Json<WriteResult>, RouteError> {
     tracing::debug!(write_id = %w.request_id, "write received");
-    apply(&c, w, may_forward(&headers)).await
+    apply_whole(&c, w, may_forward(&headers)).await
 }
 
 async fn update(
@@ -985,7 +1003,7 @@ async fn update(
             cost: u.cost,
         },
     };
-    apply(&c, w, may_forward(&headers)).await
+    apply_whole(&c, w, may_forward(&headers)).await
 }
 
 async fn cache_lease(

@@ -359,6 +359,51 @@ async fn a_lookup_racing_a_buy_never_leaves_a_stale_stock_cached() {
     );
 }
 
+/// A client that gives up on a buy closes its connection, and the frontend,
+/// the order replica and the catalog each drop their part of the request.
+/// The catalog's part had told every cache that a write of the book began:
+/// dropped before telling them it ended, the caches would keep the book
+/// pending, and never cache it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buys_their_clients_abandon_leave_the_book_cached_again() {
+    let c = TestCluster::start(Options::default()).await;
+    let fe = c.frontend();
+    let url = format!("{}/buy/5", c.url("frontend"));
+    let mut abandoned = 0;
+    for round in 0..6u64 {
+        let mut buys = JoinSet::new();
+        for i in 0..48u64 {
+            // Given up after 0 to 8 ms, over the whole of a buy's path.
+            let give_up = Duration::from_micros((round * 48 + i) * 997 % 8_000);
+            let client = reqwest::Client::builder().timeout(give_up).build().unwrap();
+            let url = url.clone();
+            buys.spawn(async move { client.post(url).send().await.is_err() });
+        }
+        while let Some(gave_up) = buys.join_next().await {
+            abandoned += gave_up.unwrap() as u32;
+        }
+    }
+    assert!(abandoned > 0, "no buy was abandoned");
+    // Once what was left of them is done, a lookup fills the cache and the
+    // next one is a hit.
+    common::wait_until(
+        "a lookup of the book hits the cache",
+        Duration::from_secs(10),
+        || {
+            let (c, fe) = (&c, &fe);
+            async move {
+                fe.lookup("5").await.unwrap();
+                let hits = c.cache_stats().await["hits"].as_u64().unwrap();
+                fe.lookup("5").await.unwrap();
+                c.cache_stats().await["hits"].as_u64().unwrap() > hits
+            }
+        },
+    )
+    .await;
+    // And what it serves is the catalog's stock.
+    assert_eq!(fe.lookup("5").await.unwrap().stock, c.stock(5).await);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_store_without_cache_serves_every_read_from_the_catalog() {
     let c = TestCluster::start(Options {
