@@ -84,10 +84,24 @@ async fn readyz(State(o): State<AppState>) -> Result<Json<Health>, ApiError> {
     )
 }
 
+/// `POST /internal/buy`, in a task of its own that the request awaits: a
+/// caller that goes away (its client gave up) must not cut a buy short
+/// between the catalog's answer and the order log, or a buy the catalog
+/// committed would be in no order log.
 async fn buy(
     State(o): State<AppState>,
     JsonBody(req): JsonBody<OrderBuyRequest>,
 ) -> Result<Json<WriteResult>, ApiError> {
+    let whole = crate::telemetry::carry(async move { buy_whole(&o, req).await });
+    tokio::spawn(whole).await.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "a buy's task failed");
+        Err(ApiError::unavailable(
+            "the buy's task failed; retry with the same request id",
+        ))
+    })
+}
+
+async fn buy_whole(o: &AppState, req: OrderBuyRequest) -> Result<Json<WriteResult>, ApiError> {
     // A fresh id was minted for this very request: no log holds it.
     let first = if req.fresh {
         None

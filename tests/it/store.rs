@@ -359,21 +359,16 @@ async fn a_lookup_racing_a_buy_never_leaves_a_stale_stock_cached() {
     );
 }
 
-/// A client that gives up on a buy closes its connection, and the frontend,
-/// the order replica and the catalog each drop their part of the request.
-/// The catalog's part had told every cache that a write of the book began:
-/// dropped before telling them it ended, the caches would keep the book
-/// pending, and never cache it again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn buys_their_clients_abandon_leave_the_book_cached_again() {
-    let c = TestCluster::start(Options::default()).await;
-    let fe = c.frontend();
-    let url = format!("{}/buy/5", c.url("frontend"));
+/// Sends 288 buys of `book`, each given up after 0 to 8 ms by its client,
+/// which closes its connection: the frontend, the order replica and the
+/// catalog each see their part of the request dropped, wherever it was.
+/// Returns how many the client gave up on.
+async fn abandon_buys(c: &TestCluster, book: u64) -> u32 {
+    let url = format!("{}/buy/{book}", c.url("frontend"));
     let mut abandoned = 0;
     for round in 0..6u64 {
         let mut buys = JoinSet::new();
         for i in 0..48u64 {
-            // Given up after 0 to 8 ms, over the whole of a buy's path.
             let give_up = Duration::from_micros((round * 48 + i) * 997 % 8_000);
             let client = reqwest::Client::builder().timeout(give_up).build().unwrap();
             let url = url.clone();
@@ -384,6 +379,17 @@ async fn buys_their_clients_abandon_leave_the_book_cached_again() {
         }
     }
     assert!(abandoned > 0, "no buy was abandoned");
+    abandoned
+}
+
+/// The catalog's part of a buy had told every cache that a write of the
+/// book began: dropped before telling them it ended (the write still
+/// committed), the caches kept the book pending and never cached it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buys_their_clients_abandon_leave_the_book_cached_again() {
+    let c = TestCluster::start(Options::default()).await;
+    let fe = c.frontend();
+    abandon_buys(&c, 5).await;
     // Once what was left of them is done, a lookup fills the cache and the
     // next one is a hit.
     common::wait_until(
@@ -402,6 +408,28 @@ async fn buys_their_clients_abandon_leave_the_book_cached_again() {
     .await;
     // And what it serves is the catalog's stock.
     assert_eq!(fe.lookup("5").await.unwrap().stock, c.stock(5).await);
+}
+
+/// The order replica's part of a buy, dropped while the catalog committed
+/// the write or before the order was logged, left a sold book in no order
+/// log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_buy_the_catalog_committed_is_in_an_order_log_though_its_client_gave_up() {
+    let c = TestCluster::start(Options::default()).await;
+    let before = c.stock(6).await;
+    abandon_buys(&c, 6).await;
+    common::wait_until(
+        "every sold copy is in an order log",
+        Duration::from_secs(10),
+        || {
+            let c = &c;
+            async move {
+                let sold = before - c.stock(6).await;
+                sold > 0 && c.order_log_len().await as u64 == sold
+            }
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
