@@ -106,7 +106,13 @@ connections +9 to +22%, CPU per buy −12 to −18% (each backup 58–61 µs), b
 opened (its fields formatted into a string on every request, logged or not). The request's id, method and \
 path now live in a task-local, written by the log formatter into the lines that are logged, where the span's \
 were. With two stores up at once and the load alternating between them: CPU per cached lookup −11 and \
-−26%, CPU per buy −5 and −7%.\n\n\
+−26%, CPU per buy −5 and −7%;\n\
+- the same profile showed the frontend reading \"cached\" lookups from the catalog: after a burst of buys its \
+cache never filled some books again. A load generator that stops with buys in flight closes their \
+connections, and the catalog dropped its part of such a buy between telling the caches the write began and \
+telling them it ended (the write still committed), so the caches kept those books pending for good. The \
+write now runs in a task of its own from begin to end, and so does an order replica's buy (dropped while the \
+catalog committed it, the sold copy was in no order log).\n\n\
 Tried and not kept:\n\n\
 - order replicas sending their buys to the catalog primary in batches (one HTTP request for the many buys \
 that queued meanwhile): buys at 32 connections moved by about 4%, inside run-to-run noise;\n\
