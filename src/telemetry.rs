@@ -24,6 +24,7 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::FmtContext;
 use tracing_subscriber::fmt::format::{self, FormatEvent, FormatFields, Writer};
 use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
 
 /// The request id header, in and out.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -129,34 +130,52 @@ pub fn init(node: Option<&str>, format: LogFormat) {
             std::io::IsTerminal::is_terminal(&std::io::stderr()),
             std::env::var_os("NO_COLOR"),
         );
+    let node = node.map(str::to_owned);
+    let _ = subscriber(filter, node, format, ansi, std::io::stderr).try_init();
+}
+
+/// The subscriber [`init`] installs, writing to `writer`.
+fn subscriber<W>(
+    filter: EnvFilter,
+    node: Option<String>,
+    format: LogFormat,
+    ansi: bool,
+    writer: W,
+) -> Box<dyn tracing::Subscriber + Send + Sync>
+where
+    W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
+{
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(std::io::stderr);
-    let node = node.map(str::to_owned);
-    let _ = match format {
-        LogFormat::Text => builder
-            .event_format(Tagged {
-                node,
-                json: false,
-                // Its own colour setting too: a line with a request is
-                // formatted into a string first (see `format_event`).
-                inner: format::Format::default().with_target(false).with_ansi(ansi),
-            })
-            .try_init(),
-        LogFormat::Json => builder
-            .event_format(Tagged {
-                node,
-                json: true,
-                inner: format::Format::default()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(false)
-                    .with_span_list(true),
-            })
-            .fmt_fields(format::JsonFields::new())
-            .try_init(),
-    };
+        .with_writer(writer);
+    match format {
+        LogFormat::Text => Box::new(
+            builder
+                .event_format(Tagged {
+                    node,
+                    json: false,
+                    // Its own colour setting too: a line with a request is
+                    // formatted into a string first (see `format_event`).
+                    inner: format::Format::default().with_target(false).with_ansi(ansi),
+                })
+                .finish(),
+        ),
+        LogFormat::Json => Box::new(
+            builder
+                .event_format(Tagged {
+                    node,
+                    json: true,
+                    inner: format::Format::default()
+                        .json()
+                        .flatten_event(true)
+                        .with_current_span(false)
+                        .with_span_list(true),
+                })
+                .fmt_fields(format::JsonFields::new())
+                .finish(),
+        ),
+    }
 }
 
 /// An event format that adds the node's name to every line.
@@ -311,36 +330,18 @@ mod tests {
         }
         let buf = Buf::default();
         let out = buf.clone();
-        let builder = tracing_subscriber::fmt()
-            .with_ansi(ansi)
-            .with_writer(move || out.clone());
-        let node = Some("frontend".to_string());
-        let subscriber: Box<dyn tracing::Subscriber + Send + Sync> = if json {
-            Box::new(
-                builder
-                    .event_format(Tagged {
-                        node,
-                        json: true,
-                        inner: format::Format::default()
-                            .json()
-                            .flatten_event(true)
-                            .with_current_span(false)
-                            .with_span_list(true),
-                    })
-                    .fmt_fields(format::JsonFields::new())
-                    .finish(),
-            )
+        let format = if json {
+            LogFormat::Json
         } else {
-            Box::new(
-                builder
-                    .event_format(Tagged {
-                        node,
-                        json: false,
-                        inner: format::Format::default().with_target(false).with_ansi(ansi),
-                    })
-                    .finish(),
-            )
+            LogFormat::Text
         };
+        let subscriber = subscriber(
+            EnvFilter::new("info"),
+            Some("frontend".to_string()),
+            format,
+            ansi,
+            move || out.clone(),
+        );
         tracing::subscriber::with_default(subscriber, || {
             let log = || tracing::warn!(book = 3, "slow \"disk\"");
             match in_request {
