@@ -448,6 +448,47 @@ pub fn finish(router: Router, limits: &Limits, routes: &[(&'static str, usize)])
         )
 }
 
+/// Runs a request's work in a task of its own that the request awaits, so
+/// that a caller who goes away (its client gave up, its connection closed)
+/// cannot cut the work short halfway: a write between its begin and its end
+/// at the caches, a buy between the catalog's answer and the order log.
+/// The task carries the request's context (its id, for lines and calls).
+/// At most `limit` such tasks run at once, counting those whose requests
+/// are gone: past that, 503, as the in-flight limit answers.
+#[derive(Clone)]
+pub struct Whole(Arc<tokio::sync::Semaphore>);
+
+impl Whole {
+    pub fn new(limit: usize) -> Self {
+        Self(Arc::new(tokio::sync::Semaphore::new(limit.max(1))))
+    }
+
+    pub async fn run<T, E, F>(&self, work: F) -> Result<T, E>
+    where
+        F: std::future::Future<Output = Result<T, E>> + Send + 'static,
+        T: Send + 'static,
+        E: From<ApiError> + Send + 'static,
+    {
+        let permit = self
+            .0
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ApiError::unavailable("overloaded, retry shortly"))?;
+        let work = crate::telemetry::carry(async move {
+            let done = work.await;
+            drop(permit);
+            done
+        });
+        tokio::spawn(work).await.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "a request's task failed");
+            Err(
+                ApiError::unavailable("the request's task failed; retry with the same request id")
+                    .into(),
+            )
+        })
+    }
+}
+
 /// Most bytes of a request's head (request line and headers); more is 431.
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// Time in-flight requests get to finish once shutdown begins.
@@ -830,6 +871,50 @@ impl From<crate::client::ClientError> for ApiError {
 #[cfg(test)]
 mod tests {
     use super::constant_time_eq;
+
+    /// Work run whole finishes though its caller went away, and keeps its
+    /// place under the limit until it does: a second caller meanwhile is
+    /// refused with 503, a third after it finished is served.
+    #[tokio::test]
+    async fn work_run_whole_outlives_its_caller_and_counts_until_done() {
+        use super::{ApiError, Whole};
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let whole = Whole::new(1);
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let done = Arc::new(AtomicBool::new(false));
+        let caller = tokio::spawn({
+            let (whole, done) = (whole.clone(), done.clone());
+            async move {
+                whole
+                    .run(async move {
+                        let _ = wait.await;
+                        done.store(true, Ordering::SeqCst);
+                        Ok::<_, ApiError>(())
+                    })
+                    .await
+            }
+        });
+        tokio::task::yield_now().await;
+        caller.abort();
+        assert!(caller.await.unwrap_err().is_cancelled());
+        let refused = whole.run(async { Ok::<_, ApiError>(()) }).await;
+        assert_eq!(
+            refused.unwrap_err().status,
+            axum::http::StatusCode::SERVICE_UNAVAILABLE
+        );
+        go.send(()).unwrap();
+        // The abandoned work finishes, and its place comes free.
+        for _ in 0..1000 {
+            if done.load(Ordering::SeqCst)
+                && whole.run(async { Ok::<_, ApiError>(7) }).await.ok() == Some(7)
+            {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("the abandoned work did not finish, or its place did not come free");
+    }
 
     /// A stop sent before the shutdown future is first polled is caught,
     /// not fatal: with the handler registered on the first poll, this

@@ -87,6 +87,8 @@ struct Catalog {
     streams: HashMap<NodeId, watch::Sender<u64>>,
     /// Set when this replica stops: its replication streams end.
     stopping: watch::Sender<bool>,
+    /// Writes run whole (see [`apply_whole`]).
+    writes: crate::http::Whole,
 }
 
 /// What every handler gets.
@@ -311,6 +313,7 @@ pub async fn run(
             .map(|id| (*id, watch::Sender::new(0)))
             .collect(),
         stopping: watch::Sender::new(false),
+        writes: crate::http::Whole::new(node.cfg.limits.max_in_flight),
     });
     tracing::info!(addr = %listener.local_addr()?, "catalog {} serving", node.name);
     let node = Arc::new(node);
@@ -958,12 +961,10 @@ async fn apply_whole(
     write: CatalogWrite,
     may_forward: bool,
 ) -> Result<Json<WriteResult>, RouteError> {
-    let c = c.clone();
-    let whole = crate::telemetry::carry(async move { apply(&c, write, may_forward).await });
-    tokio::spawn(whole).await.unwrap_or_else(|e| {
-        tracing::error!(error = %e, "a write's task failed");
-        Err(ApiError::unavailable("the write's task failed; retry with the same request id").into())
-    })
+    let c2 = c.clone();
+    c.writes
+        .run(async move { apply(&c2, write, may_forward).await })
+        .await
 }
 
 /// Whether the sender allows this write to be forwarded to the primary.

@@ -28,6 +28,7 @@ use store::OrderStore;
 struct Order {
     store: OrderStore,
     catalog: Arc<Pool<CatalogClient>>,
+    buys: h::Whole,
 }
 
 /// What every handler gets.
@@ -44,7 +45,12 @@ pub async fn run(
     let budget = Duration::from_millis(node.cfg.timing.retry_budget_ms)
         .min(crate::frontend::public_budget(&node.cfg));
     let catalog = node.pool(Role::Catalog, &node.http, Pick::Sticky, budget);
-    let state: AppState = Arc::new(Order { store, catalog });
+    let buys = h::Whole::new(node.cfg.limits.max_in_flight);
+    let state: AppState = Arc::new(Order {
+        store,
+        catalog,
+        buys,
+    });
     crate::metrics::register(Role::Order);
     let app = router(state.clone(), &node.cfg.token);
     tracing::info!(addr = %listener.local_addr()?, data_dir = %dir.display(), "order {} serving", node.name);
@@ -92,13 +98,8 @@ async fn buy(
     State(o): State<AppState>,
     JsonBody(req): JsonBody<OrderBuyRequest>,
 ) -> Result<Json<WriteResult>, ApiError> {
-    let whole = crate::telemetry::carry(async move { buy_whole(&o, req).await });
-    tokio::spawn(whole).await.unwrap_or_else(|e| {
-        tracing::error!(error = %e, "a buy's task failed");
-        Err(ApiError::unavailable(
-            "the buy's task failed; retry with the same request id",
-        ))
-    })
+    let buys = o.buys.clone();
+    buys.run(async move { buy_whole(&o, req).await }).await
 }
 
 async fn buy_whole(o: &AppState, req: OrderBuyRequest) -> Result<Json<WriteResult>, ApiError> {
