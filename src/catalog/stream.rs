@@ -312,6 +312,14 @@ mod tests {
     /// A peer on a real socket: what it received, and how (`"post"` or
     /// `"stream"`). With `streams`, it takes streams, closing each after
     /// its first frame; without, it is a replica of before streams.
+    /// A sender (replica 7) to the peer at `url`: what is queued goes there.
+    fn sender(url: String) -> mpsc::UnboundedSender<Message> {
+        let (q, queue) = mpsc::unbounded_channel();
+        let http = Http::with_tls(None, Duration::from_secs(2), None);
+        tokio::spawn(send_to(7, url, queue, http, Duration::from_secs(2)));
+        q
+    }
+
     async fn peer(streams: bool) -> (String, mpsc::UnboundedReceiver<(&'static str, Vec<u64>)>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let epochs = |b: &ReplicationBatch| b.messages.iter().map(|m| m.epoch).collect::<Vec<_>>();
@@ -367,9 +375,7 @@ mod tests {
     #[tokio::test]
     async fn batches_go_on_a_stream_and_a_closed_stream_is_opened_again() {
         let (url, mut got) = peer(true).await;
-        let (q, queue) = mpsc::unbounded_channel();
-        let http = Http::with_tls(None, Duration::from_secs(2), None);
-        tokio::spawn(send_to(7, url, queue, http, Duration::from_secs(2)));
+        let q = sender(url);
         // The peer closes each stream after one frame: three frames are
         // three streams.
         let mut frames = 0;
@@ -393,9 +399,7 @@ mod tests {
     #[tokio::test]
     async fn a_peer_without_streams_gets_its_batches_by_post() {
         let (url, mut got) = peer(false).await;
-        let (q, queue) = mpsc::unbounded_channel();
-        let http = Http::with_tls(None, Duration::from_secs(2), None);
-        tokio::spawn(send_to(7, url, queue, http, Duration::from_secs(2)));
+        let q = sender(url);
         for epoch in 1..=3 {
             q.send(message(epoch)).unwrap();
             assert_eq!(next(&mut got).await, ("post", vec![epoch]));

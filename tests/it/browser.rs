@@ -443,11 +443,7 @@ async fn operator_view_shows_a_failover_as_it_happens() {
         .await;
     let stock = shown_stock(&shopper).await;
     let orders = cluster.order_log_len().await;
-    let others: Vec<String> = cluster
-        .names(Role::Catalog)
-        .into_iter()
-        .filter(|n| *n != first)
-        .collect();
+    let others = cluster.catalogs_but(&first);
     cluster.kill9(&first);
     cluster.kill9(&others[1]);
     s.wait_text("#primary-name", "none").await;

@@ -263,16 +263,8 @@ async fn serve_listens_where_the_flag_or_the_environment_says() {
 
 /// Waits until a node answers its health check on `addr`.
 async fn answers(addr: &str, http: &Http) {
-    let c = FrontendClient::new(format!("http://{addr}"), http.clone());
-    common::wait_until(
-        &format!("a node answers on {addr}"),
-        Duration::from_secs(30),
-        || {
-            let c = c.clone();
-            async move { c.health().await.is_ok() }
-        },
-    )
-    .await;
+    let what = format!("a node answers on {addr}");
+    common::wait_answering(format!("http://{addr}"), http, &what).await;
 }
 
 /// A node runs on one thread unless told otherwise (by flag or by

@@ -662,11 +662,7 @@ async fn replication_streams_carry_only_their_peers_frames() {
     // A backup, and a stream in the name of the other backup: backups do
     // not stream to each other between elections, so no real stream
     // replaces the test's while it runs.
-    let backups: Vec<String> = c
-        .names(Role::Catalog)
-        .into_iter()
-        .filter(|n| *n != primary)
-        .collect();
+    let backups = c.catalogs_but(&primary);
     let (target, peer) = (&backups[0], &backups[1]);
     let addr = c.cfg.node(target).unwrap().addr.clone();
     let id = |n: &str| c.cfg.node(n).unwrap().process_id;

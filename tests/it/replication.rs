@@ -338,11 +338,7 @@ async fn without_a_majority_writes_answer_503_reads_last_until_the_lease_and_all
 async fn a_backup_forwards_writes_to_the_primary_once_and_relays_the_answer() {
     let c = TestCluster::start(Options::default()).await;
     let primary = c.primary().await;
-    let backup = c
-        .names(Role::Catalog)
-        .into_iter()
-        .find(|n| *n != primary)
-        .unwrap();
+    let backup = c.catalogs_but(&primary).remove(0);
     let book = BookId::new(3).unwrap();
 
     // The original's admin route at a backup, as the README shows it.
@@ -1071,11 +1067,7 @@ async fn a_snapshot_sent_again_and_again_to_a_replica_that_is_down_is_logged_onc
     let mut c = TestCluster::start(Options::default()).await;
     c.set_stock(1, 1_000_000).await;
     let primary = c.primary().await;
-    let victim = c
-        .names(Role::Catalog)
-        .into_iter()
-        .find(|n| *n != primary)
-        .unwrap();
+    let victim = c.catalogs_but(&primary).remove(0);
     c.kill9(&victim);
     let chunks = Arc::new(AtomicU64::new(0));
     let counted = chunks.clone();

@@ -46,6 +46,16 @@ pub fn temp_dir(tag: &str) -> PathBuf {
 }
 
 /// Polls `cond` until it holds; panics with `what` after `timeout`.
+/// Waits (up to 30 s) until the node at `base` answers its health check.
+pub async fn wait_answering(base: String, http: &Http, what: &str) {
+    let c = FrontendClient::new(base, http.clone());
+    wait_until(what, Duration::from_secs(30), || {
+        let c = c.clone();
+        async move { c.health().await.is_ok() }
+    })
+    .await;
+}
+
 pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut cond: F)
 where
     F: FnMut() -> Fut,
@@ -249,17 +259,16 @@ impl TestCluster {
         self.cfg.nodes_of(role).map(|n| n.name.clone()).collect()
     }
 
+    /// The catalog replicas other than `name`, in the cluster file's order.
+    pub fn catalogs_but(&self, name: &str) -> Vec<String> {
+        self.names(Role::Catalog)
+            .into_iter()
+            .filter(|n| n != name)
+            .collect()
+    }
+
     pub async fn wait_healthy(&self, name: &str) {
-        let c = FrontendClient::new(self.url(name), self.http.clone());
-        wait_until(
-            &format!("{name} is healthy"),
-            Duration::from_secs(30),
-            || {
-                let c = c.clone();
-                async move { c.health().await.is_ok() }
-            },
-        )
-        .await;
+        wait_answering(self.url(name), &self.http, &format!("{name} is healthy")).await;
     }
 
     /// Waits until the frontend holds a cache lease from the catalog primary.
