@@ -456,11 +456,24 @@ pub fn finish(router: Router, limits: &Limits, routes: &[(&'static str, usize)])
 /// At most `limit` such tasks run at once, counting those whose requests
 /// are gone: past that, 503, as the in-flight limit answers.
 #[derive(Clone)]
-pub struct Whole(Arc<tokio::sync::Semaphore>);
+pub struct Whole {
+    places: Arc<tokio::sync::Semaphore>,
+    limit: u32,
+    /// [`crate::metrics::WORK_RUNNING`].
+    running: metrics::Gauge,
+}
 
 impl Whole {
     pub fn new(limit: usize) -> Self {
-        Self(Arc::new(tokio::sync::Semaphore::new(limit.max(1))))
+        let limit = limit.clamp(
+            1,
+            tokio::sync::Semaphore::MAX_PERMITS.min(u32::MAX as usize),
+        );
+        Self {
+            places: Arc::new(tokio::sync::Semaphore::new(limit)),
+            limit: limit as u32,
+            running: metrics::gauge!(crate::metrics::WORK_RUNNING),
+        }
     }
 
     pub async fn run<T, E, F>(&self, work: F) -> Result<T, E>
@@ -470,12 +483,15 @@ impl Whole {
         E: From<ApiError> + Send + 'static,
     {
         let permit = self
-            .0
+            .places
             .clone()
             .try_acquire_owned()
             .map_err(|_| ApiError::unavailable("overloaded, retry shortly"))?;
+        let running = self.running.clone();
+        running.increment(1.0);
         let work = crate::telemetry::carry(async move {
             let done = work.await;
+            running.decrement(1.0);
             drop(permit);
             done
         });
@@ -486,6 +502,21 @@ impl Whole {
                     .into(),
             )
         })
+    }
+
+    /// Waits, up to `within`, until every task has finished, and takes
+    /// every place: nothing runs from then on. For a node that stops, once
+    /// it has answered its requests: their tasks may outlive them (their
+    /// clients gave up), and what they hold (the order log) can only close
+    /// after them. `false`: some still ran after `within`.
+    pub async fn finish(&self, within: Duration) -> bool {
+        match tokio::time::timeout(within, self.places.acquire_many(self.limit)).await {
+            Ok(Ok(all)) => {
+                all.forget();
+                true
+            }
+            _ => false,
+        }
     }
 }
 
@@ -914,6 +945,41 @@ mod tests {
             tokio::task::yield_now().await;
         }
         panic!("the abandoned work did not finish, or its place did not come free");
+    }
+
+    /// A node that stops waits for work whose caller went away: `finish`
+    /// returns false while it runs, true once it ended, and from then on
+    /// no new work starts (503).
+    #[tokio::test]
+    async fn finishing_waits_for_abandoned_work_then_refuses_more() {
+        use super::{ApiError, Whole};
+        use std::time::Duration;
+        let whole = Whole::new(4);
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let caller = tokio::spawn({
+            let whole = whole.clone();
+            async move {
+                whole
+                    .run(async move {
+                        let _ = wait.await;
+                        Ok::<_, ApiError>(())
+                    })
+                    .await
+            }
+        });
+        tokio::task::yield_now().await;
+        caller.abort();
+        assert!(
+            !whole.finish(Duration::from_millis(50)).await,
+            "the work waits on `go`: it cannot have finished"
+        );
+        go.send(()).unwrap();
+        assert!(whole.finish(Duration::from_secs(10)).await);
+        let refused = whole.run(async { Ok::<_, ApiError>(()) }).await;
+        assert_eq!(
+            refused.unwrap_err().status,
+            axum::http::StatusCode::SERVICE_UNAVAILABLE
+        );
     }
 
     /// A stop sent before the shutdown future is first polled is caught,

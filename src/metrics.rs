@@ -48,6 +48,7 @@ pub const CATALOG_SNAPSHOT_ANSWERS: &str = "pygmy_catalog_snapshot_request_ids";
 pub const OPEN_CONNECTIONS: &str = "pygmy_open_connections";
 pub const CONNECTIONS_SHED: &str = "pygmy_connections_shed_total";
 pub const RUNTIME_THREADS: &str = "pygmy_runtime_threads";
+pub const WORK_RUNNING: &str = "pygmy_work_running";
 pub const REPL_STREAM_FRAMES: &str = "pygmy_replication_stream_frames_total";
 
 /// Outcomes a buy is counted under at the frontend.
@@ -122,6 +123,10 @@ fn describe() {
     describe_gauge!(
         RUNTIME_THREADS,
         "Threads that run this node's requests (`pygmy serve --threads`)"
+    );
+    describe_gauge!(
+        WORK_RUNNING,
+        "Writes (catalog) and buys (order replica) running in a task of their own, which finishes whether or not its client is still there"
     );
     describe_counter!(
         CONNECTIONS_SHED,

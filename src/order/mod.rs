@@ -45,18 +45,27 @@ pub async fn run(
     let budget = Duration::from_millis(node.cfg.timing.retry_budget_ms)
         .min(crate::frontend::public_budget(&node.cfg));
     let catalog = node.pool(Role::Catalog, &node.http, Pick::Sticky, budget);
+    crate::metrics::register(Role::Order);
     let buys = h::Whole::new(node.cfg.limits.max_in_flight);
     let state: AppState = Arc::new(Order {
         store,
         catalog,
         buys,
     });
-    crate::metrics::register(Role::Order);
     let app = router(state.clone(), &node.cfg.token);
     tracing::info!(addr = %listener.local_addr()?, data_dir = %dir.display(), "order {} serving", node.name);
     node.serve(listener, app, &[], shutdown).await?;
-    // Every request is answered: close the log cleanly (SQLite removes its
-    // write-ahead log), unless a task still holds it.
+    // Every request is answered, but a buy whose client gave up may still
+    // run: it ends within the retry budget (each call within the call
+    // timeout), so wait that long for it to reach the log. Then close the
+    // log cleanly (SQLite removes its write-ahead log).
+    let within = budget + Duration::from_millis(node.cfg.timing.call_timeout_ms);
+    if !state.buys.finish(within).await {
+        tracing::warn!(
+            "buys whose clients gave up still ran {} ms after the last request was answered",
+            within.as_millis()
+        );
+    }
     match Arc::try_unwrap(state) {
         Ok(order) => {
             tokio::task::spawn_blocking(move || order.store.close())

@@ -168,6 +168,76 @@ async fn sigterm_to_a_catalog_backup_loses_no_buy_and_applies_none_twice() {
     buys_survive_sigterm_of("catalog-1").await;
 }
 
+/// A buy whose client gave up still runs at its order replica (it waits on
+/// the catalog); the replica is told to stop once it has answered every
+/// request. It waits for that buy to reach its order log before it closes
+/// the log: the stop is clean (SQLite removed its write-ahead log) and the
+/// order is in the log when the replica is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_replica_told_to_stop_records_the_buy_its_client_gave_up_on_first() {
+    let mut c = TestCluster::start(Options::default()).await;
+    let catalogs = c.names(pygmy::config::Role::Catalog);
+    let signal = |c: &TestCluster, sig: i32| {
+        for name in &catalogs {
+            // SAFETY: a plain syscall on a child this test started.
+            assert_eq!(unsafe { libc::kill(c.pid(name) as i32, sig) }, 0);
+        }
+    };
+    // The catalog holds the buy: every replica paused.
+    signal(&c, libc::SIGSTOP);
+    let impatient = pygmy::client::Http::new(Some(c.cfg.token.clone()), Duration::from_millis(300));
+    let order = pygmy::client::OrderClient::new(c.url("order-1"), impatient);
+    let request_id = pygmy::api::RequestId::parse("k:given-up-at-stop").unwrap();
+    let given_up = order
+        .buy(&pygmy::api::OrderBuyRequest {
+            book_id: pygmy::api::BookId::new(1).unwrap(),
+            request_id: request_id.clone(),
+            fresh: false,
+        })
+        .await;
+    assert!(given_up.is_err(), "the client gave up: {given_up:?}");
+    common::wait_until(
+        "order-1 still runs the buy",
+        Duration::from_secs(10),
+        || async { c.metric("order-1", "pygmy_work_running").await == 1.0 },
+    )
+    .await;
+
+    // Told to stop: it has no request left to answer, and stops listening.
+    // SAFETY: as above.
+    assert_eq!(
+        unsafe { libc::kill(c.pid("order-1") as i32, libc::SIGTERM) },
+        0
+    );
+    let addr = c.cfg.node("order-1").unwrap().addr.clone();
+    common::wait_until("order-1 stops listening", Duration::from_secs(10), || {
+        let addr = addr.clone();
+        async move { tokio::net::TcpStream::connect(addr).await.is_err() }
+    })
+    .await;
+    // The catalog answers again; the buy is still within its budget.
+    signal(&c, libc::SIGCONT);
+    assert!(
+        tokio::task::block_in_place(|| c.stop("order-1")),
+        "order-1 exits cleanly"
+    );
+    let dir = c.cfg.data_dir(c.cfg.node("order-1").unwrap()).unwrap();
+    let log = std::fs::read_to_string(c.dir.join("order-1.log")).unwrap();
+    assert!(
+        !log.contains("still in use") && !dir.join("orders.sqlite-wal").exists(),
+        "order-1 closed its log cleanly:\n{log}"
+    );
+    c.restart("order-1").await;
+    let page = c.order("order-1").log(1000, None).await.unwrap();
+    assert!(
+        page.orders
+            .iter()
+            .any(|o| o.request_id == request_id && o.outcome == "bought"),
+        "the buy its client gave up on is in order-1's log: {:?}",
+        page.orders
+    );
+}
+
 /// An order log emptied, or deleted, while its replica was down is
 /// reported, with how many orders are gone; buys go on, exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

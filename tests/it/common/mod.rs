@@ -45,7 +45,6 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     d
 }
 
-/// Polls `cond` until it holds; panics with `what` after `timeout`.
 /// Waits (up to 30 s) until the node at `base` answers its health check.
 pub async fn wait_answering(base: String, http: &Http, what: &str) {
     let c = FrontendClient::new(base, http.clone());
@@ -56,6 +55,7 @@ pub async fn wait_answering(base: String, http: &Http, what: &str) {
     .await;
 }
 
+/// Polls `cond` until it holds; panics with `what` after `timeout`.
 pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut cond: F)
 where
     F: FnMut() -> Fut,
