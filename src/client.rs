@@ -97,6 +97,9 @@ impl Http {
             .pool_max_idle_per_host(64)
             .tcp_nodelay(true)
             .no_proxy()
+            // A node answers; it never sends a call elsewhere. A redirect
+            // is its answer (an error), not a place to take the call to.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .expect("the HTTP client builds with static settings");
         Self::from_client(client, token)
@@ -540,5 +543,49 @@ impl FrontendClient {
     /// `GET /readyz` of any node (not only a frontend): ready to serve.
     pub async fn ready(&self) -> Result<Health, ClientError> {
         self.http.get(format!("{}/readyz", self.base)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ClientError, Http};
+    use reqwest::Method;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A call answered with a redirect ends there, as an error naming the
+    /// status: the client does not take the call (and the cluster token) to
+    /// the place named.
+    #[tokio::test]
+    async fn a_redirect_is_an_answer_not_followed() {
+        crate::tls::default_provider();
+        let elsewhere = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let redirecting = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let to = format!("http://{}/internal/write", elsewhere.local_addr().unwrap());
+        let at = format!(
+            "http://{}/internal/write",
+            redirecting.local_addr().unwrap()
+        );
+        tokio::spawn(async move {
+            let (mut conn, _) = redirecting.accept().await.unwrap();
+            let mut head = vec![0u8; 4096];
+            let _ = conn.read(&mut head).await.unwrap();
+            let answer = format!(
+                "HTTP/1.1 307 Temporary Redirect\r\nlocation: {to}\r\ncontent-length: 0\r\n\r\n"
+            );
+            conn.write_all(answer.as_bytes()).await.unwrap();
+            let _ = conn.read(&mut head).await;
+        });
+        let http = Http::with_tls(Some("secret".into()), Duration::from_secs(5), None);
+        let res = http
+            .call::<_, serde_json::Value>(Method::POST, at, Some(&serde_json::json!({})), &[])
+            .await;
+        assert!(
+            matches!(res, Err(ClientError::Status { status: 307, .. })),
+            "{res:?}"
+        );
+        let followed = tokio::time::timeout(Duration::from_millis(200), elsewhere.accept()).await;
+        assert!(followed.is_err(), "the redirect was followed");
     }
 }
