@@ -47,7 +47,7 @@ pub fn load_or_create(
 }
 
 /// How long a node gets to stop after SIGTERM before it is killed: longer
-/// than its drain time ([`crate::http::DRAIN_TIMEOUT`]).
+/// than its drain time (`http::DRAIN_TIMEOUT`).
 pub const KILL_TIMEOUT: Duration = Duration::from_secs(crate::http::DRAIN_TIMEOUT.as_secs() + 5);
 /// How long start-up may take before `pygmy up` gives up.
 pub const START_TIMEOUT: Duration = Duration::from_secs(60);

@@ -14,23 +14,23 @@
 //! * [`config`]    — the cluster file: nodes, roles, addresses, token, timing.
 //! * [`api`]       — wire types, parsed once at the edge (ids, topics, money).
 //! * [`client`]    — typed clients of the three services (pooled, timeouts).
-//! * [`http`]      — shared server plumbing: errors, token check, limits.
+//! * `http`        — shared server plumbing: errors, token check, limits.
 //! * [`balance`]   — round-robin over healthy replicas, retry on another.
-//! * [`batch`]     — requests gathered into one internal call per batch (the frontend's uncached lookups).
-//! * [`storage`]   — SQLite opened crash-safe, data-dir identity, group
+//! * `batch`       — requests gathered into one internal call per batch (the frontend's uncached lookups).
+//! * `storage`     — SQLite opened crash-safe, data-dir identity, group
 //!   commit, row checksums, damaged data set aside.
 //! * [`replication`] — the catalog's replication core: a sans-IO state
 //!   machine (log, elections, primary, backup), its driver contract, and
 //!   the loop every driver shares ([`replication::drive`]).
 //! * [`catalog`]   — books and stock; the write path; cache invalidation;
 //!   the driver that runs the replication core over SQLite and HTTP.
-//! * [`order`]     — purchases and the durable order log.
+//! * `order`       — purchases and the durable order log.
 //! * [`frontend`]  — the public API and its cache.
 //! * [`history`]   — checks what clients saw (linearizable reads, nothing lost).
-//! * [`readiness`] — `/readyz`: ready to serve, not just up.
-//! * [`node`]      — one way to start a node: resolve it, build, serve.
+//! * `readiness` — `/readyz`: ready to serve, not just up.
+//! * `node`        — one way to start a node: resolve it, build, serve.
 //! * [`cluster`]   — `pygmy up`: the whole store as separate processes.
-//! * [`bench`]     — `pygmy bench`: latency, invalidation and failover, measured.
+//! * [`bench`](mod@bench)     — `pygmy bench`: latency, invalidation and failover, measured.
 //! * [`metrics`]   — Prometheus metrics with bounded labels.
 //! * [`telemetry`] — logs and request ids.
 //! * [`tls`]       — the cluster's CA and node certificates; TLS between nodes.
@@ -137,7 +137,7 @@ pub async fn bind(
 }
 
 /// Runs node `name` of `cfg` on `listener` until `shutdown` resolves: the
-/// node is resolved once ([`node::Node`]), then its service runs.
+/// node is resolved once (`node::Node`), then its service runs.
 pub async fn run_node(
     listener: tokio::net::TcpListener,
     cfg: ClusterConfig,

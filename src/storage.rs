@@ -237,7 +237,7 @@ pub fn claim(
 }
 
 /// Records which file holds `dir`'s data (once it exists), so a later
-/// [`claim`] can tell the same file from a copy of it. With `force`, it
+/// `claim` can tell the same file from a copy of it. With `force`, it
 /// records the file there now: an operator who moved a stopped replica's
 /// directory by copying it (and knows it is its latest state) says so.
 pub fn seal(dir: &Path, data_file: &str, force: bool) -> Result<(), StorageError> {

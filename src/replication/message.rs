@@ -210,7 +210,7 @@ impl Message {
     }
 
     /// Whether every number in the message is one a real replica could send:
-    /// below [`SANE_LIMIT`] (so no arithmetic on it can overflow; `Echo::boot`
+    /// below `SANE_LIMIT` (so no arithmetic on it can overflow; `Echo::boot`
     /// is an identifier, never computed with, and may be anything), an
     /// append's entries contiguous after `prev`, of no later epoch than the
     /// message and never an earlier one than the entry before, and a
