@@ -49,6 +49,8 @@ pub const OPEN_CONNECTIONS: &str = "pygmy_open_connections";
 pub const CONNECTIONS_SHED: &str = "pygmy_connections_shed_total";
 pub const RUNTIME_THREADS: &str = "pygmy_runtime_threads";
 pub const WORK_RUNNING: &str = "pygmy_work_running";
+pub const WRITES_QUEUED: &str = "pygmy_catalog_writes_queued_total";
+pub const WRITE_GROUPS: &str = "pygmy_catalog_write_groups_total";
 pub const REPL_STREAM_FRAMES: &str = "pygmy_replication_stream_frames_total";
 
 /// Outcomes a buy is counted under at the frontend.
@@ -123,6 +125,14 @@ fn describe() {
     describe_gauge!(
         RUNTIME_THREADS,
         "Threads that run this node's requests (`pygmy serve --threads`)"
+    );
+    describe_counter!(
+        WRITES_QUEUED,
+        "Writes a catalog primary held back while earlier ones were in flight, then proposed together"
+    );
+    describe_counter!(
+        WRITE_GROUPS,
+        "Groups of held-back writes a catalog primary proposed together (writes queued / groups: the mean group)"
     );
     describe_gauge!(
         WORK_RUNNING,
@@ -212,6 +222,8 @@ pub fn register(role: crate::config::Role) {
             metrics::counter!(REPL_ELECTIONS).absolute(0);
             metrics::counter!(REPL_STREAM_FRAMES).absolute(0);
             metrics::counter!(REPL_LEASE_REFUSALS).absolute(0);
+            metrics::counter!(WRITES_QUEUED).absolute(0);
+            metrics::counter!(WRITE_GROUPS).absolute(0);
         }
     }
 }
@@ -219,6 +231,12 @@ pub fn register(role: crate::config::Role) {
 /// Counts one batch read from a peer's replication stream.
 pub fn replication_frame() {
     metrics::counter!(REPL_STREAM_FRAMES).increment(1);
+}
+
+/// A catalog primary proposes `n` writes it held back, together.
+pub fn write_group(n: usize) {
+    metrics::counter!(WRITE_GROUPS).increment(1);
+    metrics::counter!(WRITES_QUEUED).increment(n as u64);
 }
 
 /// Counts one buy answered with `outcome` (one of [`BUY_OUTCOMES`]).

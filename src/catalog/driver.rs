@@ -186,6 +186,19 @@ struct Waiter {
     reply: oneshot::Sender<Result<WriteResult, WriteError>>,
 }
 
+/// A write waiting for the writes in flight to be answered.
+struct Queued {
+    request_id: String,
+    op: Vec<u8>,
+    /// The epoch the caches were told of it in.
+    epoch: Option<u64>,
+    ticket: Option<u64>,
+    /// Every cache has its begin already: proposed without holding.
+    begun: bool,
+    /// The write and its retries that came meanwhile.
+    waiters: Vec<Waiter>,
+}
+
 /// What the driver does with the core's outputs ([`drive::Host`]): the
 /// disk, the published state, the network, the waiting clients.
 struct Io {
@@ -199,6 +212,9 @@ struct Io {
     in_flight: HashMap<String, u64>,
     /// Writes proposed held, by ticket, until their begins reached the caches.
     held: HashMap<u64, replication::Version>,
+    /// Writes that came while earlier ones were in flight, proposed together
+    /// once those are answered (see [`Driver::propose_queued`]).
+    queued: Vec<Queued>,
     names: HashMap<NodeId, String>,
     /// Persisting one step for longer than this is logged as a slow disk.
     slow: Duration,
@@ -266,6 +282,7 @@ impl Driver {
                 pending: HashMap::new(),
                 in_flight: HashMap::new(),
                 held: HashMap::new(),
+                queued: Vec::new(),
                 names,
                 slow,
                 dirty: false,
@@ -344,6 +361,9 @@ impl Driver {
             Input::Begun { ticket } => {
                 if let Some(v) = self.io.held.remove(&ticket) {
                     self.replica.release(v);
+                } else if let Some(q) = self.io.queued.iter_mut().find(|q| q.ticket == Some(ticket))
+                {
+                    q.begun = true;
                 }
             }
             Input::CachesFenced { epoch } => self.replica.caches_fenced(epoch),
@@ -406,6 +426,13 @@ impl Driver {
             });
             return;
         }
+        if let Some(q) = self.io.queued.iter_mut().find(|q| q.request_id == rid) {
+            q.waiters.push(Waiter {
+                request_id: rid,
+                reply,
+            });
+            return;
+        }
         if until <= at.max(self.io.state.clock) {
             tracing::warn!(
                 request_id = %rid,
@@ -415,6 +442,37 @@ impl Driver {
             return;
         }
         let op = machine::Command::from(write.op).encode_stamped(at, until);
+        if !self.io.pending.is_empty() && self.io.queued.len() < self.replica.config().max_batch {
+            self.io.queued.push(Queued {
+                request_id: rid.clone(),
+                op,
+                epoch,
+                ticket,
+                begun: false,
+                waiters: vec![Waiter {
+                    request_id: rid,
+                    reply,
+                }],
+            });
+            return;
+        }
+        let waiters = vec![Waiter {
+            request_id: rid.clone(),
+            reply,
+        }];
+        self.propose(now, rid, op, ticket, waiters);
+    }
+
+    /// Proposes one write, held under `ticket` (if any) until every cache
+    /// has its begin; `waiters` are answered when it is applied.
+    fn propose(
+        &mut self,
+        now: u64,
+        rid: String,
+        op: Vec<u8>,
+        ticket: Option<u64>,
+        waiters: Vec<Waiter>,
+    ) {
         let proposed = match ticket {
             Some(_) => self.replica.propose_held(now, rid.clone(), op),
             None => self.replica.propose(now, rid.clone(), op),
@@ -424,19 +482,54 @@ impl Driver {
                 if let Some(t) = ticket {
                     self.io.held.insert(t, v);
                 }
-                self.io.in_flight.insert(rid.clone(), v.seq);
-                self.io.pending.entry(v.seq).or_default().push(Waiter {
-                    request_id: rid,
-                    reply,
-                });
-            }
-            Err(ProposeError::NotPrimary { primary }) => {
-                let _ = reply.send(Err(WriteError::NotPrimary { primary }));
+                self.io.in_flight.insert(rid, v.seq);
+                self.io.pending.entry(v.seq).or_default().extend(waiters);
             }
             Err(e) => {
-                let _ = reply.send(Err(WriteError::Unavailable(e.to_string())));
+                let err = match e {
+                    ProposeError::NotPrimary { primary } => WriteError::NotPrimary { primary },
+                    e => WriteError::Unavailable(e.to_string()),
+                };
+                for w in waiters {
+                    let _ = w.reply.send(Err(err.clone()));
+                }
             }
         }
+    }
+
+    /// Under load, writes that come while earlier ones are in flight wait
+    /// for those to be answered, then go together: one entry each, in one
+    /// step, so one append to each backup, one fsync on each replica and
+    /// one commit carry them all, where each would have cost its own. A
+    /// write that finds none in flight is proposed at once, so one alone
+    /// waits no longer. Called after each step; proposes only when nothing
+    /// is in flight. Whether each may still be proposed is checked again:
+    /// the primaryship may have changed while it waited.
+    fn propose_queued(&mut self, now: u64) -> bool {
+        if self.io.queued.is_empty() || !self.io.pending.is_empty() {
+            return false;
+        }
+        let epoch = self.replica.epoch();
+        let primary = self.replica.role() == Role::Primary;
+        crate::metrics::write_group(self.io.queued.len());
+        for q in std::mem::take(&mut self.io.queued) {
+            if !primary {
+                let primary = self.replica.status().primary;
+                for w in q.waiters {
+                    let _ = w.reply.send(Err(WriteError::NotPrimary { primary }));
+                }
+            } else if q.epoch != Some(epoch) {
+                for w in q.waiters {
+                    let _ = w.reply.send(Err(WriteError::Unavailable(
+                        "primaryship changed; retry with the same request id".into(),
+                    )));
+                }
+            } else {
+                let hold = if q.begun { None } else { q.ticket };
+                self.propose(now, q.request_id, q.op, hold, q.waiters);
+            }
+        }
+        true
     }
 
     /// A ready primary of an empty catalog (a new cluster) proposes its books
@@ -474,6 +567,18 @@ impl Driver {
     fn advance(&mut self) -> rusqlite::Result<()> {
         self.finish_snapshot()?;
         drive::advance(&mut self.replica, &mut self.io)?;
+        self.fail_unless_primary();
+        if self.propose_queued(self.io.shared.clock.now_ms()) {
+            drive::advance(&mut self.replica, &mut self.io)?;
+            self.fail_unless_primary();
+        }
+        self.log_changes();
+        Ok(())
+    }
+
+    /// A replica that is not (or no longer) primary answers the writes it
+    /// proposed with the primary it knows, and holds nothing.
+    fn fail_unless_primary(&mut self) {
         if self.replica.role() != Role::Primary && !self.io.pending.is_empty() {
             let primary = self.replica.status().primary;
             for (_, ws) in self.io.pending.drain() {
@@ -487,8 +592,6 @@ impl Driver {
             // A later primaryship holds nothing: its writes' begins are new.
             self.io.held.clear();
         }
-        self.log_changes();
-        Ok(())
     }
 
     /// Hands a snapshot built beside the driver to the core, which compacts

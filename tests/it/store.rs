@@ -224,6 +224,49 @@ async fn fifty_concurrent_buys_of_a_book_with_stock_ten_sell_exactly_ten() {
     assert_eq!(status(fe.buy("3", None).await.unwrap_err()), 409);
 }
 
+/// Buys that reach the catalog primary while others are in flight wait for
+/// those, then are proposed together. Each is still applied once: 64 buys,
+/// each sent twice at once with its key, make 64 orders, each key one
+/// order id, and the stock falls by 64.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buys_arriving_together_are_proposed_together_and_each_applied_once() {
+    let c = TestCluster::start(Options::default()).await;
+    c.set_stock(5, 1000).await;
+    let primary = c.primary().await;
+    let groups = c.metric(&primary, "pygmy_catalog_write_groups_total").await;
+    let queued = c
+        .metric(&primary, "pygmy_catalog_writes_queued_total")
+        .await;
+    let fe = c.frontend();
+    let tasks: Vec<_> = (0..128)
+        .map(|i| {
+            let fe = fe.clone();
+            let key = format!("together-{}", i / 2);
+            tokio::spawn(async move { (key.clone(), fe.buy("5", Some(&key)).await) })
+        })
+        .collect();
+    let mut orders = std::collections::HashMap::new();
+    for t in tasks {
+        let (key, bought) = t.await.unwrap();
+        let id = bought.unwrap_or_else(|e| panic!("{key}: {e}")).order_id;
+        if let Some(first) = orders.insert(key.clone(), id) {
+            assert_eq!(first, id, "{key} got two order ids");
+        }
+    }
+    let ids: HashSet<_> = orders.values().collect();
+    assert_eq!((orders.len(), ids.len()), (64, 64));
+    assert_eq!(c.stock(5).await, 1000 - 64);
+    let groups = c.metric(&primary, "pygmy_catalog_write_groups_total").await - groups;
+    let queued = c
+        .metric(&primary, "pygmy_catalog_writes_queued_total")
+        .await
+        - queued;
+    assert!(
+        groups >= 1.0 && queued > groups,
+        "some buys waited and went together: {queued} writes in {groups} groups"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_order_replica_killed_during_a_stream_of_buys_is_invisible_to_clients() {
     let mut c = TestCluster::start(Options::default()).await;
