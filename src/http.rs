@@ -903,17 +903,17 @@ impl From<crate::client::ClientError> for ApiError {
 mod tests {
     use super::constant_time_eq;
 
-    /// Work run whole finishes though its caller went away, and keeps its
-    /// place under the limit until it does: a second caller meanwhile is
-    /// refused with 503, a third after it finished is served.
-    #[tokio::test]
-    async fn work_run_whole_outlives_its_caller_and_counts_until_done() {
-        use super::{ApiError, Whole};
-        use std::sync::Arc;
+    /// Starts work through `whole` that waits for the sender returned, and
+    /// abandons its caller; the flag is set when the work ends.
+    async fn abandoned(
+        whole: &super::Whole,
+    ) -> (
+        tokio::sync::oneshot::Sender<()>,
+        std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) {
         use std::sync::atomic::{AtomicBool, Ordering};
-        let whole = Whole::new(1);
         let (go, wait) = tokio::sync::oneshot::channel::<()>();
-        let done = Arc::new(AtomicBool::new(false));
+        let done = std::sync::Arc::new(AtomicBool::new(false));
         let caller = tokio::spawn({
             let (whole, done) = (whole.clone(), done.clone());
             async move {
@@ -921,7 +921,7 @@ mod tests {
                     .run(async move {
                         let _ = wait.await;
                         done.store(true, Ordering::SeqCst);
-                        Ok::<_, ApiError>(())
+                        Ok::<_, super::ApiError>(())
                     })
                     .await
             }
@@ -929,6 +929,18 @@ mod tests {
         tokio::task::yield_now().await;
         caller.abort();
         assert!(caller.await.unwrap_err().is_cancelled());
+        (go, done)
+    }
+
+    /// Work run whole finishes though its caller went away, and keeps its
+    /// place under the limit until it does: a second caller meanwhile is
+    /// refused with 503, a third after it finished is served.
+    #[tokio::test]
+    async fn work_run_whole_outlives_its_caller_and_counts_until_done() {
+        use super::{ApiError, Whole};
+        use std::sync::atomic::Ordering;
+        let whole = Whole::new(1);
+        let (go, done) = abandoned(&whole).await;
         let refused = whole.run(async { Ok::<_, ApiError>(()) }).await;
         assert_eq!(
             refused.unwrap_err().status,
@@ -955,20 +967,7 @@ mod tests {
         use super::{ApiError, Whole};
         use std::time::Duration;
         let whole = Whole::new(4);
-        let (go, wait) = tokio::sync::oneshot::channel::<()>();
-        let caller = tokio::spawn({
-            let whole = whole.clone();
-            async move {
-                whole
-                    .run(async move {
-                        let _ = wait.await;
-                        Ok::<_, ApiError>(())
-                    })
-                    .await
-            }
-        });
-        tokio::task::yield_now().await;
-        caller.abort();
+        let (go, _) = abandoned(&whole).await;
         assert!(
             !whole.finish(Duration::from_millis(50)).await,
             "the work waits on `go`: it cannot have finished"

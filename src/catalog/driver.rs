@@ -36,6 +36,14 @@ pub enum WriteError {
     Expired(String),
 }
 
+impl WriteError {
+    /// The write's begin went to the caches in another epoch (or not at
+    /// all): proposing it now could expose it past a cache.
+    fn epoch_changed() -> Self {
+        WriteError::Unavailable("primaryship changed; retry with the same request id".into())
+    }
+}
+
 /// How long the answers of request ids are kept (see
 /// [`machine::Stamped`]): the primary stamps each entry with them.
 #[derive(Debug, Clone, Copy)]
@@ -412,11 +420,7 @@ impl Driver {
             }
         }
         if epoch != Some(self.replica.epoch()) {
-            // The caches were told of this write in another epoch (or not
-            // at all): proposing it now could expose it past a cache.
-            let _ = reply.send(Err(WriteError::Unavailable(
-                "primaryship changed; retry with the same request id".into(),
-            )));
+            let _ = reply.send(Err(WriteError::epoch_changed()));
             return;
         }
         if let Some(seq) = self.io.in_flight.get(&rid) {
@@ -520,9 +524,7 @@ impl Driver {
                 }
             } else if q.epoch != Some(epoch) {
                 for w in q.waiters {
-                    let _ = w.reply.send(Err(WriteError::Unavailable(
-                        "primaryship changed; retry with the same request id".into(),
-                    )));
+                    let _ = w.reply.send(Err(WriteError::epoch_changed()));
                 }
             } else {
                 let hold = if q.begun { None } else { q.ticket };
