@@ -543,6 +543,44 @@ pub struct WriteResult {
     pub version: Version,
 }
 
+/// Most writes one `POST /internal/writes` may carry.
+pub const MAX_WRITE_BATCH: usize = 128;
+
+/// `POST /internal/writes` (catalog primary): writes an order replica
+/// gathered while its earlier batches were in flight, each applied as if
+/// sent alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WriteBatch {
+    pub writes: Vec<CatalogWrite>,
+    /// The id of the request each write came in (for its log lines),
+    /// aligned with `writes`; empty when none is known.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub request_ids: Vec<String>,
+}
+
+/// One write's answer in a [`WriteBatch`]: its result, or the refusal a
+/// lone write would have had (status, message, and the primary a replica
+/// that is not it names).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum WriteOutcome {
+    Done(WriteResult),
+    Refused {
+        status: u16,
+        message: String,
+        #[serde(default)]
+        primary: Option<String>,
+    },
+}
+
+/// The answer to a [`WriteBatch`]: one outcome per write, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WriteBatchReply {
+    pub outcomes: Vec<WriteOutcome>,
+}
+
 /// `PUT /catalog/update` body (the original's route): `id` or `book_id`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

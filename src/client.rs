@@ -392,6 +392,19 @@ impl CatalogClient {
             .await
     }
 
+    /// Sends writes to this replica, each applied there only, as
+    /// [`CatalogClient::write`] sends one.
+    pub async fn writes(&self, b: &WriteBatch) -> Result<WriteBatchReply, ClientError> {
+        self.http
+            .call(
+                Method::POST,
+                format!("{}/internal/writes", self.base),
+                Some(b),
+                &[(NO_FORWARD_HEADER, "1")],
+            )
+            .await
+    }
+
     /// The replica's latest state digests.
     pub async fn digests(&self) -> Result<Vec<StateDigest>, ClientError> {
         self.http
@@ -544,6 +557,28 @@ impl FrontendClient {
     pub async fn ready(&self) -> Result<Health, ClientError> {
         self.http.get(format!("{}/readyz", self.base)).await
     }
+}
+
+/// A pool of one catalog replica at a port nothing listens on (bound, then
+/// closed): every call fails as unreachable, fast.
+#[cfg(test)]
+pub(crate) fn unreachable_catalog(
+    pick: crate::balance::Pick,
+) -> std::sync::Arc<crate::balance::Pool<CatalogClient>> {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let http = Http::with_tls(None, Duration::from_millis(200), None);
+    crate::balance::Pool::new(
+        "catalog",
+        vec![(
+            "catalog-1".into(),
+            CatalogClient::new(format!("http://{addr}"), http),
+        )],
+        pick,
+        Duration::from_millis(100),
+    )
 }
 
 #[cfg(test)]

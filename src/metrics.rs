@@ -32,6 +32,8 @@ pub const CACHE_HITS: &str = "pygmy_cache_hits_total";
 pub const CACHE_MISSES: &str = "pygmy_cache_misses_total";
 pub const LOOKUP_BATCHES: &str = "pygmy_lookup_batches_total";
 pub const LOOKUPS_BATCHED: &str = "pygmy_lookups_batched_total";
+pub const WRITE_BATCHES: &str = "pygmy_write_batches_total";
+pub const WRITES_BATCHED: &str = "pygmy_writes_batched_total";
 pub const BUYS: &str = "pygmy_buys_total";
 pub const POOL_RETRIES: &str = "pygmy_pool_retries_total";
 pub const POOL_HEALTHY: &str = "pygmy_pool_replica_healthy";
@@ -120,6 +122,14 @@ fn describe() {
     describe_counter!(
         LOOKUPS_BATCHED,
         "Lookups in those batches (divided by the batches: the mean batch size)"
+    );
+    describe_counter!(
+        WRITE_BATCHES,
+        "Batches of buys an order replica sent to the catalog primary"
+    );
+    describe_counter!(
+        WRITES_BATCHED,
+        "Buys in those batches (divided by the batches: the mean batch size)"
     );
     describe_gauge!(OPEN_CONNECTIONS, "HTTP connections open on this node");
     describe_gauge!(
@@ -216,6 +226,8 @@ pub fn register(role: crate::config::Role) {
             metrics::counter!(POOL_RETRIES, "pool" => "order").absolute(0);
         }
         Role::Order => {
+            metrics::counter!(WRITE_BATCHES).absolute(0);
+            metrics::counter!(WRITES_BATCHED).absolute(0);
             metrics::counter!(POOL_RETRIES, "pool" => "catalog").absolute(0);
         }
         Role::Catalog => {
@@ -248,6 +260,12 @@ pub fn buy(outcome: &'static str) {
 pub fn lookup_batch(n: usize) {
     metrics::counter!(LOOKUP_BATCHES).increment(1);
     metrics::counter!(LOOKUPS_BATCHED).increment(n as u64);
+}
+
+/// An order replica sends one batch of `n` writes to the catalog primary.
+pub fn write_batch(n: usize) {
+    metrics::counter!(WRITE_BATCHES).increment(1);
+    metrics::counter!(WRITES_BATCHED).increment(n as u64);
 }
 
 /// A replica of `pool` failed a call that will be tried again.

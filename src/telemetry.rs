@@ -245,8 +245,35 @@ where
 /// An incoming request id worth keeping: 1–64 visible ASCII characters.
 fn incoming_id(v: &HeaderValue) -> Option<String> {
     let s = v.to_str().ok()?;
-    let ok = !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_graphic());
-    ok.then(|| s.to_owned())
+    sane_request_id(s).then(|| s.to_owned())
+}
+
+/// Whether `s` may be taken as a request id from outside: 1 to 64
+/// printable ASCII characters.
+pub fn sane_request_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// `work` as part of request `id`, one item of a batch that came in the
+/// current request: its lines carry that id (with the batch's method and
+/// path), and the calls it makes send it on. The context is taken now, so
+/// the future may be spawned.
+pub fn in_request<F: std::future::Future>(
+    id: String,
+    work: F,
+) -> impl std::future::Future<Output = F::Output> {
+    let context = REQUEST
+        .try_with(|r| RequestContext {
+            id: id.clone(),
+            method: r.method.clone(),
+            uri: r.uri.clone(),
+        })
+        .unwrap_or_else(|_| RequestContext {
+            id,
+            method: Method::POST,
+            uri: Uri::from_static("/"),
+        });
+    REQUEST.scope(context, work)
 }
 
 /// A new request id: a random (version 4) UUID, in hex. Its bits come

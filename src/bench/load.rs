@@ -273,6 +273,10 @@ impl Tally {
 const WARMUP: Duration = Duration::from_millis(200);
 
 /// `conns` keep-alive connections, each sending back to back for `length`.
+/// A request counts when it is sent inside the window. A connection whose
+/// warm-up request outlasts the whole window (a stall under load) sends
+/// one more, so every connection counts at least one; the window then
+/// stretches to that send.
 pub async fn closed(addr: SocketAddr, pick: Pick, conns: usize, length: Duration) -> Stats {
     let counter = Arc::new(AtomicU64::new(0));
     let start = Instant::now() + WARMUP;
@@ -284,23 +288,34 @@ pub async fn closed(addr: SocketAddr, pick: Pick, conns: usize, length: Duration
             tokio::spawn(async move {
                 let mut client = Client::new(addr);
                 let mut tally = Tally::new();
+                let mut last_sent = end;
                 loop {
                     let req = pick(counter.fetch_add(1, Ordering::Relaxed));
                     let sent = Instant::now();
-                    if sent >= end {
+                    let counted = tally.hist.as_ref().is_some_and(|h| !h.is_empty());
+                    if sent >= end && counted {
                         break;
                     }
                     let out = client.send(&req).await;
                     if sent >= start {
                         let took = sent.elapsed();
                         tally.record(took, took, out);
+                        last_sent = last_sent.max(sent);
                     }
                 }
-                tally
+                (tally, last_sent)
             })
         })
         .collect();
-    finish(tasks, length).await
+    let mut all = Tally::new();
+    let mut last_sent = end;
+    for t in tasks {
+        if let Ok((t, sent)) = t.await {
+            all.merge(t);
+            last_sent = last_sent.max(sent);
+        }
+    }
+    stats_of(all, (last_sent - start).as_secs_f64())
 }
 
 /// One request at a time, each on a new connection, for `length`.

@@ -118,10 +118,13 @@ in loopback sends, and each replication round (an append and an answer per backu
 commit point) carried 3–4 writes. The primary now proposes a write at once only when none of its writes is \
 in flight; those that come meanwhile wait until they are answered, then go together in one round. With two \
 stores up at once and the load alternating between them: CPU per buy at 32 connections −11 and −12%, buys \
-per second +12 and +16%; one connection unchanged.\n\n\
+per second +12 and +16%; one connection unchanged;\n\
+- after that, the order tier was the largest (28% of the samples), its cost HTTP in and out: one request \
+served and one sent per buy. Order replicas now send the buys that queue while two batches are out to the \
+catalog primary in one request (`POST /internal/writes`, each write applied as if it came alone); tried \
+before write groups, it moved buys by about 4%, inside noise. Measured again with two stores alternating: \
+CPU per buy at 32 connections −13% (six pairs, −5 to −21%), buys per second +14%; one connection unchanged.\n\n\
 Tried and not kept:\n\n\
-- order replicas sending their buys to the catalog primary in batches (one HTTP request for the many buys \
-that queued meanwhile): buys at 32 connections moved by about 4%, inside run-to-run noise;\n\
 - database pages of 1 KiB instead of 4 KiB: the bytes written per buy halved, CPU per buy did not move (an \
 fsync here costs per call, not per byte);\n\
 - mimalloc in place of glibc's allocator (malloc/free are 7% of the samples): buys at 32 connections about \

@@ -200,16 +200,18 @@ impl From<ApiError> for RouteError {
     }
 }
 
-impl IntoResponse for RouteError {
-    fn into_response(self) -> Response {
+impl RouteError {
+    /// The problem to answer and the primary to name (in the `Primary`
+    /// header of a lone write's answer, in the outcome of a batched one).
+    fn problem(self) -> (ApiError, Option<String>) {
         match self {
-            RouteError::Problem(e) => e.into_response(),
+            RouteError::Problem(e) => (e, None),
             RouteError::NotPrimary {
                 replica,
                 primary: Some(name),
                 live,
             } => {
-                let mut res = if live {
+                let e = if live {
                     ApiError::new(
                         StatusCode::MISDIRECTED_REQUEST,
                         format!("{replica} is not the primary; {name} is"),
@@ -218,22 +220,33 @@ impl IntoResponse for RouteError {
                     ApiError::unavailable(format!(
                         "{replica} is not the primary and has lost contact with the last one ({name}); no majority reachable?"
                     ))
-                }
-                .into_response();
-                if let Ok(v) = HeaderValue::from_str(&name) {
-                    res.headers_mut().insert(PRIMARY_HEADER, v);
-                }
-                res
+                };
+                (e, Some(name))
             }
             RouteError::NotPrimary {
                 replica,
                 primary: None,
                 ..
-            } => ApiError::unavailable(format!(
-                "{replica} is not the primary and knows of none yet"
-            ))
-            .into_response(),
+            } => (
+                ApiError::unavailable(format!(
+                    "{replica} is not the primary and knows of none yet"
+                )),
+                None,
+            ),
         }
+    }
+}
+
+impl IntoResponse for RouteError {
+    fn into_response(self) -> Response {
+        let (e, primary) = self.problem();
+        let mut res = e.into_response();
+        if let Some(name) = primary
+            && let Ok(v) = HeaderValue::from_str(&name)
+        {
+            res.headers_mut().insert(PRIMARY_HEADER, v);
+        }
+        res
     }
 }
 
@@ -740,6 +753,7 @@ fn router(state: AppState, token: &str) -> Router {
         .route("/search/{topic}", get(search))
         .route("/topics", get(topics))
         .route("/internal/write", post(write))
+        .route("/internal/writes", post(writes))
         .route("/catalog/update", put(update))
         .route("/internal/cache-lease", post(cache_lease))
         .route("/internal/status", get(status))
@@ -979,6 +993,89 @@ async fn write(
 ) -> Result<Json<WriteResult>, RouteError> {
     tracing::debug!(write_id = %w.request_id, "write received");
     apply_whole(&c, w, may_forward(&headers)).await
+}
+
+/// `POST /internal/writes`: each write applied here as if it came alone
+/// (never forwarded), all at once, so they share the primary's next
+/// appends; one outcome per write, in order. A replica that is not the
+/// primary refuses the whole batch as it refuses one write (421 naming the
+/// primary), so the caller follows the primary with the batch.
+async fn writes(
+    State(c): State<AppState>,
+    JsonBody(b): JsonBody<WriteBatch>,
+) -> Result<Json<WriteBatchReply>, RouteError> {
+    if b.writes.is_empty() || b.writes.len() > MAX_WRITE_BATCH {
+        return Err(ApiError::bad_request(format!(
+            "a batch holds 1 to {MAX_WRITE_BATCH} writes, not {}",
+            b.writes.len()
+        ))
+        .into());
+    }
+    if !b.request_ids.is_empty()
+        && (b.request_ids.len() != b.writes.len()
+            || !b
+                .request_ids
+                .iter()
+                .all(|id| crate::telemetry::sane_request_id(id)))
+    {
+        return Err(ApiError::bad_request(
+            "request_ids: one id (1 to 64 printable ASCII characters) per write, or none",
+        )
+        .into());
+    }
+    let n = b.writes.len();
+    let mut ids = b.request_ids.into_iter();
+    let mut running = tokio::task::JoinSet::new();
+    for (i, w) in b.writes.into_iter().enumerate() {
+        let c = c.clone();
+        let write = async move {
+            tracing::debug!(write_id = %w.request_id, "write received (in a batch)");
+            (i, apply_whole(&c, w, false).await)
+        };
+        match ids.next() {
+            Some(id) => running.spawn(crate::telemetry::in_request(id, write)),
+            None => running.spawn(write),
+        };
+    }
+    let mut slots: Vec<Option<Result<Json<WriteResult>, RouteError>>> =
+        std::iter::repeat_with(|| None).take(n).collect();
+    while let Some(done) = running.join_next().await {
+        if let Ok((i, r)) = done {
+            slots[i] = Some(r);
+        }
+    }
+    let results: Vec<Result<Json<WriteResult>, RouteError>> = slots
+        .into_iter()
+        .map(|r| {
+            r.unwrap_or_else(|| {
+                Err(ApiError::unavailable(
+                    "the write's task failed; retry with the same request id",
+                )
+                .into())
+            })
+        })
+        .collect();
+    let refused_whole = results
+        .iter()
+        .all(|r| matches!(r, Err(RouteError::NotPrimary { .. })));
+    let mut results = results.into_iter();
+    if refused_whole && let Some(Err(e)) = results.next() {
+        return Err(e);
+    }
+    let outcomes = results
+        .map(|r| match r {
+            Ok(Json(done)) => WriteOutcome::Done(done),
+            Err(e) => {
+                let (e, primary) = e.problem();
+                WriteOutcome::Refused {
+                    status: e.status.as_u16(),
+                    message: e.message,
+                    primary,
+                }
+            }
+        })
+        .collect();
+    Ok(Json(WriteBatchReply { outcomes }))
 }
 
 async fn update(

@@ -84,28 +84,13 @@ mod tests {
 
     use super::*;
     use crate::balance::Pick;
-    use crate::client::Http;
 
     /// A catalog that cannot be reached: every lookup queued behind the
     /// batches gets the error, none waits forever, and the gathering task
     /// goes on to the next batch.
     #[tokio::test]
     async fn every_lookup_in_a_failed_batch_gets_the_error() {
-        // A port nothing listens on: bound, then closed.
-        let addr = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
-        let http = Http::with_tls(None, Duration::from_millis(200), None);
-        let pool = Pool::new(
-            "catalog",
-            vec![(
-                "catalog-1".into(),
-                CatalogClient::new(format!("http://{addr}"), http),
-            )],
-            Pick::RoundRobin,
-            Duration::from_millis(100),
-        );
+        let pool = crate::client::unreachable_catalog(Pick::RoundRobin);
         let lookups = Arc::new(Lookups::spawn(pool));
         let mut tasks = tokio::task::JoinSet::new();
         for i in 1..=20u64 {

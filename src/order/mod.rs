@@ -18,7 +18,8 @@ use tokio::net::TcpListener;
 use crate::NodeError;
 use crate::api::*;
 use crate::balance::{Pick, Pool};
-use crate::client::CatalogClient;
+use crate::batch::Batcher;
+use crate::client::{CatalogClient, ClientError};
 use crate::config::Role;
 use crate::http::{self as h, ApiError, JsonBody, QueryArgs};
 use crate::node::Node;
@@ -29,6 +30,79 @@ struct Order {
     store: OrderStore,
     catalog: Arc<Pool<CatalogClient>>,
     buys: h::Whole,
+    /// Each write with the id of the request it came in.
+    writes: Batcher<(CatalogWrite, Option<String>), Batched>,
+    /// The catalog pool's retry budget: a write refused inside a batch is
+    /// retried alone only within what is left of it.
+    budget: Duration,
+}
+
+/// Batches of writes out to the catalog primary at once: one is gathered
+/// while the other is answered (as the frontend's lookups).
+const WRITE_SLOTS: usize = 2;
+
+/// A write's fate in a batch.
+enum Batched {
+    Done(WriteResult),
+    /// Refused inside a batch that was answered: it may go alone (to be
+    /// retried as a lone write is) when the refusal is retryable.
+    Refused(ClientError),
+    /// The batch itself failed, after the pool's whole retry budget.
+    Failed(ClientError),
+}
+
+/// Sends one batch to the primary (followed, and retried, as a lone write
+/// is): one answer per write, in order.
+async fn send_writes(
+    catalog: Arc<Pool<CatalogClient>>,
+    batch: Vec<(CatalogWrite, Option<String>)>,
+) -> Vec<Batched> {
+    let n = batch.len();
+    crate::metrics::write_batch(n);
+    let (writes, ids): (Vec<CatalogWrite>, Vec<Option<String>>) = batch.into_iter().unzip();
+    // The catalog logs each write under the request it came in.
+    let request_ids = if ids.iter().all(Option::is_some) {
+        ids.into_iter().flatten().collect()
+    } else {
+        Vec::new()
+    };
+    let ask = WriteBatch {
+        writes,
+        request_ids,
+    };
+    let ask = &ask;
+    let reply = catalog
+        .call(|c| async move { c.writes(ask).await })
+        .await
+        .and_then(|r| {
+            if r.outcomes.len() == n {
+                Ok(r.outcomes)
+            } else {
+                Err(ClientError::Decode {
+                    url: "catalog /internal/writes".into(),
+                    detail: format!("{} outcomes for {n} writes", r.outcomes.len()),
+                })
+            }
+        });
+    match reply {
+        Ok(outcomes) => outcomes
+            .into_iter()
+            .map(|o| match o {
+                WriteOutcome::Done(r) => Batched::Done(r),
+                WriteOutcome::Refused {
+                    status,
+                    message,
+                    primary,
+                } => Batched::Refused(ClientError::Status {
+                    url: "catalog /internal/writes".into(),
+                    status,
+                    message,
+                    primary,
+                }),
+            })
+            .collect(),
+        Err(e) => (0..n).map(|_| Batched::Failed(e.clone())).collect(),
+    }
 }
 
 /// What every handler gets.
@@ -45,12 +119,18 @@ pub async fn run(
     let budget = Duration::from_millis(node.cfg.timing.retry_budget_ms)
         .min(crate::frontend::public_budget(&node.cfg));
     let catalog = node.pool(Role::Catalog, &node.http, Pick::Sticky, budget);
+    let writes = Batcher::spawn(WRITE_SLOTS, MAX_WRITE_BATCH, {
+        let catalog = catalog.clone();
+        move |batch| send_writes(catalog.clone(), batch)
+    });
     crate::metrics::register(Role::Order);
     let buys = h::Whole::new(node.cfg.limits.max_in_flight);
     let state: AppState = Arc::new(Order {
         store,
         catalog,
         buys,
+        writes,
+        budget,
     });
     let app = router(state.clone(), &node.cfg.token);
     tracing::info!(addr = %listener.local_addr()?, data_dir = %dir.display(), "order {} serving", node.name);
@@ -132,13 +212,28 @@ async fn buy_whole(o: &AppState, req: OrderBuyRequest) -> Result<Json<WriteResul
             book_id: req.book_id,
         },
     };
-    let result = o
-        .catalog
-        .call(|c| {
-            let write = write.clone();
-            async move { c.write(&write).await }
-        })
-        .await?;
+    let catalog = &o.catalog;
+    let alone = |write: CatalogWrite| async move {
+        catalog
+            .call(|c| {
+                let write = write.clone();
+                async move { c.write(&write).await }
+            })
+            .await
+    };
+    let deadline = tokio::time::Instant::now() + o.budget;
+    let traced = (write.clone(), crate::telemetry::current_request_id());
+    let result = match o.writes.submit(traced).await {
+        Some(Batched::Done(r)) => r,
+        Some(Batched::Refused(e)) if e.is_retryable() => {
+            match tokio::time::timeout_at(deadline, alone(write)).await {
+                Ok(r) => r?,
+                Err(_) => return Err(e.into()),
+            }
+        }
+        Some(Batched::Refused(e) | Batched::Failed(e)) => return Err(e.into()),
+        None => alone(write).await?,
+    };
     o.store
         .record(req.request_id, result.clone())
         .await
@@ -167,4 +262,39 @@ async fn log(
             .await
             .map_err(ApiError::unavailable)?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::Pick;
+
+    /// A catalog that cannot be reached: every write of the batch gets the
+    /// batch's error, marked as the batch's (it is not retried alone: the
+    /// pool already spent its budget on it).
+    #[tokio::test]
+    async fn every_write_in_a_failed_batch_gets_the_batchs_error() {
+        let pool = crate::client::unreachable_catalog(Pick::Sticky);
+        let writes: Vec<(CatalogWrite, Option<String>)> = (1..=5u64)
+            .map(|i| {
+                let w = CatalogWrite {
+                    request_id: RequestId::parse(&format!("k:w{i}")).unwrap(),
+                    op: CatalogOp::Buy {
+                        book_id: BookId::new(i).unwrap(),
+                    },
+                };
+                (w, Some(format!("trace-{i}")))
+            })
+            .collect();
+        let answers = tokio::time::timeout(Duration::from_secs(10), send_writes(pool, writes))
+            .await
+            .expect("the batch is answered");
+        assert_eq!(answers.len(), 5, "one answer per write");
+        for a in answers {
+            assert!(
+                matches!(a, Batched::Failed(ClientError::Unreachable { .. })),
+                "expected the batch's failure"
+            );
+        }
+    }
 }

@@ -128,6 +128,7 @@ async fn hostile_requests_get_4xx_and_change_nothing() {
             ("/internal/invalidate", "POST"),
             ("/internal/cache-lease", "POST"),
             ("/internal/lookups", "POST"),
+            ("/internal/writes", "POST"),
         ] {
             for body in [
                 "{",
@@ -144,12 +145,25 @@ async fn hostile_requests_get_4xx_and_change_nothing() {
                 "{\"ids\": [0]}",
                 "{\"ids\": [1], \"min_version\": \"1.x\"}",
                 "{\"ids\": [1], \"extra\": 1}",
+                "{\"writes\": []}",
+                "{\"writes\": {}}",
+                "{\"writes\": [{\"request_id\": \"\", \"op\": \"buy\", \"book_id\": 1}]}",
+                "{\"writes\": [{\"request_id\": \"k:a\", \"op\": 0, \"book_id\": 1}]}",
+                "{\"writes\": [{\"request_id\": \"k:a\", \"op\": \"buy\", \"book_id\": 1}], \"x\": 1}",
+                "{\"writes\": [{\"request_id\": \"k:a\", \"op\": \"buy\", \"book_id\": 1}], \"request_ids\": [\"a\", \"b\"]}",
+                "{\"writes\": [{\"request_id\": \"k:a\", \"op\": \"buy\", \"book_id\": 1}], \"request_ids\": [\"a b\"]}",
             ] {
                 add(&format!("{m} {p} {body:?}"), req(m, p, &[a, json], body));
             }
             let too_many = format!("{{\"ids\": [{}]}}", vec!["1"; 257].join(","));
             add(
                 &format!("{m} {p} 257 ids"),
+                req(m, p, &[a, json], &too_many),
+            );
+            let write = "{\"request_id\": \"k:many\", \"op\": \"buy\", \"book_id\": 1}";
+            let too_many = format!("{{\"writes\": [{}]}}", vec![write; 129].join(","));
+            add(
+                &format!("{m} {p} 129 writes"),
                 req(m, p, &[a, json], &too_many),
             );
             add(

@@ -539,6 +539,117 @@ async fn concurrent_uncached_lookups_each_get_their_own_book_through_batches() {
     eprintln!("{batched} lookups in {batches} batches");
 }
 
+/// Buys that reach an order replica while its earlier batches are out go
+/// to the catalog primary together, each applied as if sent alone: every
+/// buy is counted in a batch, some batches hold several, each buy gets an
+/// order of its own, and the stock falls by exactly the buys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_buys_reach_the_catalog_in_batches_and_each_buys_once() {
+    let c = TestCluster::start(Options::default()).await;
+    c.set_stock(3, 500).await;
+    let orders = c.names(pygmy::config::Role::Order);
+    let mut before = (0.0, 0.0);
+    for o in &orders {
+        before.0 += c.metric(o, "pygmy_write_batches_total").await;
+        before.1 += c.metric(o, "pygmy_writes_batched_total").await;
+    }
+    let fe = c.frontend();
+    let n = 150;
+    let mut tasks = JoinSet::new();
+    for _ in 0..n {
+        let fe = fe.clone();
+        tasks.spawn(async move { fe.buy("3", None).await });
+    }
+    let mut ids = HashSet::new();
+    for r in tasks.join_all().await {
+        let r = r.expect("every buy succeeds");
+        assert_eq!(r.book_id.get(), 3);
+        assert!(
+            ids.insert(r.order_id),
+            "order {} answered twice",
+            r.order_id
+        );
+    }
+    let mut after = (0.0, 0.0);
+    for o in &orders {
+        after.0 += c.metric(o, "pygmy_write_batches_total").await;
+        after.1 += c.metric(o, "pygmy_writes_batched_total").await;
+    }
+    let (batches, batched) = (after.0 - before.0, after.1 - before.1);
+    assert!(
+        batched >= n as f64,
+        "every buy went out in a batch: {batched} of {n}"
+    );
+    assert!(
+        batches < batched,
+        "some batch held several buys: {batched} in {batches}"
+    );
+    assert_eq!(c.stock(3).await, 500 - n as u64);
+    assert_eq!(c.order_log_len().await, n);
+    eprintln!("{batched} buys in {batches} batches");
+}
+
+/// `POST /internal/writes` at the catalog: a replica that is not the
+/// primary refuses the whole batch as it refuses one write (421 naming the
+/// primary); the primary applies each write as if alone, in its place in
+/// the answer: an unknown book is refused there, and the same request id
+/// twice buys once and answers the same both times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_writes_is_refused_whole_by_a_backup_and_applied_write_by_write_by_the_primary()
+{
+    let c = TestCluster::start(Options::default()).await;
+    let primary = c.primary().await;
+    let backup = c
+        .names(pygmy::config::Role::Catalog)
+        .into_iter()
+        .find(|n| *n != primary)
+        .expect("a backup");
+    let buy = |id: &str, book: u64| CatalogWrite {
+        request_id: RequestId::parse(id).unwrap(),
+        op: CatalogOp::Buy {
+            book_id: BookId::new(book).unwrap(),
+        },
+    };
+    let batch = WriteBatch {
+        writes: vec![
+            buy("k:batch-a", 5),
+            buy("k:batch-b", 99),
+            buy("k:batch-a", 5),
+        ],
+        request_ids: Vec::new(),
+    };
+    let stock = c.stock(5).await;
+    match c.catalog(&backup).writes(&batch).await {
+        Err(ClientError::Status {
+            status: 421,
+            primary: Some(p),
+            ..
+        }) => assert_eq!(p, primary),
+        other => panic!("a backup answered a batch with {other:?}"),
+    }
+    assert_eq!(c.stock(5).await, stock, "the refused batch bought nothing");
+    let at_primary = c.catalog(&primary);
+    let reply = c
+        .retry("the batch at the primary", || at_primary.writes(&batch))
+        .await;
+    match &reply.outcomes[..] {
+        [
+            WriteOutcome::Done(first),
+            WriteOutcome::Refused { status: 404, .. },
+            WriteOutcome::Done(again),
+        ] => {
+            assert_eq!(first, again, "the same request id answers the same");
+            assert!(matches!(first.outcome, Outcome::Bought { .. }), "{first:?}");
+        }
+        other => panic!("the primary answered {other:?}"),
+    }
+    assert_eq!(
+        c.stock(5).await,
+        stock - 1,
+        "one buy, however often it was sent"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_survive_a_restart_of_every_node() {
     let mut c = TestCluster::start(Options::default()).await;
