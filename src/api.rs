@@ -574,7 +574,8 @@ pub enum WriteOutcome {
     },
 }
 
-/// The answer to a [`WriteBatch`]: one outcome per write, in order.
+/// The answer to a [`WriteBatch`] or an [`OrderBuyBatch`]: one outcome per
+/// write, in order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WriteBatchReply {
@@ -606,6 +607,20 @@ pub struct OrderBuyRequest {
     /// look it up. Absent (false) on every retry and for client keys.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub fresh: bool,
+}
+
+/// `POST /internal/buys` (order replica): buys a frontend gathered while
+/// its earlier batches were in flight, each handled as if sent alone
+/// (at most [`MAX_WRITE_BATCH`]). The answer is a [`WriteBatchReply`]: one
+/// outcome per buy, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrderBuyBatch {
+    pub buys: Vec<OrderBuyRequest>,
+    /// The id of the request each buy came in (for its log lines),
+    /// aligned with `buys`; empty when none is known.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub request_ids: Vec<String>,
 }
 
 /// One row of an order replica's log.

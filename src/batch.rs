@@ -1,5 +1,7 @@
 //! Requests gathered into batches for one internal call each: the
-//! frontend's cache-missing lookups (one `POST /internal/lookups`).
+//! frontend's cache-missing lookups (one `POST /internal/lookups`), its
+//! buys (one `POST /internal/buys` to an order replica) and the order
+//! replicas' writes (one `POST /internal/writes` to the catalog primary).
 //!
 //! At most `in_flight` batches are out at once. A request that finds a
 //! slot free leaves at once, alone, so a lone client waits no longer than
@@ -12,7 +14,13 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::api::{WriteBatchReply, WriteOutcome, WriteResult};
+use crate::client::ClientError;
+use crate::http::ApiError;
 
 struct Waiting<T, R> {
     item: T,
@@ -86,5 +94,226 @@ async fn gather<T, R, F, Fut>(
             }
             drop(slot);
         });
+    }
+}
+
+/// Splits a batch of items, each with the id of the request it came in,
+/// into the items and the ids to send with them: every id, or none when
+/// one is unknown (the receiver logs each item under its id).
+pub(crate) fn with_ids<T>(batch: Vec<(T, Option<String>)>) -> (Vec<T>, Vec<String>) {
+    let (items, ids): (Vec<T>, Vec<Option<String>>) = batch.into_iter().unzip();
+    let ids = if ids.iter().all(Option::is_some) {
+        ids.into_iter().flatten().collect()
+    } else {
+        Vec::new()
+    };
+    (items, ids)
+}
+
+/// A write's fate in a batch of writes sent to another node.
+pub(crate) enum Batched {
+    Done(WriteResult),
+    /// Refused inside a batch that was answered: it may go alone (to be
+    /// retried as a lone write is) when the refusal is retryable.
+    Refused(ClientError),
+    /// The batch itself failed, after the pool's whole retry budget.
+    Failed(ClientError),
+}
+
+/// One [`Batched`] per write of a batch of `n` sent to `url`: its outcome
+/// from `reply`, or the batch's failure for each.
+pub(crate) fn answers(
+    reply: Result<WriteBatchReply, ClientError>,
+    n: usize,
+    url: &str,
+) -> Vec<Batched> {
+    let reply = reply.and_then(|r| {
+        if r.outcomes.len() == n {
+            Ok(r.outcomes)
+        } else {
+            Err(ClientError::Decode {
+                url: url.into(),
+                detail: format!("{} outcomes for {n} writes", r.outcomes.len()),
+            })
+        }
+    });
+    match reply {
+        Ok(outcomes) => outcomes
+            .into_iter()
+            .map(|o| match o {
+                WriteOutcome::Done(r) => Batched::Done(r),
+                WriteOutcome::Refused {
+                    status,
+                    message,
+                    primary,
+                } => Batched::Refused(ClientError::Status {
+                    url: url.into(),
+                    status,
+                    message,
+                    primary,
+                }),
+            })
+            .collect(),
+        Err(e) => (0..n).map(|_| Batched::Failed(e.clone())).collect(),
+    }
+}
+
+/// Sends a write through `batcher` and waits for its result. One refused
+/// inside an answered batch for a reason worth retrying goes `alone`
+/// within `budget` from now; one the batcher did not take (it is gone)
+/// goes `alone` as well.
+pub(crate) async fn write<T, F, Fut>(
+    batcher: &Batcher<T, Batched>,
+    item: T,
+    budget: Duration,
+    alone: F,
+) -> Result<WriteResult, ClientError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<WriteResult, ClientError>>,
+{
+    let deadline = tokio::time::Instant::now() + budget;
+    match batcher.submit(item).await {
+        Some(Batched::Done(r)) => Ok(r),
+        Some(Batched::Refused(e)) if e.is_retryable() => tokio::time::timeout_at(deadline, alone())
+            .await
+            .unwrap_or(Err(e)),
+        Some(Batched::Refused(e) | Batched::Failed(e)) => Err(e),
+        None => alone().await,
+    }
+}
+
+/// Checks a batch that came in: 1 to `max` items, and `request_ids` empty
+/// or one id (1 to 64 printable ASCII characters) per item.
+pub(crate) fn check(n: usize, max: usize, request_ids: &[String]) -> Result<(), ApiError> {
+    if n == 0 || n > max {
+        return Err(ApiError::bad_request(format!(
+            "a batch holds 1 to {max} items, not {n}"
+        )));
+    }
+    if !request_ids.is_empty()
+        && (request_ids.len() != n
+            || !request_ids
+                .iter()
+                .all(|id| crate::telemetry::sane_request_id(id)))
+    {
+        return Err(ApiError::bad_request(
+            "request_ids: one id (1 to 64 printable ASCII characters) per item, or none",
+        ));
+    }
+    Ok(())
+}
+
+/// Runs `work` for every item of a batch that came in, all at once, each
+/// in a task of its own under the id of the request it came in (when
+/// `request_ids` has one): the outputs in order, `None` for a task that
+/// failed.
+pub(crate) async fn run_all<T, F, Fut>(
+    items: Vec<T>,
+    request_ids: Vec<String>,
+    work: F,
+) -> Vec<Option<Fut::Output>>
+where
+    F: Fn(T) -> Fut,
+    Fut: Future + Send + 'static,
+    Fut::Output: Send + 'static,
+{
+    let n = items.len();
+    let mut ids = request_ids.into_iter();
+    let mut running = tokio::task::JoinSet::new();
+    for (i, item) in items.into_iter().enumerate() {
+        let one = work(item);
+        let one = async move { (i, one.await) };
+        match ids.next() {
+            Some(id) => running.spawn(crate::telemetry::in_request(id, one)),
+            None => running.spawn(one),
+        };
+    }
+    let mut slots: Vec<Option<Fut::Output>> = std::iter::repeat_with(|| None).take(n).collect();
+    while let Some(done) = running.join_next().await {
+        if let Ok((i, r)) = done {
+            slots[i] = Some(r);
+        }
+    }
+    slots
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::api::{BookId, Outcome, Version};
+
+    fn refused(status: u16) -> ClientError {
+        ClientError::Status {
+            url: "peer /internal/writes".into(),
+            status,
+            message: format!("refused with {status}"),
+            primary: None,
+        }
+    }
+
+    fn result(order_id: u64) -> WriteResult {
+        WriteResult {
+            outcome: Outcome::OutOfStock {
+                book_id: BookId::new(order_id).unwrap(),
+                title: "t".into(),
+            },
+            version: Version { epoch: 1, seq: 1 },
+        }
+    }
+
+    /// A write refused inside an answered batch goes alone only when the
+    /// refusal is worth retrying (a 503, not a 404), and a batch that
+    /// failed as a whole is not sent again alone: the pool already spent
+    /// its budget on it.
+    #[tokio::test]
+    async fn only_a_retryable_refusal_inside_a_batch_goes_alone() {
+        let batcher: Batcher<u16, Batched> =
+            Batcher::spawn(2, 8, |statuses: Vec<u16>| async move {
+                statuses
+                    .into_iter()
+                    .map(|s| match s {
+                        0 => Batched::Failed(refused(503)),
+                        s => Batched::Refused(refused(s)),
+                    })
+                    .collect()
+            });
+        let alone = Arc::new(AtomicUsize::new(0));
+        let send_alone = || {
+            let alone = alone.clone();
+            async move {
+                alone.fetch_add(1, Ordering::SeqCst);
+                Ok(result(7))
+            }
+        };
+        let budget = Duration::from_secs(5);
+        let r = write(&batcher, 503, budget, send_alone).await;
+        assert_eq!(r.ok(), Some(result(7)), "a 503 inside the batch went alone");
+        assert_eq!(alone.load(Ordering::SeqCst), 1);
+        let r = write(&batcher, 404, budget, send_alone).await;
+        assert!(matches!(r, Err(ClientError::Status { status: 404, .. })));
+        let r = write(&batcher, 0, budget, send_alone).await;
+        assert!(matches!(r, Err(ClientError::Status { status: 503, .. })));
+        assert_eq!(alone.load(Ordering::SeqCst), 1, "nothing else went alone");
+    }
+
+    /// A reply with more or fewer outcomes than writes fails every write
+    /// of the batch, as an answer that cannot be read.
+    #[test]
+    fn a_reply_of_the_wrong_length_fails_every_write() {
+        let reply = WriteBatchReply {
+            outcomes: vec![WriteOutcome::Done(result(1))],
+        };
+        let answers = answers(Ok(reply), 3, "peer /internal/writes");
+        assert_eq!(answers.len(), 3);
+        assert!(
+            answers
+                .iter()
+                .all(|a| matches!(a, Batched::Failed(ClientError::Decode { .. })))
+        );
     }
 }

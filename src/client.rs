@@ -468,13 +468,28 @@ pub struct OrderClient {
     pub base: String,
     http: Http,
     buy: std::sync::Arc<Route>,
+    buys: std::sync::Arc<Route>,
 }
 
 impl OrderClient {
     pub fn new(base: impl Into<String>, http: Http) -> Self {
         let base = base.into();
         let buy = std::sync::Arc::new(Route::new(&base, "/internal/buy"));
-        Self { base, http, buy }
+        let buys = std::sync::Arc::new(Route::new(&base, "/internal/buys"));
+        Self {
+            base,
+            http,
+            buy,
+            buys,
+        }
+    }
+
+    /// Sends buys gathered in a batch, each handled there as
+    /// [`OrderClient::buy`] sends one.
+    pub async fn buys(&self, b: &OrderBuyBatch) -> Result<WriteBatchReply, ClientError> {
+        self.http
+            .call_route(Method::POST, &self.buys, Some(b), &[])
+            .await
     }
 
     pub async fn buy(&self, req: &OrderBuyRequest) -> Result<WriteResult, ClientError> {

@@ -33,6 +33,8 @@ pub const CACHE_MISSES: &str = "pygmy_cache_misses_total";
 pub const LOOKUP_BATCHES: &str = "pygmy_lookup_batches_total";
 pub const LOOKUPS_BATCHED: &str = "pygmy_lookups_batched_total";
 pub const WRITE_BATCHES: &str = "pygmy_write_batches_total";
+pub const BUY_BATCHES: &str = "pygmy_buy_batches_total";
+pub const BUYS_BATCHED: &str = "pygmy_buys_batched_total";
 pub const WRITES_BATCHED: &str = "pygmy_writes_batched_total";
 pub const BUYS: &str = "pygmy_buys_total";
 pub const POOL_RETRIES: &str = "pygmy_pool_retries_total";
@@ -122,6 +124,14 @@ fn describe() {
     describe_counter!(
         LOOKUPS_BATCHED,
         "Lookups in those batches (divided by the batches: the mean batch size)"
+    );
+    describe_counter!(
+        BUY_BATCHES,
+        "Batches of buys a frontend sent to the order replicas"
+    );
+    describe_counter!(
+        BUYS_BATCHED,
+        "Buys in those batches (divided by the batches: the mean batch size)"
     );
     describe_counter!(
         WRITE_BATCHES,
@@ -219,6 +229,8 @@ pub fn register(role: crate::config::Role) {
             metrics::counter!(CACHE_MISSES).absolute(0);
             metrics::counter!(LOOKUP_BATCHES).absolute(0);
             metrics::counter!(LOOKUPS_BATCHED).absolute(0);
+            metrics::counter!(BUY_BATCHES).absolute(0);
+            metrics::counter!(BUYS_BATCHED).absolute(0);
             for o in BUY_OUTCOMES {
                 metrics::counter!(BUYS, "outcome" => *o).absolute(0);
             }
@@ -260,6 +272,12 @@ pub fn buy(outcome: &'static str) {
 pub fn lookup_batch(n: usize) {
     metrics::counter!(LOOKUP_BATCHES).increment(1);
     metrics::counter!(LOOKUPS_BATCHED).increment(n as u64);
+}
+
+/// A frontend sends one batch of `n` buys to an order replica.
+pub fn buy_batch(n: usize) {
+    metrics::counter!(BUY_BATCHES).increment(1);
+    metrics::counter!(BUYS_BATCHED).increment(n as u64);
 }
 
 /// An order replica sends one batch of `n` writes to the catalog primary.

@@ -1004,47 +1004,16 @@ async fn writes(
     State(c): State<AppState>,
     JsonBody(b): JsonBody<WriteBatch>,
 ) -> Result<Json<WriteBatchReply>, RouteError> {
-    if b.writes.is_empty() || b.writes.len() > MAX_WRITE_BATCH {
-        return Err(ApiError::bad_request(format!(
-            "a batch holds 1 to {MAX_WRITE_BATCH} writes, not {}",
-            b.writes.len()
-        ))
-        .into());
-    }
-    if !b.request_ids.is_empty()
-        && (b.request_ids.len() != b.writes.len()
-            || !b
-                .request_ids
-                .iter()
-                .all(|id| crate::telemetry::sane_request_id(id)))
-    {
-        return Err(ApiError::bad_request(
-            "request_ids: one id (1 to 64 printable ASCII characters) per write, or none",
-        )
-        .into());
-    }
-    let n = b.writes.len();
-    let mut ids = b.request_ids.into_iter();
-    let mut running = tokio::task::JoinSet::new();
-    for (i, w) in b.writes.into_iter().enumerate() {
-        let c = c.clone();
-        let write = async move {
-            tracing::debug!(write_id = %w.request_id, "write received (in a batch)");
-            (i, apply_whole(&c, w, false).await)
-        };
-        match ids.next() {
-            Some(id) => running.spawn(crate::telemetry::in_request(id, write)),
-            None => running.spawn(write),
-        };
-    }
-    let mut slots: Vec<Option<Result<Json<WriteResult>, RouteError>>> =
-        std::iter::repeat_with(|| None).take(n).collect();
-    while let Some(done) = running.join_next().await {
-        if let Ok((i, r)) = done {
-            slots[i] = Some(r);
-        }
-    }
-    let results: Vec<Result<Json<WriteResult>, RouteError>> = slots
+    crate::batch::check(b.writes.len(), MAX_WRITE_BATCH, &b.request_ids)?;
+    let results: Vec<Result<Json<WriteResult>, RouteError>> =
+        crate::batch::run_all(b.writes, b.request_ids, |w| {
+            let c = c.clone();
+            async move {
+                tracing::debug!(write_id = %w.request_id, "write received (in a batch)");
+                apply_whole(&c, w, false).await
+            }
+        })
+        .await
         .into_iter()
         .map(|r| {
             r.unwrap_or_else(|| {

@@ -1,8 +1,10 @@
-//! Lookups that miss the cache, gathered into batches ([`crate::batch`]):
-//! one `POST /internal/lookups` answers every lookup that arrived while the
-//! earlier batches were in flight. That is where an uncached lookup spent
-//! most of its time: an HTTP request and a read admission on a catalog
-//! replica for every lookup.
+//! Lookups that miss the cache, and buys, gathered into batches
+//! ([`crate::batch`]): one `POST /internal/lookups` answers every lookup
+//! that arrived while the earlier batches were in flight. That is where an
+//! uncached lookup spent most of its time: an HTTP request and a read
+//! admission on a catalog replica for every lookup. Buys go the same way
+//! to the order replicas (`POST /internal/buys`), each handled there as if
+//! it came alone.
 //!
 //! Linearizable as before: a batch is sent after every lookup in it was
 //! received, and its replica reads from one state that shows every write
@@ -10,11 +12,16 @@
 //! `min_version` (the batch asks for the greatest).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
-use crate::api::{BookId, LookupBatch, LookupResponse, MAX_LOOKUP_BATCH, Version};
+use crate::api::{
+    BookId, LookupBatch, LookupResponse, MAX_LOOKUP_BATCH, MAX_WRITE_BATCH, OrderBuyBatch,
+    OrderBuyRequest, Version, WriteResult,
+};
 use crate::balance::Pool;
-use crate::batch::Batcher;
-use crate::client::{CatalogClient, ClientError};
+use crate::batch::{Batched, Batcher};
+use crate::client::{CatalogClient, ClientError, OrderClient};
 
 /// Batches out at once: one is gathered while the other is answered. On two
 /// cores, two gave the most lookups per second (`pygmy bench latency`: 64
@@ -76,6 +83,77 @@ async fn send(
         Ok(books) => books.into_iter().map(Ok).collect(),
         Err(e) => vec![Err(e); batch.len()],
     }
+}
+
+/// The handle buys go through; the gathering task ends when it is dropped.
+pub(crate) struct Buys {
+    /// Each buy with the id of the request it came in.
+    batcher: Batcher<(OrderBuyRequest, Option<String>), Batched>,
+    orders: Arc<Pool<OrderClient>>,
+    /// The order pool's retry budget: a buy refused inside a batch is
+    /// retried alone only within it.
+    budget: Duration,
+}
+
+impl Buys {
+    /// Starts the task that sends batches to `orders`.
+    pub(crate) fn spawn(orders: Arc<Pool<OrderClient>>, budget: Duration) -> Self {
+        let batcher = Batcher::spawn(IN_FLIGHT, MAX_WRITE_BATCH, {
+            let orders = orders.clone();
+            move |batch| send_buys(orders.clone(), batch)
+        });
+        Self {
+            batcher,
+            orders,
+            budget,
+        }
+    }
+
+    /// Buys through an order replica, in the next batch; alone when
+    /// refused inside one for a reason worth retrying.
+    pub(crate) async fn buy(&self, req: OrderBuyRequest) -> Result<WriteResult, ClientError> {
+        let traced = (req.clone(), crate::telemetry::current_request_id());
+        let orders = &self.orders;
+        // Its batch may have reached a replica: not fresh any more.
+        let req = OrderBuyRequest {
+            fresh: false,
+            ..req
+        };
+        let req = &req;
+        let alone = || async move { orders.call(|o| async move { o.buy(req).await }).await };
+        crate::batch::write(&self.batcher, traced, self.budget, alone).await
+    }
+}
+
+/// Sends one batch of buys (round-robin over the order replicas, retried
+/// on another as a lone buy is): one answer per buy, in order. A buy is
+/// `fresh` on the batch's first attempt only, as a lone one.
+async fn send_buys(
+    orders: Arc<Pool<OrderClient>>,
+    batch: Vec<(OrderBuyRequest, Option<String>)>,
+) -> Vec<Batched> {
+    let n = batch.len();
+    crate::metrics::buy_batch(n);
+    let (buys, request_ids) = crate::batch::with_ids(batch);
+    let sent = AtomicBool::new(false);
+    let (buys, request_ids, sent) = (&buys, &request_ids, &sent);
+    let reply = orders
+        .call(|o| {
+            let first = !sent.swap(true, Ordering::Relaxed);
+            let ask = OrderBuyBatch {
+                buys: buys
+                    .iter()
+                    .map(|b| OrderBuyRequest {
+                        fresh: b.fresh && first,
+                        ..b.clone()
+                    })
+                    .collect(),
+                request_ids: request_ids.clone(),
+            };
+            async move { o.buys(&ask).await }
+        })
+        .await;
+    crate::batch::answers(reply, n, "order /internal/buys")
 }
 
 #[cfg(test)]

@@ -37,6 +37,8 @@ struct Frontend {
     lookups: batch::Lookups,
     /// Buys: round-robin over order replicas.
     orders: Arc<Pool<OrderClient>>,
+    /// Buys, batched over `orders`.
+    buys: batch::Buys,
     /// The storefront's and the operator view's state.
     web: web::Web,
 }
@@ -69,12 +71,8 @@ pub async fn run(
         Some(cfg.token.clone()),
         Duration::from_millis(t.retry_budget_ms + t.call_timeout_ms),
     );
-    let orders = node.pool(
-        Role::Order,
-        &order_http,
-        Pick::RoundRobin,
-        (Duration::from_millis(t.retry_budget_ms) * 2).min(public_budget(cfg)),
-    );
+    let order_budget = (Duration::from_millis(t.retry_budget_ms) * 2).min(public_budget(cfg));
+    let orders = node.pool(Role::Order, &order_http, Pick::RoundRobin, order_budget);
     let probe = Duration::from_millis(t.health_interval_ms);
     catalog.spawn_probe(
         probe,
@@ -90,6 +88,7 @@ pub async fn run(
             .with_fence_timeout(Duration::from_millis(t.lease_ms).mul_f64(1.1)),
         web: web::Web::new(cfg, &node.name),
         lookups: batch::Lookups::spawn(catalog.clone()),
+        buys: batch::Buys::spawn(orders.clone(), order_budget),
         catalog,
         orders,
     });
@@ -363,24 +362,14 @@ async fn buy_once(
     let request_id = request_id(headers)?;
     // A minted id has been nowhere before its first attempt: the order
     // replica need not look for it in its log. Every later attempt (the
-    // first may have reached a replica) and every client key does.
-    let minted = request_id.minted_at().is_some();
-    let sent = std::sync::atomic::AtomicBool::new(false);
+    // first may have reached a replica) and every client key does
+    // (`batch::Buys`).
     let req = OrderBuyRequest {
         book_id: id,
+        fresh: request_id.minted_at().is_some(),
         request_id,
-        fresh: false,
     };
-    let result = fe
-        .orders
-        .call(|o| {
-            let req = OrderBuyRequest {
-                fresh: minted && !sent.swap(true, std::sync::atomic::Ordering::Relaxed),
-                ..req.clone()
-            };
-            async move { o.buy(&req).await }
-        })
-        .await?;
+    let result = fe.buys.buy(req).await?;
     match result.outcome {
         Outcome::Bought {
             book_id,

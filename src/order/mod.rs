@@ -18,8 +18,8 @@ use tokio::net::TcpListener;
 use crate::NodeError;
 use crate::api::*;
 use crate::balance::{Pick, Pool};
-use crate::batch::Batcher;
-use crate::client::{CatalogClient, ClientError};
+use crate::batch::{Batched, Batcher};
+use crate::client::CatalogClient;
 use crate::config::Role;
 use crate::http::{self as h, ApiError, JsonBody, QueryArgs};
 use crate::node::Node;
@@ -41,16 +41,6 @@ struct Order {
 /// while the other is answered (as the frontend's lookups).
 const WRITE_SLOTS: usize = 2;
 
-/// A write's fate in a batch.
-enum Batched {
-    Done(WriteResult),
-    /// Refused inside a batch that was answered: it may go alone (to be
-    /// retried as a lone write is) when the refusal is retryable.
-    Refused(ClientError),
-    /// The batch itself failed, after the pool's whole retry budget.
-    Failed(ClientError),
-}
-
 /// Sends one batch to the primary (followed, and retried, as a lone write
 /// is): one answer per write, in order.
 async fn send_writes(
@@ -59,50 +49,14 @@ async fn send_writes(
 ) -> Vec<Batched> {
     let n = batch.len();
     crate::metrics::write_batch(n);
-    let (writes, ids): (Vec<CatalogWrite>, Vec<Option<String>>) = batch.into_iter().unzip();
-    // The catalog logs each write under the request it came in.
-    let request_ids = if ids.iter().all(Option::is_some) {
-        ids.into_iter().flatten().collect()
-    } else {
-        Vec::new()
-    };
+    let (writes, request_ids) = crate::batch::with_ids(batch);
     let ask = WriteBatch {
         writes,
         request_ids,
     };
     let ask = &ask;
-    let reply = catalog
-        .call(|c| async move { c.writes(ask).await })
-        .await
-        .and_then(|r| {
-            if r.outcomes.len() == n {
-                Ok(r.outcomes)
-            } else {
-                Err(ClientError::Decode {
-                    url: "catalog /internal/writes".into(),
-                    detail: format!("{} outcomes for {n} writes", r.outcomes.len()),
-                })
-            }
-        });
-    match reply {
-        Ok(outcomes) => outcomes
-            .into_iter()
-            .map(|o| match o {
-                WriteOutcome::Done(r) => Batched::Done(r),
-                WriteOutcome::Refused {
-                    status,
-                    message,
-                    primary,
-                } => Batched::Refused(ClientError::Status {
-                    url: "catalog /internal/writes".into(),
-                    status,
-                    message,
-                    primary,
-                }),
-            })
-            .collect(),
-        Err(e) => (0..n).map(|_| Batched::Failed(e.clone())).collect(),
-    }
+    let reply = catalog.call(|c| async move { c.writes(ask).await }).await;
+    crate::batch::answers(reply, n, "catalog /internal/writes")
 }
 
 /// What every handler gets.
@@ -163,6 +117,7 @@ pub async fn run(
 fn router(state: AppState, token: &str) -> Router {
     let internal = Router::new()
         .route("/internal/buy", post(buy))
+        .route("/internal/buys", post(buys))
         .route("/log", get(log));
     let public = Router::new().route("/readyz", get(readyz));
     public.merge(h::internal(internal, token)).with_state(state)
@@ -191,6 +146,41 @@ async fn buy(
     buys.run(async move { buy_whole(&o, req).await }).await
 }
 
+/// `POST /internal/buys`: each buy handled as `/internal/buy` handles one
+/// (in a task of its own that ends though the batch's caller gives up),
+/// all at once, so that their writes share the next batches to the
+/// catalog; one outcome per buy, in order.
+async fn buys(
+    State(o): State<AppState>,
+    JsonBody(b): JsonBody<OrderBuyBatch>,
+) -> Result<Json<WriteBatchReply>, ApiError> {
+    crate::batch::check(b.buys.len(), MAX_WRITE_BATCH, &b.request_ids)?;
+    let outcomes = crate::batch::run_all(b.buys, b.request_ids, |req| {
+        let o = o.clone();
+        async move {
+            let work = o.clone();
+            o.buys.run(async move { buy_whole(&work, req).await }).await
+        }
+    })
+    .await
+    .into_iter()
+    .map(|r| match r {
+        Some(Ok(Json(done))) => WriteOutcome::Done(done),
+        Some(Err(e)) => WriteOutcome::Refused {
+            status: e.status.as_u16(),
+            message: e.message,
+            primary: None,
+        },
+        None => WriteOutcome::Refused {
+            status: 503,
+            message: "the buy's task failed; retry with the same request id".into(),
+            primary: None,
+        },
+    })
+    .collect();
+    Ok(Json(WriteBatchReply { outcomes }))
+}
+
 async fn buy_whole(o: &AppState, req: OrderBuyRequest) -> Result<Json<WriteResult>, ApiError> {
     // A fresh id was minted for this very request: no log holds it.
     let first = if req.fresh {
@@ -212,8 +202,9 @@ async fn buy_whole(o: &AppState, req: OrderBuyRequest) -> Result<Json<WriteResul
             book_id: req.book_id,
         },
     };
+    let traced = (write.clone(), crate::telemetry::current_request_id());
     let catalog = &o.catalog;
-    let alone = |write: CatalogWrite| async move {
+    let alone = || async move {
         catalog
             .call(|c| {
                 let write = write.clone();
@@ -221,19 +212,7 @@ async fn buy_whole(o: &AppState, req: OrderBuyRequest) -> Result<Json<WriteResul
             })
             .await
     };
-    let deadline = tokio::time::Instant::now() + o.budget;
-    let traced = (write.clone(), crate::telemetry::current_request_id());
-    let result = match o.writes.submit(traced).await {
-        Some(Batched::Done(r)) => r,
-        Some(Batched::Refused(e)) if e.is_retryable() => {
-            match tokio::time::timeout_at(deadline, alone(write)).await {
-                Ok(r) => r?,
-                Err(_) => return Err(e.into()),
-            }
-        }
-        Some(Batched::Refused(e) | Batched::Failed(e)) => return Err(e.into()),
-        None => alone(write).await?,
-    };
+    let result = crate::batch::write(&o.writes, traced, o.budget, alone).await?;
     o.store
         .record(req.request_id, result.clone())
         .await
@@ -268,6 +247,7 @@ async fn log(
 mod tests {
     use super::*;
     use crate::balance::Pick;
+    use crate::client::ClientError;
 
     /// A catalog that cannot be reached: every write of the batch gets the
     /// batch's error, marked as the batch's (it is not retried alone: the

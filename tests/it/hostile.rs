@@ -129,6 +129,7 @@ async fn hostile_requests_get_4xx_and_change_nothing() {
             ("/internal/cache-lease", "POST"),
             ("/internal/lookups", "POST"),
             ("/internal/writes", "POST"),
+            ("/internal/buys", "POST"),
         ] {
             for body in [
                 "{",
@@ -152,6 +153,13 @@ async fn hostile_requests_get_4xx_and_change_nothing() {
                 "{\"writes\": [{\"request_id\": \"k:a\", \"op\": \"buy\", \"book_id\": 1}], \"x\": 1}",
                 "{\"writes\": [{\"request_id\": \"k:a\", \"op\": \"buy\", \"book_id\": 1}], \"request_ids\": [\"a\", \"b\"]}",
                 "{\"writes\": [{\"request_id\": \"k:a\", \"op\": \"buy\", \"book_id\": 1}], \"request_ids\": [\"a b\"]}",
+                "{\"buys\": []}",
+                "{\"buys\": {}}",
+                "{\"buys\": [{\"request_id\": \"\", \"book_id\": 1}]}",
+                "{\"buys\": [{\"request_id\": \"k:a\", \"book_id\": 0}]}",
+                "{\"buys\": [{\"request_id\": \"k:a\", \"book_id\": 1, \"fresh\": 1}]}",
+                "{\"buys\": [{\"request_id\": \"k:a\", \"book_id\": 1}], \"x\": 1}",
+                "{\"buys\": [{\"request_id\": \"k:a\", \"book_id\": 1}], \"request_ids\": [\"a\", \"b\"]}",
             ] {
                 add(&format!("{m} {p} {body:?}"), req(m, p, &[a, json], body));
             }
@@ -164,6 +172,12 @@ async fn hostile_requests_get_4xx_and_change_nothing() {
             let too_many = format!("{{\"writes\": [{}]}}", vec![write; 129].join(","));
             add(
                 &format!("{m} {p} 129 writes"),
+                req(m, p, &[a, json], &too_many),
+            );
+            let buy = "{\"request_id\": \"k:many\", \"book_id\": 1}";
+            let too_many = format!("{{\"buys\": [{}]}}", vec![buy; 129].join(","));
+            add(
+                &format!("{m} {p} 129 buys"),
                 req(m, p, &[a, json], &too_many),
             );
             add(

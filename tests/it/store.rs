@@ -539,20 +539,32 @@ async fn concurrent_uncached_lookups_each_get_their_own_book_through_batches() {
     eprintln!("{batched} lookups in {batches} batches");
 }
 
-/// Buys that reach an order replica while its earlier batches are out go
-/// to the catalog primary together, each applied as if sent alone: every
-/// buy is counted in a batch, some batches hold several, each buy gets an
-/// order of its own, and the stock falls by exactly the buys.
+/// The batches (buys, then writes) a frontend and the order replicas have
+/// sent, and the buys (writes) in them.
+async fn batches_sent(c: &TestCluster) -> [(f64, f64); 2] {
+    let mut sent = [(0.0, 0.0); 2];
+    for f in c.names(pygmy::config::Role::Frontend) {
+        sent[0].0 += c.metric(&f, "pygmy_buy_batches_total").await;
+        sent[0].1 += c.metric(&f, "pygmy_buys_batched_total").await;
+    }
+    for o in c.names(pygmy::config::Role::Order) {
+        sent[1].0 += c.metric(&o, "pygmy_write_batches_total").await;
+        sent[1].1 += c.metric(&o, "pygmy_writes_batched_total").await;
+    }
+    sent
+}
+
+/// Buys that reach a frontend while its earlier batches are out go to an
+/// order replica together, and those that reach an order replica while its
+/// earlier batches are out go to the catalog primary together, each
+/// handled as if sent alone: at both tiers every buy is counted in a batch
+/// and some batches hold several; each buy gets an order of its own, and
+/// the stock falls by exactly the buys.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_buys_reach_the_catalog_in_batches_and_each_buys_once() {
+async fn concurrent_buys_reach_the_order_replicas_and_the_catalog_in_batches_and_each_buys_once() {
     let c = TestCluster::start(Options::default()).await;
     c.set_stock(3, 500).await;
-    let orders = c.names(pygmy::config::Role::Order);
-    let mut before = (0.0, 0.0);
-    for o in &orders {
-        before.0 += c.metric(o, "pygmy_write_batches_total").await;
-        before.1 += c.metric(o, "pygmy_writes_batched_total").await;
-    }
+    let before = batches_sent(&c).await;
     let fe = c.frontend();
     let n = 150;
     let mut tasks = JoinSet::new();
@@ -570,23 +582,74 @@ async fn concurrent_buys_reach_the_catalog_in_batches_and_each_buys_once() {
             r.order_id
         );
     }
-    let mut after = (0.0, 0.0);
-    for o in &orders {
-        after.0 += c.metric(o, "pygmy_write_batches_total").await;
-        after.1 += c.metric(o, "pygmy_writes_batched_total").await;
+    let after = batches_sent(&c).await;
+    for (tier, (b, a)) in ["frontend", "order"].iter().zip(before.iter().zip(after)) {
+        let (batches, batched) = (a.0 - b.0, a.1 - b.1);
+        assert!(
+            batched >= n as f64,
+            "{tier}: every buy went out in a batch: {batched} of {n}"
+        );
+        assert!(
+            batches < batched,
+            "{tier}: some batch held several buys: {batched} in {batches}"
+        );
+        eprintln!("{tier}: {batched} buys in {batches} batches");
     }
-    let (batches, batched) = (after.0 - before.0, after.1 - before.1);
-    assert!(
-        batched >= n as f64,
-        "every buy went out in a batch: {batched} of {n}"
-    );
-    assert!(
-        batches < batched,
-        "some batch held several buys: {batched} in {batches}"
-    );
     assert_eq!(c.stock(3).await, 500 - n as u64);
     assert_eq!(c.order_log_len().await, n);
-    eprintln!("{batched} buys in {batches} batches");
+}
+
+/// `POST /internal/buys` at an order replica: each buy handled as if it
+/// came alone, in its place in the answer: an unknown book is refused
+/// there (404), a book out of stock is answered as such, and the same
+/// request id twice buys once and answers the same both times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_buys_at_an_order_replica_is_handled_buy_by_buy() {
+    let c = TestCluster::start(Options::default()).await;
+    c.set_stock(6, 0).await;
+    let order = c
+        .names(pygmy::config::Role::Order)
+        .into_iter()
+        .next()
+        .expect("an order replica");
+    let buy = |id: &str, book: u64| OrderBuyRequest {
+        book_id: BookId::new(book).unwrap(),
+        request_id: RequestId::parse(id).unwrap(),
+        fresh: false,
+    };
+    let batch = OrderBuyBatch {
+        buys: vec![
+            buy("k:buys-a", 5),
+            buy("k:buys-b", 99),
+            buy("k:buys-a", 5),
+            buy("k:buys-c", 6),
+        ],
+        request_ids: Vec::new(),
+    };
+    let stock = c.stock(5).await;
+    let at = c.order(&order);
+    let reply = c.retry("the batch of buys", || at.buys(&batch)).await;
+    match &reply.outcomes[..] {
+        [
+            WriteOutcome::Done(first),
+            WriteOutcome::Refused { status: 404, .. },
+            WriteOutcome::Done(again),
+            WriteOutcome::Done(none_left),
+        ] => {
+            assert_eq!(first, again, "the same request id answers the same");
+            assert!(matches!(first.outcome, Outcome::Bought { .. }), "{first:?}");
+            assert!(
+                matches!(none_left.outcome, Outcome::OutOfStock { .. }),
+                "{none_left:?}"
+            );
+        }
+        other => panic!("the order replica answered {other:?}"),
+    }
+    assert_eq!(
+        c.stock(5).await,
+        stock - 1,
+        "one buy, however often it was sent"
+    );
 }
 
 /// `POST /internal/writes` at the catalog: a replica that is not the
