@@ -128,10 +128,7 @@ CPU per buy at 32 connections −13% (six pairs, −5 to −21%), buys per secon
 HTTP request per buy. Frontends now send the buys that queue while two batches are out to an order replica \
 in one request (`POST /internal/buys`, each handled as if it came alone), so a batch's buys also reach the \
 catalog together. With two stores alternating: CPU per buy at 32 connections −31% (six rounds), buys per \
-second +18 to +35%; one connection unchanged;\n\
-- the catalog's gate then let only the first write of an order replica's batch go at once (the rest found \
-it in flight and waited a round): writes taken from the driver's queue together now go together. Buys per \
-second at 32 connections +8.5% on average over 13 alternating pairs.\n\n\
+second +18 to +35%; one connection unchanged.\n\n\
 Tried and not kept:\n\n\
 - database pages of 1 KiB instead of 4 KiB: the bytes written per buy halved, CPU per buy did not move (an \
 fsync here costs per call, not per byte);\n\

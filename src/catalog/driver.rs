@@ -223,9 +223,6 @@ struct Io {
     /// Writes that came while earlier ones were in flight, proposed together
     /// once those are answered (see [`Driver::propose_queued`]).
     queued: Vec<Queued>,
-    /// None of our writes was in flight when the inputs now being taken
-    /// began: the writes among them are proposed at once, together.
-    open: bool,
     names: HashMap<NodeId, String>,
     /// Persisting one step for longer than this is logged as a slow disk.
     slow: Duration,
@@ -291,7 +288,6 @@ impl Driver {
                 shared,
                 outbox,
                 pending: HashMap::new(),
-                open: true,
                 in_flight: HashMap::new(),
                 held: HashMap::new(),
                 queued: Vec::new(),
@@ -322,9 +318,6 @@ impl Driver {
             let timeout = next_tick.saturating_duration_since(Instant::now());
             match self.inputs.recv_timeout(timeout) {
                 Ok(input) => {
-                    // Writes that arrive together, with none of ours in
-                    // flight, go at once in one step (one append).
-                    self.io.open = self.io.pending.is_empty();
                     self.input(input);
                     // Take everything already waiting: one fsync for all of it.
                     for _ in 0..4096 {
@@ -453,7 +446,7 @@ impl Driver {
             return;
         }
         let op = machine::Command::from(write.op).encode_stamped(at, until);
-        if !self.io.open && self.io.queued.len() < self.replica.config().max_batch {
+        if !self.io.pending.is_empty() && self.io.queued.len() < self.replica.config().max_batch {
             self.io.queued.push(Queued {
                 request_id: rid.clone(),
                 op,
@@ -513,9 +506,7 @@ impl Driver {
     /// step, so one append to each backup, one fsync on each replica and
     /// one commit carry them all, where each would have cost its own. A
     /// write that finds none in flight is proposed at once, so one alone
-    /// waits no longer, and so are the writes taken with it from the
-    /// queue of inputs (a batch from an order replica arrives so): they
-    /// share its step. Called after each step; proposes only when nothing
+    /// waits no longer. Called after each step; proposes only when nothing
     /// is in flight. Whether each may still be proposed is checked again:
     /// the primaryship may have changed while it waited.
     fn propose_queued(&mut self, now: u64) -> bool {
