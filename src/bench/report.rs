@@ -130,6 +130,10 @@ in one request (`POST /internal/buys`, each handled as if it came alone), so a b
 catalog together. With two stores alternating: CPU per buy at 32 connections −31% (six rounds), buys per \
 second +18 to +35%; one connection unchanged.\n\n\
 Tried and not kept:\n\n\
+- proposing at once every write the catalog's driver takes with the first (an order replica's batch \
+arrives so), rather than letting the rest wait a round: +8.5% buys in 13 alternating pairs, +3% in 8 more, \
+and two full bench runs lower than the version without it; not a gain this machine can show;\n\
+- four batches of buys in flight per frontend instead of two: +5% buys, +4% CPU, inside noise;\n\
 - database pages of 1 KiB instead of 4 KiB: the bytes written per buy halved, CPU per buy did not move (an \
 fsync here costs per call, not per byte);\n\
 - mimalloc in place of glibc's allocator (malloc/free are 7% of the samples): buys at 32 connections about \
