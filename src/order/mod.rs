@@ -142,6 +142,11 @@ async fn buy(
     State(o): State<AppState>,
     JsonBody(req): JsonBody<OrderBuyRequest>,
 ) -> Result<Json<WriteResult>, ApiError> {
+    run_buy(o, req).await
+}
+
+/// Runs one buy in a task of its own (see [`buy`]).
+async fn run_buy(o: AppState, req: OrderBuyRequest) -> Result<Json<WriteResult>, ApiError> {
     let buys = o.buys.clone();
     buys.run(async move { buy_whole(&o, req).await }).await
 }
@@ -155,29 +160,23 @@ async fn buys(
     JsonBody(b): JsonBody<OrderBuyBatch>,
 ) -> Result<Json<WriteBatchReply>, ApiError> {
     crate::batch::check(b.buys.len(), MAX_WRITE_BATCH, &b.request_ids)?;
-    let outcomes = crate::batch::run_all(b.buys, b.request_ids, |req| {
-        let o = o.clone();
-        async move {
-            let work = o.clone();
-            o.buys.run(async move { buy_whole(&work, req).await }).await
-        }
-    })
-    .await
-    .into_iter()
-    .map(|r| match r {
-        Some(Ok(Json(done))) => WriteOutcome::Done(done),
-        Some(Err(e)) => WriteOutcome::Refused {
-            status: e.status.as_u16(),
-            message: e.message,
-            primary: None,
-        },
-        None => WriteOutcome::Refused {
-            status: 503,
-            message: "the buy's task failed; retry with the same request id".into(),
-            primary: None,
-        },
-    })
-    .collect();
+    let outcomes = crate::batch::run_all(b.buys, b.request_ids, |req| run_buy(o.clone(), req))
+        .await
+        .into_iter()
+        .map(|r| match r {
+            Some(Ok(Json(done))) => WriteOutcome::Done(done),
+            Some(Err(e)) => WriteOutcome::Refused {
+                status: e.status.as_u16(),
+                message: e.message,
+                primary: None,
+            },
+            None => WriteOutcome::Refused {
+                status: 503,
+                message: "the buy's task failed; retry with the same request id".into(),
+                primary: None,
+            },
+        })
+        .collect();
     Ok(Json(WriteBatchReply { outcomes }))
 }
 
