@@ -130,7 +130,13 @@ impl Default for Clock {
 /// state, the read gate's inputs, the clock both count leases on.
 pub struct Published {
     pub state: RwLock<Arc<State>>,
+    /// Changes on almost every step (the lease's end, the read index): read
+    /// it, do not wait on it (each wait is a wake of the runtime's thread
+    /// from the driver's, on every step).
     pub gate: watch::Sender<Gate>,
+    /// The role and epoch, from the gate: changes only when the
+    /// primaryship does. What the cache invalidator waits on.
+    pub primaryship: watch::Sender<(Option<Role>, u64)>,
     pub applied: watch::Sender<Version>,
     pub clock: Clock,
     /// The latest state digests (see [`store::DIGEST_EVERY`]), oldest first.
@@ -799,6 +805,12 @@ impl Host for Io {
         self.shared.gate.send_if_modified(|g| {
             let changed = *g != gate;
             *g = gate;
+            changed
+        });
+        let primaryship = (gate.role, gate.epoch);
+        self.shared.primaryship.send_if_modified(|p| {
+            let changed = *p != primaryship;
+            *p = primaryship;
             changed
         });
     }

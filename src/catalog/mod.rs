@@ -291,10 +291,12 @@ pub async fn run(
         .collect();
     let clock = Clock::new();
     let (gate_tx, _) = watch::channel(Gate::default());
+    let (primaryship_tx, _) = watch::channel((None, 0));
     let (applied_tx, _) = watch::channel(disk.state.version);
     let shared = Arc::new(Published {
         state: RwLock::new(Arc::new(disk.state.clone())),
         gate: gate_tx,
+        primaryship: primaryship_tx,
         applied: applied_tx,
         clock,
         digests: Default::default(),
@@ -709,26 +711,26 @@ async fn manage_invalidator(
     drift: f64,
 ) {
     let Some(c) = catalog.upgrade() else { return };
-    let mut gate = c.shared.gate.subscribe();
+    let mut primaryship = c.shared.primaryship.subscribe();
     drop(c);
     loop {
-        let g = *gate.borrow_and_update();
+        let (role, epoch) = *primaryship.borrow_and_update();
         let Some(c) = catalog.upgrade() else { return };
         {
             let mut inv = c.invalidator.write().unwrap_or_else(|p| p.into_inner());
             let current = inv.as_ref().map(|(e, _)| *e);
-            let primary = g.role == Some(replication::Role::Primary);
-            if primary && current != Some(g.epoch) {
+            let primary = role == Some(replication::Role::Primary);
+            if primary && current != Some(epoch) {
                 let assumed = (lease + replication_lease).mul_f64(1.0 + drift);
                 let new = Arc::new(Invalidator::new(
                     frontends.clone(),
                     lease,
                     drift,
                     assumed,
-                    g.epoch,
+                    epoch,
                 ));
-                *inv = Some((g.epoch, new.clone()));
-                let (weak, epoch) = (catalog.clone(), g.epoch);
+                *inv = Some((epoch, new.clone()));
+                let weak = catalog.clone();
                 tokio::spawn(async move {
                     new.fence().await;
                     if let Some(c) = weak.upgrade() {
@@ -740,7 +742,7 @@ async fn manage_invalidator(
             }
         }
         drop(c);
-        if gate.changed().await.is_err() {
+        if primaryship.changed().await.is_err() {
             return;
         }
     }
