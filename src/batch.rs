@@ -223,7 +223,9 @@ where
     let mut ids = request_ids.into_iter();
     let mut running = tokio::task::JoinSet::new();
     for (i, item) in items.into_iter().enumerate() {
-        let one = work(item);
+        // On the heap: an item's work is kilobytes of future, which the
+        // wrappers below and spawning would each copy whole.
+        let one = Box::pin(work(item));
         let one = async move { (i, one.await) };
         match ids.next() {
             Some(id) => running.spawn(crate::telemetry::in_request(id, one)),

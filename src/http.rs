@@ -489,6 +489,9 @@ impl Whole {
             .map_err(|_| ApiError::unavailable("overloaded, retry shortly"))?;
         let running = self.running.clone();
         running.increment(1.0);
+        // On the heap from here: the work's future is kilobytes, and each
+        // wrapper below (and spawning) would copy it whole.
+        let work = Box::pin(work);
         let work = crate::telemetry::carry(async move {
             let done = work.await;
             running.decrement(1.0);
