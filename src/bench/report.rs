@@ -128,9 +128,13 @@ CPU per buy at 32 connections −13% (six pairs, −5 to −21%), buys per secon
 HTTP request per buy. Frontends now send the buys that queue while two batches are out to an order replica \
 in one request (`POST /internal/buys`, each handled as if it came alone), so a batch's buys also reach the \
 catalog together. With two stores alternating: CPU per buy at 32 connections −31% (six rounds), buys per \
-second +18 to +35%; one connection unchanged.\n\n\
-Where a buy's time and CPU go now, from the nodes' metrics around one 8 s `wrk -c32` run (3 685 buys/s, p50 \
-8.3 ms):\n\n\
+second +18 to +35%; one connection unchanged;\n\
+- the machine-wide profile then put `memmove` at 3.6% of the samples: a write's or a buy's work that runs in a \
+task of its own, and each item of a batch, is 2–5 KB of future, held inline by wrappers of 5–11 KB, and each \
+wrapping and the spawn copied it whole. The work now goes on the heap first: `memmove` 1.7% of the samples, \
+CPU per buy −6% and buys/s +7% over eight alternating pairs.\n\n\
+Where a buy's time and CPU go, from the nodes' metrics around one 8 s `wrk -c32` run before that last change \
+(3 685 buys/s, p50 8.3 ms):\n\n\
 - the frontend's `/buy` averaged 8.1 ms: 4.8 ms in its batch's call to an order replica (10.2 buys a batch), \
 3.3 ms waiting for one of its two batch slots, the hop and its own work; the order replica's fsync and hops \
 1.4 ms of the 4.8; the catalog primary's batch call 3.4 ms, where a write mostly waits out the round in flight \
@@ -143,6 +147,8 @@ about 200 µs a buy; about 32 system calls a buy across the store, none of them 
 of it in the kernel's loopback TCP: one thread caps it near 71 000/s, and two threads read the same 67–70 000 \
 with wrk taking 0.7 of a core.\n\n\
 Tried and not kept:\n\n\
+- a catalog snapshot every 30 000 entries instead of 10 000 (building them was 3.9% of the samples): CPU per \
+buy the same over eight alternating pairs, and three times the log in memory;\n\
 - glibc's fast bins off (`M_MXFAST` 0; the primary's runtime thread spent 18% of its samples in `free` and \
 `malloc_consolidate`): CPU per buy +1% over six alternating pairs;\n\
 - proposing at once every write the catalog's driver takes with the first (an order replica's batch \
