@@ -4,10 +4,11 @@
 //! replicas' writes (one `POST /internal/writes` to the catalog primary).
 //!
 //! At most `in_flight` batches are out at once. A request that finds a
-//! slot free leaves at once, alone, so a lone client waits no longer than
-//! without batching (one task hop); under load, requests queue behind the
-//! busy slots and leave together, and the receiving node parses, admits
-//! and answers one HTTP request for many. The batch is sent after every
+//! slot free leaves at once, with those handed over on the same turn of
+//! the runtime, so a lone client waits no longer than without batching
+//! (one task hop and a yield); under load, requests queue behind the busy
+//! slots and leave together, and the receiving node parses, admits and
+//! answers one HTTP request for many. The batch is sent after every
 //! request in it arrived, so each is served as if sent alone at that
 //! moment, which keeps reads linearizable.
 
@@ -77,6 +78,12 @@ async fn gather<T, R, F, Fut>(
         let Some(first) = waiting.recv().await else {
             return;
         };
+        // Let the tasks ready to run queue theirs first (see [`Turn`]):
+        // the requests of a wave arrive together, each in its
+        // connection's task, and the first one's wake would have sent it
+        // alone, the rest a round behind it. A lone request still leaves
+        // at once: nothing else is ready, so the yield costs a turn.
+        tokio::task::yield_now().await;
         let mut batch = vec![first];
         while batch.len() < max {
             match waiting.try_recv() {
@@ -94,6 +101,42 @@ async fn gather<T, R, F, Fut>(
             }
             drop(slot);
         });
+    }
+}
+
+/// Items handed over on one turn of the runtime, to be passed on together
+/// to a thread that owns a disk (the catalog's driver, the order log's
+/// writer). Tasks that run one after another (the writes of one batch, each
+/// in a task of its own) each hand one over: sent one by one, the thread
+/// woke at the first and wrote it alone, and the rest waited for that
+/// write (an fsync, a replication round) before they went together. The
+/// first item of a turn asks its caller to spawn the task that passes them
+/// on ([`Turn::push`] returns `true`); that task yields once before it
+/// takes them all ([`Turn::take`]), so that the tasks ready to run add
+/// theirs first (those woken from another thread, by the driver's answers,
+/// would otherwise run after it).
+pub(crate) struct Turn<T>(std::sync::Mutex<Vec<T>>);
+
+impl<T> Default for Turn<T> {
+    fn default() -> Self {
+        Self(std::sync::Mutex::new(Vec::new()))
+    }
+}
+
+impl<T> Turn<T> {
+    /// Adds `item`; `true` when it is the first since the last
+    /// [`Turn::take`]: spawn the task that takes them.
+    pub(crate) fn push(&self, item: T) -> bool {
+        let mut items = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        items.push(item);
+        items.len() == 1
+    }
+
+    /// Everything added since the last call, once the tasks ready to run
+    /// have run.
+    pub(crate) async fn take(&self) -> Vec<T> {
+        tokio::task::yield_now().await;
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
     }
 }
 

@@ -335,28 +335,30 @@ pub fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Starts the thread that owns `conn` for writing: it takes every job
-/// waiting (up to [`MAX_BATCH`]) and hands them to `commit` together, which
-/// writes them in one transaction and answers each job after the commit.
+/// Starts the thread that owns `conn` for writing: jobs arrive in groups
+/// (those handed over together); it takes every group waiting (until it
+/// holds [`MAX_BATCH`] jobs or more) and hands their jobs to `commit`
+/// together, which writes them in one transaction and answers each job
+/// after the commit.
 pub fn spawn_writer<J: Send + 'static>(
     name: &str,
     mut conn: Connection,
     mut commit: impl FnMut(&mut Connection, Vec<J>) + Send + 'static,
-) -> (mpsc::Sender<J>, std::thread::JoinHandle<()>) {
-    let (tx, mut rx) = mpsc::channel::<J>(4 * MAX_BATCH);
+) -> (mpsc::Sender<Vec<J>>, std::thread::JoinHandle<()>) {
+    let (tx, mut rx) = mpsc::channel::<Vec<J>>(4 * MAX_BATCH);
     let thread = std::thread::Builder::new()
         .name(format!("{name}-writer"))
         .spawn(move || {
-            while let Some(first) = rx.blocking_recv() {
-                let mut batch = Vec::with_capacity(16);
-                batch.push(first);
+            while let Some(mut batch) = rx.blocking_recv() {
                 while batch.len() < MAX_BATCH {
                     match rx.try_recv() {
-                        Ok(j) => batch.push(j),
+                        Ok(jobs) => batch.extend(jobs),
                         Err(_) => break,
                     }
                 }
-                commit(&mut conn, batch);
+                if !batch.is_empty() {
+                    commit(&mut conn, batch);
+                }
             }
         })
         .expect("spawning a thread succeeds");

@@ -132,8 +132,19 @@ second +18 to +35%; one connection unchanged;\n\
 - the machine-wide profile then put `memmove` at 3.6% of the samples: a write's or a buy's work that runs in a \
 task of its own, and each item of a batch, is 2–5 KB of future, held inline by wrappers of 5–11 KB, and each \
 wrapping and the spawn copied it whole. The work now goes on the heap first: `memmove` 1.7% of the samples, \
-CPU per buy −6% and buys/s +7% over eight alternating pairs.\n\n\
-Where a buy's time and CPU go, from the nodes' metrics around one 8 s `wrk -c32` run before that last change \
+CPU per buy −6% and buys/s +7% over eight alternating pairs;\n\
+- a timeline across the seven processes (temporary timestamps at every request, batch, order log commit and \
+catalog driver step, at 32 connections) showed buys moving in waves, and each tier sending the first of a \
+wave alone and the rest a step behind it: a batch's items are handled by tasks that run one after another, \
+and whatever took them woke at the first. The catalog's driver proposed a batch's first write alone (the \
+other 17–28 waited out its replication round, 1.2–1.6 ms), the order log's writer committed the first \
+order alone, the invalidation pusher sent the first end alone (the rest in two more pushes), and the \
+batchers sent the first buy of a wave alone. Each now takes what is handed over on the same turn of the \
+runtime (it yields once, then takes everything), the catalog's writes and releases reach its driver as one \
+input, and every write taken with the first is proposed in the same step (tried before without the rest, \
+below). With two stores alternating, eight pairs at 32 connections: buys/s +33 to +57% (median +41%), CPU \
+per buy −21 to −37%, p50 6.7–7.3 → 4.2–4.9 ms; at 64 connections +34 to +41%; one connection unchanged.\n\n\
+Where a buy's time and CPU go, from the nodes' metrics around one 8 s `wrk -c32` run before the last two changes \
 (3 685 buys/s, p50 8.3 ms):\n\n\
 - the frontend's `/buy` averaged 8.1 ms: 4.8 ms in its batch's call to an order replica (10.2 buys a batch), \
 3.3 ms waiting for one of its two batch slots, the hop and its own work; the order replica's fsync and hops \
@@ -151,9 +162,10 @@ Tried and not kept:\n\n\
 buy the same over eight alternating pairs, and three times the log in memory;\n\
 - glibc's fast bins off (`M_MXFAST` 0; the primary's runtime thread spent 18% of its samples in `free` and \
 `malloc_consolidate`): CPU per buy +1% over six alternating pairs;\n\
-- proposing at once every write the catalog's driver takes with the first (an order replica's batch \
-arrives so), rather than letting the rest wait a round: +8.5% buys in 13 alternating pairs, +3% in 8 more, \
-and two full bench runs lower than the version without it; not a gain this machine can show;\n\
+- proposing at once every write the catalog's driver takes with the first, rather than letting the rest \
+wait a round: +8.5% buys in 13 alternating pairs, +3% in 8 more, and two full bench runs lower than the \
+version without it, because a batch's writes did not yet reach the driver together (now they do, and it \
+is done: above);\n\
 - four batches of buys in flight per frontend instead of two: +5% buys, +4% CPU, inside noise;\n\
 - database pages of 1 KiB instead of 4 KiB: the bytes written per buy halved, CPU per buy did not move (an \
 fsync here costs per call, not per byte);\n\

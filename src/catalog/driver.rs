@@ -89,6 +89,8 @@ pub enum Input {
     Status {
         reply: oneshot::Sender<replication::Status>,
     },
+    /// Writes and releases handed over together, taken in one step.
+    Batch(Vec<Input>),
 }
 
 /// What readers see, published by the driver after every step.
@@ -234,6 +236,10 @@ struct Io {
     slow: Duration,
     /// The applied state changed since it was last published.
     dirty: bool,
+    /// No write of this replica's was in flight when the driver began to
+    /// take the inputs it is taking now: every write among them is
+    /// proposed at once, in one step (see [`Driver::propose_queued`]).
+    open: bool,
     /// A snapshot being built beside the driver, and when it began.
     snapshot: Option<(Instant, std::sync::mpsc::Receiver<SnapshotBuilt>)>,
     /// The snapshot last sent to each replica, for the log (see `send`).
@@ -300,6 +306,7 @@ impl Driver {
                 names,
                 slow,
                 dirty: false,
+                open: false,
                 snapshot: None,
                 sync_logged: HashMap::new(),
             },
@@ -324,6 +331,9 @@ impl Driver {
             let timeout = next_tick.saturating_duration_since(Instant::now());
             match self.inputs.recv_timeout(timeout) {
                 Ok(input) => {
+                    // Whether the writes taken now may go at once (see
+                    // `Io::open`).
+                    self.io.open = self.io.pending.is_empty();
                     self.input(input);
                     // Take everything already waiting: one fsync for all of it.
                     for _ in 0..4096 {
@@ -381,6 +391,11 @@ impl Driver {
                 }
             }
             Input::CachesFenced { epoch } => self.replica.caches_fenced(epoch),
+            Input::Batch(inputs) => {
+                for i in inputs {
+                    self.input(i);
+                }
+            }
         }
     }
 
@@ -452,7 +467,10 @@ impl Driver {
             return;
         }
         let op = machine::Command::from(write.op).encode_stamped(at, until);
-        if !self.io.pending.is_empty() && self.io.queued.len() < self.replica.config().max_batch {
+        if !self.io.open
+            && !self.io.pending.is_empty()
+            && self.io.queued.len() < self.replica.config().max_batch
+        {
             self.io.queued.push(Queued {
                 request_id: rid.clone(),
                 op,
@@ -512,8 +530,11 @@ impl Driver {
     /// step, so one append to each backup, one fsync on each replica and
     /// one commit carry them all, where each would have cost its own. A
     /// write that finds none in flight is proposed at once, so one alone
-    /// waits no longer. Called after each step; proposes only when nothing
-    /// is in flight. Whether each may still be proposed is checked again:
+    /// waits no longer; and so is every write taken with it, in the same
+    /// step (the writes of a batch arrive together, see
+    /// `Catalog::send_soon`): "in flight" is read when the driver begins to
+    /// take its inputs ([`Io::open`]). Called after each step; proposes only
+    /// when nothing is in flight. Whether each may still be proposed is checked again:
     /// the primaryship may have changed while it waited.
     fn propose_queued(&mut self, now: u64) -> bool {
         if self.io.queued.is_empty() || !self.io.pending.is_empty() {

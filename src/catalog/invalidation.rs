@@ -280,6 +280,11 @@ async fn push_loop(
     epoch: u64,
 ) {
     while let Some(first) = rx.recv().await {
+        // Let the tasks ready to run queue theirs first: the writes the
+        // driver answers together wake one by one, each queuing its end,
+        // and the first one's wake would have sent its end alone, the rest
+        // a push later (see `crate::batch::Turn`).
+        tokio::task::yield_now().await;
         let mut batch = vec![first];
         while batch.len() < 1024 {
             match rx.try_recv() {

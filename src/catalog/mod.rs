@@ -89,6 +89,9 @@ struct Catalog {
     stopping: watch::Sender<bool>,
     /// Writes run whole (see [`apply_whole`]).
     writes: crate::http::Whole,
+    /// Writes and releases handed over on this turn of the runtime, for
+    /// the driver in one input (see [`Catalog::send_soon`]).
+    soon: crate::batch::Turn<Input>,
 }
 
 /// What every handler gets.
@@ -104,10 +107,34 @@ impl Catalog {
             .map_err(|_| ApiError::unavailable("this replica is overloaded, retry shortly"))
     }
 
-    /// Tells the driver that the caches have the begin of the write held
-    /// under `ticket`, so it may commit. Must arrive (a held write blocks
-    /// every later commit): a full queue is waited out, not refused.
-    async fn release(&self, ticket: u64) {
+    /// Hands a write or a release to the driver with every other one
+    /// handed over on this turn of the runtime, in one input (see
+    /// [`crate::batch::Turn`]): a batch's writes then reach the driver
+    /// together and go in one replication round, where the first went
+    /// alone and the rest waited a round behind it; and the releases of
+    /// held writes wake the driver once, not once each.
+    fn send_soon(self: &Arc<Self>, input: Input) -> Result<(), ApiError> {
+        if self
+            .inputs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none()
+        {
+            return Err(ApiError::unavailable("this replica is still starting"));
+        }
+        if self.soon.push(input) {
+            let c = self.clone();
+            tokio::spawn(async move { c.hand_over().await });
+        }
+        Ok(())
+    }
+
+    /// Sends what [`Catalog::send_soon`] gathered, as one input. A full
+    /// queue refuses the writes (their callers answer 503, as for one
+    /// write) and is waited out for the releases: a held write blocks
+    /// every later commit, so its release must arrive.
+    async fn hand_over(&self) {
+        let gathered = self.soon.take().await;
         let Some(tx) = self
             .inputs
             .read()
@@ -116,14 +143,30 @@ impl Catalog {
         else {
             return;
         };
-        let mut input = Input::Begun { ticket };
+        let Err(std::sync::mpsc::TrySendError::Full(Input::Batch(gathered))) =
+            tx.try_send(Input::Batch(gathered))
+        else {
+            // Sent, or the driver is gone (and its writes and holds with it).
+            return;
+        };
+        let mut releases = Vec::new();
+        for input in gathered {
+            match input {
+                Input::Write { reply, .. } => {
+                    let _ = reply.send(Err(WriteError::Unavailable(
+                        "this replica is overloaded, retry shortly".into(),
+                    )));
+                }
+                other => releases.push(other),
+            }
+        }
+        let mut input = Input::Batch(releases);
         loop {
             match tx.try_send(input) {
                 Err(std::sync::mpsc::TrySendError::Full(back)) => {
                     input = back;
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
-                // Sent, or the driver is gone (and its holds with it).
                 _ => return,
             }
         }
@@ -322,6 +365,7 @@ pub async fn run(
             .collect(),
         disk: disk_hard_state,
         tickets: std::sync::atomic::AtomicU64::new(0),
+        soon: Default::default(),
         streams: names
             .keys()
             .filter(|id| **id != node.entry.process_id)
@@ -911,7 +955,7 @@ async fn apply(
     let forwardable = may_forward.then(|| write.clone());
     let epoch = inv.as_ref().map(|(e, _)| *e);
     let ticket = held.as_ref().map(|(t, _)| *t);
-    if let Err(e) = c.send(Input::Write {
+    if let Err(e) = c.send_soon(Input::Write {
         write,
         epoch,
         ticket,
@@ -927,7 +971,7 @@ async fn apply(
         tokio::spawn(async move {
             begun.await;
             if let Some(c) = weak.upgrade() {
-                c.release(ticket).await;
+                let _ = c.send_soon(Input::Begun { ticket });
             }
         });
     }

@@ -170,7 +170,12 @@ struct Job {
 }
 
 pub struct OrderStore {
-    writer: mpsc::Sender<Job>,
+    writer: mpsc::Sender<Vec<Job>>,
+    /// Orders recorded on this turn of the runtime, for the writer in one
+    /// message (see [`crate::batch::Turn`]): the buys of a batch are
+    /// answered together and record their orders one after another, and
+    /// the writer committed the first alone, the rest after its fsync.
+    jobs: Arc<crate::batch::Turn<Job>>,
     writer_thread: std::thread::JoinHandle<()>,
     reader: Arc<Mutex<Connection>>,
     dir: std::path::PathBuf,
@@ -228,6 +233,7 @@ impl OrderStore {
         let (writer, writer_thread) = storage::spawn_writer(node, conn, commit);
         Ok(Self {
             writer,
+            jobs: Default::default(),
             writer_thread,
             reader: Arc::new(Mutex::new(reader)),
             dir: dir.to_path_buf(),
@@ -291,14 +297,16 @@ impl OrderStore {
     /// Records an order durably; returns after the commit.
     pub async fn record(&self, request_id: RequestId, result: WriteResult) -> Result<(), String> {
         let (reply, rx) = oneshot::channel();
-        self.writer
-            .send(Job {
-                request_id,
-                result,
-                reply,
-            })
-            .await
-            .map_err(|_| "the order log writer has stopped".to_string())?;
+        let job = Job {
+            request_id,
+            result,
+            reply,
+        };
+        if self.jobs.push(job) {
+            let (jobs, writer) = (self.jobs.clone(), self.writer.clone());
+            // A writer that stopped drops the jobs, and their callers hear so.
+            tokio::spawn(async move { writer.send(jobs.take().await).await });
+        }
         rx.await
             .map_err(|_| "the order log writer has stopped".to_string())?
     }
