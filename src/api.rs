@@ -509,7 +509,7 @@ impl<'de> Deserialize<'de> for CatalogWrite {
 
 /// The result of applying a write, stored with its request id so a retry
 /// gets the first answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum Outcome {
     Bought {
@@ -525,6 +525,56 @@ pub enum Outcome {
     Updated {
         book: Book,
     },
+}
+
+/// An [`Outcome`]'s tag, as its `outcome` field names it.
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum OutcomeTag {
+    Bought,
+    OutOfStock,
+    Updated,
+}
+
+/// Every field an [`Outcome`] may have, read in one pass.
+#[derive(Deserialize)]
+struct OutcomeFields {
+    outcome: OutcomeTag,
+    book_id: Option<BookId>,
+    title: Option<String>,
+    price: Option<Money>,
+    order_id: Option<u64>,
+    book: Option<Book>,
+}
+
+/// The same JSON as the derived, internally tagged form reads (the tag
+/// in `outcome`, the variant's fields beside it, others ignored), read
+/// straight into the fields: the derived form buffers every field first
+/// (serde's `Content`) to find the tag, and outcomes are read for every
+/// answer a catalog snapshot holds and every buy's answer on each tier.
+impl<'de> Deserialize<'de> for Outcome {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let f = OutcomeFields::deserialize(d)?;
+        fn need<T, E: Error>(v: Option<T>, field: &'static str) -> Result<T, E> {
+            v.ok_or_else(|| E::missing_field(field))
+        }
+        Ok(match f.outcome {
+            OutcomeTag::Bought => Outcome::Bought {
+                book_id: need(f.book_id, "book_id")?,
+                title: need(f.title, "title")?,
+                price: need(f.price, "price")?,
+                order_id: need(f.order_id, "order_id")?,
+            },
+            OutcomeTag::OutOfStock => Outcome::OutOfStock {
+                book_id: need(f.book_id, "book_id")?,
+                title: need(f.title, "title")?,
+            },
+            OutcomeTag::Updated => Outcome::Updated {
+                book: need(f.book, "book")?,
+            },
+        })
+    }
 }
 
 /// A catalog replica's state digest at a version (`GET /internal/digests`).
@@ -774,6 +824,56 @@ pub(crate) fn truncate(s: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Outcomes read back as written, and what the derived, internally
+    /// tagged form refused is refused: an unknown tag, a missing tag, a
+    /// missing field, a field of the wrong type.
+    #[test]
+    fn outcomes_read_back_as_written_and_malformed_ones_are_refused() {
+        let book = Book {
+            id: BookId::new(3).unwrap(),
+            title: "A \"quoted\" title".into(),
+            topic: "Distributed systems".into(),
+            cost: Money::from_cents(1999).unwrap(),
+            stock: 7,
+        };
+        for o in [
+            Outcome::Bought {
+                book_id: book.id,
+                title: book.title.clone(),
+                price: book.cost,
+                order_id: 42,
+            },
+            Outcome::OutOfStock {
+                book_id: book.id,
+                title: book.title.clone(),
+            },
+            Outcome::Updated { book: book.clone() },
+        ] {
+            let json = serde_json::to_string(&o).unwrap();
+            assert_eq!(serde_json::from_str::<Outcome>(&json).unwrap(), o, "{json}");
+        }
+        let ok = r#"{"outcome":"out_of_stock","book_id":3,"title":"t","extra":[1,2]}"#;
+        assert!(
+            serde_json::from_str::<Outcome>(ok).is_ok(),
+            "other fields are ignored"
+        );
+        for bad in [
+            r#"{"outcome":"stolen","book_id":3,"title":"t"}"#,
+            r#"{"book_id":3,"title":"t"}"#,
+            r#"{"outcome":"bought","book_id":3,"title":"t","price":1.5}"#,
+            r#"{"outcome":"bought","book_id":0,"title":"t","price":1.5,"order_id":1}"#,
+            r#"{"outcome":"updated","book_id":3}"#,
+            r#"{"outcome":"out_of_stock","book_id":"3","title":"t"}"#,
+            r#"{"outcome":"out_of_stock","book_id":3,"title":null}"#,
+            r#"["bought",3]"#,
+        ] {
+            assert!(
+                serde_json::from_str::<Outcome>(bad).is_err(),
+                "{bad} was read"
+            );
+        }
+    }
 
     #[test]
     fn replica_roles_are_lower_case_words_on_the_wire() {

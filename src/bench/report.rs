@@ -143,7 +143,13 @@ batchers sent the first buy of a wave alone. Each now takes what is handed over 
 runtime (it yields once, then takes everything), the catalog's writes and releases reach its driver as one \
 input, and every write taken with the first is proposed in the same step (tried before without the rest, \
 below). With two stores alternating, eight pairs at 32 connections: buys/s +33 to +57% (median +41%), CPU \
-per buy −21 to −37%, p50 6.7–7.3 → 4.2–4.9 ms; at 64 connections +34 to +41%; one connection unchanged.\n\n\
+per buy −21 to −37%, p50 6.7–7.3 → 4.2–4.9 ms; at 64 connections +34 to +41%; one connection unchanged;\n\
+- the primary's driver thread then spent 28% of its samples in SHA-256 (row checksums): each buy \
+checksummed its book's row three times and upserted it, though a group touches each book about four times. \
+A step's book rows are now written once each, when its entries are applied; and an answer's outcome, read \
+back for every answer a snapshot carries, is read in one pass instead of through serde's buffering of \
+internally tagged enums: +1.5 to +3.7% buys/s, CPU per buy −1 to −4% over six alternating pairs (small; \
+kept because it takes away work the profile showed).\n\n\
 Where a buy's time and CPU go, from the nodes' metrics around one 8 s `wrk -c32` run before the last two changes \
 (3 685 buys/s, p50 8.3 ms):\n\n\
 - the frontend's `/buy` averaged 8.1 ms: 4.8 ms in its batch's call to an order replica (10.2 buys a batch), \
@@ -158,6 +164,9 @@ about 200 µs a buy; about 32 system calls a buy across the store, none of them 
 of it in the kernel's loopback TCP: one thread caps it near 71 000/s, and two threads read the same 67–70 000 \
 with wrk taking 0.7 of a core.\n\n\
 Tried and not kept:\n\n\
+- a catalog snapshot every 40 000 entries: CPU per buy climbs from about 185 to 235 µs over the first 30 s \
+of load as the kept answers fill their window (180 000 at 6 000 buys/s) and each snapshot encodes them all; \
+every 40 000 entries took 7–14% off it, but the store held 119 MB (PSS) against 78 MB, over the memory target;\n\
 - a catalog snapshot every 30 000 entries instead of 10 000 (building them was 3.9% of the samples): CPU per \
 buy the same over eight alternating pairs, and three times the log in memory;\n\
 - glibc's fast bins off (`M_MXFAST` 0; the primary's runtime thread spent 18% of its samples in `free` and \

@@ -681,6 +681,7 @@ impl Db {
             tx: &tx,
             state,
             changed: HashMap::new(),
+            unstored: HashMap::new(),
             reloaded: reload,
             clock,
             books_sum,
@@ -703,6 +704,7 @@ impl Db {
             };
             version = v;
             if v.seq.is_multiple_of(DIGEST_EVERY) {
+                tables.store_books()?;
                 let d = digest(tables.clock, tables.books_sum, tables.answers_sum);
                 self.checkpoints.push((v, d));
             }
@@ -712,6 +714,7 @@ impl Db {
                 outcome,
             });
         }
+        tables.store_books()?;
         let changed = std::mem::take(&mut tables.changed);
         let new_clock = tables.clock;
         let new_sums = (tables.books_sum, tables.answers_sum);
@@ -875,7 +878,14 @@ fn install_snapshot(tx: &Transaction<'_>, snap: &Snapshot) -> rusqlite::Result<(
 struct SqlTables<'a> {
     tx: &'a Transaction<'a>,
     state: &'a State,
+    /// Each book written in this transaction, as last written.
     changed: HashMap<BookId, Book>,
+    /// The books written since their rows were last stored, with the
+    /// checksum of the row stored before (`None`: no row): a group of
+    /// writes touches each book many times, and its row is written and
+    /// checksummed once, when the group's writes are all applied or a
+    /// digest needs `books_sum` (see [`SqlTables::store_books`]).
+    unstored: HashMap<BookId, Option<i64>>,
     reloaded: bool,
     clock: u64,
     books_sum: u64,
@@ -900,22 +910,18 @@ impl machine::Tables for SqlTables<'_> {
     }
 
     fn put_book(&mut self, b: &Book) -> rusqlite::Result<()> {
-        if let Some(old) = machine::Tables::book(self, b.id)? {
-            self.books_sum = self.books_sum.wrapping_sub(book_sum(&old) as u64);
+        if !self.unstored.contains_key(&b.id) {
+            let stored = machine::Tables::book(self, b.id)?.map(|old| book_sum(&old));
+            self.unstored.insert(b.id, stored);
         }
-        self.books_sum = self.books_sum.wrapping_add(book_sum(b) as u64);
-        self.tx
-            .prepare_cached(
-                "INSERT INTO books (id, title, topic, cost_cents, stock, sum) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (id) DO UPDATE SET title = excluded.title, topic = excluded.topic,
-                   stock = excluded.stock, cost_cents = excluded.cost_cents, sum = excluded.sum",
-            )?
-            .execute(params![b.id.get() as i64, b.title, b.topic, b.cost.cents() as i64, b.stock as i64, book_sum(b)])?;
         self.changed.insert(b.id, b.clone());
         Ok(())
     }
 
     fn is_empty(&mut self) -> rusqlite::Result<bool> {
+        if !self.changed.is_empty() {
+            return Ok(false);
+        }
         self.tx
             .query_row("SELECT NOT EXISTS (SELECT 1 FROM books)", [], |r| r.get(0))
     }
@@ -988,6 +994,31 @@ impl machine::Tables for SqlTables<'_> {
         self.tx
             .prepare_cached("DELETE FROM applied WHERE until > 0 AND until <= ?1")?
             .execute([self.clock as i64])?;
+        Ok(())
+    }
+}
+
+impl SqlTables<'_> {
+    /// Stores the rows of the books written since they were last stored,
+    /// each once with its checksum, and counts them in `books_sum`.
+    fn store_books(&mut self) -> rusqlite::Result<()> {
+        for (id, before) in std::mem::take(&mut self.unstored) {
+            let Some(b) = self.changed.get(&id) else {
+                continue;
+            };
+            let sum = book_sum(b);
+            if let Some(before) = before {
+                self.books_sum = self.books_sum.wrapping_sub(before as u64);
+            }
+            self.books_sum = self.books_sum.wrapping_add(sum as u64);
+            self.tx
+                .prepare_cached(
+                    "INSERT INTO books (id, title, topic, cost_cents, stock, sum) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (id) DO UPDATE SET title = excluded.title, topic = excluded.topic,
+                       stock = excluded.stock, cost_cents = excluded.cost_cents, sum = excluded.sum",
+                )?
+                .execute(params![b.id.get() as i64, b.title, b.topic, b.cost.cents() as i64, b.stock as i64, sum])?;
+        }
         Ok(())
     }
 }
