@@ -176,6 +176,8 @@ wait a round: +8.5% buys in 13 alternating pairs, +3% in 8 more, and two full be
 version without it, because a batch's writes did not yet reach the driver together (now they do, and it \
 is done: above);\n\
 - four batches of buys in flight per frontend instead of two: +5% buys, +4% CPU, inside noise;\n\
+- two write groups in flight at the catalog primary instead of one (tried twice, the second time once a \
+batch's writes reached the driver together): −1 to +7% buys over six pairs, inside noise;\n\
 - database pages of 1 KiB instead of 4 KiB: the bytes written per buy halved, CPU per buy did not move (an \
 fsync here costs per call, not per byte);\n\
 - mimalloc in place of glibc's allocator (malloc/free are 7% of the samples): buys at 32 connections about \
