@@ -144,8 +144,8 @@ runtime (it yields once, then takes everything), the catalog's writes and releas
 input, and every write taken with the first is proposed in the same step (tried before without the rest, \
 below). With two stores alternating, eight pairs at 32 connections: buys/s +33 to +57% (median +41%), CPU \
 per buy −21 to −37%, p50 6.7–7.3 → 4.2–4.9 ms; at 64 connections +34 to +41%; one connection unchanged;\n\
-- the primary's driver thread then spent 28% of its samples in SHA-256 (row checksums): each buy \
-checksummed its book's row three times and upserted it, though a group touches each book about four times. \
+- the primary's driver thread then checksummed each buy's book row three times and upserted it, though a \
+group touches each book about four times (SHA-256 was 3.4% of the thread's samples, 1.3% after). \
 A step's book rows are now written once each, when its entries are applied; and an answer's outcome, read \
 back for every answer a snapshot carries, is read in one pass instead of through serde's buffering of \
 internally tagged enums: +1.5 to +3.7% buys/s, CPU per buy −1 to −4% over six alternating pairs (small; \
@@ -175,7 +175,8 @@ buy the same over eight alternating pairs, and three times the log in memory;\n\
 wait a round: +8.5% buys in 13 alternating pairs, +3% in 8 more, and two full bench runs lower than the \
 version without it, because a batch's writes did not yet reach the driver together (now they do, and it \
 is done: above);\n\
-- four batches of buys in flight per frontend instead of two: +5% buys, +4% CPU, inside noise;\n\
+- four batches of buys in flight per frontend instead of two: +5% buys, +4% CPU, inside noise; three, once a \
+turn's buys went together: −9 to +1% buys;\n\
 - two write groups in flight at the catalog primary instead of one (tried twice, the second time once a \
 batch's writes reached the driver together): −1 to +7% buys over six pairs, inside noise;\n\
 - database pages of 1 KiB instead of 4 KiB: the bytes written per buy halved, CPU per buy did not move (an \
