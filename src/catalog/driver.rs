@@ -532,10 +532,10 @@ impl Driver {
     /// write that finds none in flight is proposed at once, so one alone
     /// waits no longer; and so is every write taken with it, in the same
     /// step (the writes of a batch arrive together, see
-    /// `Catalog::send_soon`): "in flight" is read when the driver begins to
-    /// take its inputs ([`Io::open`]). Called after each step; proposes only
-    /// when nothing is in flight. Whether each may still be proposed is checked again:
-    /// the primaryship may have changed while it waited.
+    /// `Catalog::send_soon`): "in flight" is read when the driver begins
+    /// to take its inputs ([`Io::open`]). Called after each step; proposes
+    /// only when nothing is in flight. Whether each may still be proposed
+    /// is checked again: the primaryship may have changed while it waited.
     fn propose_queued(&mut self, now: u64) -> bool {
         if self.io.queued.is_empty() || !self.io.pending.is_empty() {
             return false;

@@ -160,6 +160,9 @@ impl Catalog {
                 other => releases.push(other),
             }
         }
+        if releases.is_empty() {
+            return;
+        }
         let mut input = Input::Batch(releases);
         loop {
             match tx.try_send(input) {
