@@ -62,6 +62,8 @@ struct Node {
     child: Child,
     /// Its last log lines.
     tail: Tail,
+    /// The tasks reading its output into `tail`.
+    readers: Vec<tokio::task::JoinHandle<()>>,
     running: bool,
 }
 
@@ -75,6 +77,20 @@ impl Node {
             .map(|l| format!("    {l}"))
             .collect::<Vec<_>>()
             .join("\n")
+    }
+
+    /// Its last log lines, once it exited: its output is read to its end
+    /// first (for at most a second). The exit can be seen before the
+    /// readers took its last lines, which then were left out.
+    async fn last_lines_after_exit(&mut self) -> String {
+        let readers = std::mem::take(&mut self.readers);
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            for r in readers {
+                let _ = r.await;
+            }
+        })
+        .await;
+        self.last_lines()
     }
 }
 
@@ -118,13 +134,19 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
             }
         };
         let tail: Tail = Arc::default();
-        prefix_lines(&n.name, child.stdout.take(), tail.clone());
-        prefix_lines(&n.name, child.stderr.take(), tail.clone());
+        let mut readers = Vec::new();
+        if let Some(out) = child.stdout.take() {
+            readers.push(prefix_lines(&n.name, out, tail.clone()));
+        }
+        if let Some(err) = child.stderr.take() {
+            readers.push(prefix_lines(&n.name, err, tail.clone()));
+        }
         nodes.push(Node {
             name: n.name.clone(),
             role: n.role,
             child,
             tail,
+            readers,
             running: true,
         });
     }
@@ -157,11 +179,12 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
             i = exited(&mut nodes) => {
                 nodes[i].running = false;
                 let status = nodes[i].child.try_wait().ok().flatten();
+                let last = nodes[i].last_lines_after_exit().await;
                 println!(
                     "pygmy: {} exited ({}); its last lines:\n{}",
                     nodes[i].name,
                     status.map(|s| s.to_string()).unwrap_or_default(),
-                    nodes[i].last_lines()
+                    last
                 );
                 if !nodes.iter().any(|n| n.running) {
                     bail!("every node has exited");
@@ -206,12 +229,13 @@ async fn exited(nodes: &mut [Node]) -> usize {
     }
 }
 
+/// Relays a node's output, each line prefixed with its name, keeping its
+/// last lines in `tail`; the task ends at the end of the output.
 fn prefix_lines<R: tokio::io::AsyncRead + Unpin + Send + 'static>(
     name: &str,
-    stream: Option<R>,
+    stream: R,
     tail: Tail,
-) {
-    let Some(stream) = stream else { return };
+) -> tokio::task::JoinHandle<()> {
     let name = name.to_string();
     tokio::spawn(async move {
         let mut lines = BufReader::new(stream).lines();
@@ -223,7 +247,7 @@ fn prefix_lines<R: tokio::io::AsyncRead + Unpin + Send + 'static>(
             }
             t.push_back(line);
         }
-    });
+    })
 }
 
 /// Waits until every node answers `/readyz`, printing progress; fails at
@@ -239,10 +263,11 @@ async fn start_up(cfg: &ClusterConfig, nodes: &mut [Node]) -> anyhow::Result<()>
         for n in nodes.iter_mut() {
             if let Ok(Some(status)) = n.child.try_wait() {
                 n.running = false;
+                let last = n.last_lines_after_exit().await;
                 bail!(
                     "{} exited during start-up ({status}); its last lines:\n{}",
                     n.name,
-                    n.last_lines()
+                    last
                 );
             }
         }
