@@ -140,6 +140,59 @@ impl<T> Turn<T> {
     }
 }
 
+/// Answers from a thread outside the runtime (the catalog's driver, the
+/// order log's writer) to the tasks waiting for them, handed over as one
+/// message per step. Sent one by one from that thread, each answer woke the
+/// runtime from outside (a write to its eventfd, a system call, and often a
+/// wake of its thread before the next answer was sent); a task on the
+/// runtime sends them on from inside it, where a wake is a push onto its
+/// run queue.
+pub(crate) struct Answers<T> {
+    to_runtime: Option<mpsc::UnboundedSender<Handed<T>>>,
+}
+
+/// Answers with the waiters they are for.
+type Handed<T> = Vec<(oneshot::Sender<T>, T)>;
+
+impl<T: Send + 'static> Answers<T> {
+    /// Starts the task that sends the answers on, on the runtime this is
+    /// called from; outside one, answers are sent directly.
+    pub(crate) fn spawn() -> Self {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return Self { to_runtime: None };
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel::<Handed<T>>();
+        runtime.spawn(async move {
+            while let Some(answers) = rx.recv().await {
+                for (to, answer) in answers {
+                    // The waiter may have gone: nobody to tell.
+                    let _ = to.send(answer);
+                }
+            }
+        });
+        Self {
+            to_runtime: Some(tx),
+        }
+    }
+
+    /// Hands `answers` over; directly when the runtime's task is gone.
+    pub(crate) fn send(&self, answers: Handed<T>) {
+        if answers.is_empty() {
+            return;
+        }
+        let answers = match &self.to_runtime {
+            Some(tx) => match tx.send(answers) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(answers)) => answers,
+            },
+            None => answers,
+        };
+        for (to, answer) in answers {
+            let _ = to.send(answer);
+        }
+    }
+}
+
 /// Splits a batch of items, each with the id of the request it came in,
 /// into the items and the ids to send with them: every id, or none when
 /// one is unknown (the receiver logs each item under its id).

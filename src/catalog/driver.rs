@@ -76,6 +76,10 @@ pub enum Input {
         epoch: Option<u64>,
         ticket: Option<u64>,
         reply: oneshot::Sender<Result<WriteResult, WriteError>>,
+        /// Told the version of the write's entry once it commits, before
+        /// the step that applies it: its end may leave for the caches
+        /// while the primary applies (see [`Io::tell_committed`]).
+        committed: oneshot::Sender<Version>,
     },
     /// Every cache has the begin of the write proposed with `ticket`: it
     /// may commit (nothing to do if it was not proposed held).
@@ -200,6 +204,7 @@ impl Published {
 struct Waiter {
     request_id: String,
     reply: oneshot::Sender<Result<WriteResult, WriteError>>,
+    committed: Option<oneshot::Sender<Version>>,
 }
 
 /// A write waiting for the writes in flight to be answered.
@@ -222,6 +227,10 @@ struct Io {
     state: State,
     shared: Arc<Published>,
     outbox: mpsc::UnboundedSender<(NodeId, Message)>,
+    /// The answers of a step's applied writes go to their waiters together.
+    answers: crate::batch::Answers<Result<WriteResult, WriteError>>,
+    /// So do the commits of a step's writes, before it applies them.
+    commits: crate::batch::Answers<Version>,
     /// Writes proposed here, by the seq their entry got.
     pending: HashMap<u64, Vec<Waiter>>,
     /// Request ids in flight → their seq, so a retry joins the first proposal.
@@ -299,6 +308,8 @@ impl Driver {
                 state,
                 shared,
                 outbox,
+                answers: crate::batch::Answers::spawn(),
+                commits: crate::batch::Answers::spawn(),
                 pending: HashMap::new(),
                 in_flight: HashMap::new(),
                 held: HashMap::new(),
@@ -381,7 +392,8 @@ impl Driver {
                 epoch,
                 ticket,
                 reply,
-            } => self.write(now, write, epoch, ticket, reply),
+                committed,
+            } => self.write(now, write, epoch, ticket, reply, committed),
             Input::Begun { ticket } => {
                 if let Some(v) = self.io.held.remove(&ticket) {
                     self.replica.release(v);
@@ -406,6 +418,7 @@ impl Driver {
         epoch: Option<u64>,
         ticket: Option<u64>,
         reply: oneshot::Sender<Result<WriteResult, WriteError>>,
+        committed: oneshot::Sender<Version>,
     ) {
         let id = write.op.book_id();
         let rid = write.request_id.as_str().to_string();
@@ -448,6 +461,7 @@ impl Driver {
             self.io.pending.entry(*seq).or_default().push(Waiter {
                 request_id: rid,
                 reply,
+                committed: Some(committed),
             });
             return;
         }
@@ -455,6 +469,7 @@ impl Driver {
             q.waiters.push(Waiter {
                 request_id: rid,
                 reply,
+                committed: Some(committed),
             });
             return;
         }
@@ -480,6 +495,7 @@ impl Driver {
                 waiters: vec![Waiter {
                     request_id: rid,
                     reply,
+                    committed: Some(committed),
                 }],
             });
             return;
@@ -487,6 +503,7 @@ impl Driver {
         let waiters = vec![Waiter {
             request_id: rid.clone(),
             reply,
+            committed: Some(committed),
         }];
         self.propose(now, rid, op, ticket, waiters);
     }
@@ -730,6 +747,30 @@ impl Io {
         rebuild(self.db.dir(), damage)
     }
 
+    /// Tells the writes that `rd` commits their entry's version, before the
+    /// step applies them: each write's end may leave for the caches now,
+    /// beside the apply, where it waited for it. The end lets a cache fill
+    /// the book from reads at that version or later, and every read waits
+    /// until its replica has applied as far as it asks; a lease granted
+    /// once the end is counted carries the end's version as its floor
+    /// (`invalidation::LinkState`), though the primary has not applied it
+    /// yet. Only a waiter whose request id the entry carries is told: an
+    /// entry replaced in a view change is not its write.
+    fn tell_committed(&mut self, rd: &replication::Ready) {
+        let mut commits = Vec::new();
+        for e in &rd.committed {
+            let Some(waiters) = self.pending.get_mut(&e.version.seq) else {
+                continue;
+            };
+            for w in waiters.iter_mut().filter(|w| w.request_id == e.request_id) {
+                if let Some(to) = w.committed.take() {
+                    commits.push((to, store::to_api(e.version)));
+                }
+            }
+        }
+        self.commits.send(commits);
+    }
+
     fn name(&self, id: NodeId) -> String {
         self.names
             .get(&id)
@@ -779,6 +820,7 @@ impl Host for Io {
             tracing::info!(version = %store::to_api(s.version), bytes = s.data.len(), "sync received: installing the primary's snapshot");
             metrics::gauge!(crate::metrics::CATALOG_SNAPSHOT_BYTES).set(s.data.len() as f64);
         }
+        self.tell_committed(rd);
         let started = Instant::now();
         let applied = self.db.handle(rd, &mut self.state)?;
         if !self.db.checkpoints.is_empty() {
@@ -878,6 +920,7 @@ impl Host for Io {
     }
 
     fn answer(&mut self, applied: Vec<store::AppliedEntry>) {
+        let mut answers = Vec::new();
         for a in applied {
             let Some(waiters) = self.pending.remove(&a.version.seq) else {
                 continue;
@@ -895,9 +938,10 @@ impl Host for Io {
                         "the write was superseded; retry with the same request id".into(),
                     )),
                 };
-                let _ = w.reply.send(r);
+                answers.push((w.reply, r));
             }
         }
+        self.answers.send(answers);
     }
 
     /// Begins a snapshot of the applied state and builds its bytes on a

@@ -54,6 +54,14 @@ pub struct LinkState {
     next_seq: u64,
     /// Writes begun and not ended in the batches before `next_seq`.
     pending: HashMap<BookId, u32>,
+    /// The highest version an end in those batches carried: a lease
+    /// granted now lets the frontend fill from reads at this version or
+    /// later only. An end leaves once its write commits, possibly before
+    /// the primary has applied it, so the primary's applied version (what
+    /// a grant otherwise carries) may still be below it; a frontend that
+    /// took such a grant without the end (it held no lease when the end
+    /// went) could have filled the book from a read begun before the write.
+    ended: Version,
 }
 
 impl LinkState {
@@ -94,7 +102,7 @@ impl LinkState {
             epoch,
             next_seq: self.next_seq,
             lease_ms: lease.as_millis() as u64,
-            version,
+            version: version.max(self.ended),
             pending,
         })
     }
@@ -126,10 +134,13 @@ impl LinkState {
         for it in items {
             if it.begin {
                 *self.pending.entry(it.book_id).or_default() += 1;
-            } else if let Some(n) = self.pending.get_mut(&it.book_id) {
-                *n -= 1;
-                if *n == 0 {
-                    self.pending.remove(&it.book_id);
+            } else {
+                self.ended = self.ended.max(it.version);
+                if let Some(n) = self.pending.get_mut(&it.book_id) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.pending.remove(&it.book_id);
+                    }
                 }
             }
         }
@@ -241,6 +252,20 @@ impl Invalidator {
             begin: false,
         }))
         .await
+    }
+
+    /// [`Invalidator::end`], queued at once (before anything queued after
+    /// this call) rather than when first polled.
+    pub fn end_queued(
+        &self,
+        book: BookId,
+        version: Version,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        wait_all(self.enqueue(Some(Invalidation {
+            book_id: book,
+            version,
+            begin: false,
+        })))
     }
 
     /// The new epoch's first batch: returns once every frontend flushed its
@@ -365,6 +390,40 @@ mod tests {
             st.pending.is_empty(),
             "the end arrived before its begin: {:?} left begun",
             st.pending
+        );
+    }
+
+    /// An end leaves once its write commits, before the primary applies
+    /// it: a lease granted meanwhile, to a frontend that held none when the
+    /// end went (so it never had the begin either), must not let it fill
+    /// the book from a read older than the write.
+    #[test]
+    fn a_lease_granted_after_an_end_lets_no_fill_below_its_version() {
+        let now = Instant::now();
+        let lease = Duration::from_millis(1000);
+        let mut st = LinkState::new(now, Duration::ZERO);
+        let book = BookId::new(3).unwrap();
+        let write = Version { epoch: 2, seq: 40 };
+        let applied = Version { epoch: 2, seq: 39 };
+        for begin in [true, false] {
+            let item = Invalidation {
+                book_id: book,
+                version: if begin { Version::default() } else { write },
+                begin,
+            };
+            assert_eq!(st.start_batch(&[item], now), None, "no lease is out");
+        }
+        let g = st.grant(now, lease, lease, 2, applied).unwrap();
+        assert!(g.pending.is_empty(), "the write has ended: {:?}", g.pending);
+        assert_eq!(
+            g.version, write,
+            "the grant lets the frontend fill from reads before the ended write"
+        );
+        let later = Version { epoch: 2, seq: 41 };
+        let g = st.grant(now, lease, lease, 2, later).unwrap();
+        assert_eq!(
+            g.version, later,
+            "a grant carries the applied version once past the end"
         );
     }
 

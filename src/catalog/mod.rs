@@ -949,12 +949,8 @@ async fn apply(
         let ticket = c.tickets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         (ticket, inv.begin(book))
     });
-    let end = |version: Version| {
-        if let Some((_, inv)) = inv.clone() {
-            tokio::spawn(async move { inv.end(book, version).await });
-        }
-    };
-    let (reply, rx) = oneshot::channel();
+    let (reply, mut rx) = oneshot::channel();
+    let (committed, mut committed_rx) = oneshot::channel();
     let forwardable = may_forward.then(|| write.clone());
     let epoch = inv.as_ref().map(|(e, _)| *e);
     let ticket = held.as_ref().map(|(t, _)| *t);
@@ -963,8 +959,9 @@ async fn apply(
         epoch,
         ticket,
         reply,
+        committed,
     }) {
-        end(*c.shared.applied.borrow());
+        end_refused(&inv, book, *c.shared.applied.borrow());
         return Err(e.into());
     }
     if let Some((ticket, begun)) = held {
@@ -978,10 +975,30 @@ async fn apply(
             }
         });
     }
-    let result = match rx.await {
+    // The write's end leaves for the caches as soon as its entry commits,
+    // while the primary applies it (see `driver::Io::tell_committed`); a
+    // write answered without committing here (a retry answered from
+    // before, a refusal) sends its end once answered, as before.
+    let mut ended = None;
+    let mut commit_heard = false;
+    let answer = loop {
+        tokio::select! {
+            biased;
+            v = &mut committed_rx, if !commit_heard => {
+                commit_heard = true;
+                if let (Ok(v), Some((_, inv))) = (v, inv.as_ref()) {
+                    ended = Some(inv.end_queued(book, v));
+                }
+            }
+            r = &mut rx => break r,
+        }
+    };
+    let result = match answer {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
-            end(*c.shared.applied.borrow());
+            if ended.is_none() {
+                end_refused(&inv, book, *c.shared.applied.borrow());
+            }
             return match e {
                 WriteError::NotPrimary { primary } => match forwardable {
                     Some(w) => c.forward(primary, &w).await,
@@ -995,16 +1012,19 @@ async fn apply(
             };
         }
         Err(_) => {
-            end(*c.shared.applied.borrow());
+            if ended.is_none() {
+                end_refused(&inv, book, *c.shared.applied.borrow());
+            }
             return Err(ApiError::unavailable("this replica is stopping").into());
         }
     };
-    match inv {
+    match (inv, ended) {
         // The write's end reaches every cache before its client is answered.
-        Some((_, inv)) => inv.end(book, result.version).await,
+        (Some(_), Some(ended)) => ended.await,
+        (Some((_, inv)), None) => inv.end(book, result.version).await,
         // Committed, but no longer primary: the next primary answers the
         // retry (same request id) and invalidates then.
-        None => {
+        (None, _) => {
             return Err(ApiError::unavailable(
                 "primaryship changed; retry with the same request id",
             )
@@ -1012,6 +1032,15 @@ async fn apply(
         }
     }
     Ok(Json(result))
+}
+
+/// The end of a write begun at the caches and answered without committing
+/// here: nobody waits for it (`version`: any applied version).
+fn end_refused(inv: &Option<(u64, Arc<Invalidator>)>, book: BookId, version: Version) {
+    if let Some((_, inv)) = inv {
+        // Queued now; its delivery is not waited for.
+        drop(inv.end_queued(book, version));
+    }
 }
 
 /// [`apply`] in a task of its own, which the caller awaits: a caller that

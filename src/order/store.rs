@@ -230,7 +230,9 @@ impl OrderStore {
             );
         }
         let reader = storage::open(dir, "orders.sqlite")?;
-        let (writer, writer_thread) = storage::spawn_writer(node, conn, commit);
+        let answers = crate::batch::Answers::spawn();
+        let (writer, writer_thread) =
+            storage::spawn_writer(node, conn, move |conn, batch| commit(conn, batch, &answers));
         Ok(Self {
             writer,
             jobs: Default::default(),
@@ -362,7 +364,11 @@ impl OrderStore {
     }
 }
 
-fn commit(conn: &mut Connection, batch: Vec<Job>) {
+fn commit(
+    conn: &mut Connection,
+    batch: Vec<Job>,
+    answers: &crate::batch::Answers<Result<(), String>>,
+) {
     let res = (|| -> rusqlite::Result<()> {
         let tx = conn.transaction()?;
         {
@@ -429,7 +435,10 @@ fn commit(conn: &mut Connection, batch: Vec<Job>) {
     if let Err(e) = &answer {
         tracing::error!("{e}");
     }
-    for j in batch {
-        let _ = j.reply.send(answer.clone());
-    }
+    answers.send(
+        batch
+            .into_iter()
+            .map(|j| (j.reply, answer.clone()))
+            .collect(),
+    );
 }
