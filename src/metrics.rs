@@ -49,6 +49,7 @@ pub const REPL_LEASE_REFUSALS: &str = "pygmy_replication_lease_refusals_total";
 pub const CATALOG_PERSIST: &str = "pygmy_catalog_persist_duration_seconds";
 pub const CATALOG_SNAPSHOT_BYTES: &str = "pygmy_catalog_snapshot_bytes";
 pub const CATALOG_SNAPSHOT_ANSWERS: &str = "pygmy_catalog_snapshot_request_ids";
+pub const CATALOG_ANSWERS_KEPT: &str = "pygmy_catalog_answers_kept";
 pub const OPEN_CONNECTIONS: &str = "pygmy_open_connections";
 pub const CONNECTIONS_SHED: &str = "pygmy_connections_shed_total";
 pub const RUNTIME_THREADS: &str = "pygmy_runtime_threads";
@@ -174,6 +175,10 @@ fn describe() {
     describe_gauge!(
         CATALOG_SNAPSHOT_ANSWERS,
         "Request ids whose answers the catalog replica's latest snapshot keeps"
+    );
+    describe_gauge!(
+        CATALOG_ANSWERS_KEPT,
+        "Request ids whose answers the catalog replica keeps: with the books, what a snapshot of it holds"
     );
     describe_gauge!(
         CATALOG_SNAPSHOT_BYTES,

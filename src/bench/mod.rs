@@ -102,8 +102,9 @@ pub struct NodeMemory {
     /// Heap and stacks: what no other process shares.
     pub anonymous_bytes: Option<u64>,
     pub open_fds: Option<u64>,
-    /// A catalog replica's latest snapshot (none taken yet: absent).
-    pub snapshot_bytes: Option<u64>,
+    /// The answers a catalog replica keeps: with the books, what a
+    /// snapshot of it holds (bytes are built only for a replica that lags).
+    pub answers_kept: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -172,8 +173,8 @@ pub struct SoakSample {
     /// Sum of proportional set sizes (resident sizes where unknown).
     pub memory_bytes: u64,
     pub open_fds: u64,
-    /// The largest catalog snapshot.
-    pub snapshot_bytes: u64,
+    /// The most answers a catalog replica keeps.
+    pub answers_kept: u64,
     /// Each node's memory (PSS, else RSS), in the order of `SoakResults::nodes`.
     pub node_memory_bytes: Vec<u64>,
 }
@@ -599,7 +600,7 @@ async fn soak_scenario(
         at_s: t0.elapsed().as_secs_f64(),
         memory_bytes: m.iter().filter_map(|n| n.pss_bytes.or(n.rss_bytes)).sum(),
         open_fds: m.iter().filter_map(|n| n.open_fds).sum(),
-        snapshot_bytes: m.iter().filter_map(|n| n.snapshot_bytes).max().unwrap_or(0),
+        answers_kept: m.iter().filter_map(|n| n.answers_kept).max().unwrap_or(0),
         node_memory_bytes: m
             .iter()
             .map(|n| n.pss_bytes.or(n.rss_bytes).unwrap_or(0))

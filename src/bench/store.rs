@@ -294,7 +294,7 @@ impl Store {
                     pss_bytes: get("pygmy_process_proportional_memory_bytes"),
                     anonymous_bytes: get("pygmy_process_anonymous_memory_bytes"),
                     open_fds: get("process_open_fds"),
-                    snapshot_bytes: get(crate::metrics::CATALOG_SNAPSHOT_BYTES),
+                    answers_kept: get(crate::metrics::CATALOG_ANSWERS_KEPT),
                 }
             }
         });

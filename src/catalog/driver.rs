@@ -846,11 +846,19 @@ impl Host for Io {
             );
         }
         self.dirty |= !applied.is_empty() || rd.snapshot_to_install.is_some();
+        if let Some(v) = rd.compacted {
+            tracing::info!(
+                version = %store::to_api(v),
+                answers = self.state.answers,
+                "log compacted: its tables are the snapshot (bytes are built only for a replica that lags)"
+            );
+        }
         Ok(applied)
     }
 
     fn publish(&mut self, replica: &Replica) {
         if std::mem::take(&mut self.dirty) {
+            metrics::gauge!(crate::metrics::CATALOG_ANSWERS_KEPT).set(self.state.answers as f64);
             *self.shared.state.write().unwrap_or_else(|p| p.into_inner()) =
                 Arc::new(self.state.clone());
             self.shared.applied.send_replace(self.state.version);

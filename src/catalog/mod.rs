@@ -566,6 +566,11 @@ fn start(
     rcfg.fence_caches = true;
     let drift = rcfg.drift_margin;
     let replica = Replica::new(rcfg, &persisted, catalog.shared.clock.now_ms());
+    // The bytes the replica starts with (it encodes them from its tables
+    // when its log is compacted); more are built only for a replica that
+    // lags.
+    metrics::gauge!(crate::metrics::CATALOG_SNAPSHOT_BYTES)
+        .set(persisted.snapshot.as_ref().map_or(0, |s| s.data.len()) as f64);
     // The driver's queue: a bounded channel allocates all its slots up
     // front, so its bound is what a node can have in flight (requests are
     // capped at `max_in_flight`), with room for replication batches.

@@ -48,6 +48,8 @@ pub struct State {
     /// checksums: with `clock`, what a replica's state digest is made of.
     pub books_sum: u64,
     pub answers_sum: u64,
+    /// How many answers are kept: with the books, what a snapshot holds.
+    pub answers: u64,
 }
 
 /// Every this many entries (by sequence number, so at the same entries on
@@ -242,6 +244,12 @@ fn sums(conn: &Connection) -> rusqlite::Result<(u64, u64)> {
         total("SELECT sum FROM books")?,
         total("SELECT sum FROM applied")?,
     ))
+}
+
+/// How many answers the store keeps.
+fn answers_kept(conn: &Connection) -> rusqlite::Result<u64> {
+    conn.query_row("SELECT count(*) FROM applied", [], |r| r.get::<_, i64>(0))
+        .map(|n| n as u64)
 }
 
 /// Computes the checksum of every row of a store written before rows had
@@ -472,6 +480,7 @@ impl Db {
         state.version = self.meta("applied")?.unwrap_or_default();
         state.clock = self.meta("clock")?.unwrap_or_default();
         (state.books_sum, state.answers_sum) = sums(&self.conn)?;
+        state.answers = answers_kept(&self.conn)?;
         Ok(state)
     }
 
@@ -589,6 +598,7 @@ impl Db {
             && rd.truncate_after.is_none()
             && rd.entries.is_empty()
             && rd.committed.is_empty()
+            && rd.compacted.is_none()
         {
             return Ok(Vec::new()); // only messages to send
         }
@@ -677,6 +687,11 @@ impl Db {
         } else {
             (state.books_sum, state.answers_sum)
         };
+        let answers = if reload {
+            answers_kept(&tx)?
+        } else {
+            state.answers
+        };
         let mut tables = SqlTables {
             tx: &tx,
             state,
@@ -686,6 +701,7 @@ impl Db {
             clock,
             books_sum,
             answers_sum,
+            answers,
         };
         for e in &rd.committed {
             if e.version.seq <= version.seq {
@@ -718,13 +734,22 @@ impl Db {
         let changed = std::mem::take(&mut tables.changed);
         let new_clock = tables.clock;
         let new_sums = (tables.books_sum, tables.answers_sum);
+        let new_answers = tables.answers;
         if new_clock != clock {
             put_meta(&tx, "clock", &new_clock.to_string())?;
         }
         if version != state.version || reload {
             put_meta(&tx, "applied", &to_json(&version))?;
         }
+        if let Some(v) = rd.compacted {
+            // The tables, at `v` or later, are the snapshot: no bytes.
+            put_snapshot(&tx, v)?;
+        }
         tx.commit()?;
+        if let Some(v) = rd.compacted {
+            // The steps that follow delete the log it covers, a few rows each.
+            self.trim_to = Some(v.seq);
+        }
         if reload {
             *state = self.load_state()?;
         } else {
@@ -734,6 +759,7 @@ impl Db {
             state.version = version;
             state.clock = new_clock;
             (state.books_sum, state.answers_sum) = new_sums;
+            state.answers = new_answers;
         }
         Ok(applied)
     }
@@ -890,6 +916,7 @@ struct SqlTables<'a> {
     clock: u64,
     books_sum: u64,
     answers_sum: u64,
+    answers: u64,
 }
 
 impl machine::Tables for SqlTables<'_> {
@@ -944,6 +971,7 @@ impl machine::Tables for SqlTables<'_> {
     ) -> rusqlite::Result<()> {
         let sum = put_answer_row(self.tx, request_id, version, outcome, until)?;
         self.answers_sum = self.answers_sum.wrapping_add(sum as u64);
+        self.answers += 1;
         Ok(())
     }
 
@@ -989,6 +1017,7 @@ impl machine::Tables for SqlTables<'_> {
             let mut rows = q.query([self.clock as i64])?;
             while let Some(r) = rows.next()? {
                 self.answers_sum = self.answers_sum.wrapping_sub(r.get::<_, i64>(0)? as u64);
+                self.answers = self.answers.saturating_sub(1);
             }
         }
         self.tx

@@ -16,7 +16,8 @@
 //!    entry, which this replica's reads must then wait for);
 //! 3. send the messages;
 //! 4. answer the clients whose writes were applied;
-//! 5. take a snapshot when the core asks, and hand it back.
+//! 5. take a snapshot when the core asks (a backup needs one), and hand it
+//!    back.
 
 use super::message::{Body, Message, Snapshot, Version};
 use super::{NodeId, Ready, Replica, Role};
@@ -48,8 +49,9 @@ pub trait Host {
     /// What applying one committed entry produced, for answering clients.
     type Applied;
     type Error;
-    /// Persist durably what `rd` asks, in the contract's order, and apply
-    /// `rd.committed` (skipping entries already applied).
+    /// Persist durably what `rd` asks, in the contract's order, apply
+    /// `rd.committed` (skipping entries already applied), and record
+    /// `rd.compacted`.
     fn persist_and_apply(&mut self, rd: &Ready) -> Result<Vec<Self::Applied>, Self::Error>;
     /// Readers may see the applied state and `replica`'s read index now.
     fn publish(&mut self, replica: &Replica);

@@ -105,16 +105,35 @@ impl Log {
     }
 
     /// The state machine's snapshot at `version`, an entry of this log
-    /// after the snapshot point: entries up to it are dropped. False (and
+    /// after the snapshot point (or the snapshot point itself, when the log
+    /// holds no bytes for it): entries up to it are dropped. False (and
     /// nothing changes) for any other version.
     pub fn compact(&mut self, version: Version, data: Vec<u8>) -> bool {
-        if version.seq <= self.base.seq || self.version_at(version.seq) != Some(version) {
+        let fills = version == self.base && self.snapshot.is_none() && version.seq > 0;
+        if !fills && (version.seq <= self.base.seq || self.version_at(version.seq) != Some(version))
+        {
             return false;
         }
         let drop = (version.seq - self.base.seq) as usize;
         self.entries.drain(..drop);
         self.base = version;
         self.snapshot = Some(Snapshot { version, data });
+        true
+    }
+
+    /// Drops the entries up to `version`, an entry of this log after the
+    /// snapshot point, without a snapshot's bytes: the state machine is the
+    /// snapshot, and bytes are built when a backup needs them
+    /// ([`Self::compact`] then takes them). False (and nothing changes)
+    /// for any other version.
+    pub fn compact_without_bytes(&mut self, version: Version) -> bool {
+        if version.seq <= self.base.seq || self.version_at(version.seq) != Some(version) {
+            return false;
+        }
+        let drop = (version.seq - self.base.seq) as usize;
+        self.entries.drain(..drop);
+        self.base = version;
+        self.snapshot = None;
         true
     }
 

@@ -140,11 +140,21 @@
 //!    are all fine);
 //! 3. apply `committed` in order (skip seq <= your applied seq), then
 //!    answer the clients whose versions are now applied;
-//! 4. if `need_snapshot`: serialize the state machine at its applied
+//! 4. if `compacted` is `v`: once `committed` is applied, record that the
+//!    log is compacted up to `v` and drop log entries `<= v.seq` (a driver
+//!    whose state machine is not durable keeps a snapshot of it at `v`);
+//! 5. if `need_snapshot`: serialize the state machine at its applied
 //!    version `v` (now, or beside the driver from a view of the state at
 //!    `v` while later steps go on), call [`Replica::snapshot_taken`], and
 //!    if it accepts, persist the snapshot; then you may drop log entries
 //!    `<= v.seq`.
+//!
+//! Compaction costs nothing until a backup needs a snapshot: every
+//! `snapshot_threshold` applied entries the core drops the log it applied
+//! (`compacted`), and asks for bytes (`need_snapshot`) only for a backup
+//! whose next entry is compacted. Building bytes at every compaction
+//! encoded every answer kept (tens of thousands under load) each time, so
+//! its cost per write grew with the write rate.
 //!
 //! One replica alone, driven by hand (the doctest runs it):
 //!
@@ -303,8 +313,8 @@ pub struct Config {
     pub takeover_after_ms: u64,
     /// Most entries per append message. Default 256.
     pub max_batch: usize,
-    /// Ask the driver for a snapshot when this many applied entries are not
-    /// yet compacted. Default 10 000.
+    /// Compact the log (`Ready::compacted`) when this many applied entries
+    /// are not yet compacted. Default 10 000.
     pub snapshot_threshold: u64,
     /// Largest snapshot chunk a primary sends (bytes; 0 counts as 1). A
     /// backup takes snapshots of up to [`MAX_SNAPSHOT_CHUNKS`] of them.
@@ -445,8 +455,15 @@ pub struct Ready {
     pub messages: Vec<(NodeId, Message)>,
     /// Apply in order after persisting.
     pub committed: Vec<Entry>,
-    /// Take a snapshot and call `Replica::snapshot_taken`.
+    /// Take a snapshot and call `Replica::snapshot_taken`: a backup needs
+    /// one (its next entry is compacted) and the core holds no bytes.
     pub need_snapshot: bool,
+    /// The log is compacted up to this version, which `committed` reaches
+    /// (the state machine, once it applied them, is the snapshot at it):
+    /// record that, and drop persisted entries `<=` its seq. No bytes are
+    /// built: they are asked for (`need_snapshot`) only when a backup
+    /// needs them, and then at whatever version is applied by then.
+    pub compacted: Option<Version>,
     /// What this `Ready` persists must be on disk (fsync'd) before anything
     /// that depends on it leaves. False when all it persists is a later
     /// commit point (and the state applied up to it): losing that in a
@@ -466,5 +483,6 @@ impl Ready {
             && self.messages.is_empty()
             && self.committed.is_empty()
             && !self.need_snapshot
+            && self.compacted.is_none()
     }
 }

@@ -109,6 +109,9 @@ pub struct Replica {
     incoming: Option<SnapshotReceive>,
     /// A snapshot was asked of the driver and not handed back yet.
     snapshot_requested: bool,
+    /// A backup needs a snapshot and the log holds no bytes for its base:
+    /// the next `Ready` asks the driver for them.
+    snapshot_wanted: bool,
     out: Outbox,
 }
 
@@ -155,6 +158,7 @@ impl Replica {
             deferred_to: None,
             incoming: None,
             snapshot_requested: false,
+            snapshot_wanted: false,
             out: Outbox::default(),
             cfg: config,
         };
@@ -388,11 +392,17 @@ impl Replica {
             rd.committed = self.log.slice(self.applied.seq + 1, self.hs.commit.seq);
             self.applied = self.hs.commit;
         }
-        if !self.snapshot_requested
-            && self.applied.seq.saturating_sub(self.log.base().seq) >= self.cfg.snapshot_threshold
-        {
+        if std::mem::take(&mut self.snapshot_wanted) && !self.snapshot_requested {
             rd.need_snapshot = true;
             self.snapshot_requested = true;
+        }
+        // Not while bytes are being built: they are of a version at or
+        // after the log's base, and a compaction meanwhile could pass it.
+        if !self.snapshot_requested
+            && self.applied.seq.saturating_sub(self.log.base().seq) >= self.cfg.snapshot_threshold
+            && self.log.compact_without_bytes(self.applied)
+        {
+            rd.compacted = Some(self.applied);
         }
         rd
     }

@@ -104,9 +104,11 @@ impl MemStorage {
 
     /// The driver took a snapshot (see `Replica::snapshot_taken`): store it
     /// and drop the entries it covers.
+    /// Keeps `snapshot` and drops the entries it covers; one at the
+    /// current base replaces the bytes kept for it.
     pub fn compact(&mut self, snapshot: Snapshot) {
         let base = self.base_seq();
-        if snapshot.version.seq <= base {
+        if snapshot.version.seq < base {
             return;
         }
         let drop = (snapshot.version.seq - base) as usize;

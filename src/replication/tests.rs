@@ -15,6 +15,8 @@ struct Net {
     applied: Vec<Vec<Entry>>,
     /// Snapshots each node was handed to install.
     installed: Vec<Vec<Snapshot>>,
+    /// Snapshot bytes each node's driver was asked to build.
+    built: Vec<usize>,
     /// Every snapshot chunk sent: (time, to, version, offset).
     chunks: Vec<(u64, NodeId, Version, u64)>,
     /// Messages it returns false for are lost.
@@ -48,6 +50,7 @@ impl Net {
             now: 0,
             applied: vec![Vec::new(); n as usize],
             installed: vec![Vec::new(); n as usize],
+            built: vec![0; n as usize],
             chunks: Vec::new(),
             deliver_if: None,
         }
@@ -64,6 +67,7 @@ impl Net {
                     disk: &mut self.disks[i],
                     applied: &mut self.applied[i],
                     installed: &mut self.installed[i],
+                    built: &mut self.built[i],
                     out: Vec::new(),
                 };
                 let Ok(_) = drive::advance(&mut self.nodes[i], &mut host);
@@ -139,6 +143,7 @@ struct MemHost<'a> {
     disk: &'a mut MemStorage,
     applied: &'a mut Vec<Entry>,
     installed: &'a mut Vec<Snapshot>,
+    built: &'a mut usize,
     out: Vec<(NodeId, Message)>,
 }
 
@@ -148,6 +153,21 @@ impl drive::Host for MemHost<'_> {
     fn persist_and_apply(&mut self, rd: &Ready) -> Result<Vec<Entry>, Self::Error> {
         self.installed.extend(rd.snapshot_to_install.clone());
         self.disk.persist(rd);
+        if let Some(v) = rd.compacted {
+            // This state machine (the ids applied) lives in memory: the
+            // disk keeps its bytes at `v`.
+            let ids: Vec<&str> = self
+                .applied
+                .iter()
+                .chain(&rd.committed)
+                .filter(|e| e.version.seq <= v.seq)
+                .map(|e| e.request_id.as_str())
+                .collect();
+            self.disk.compact(Snapshot {
+                version: v,
+                data: ids.join(",").into_bytes(),
+            });
+        }
         Ok(rd.committed.clone())
     }
     fn publish(&mut self, _: &Replica) {}
@@ -158,6 +178,7 @@ impl drive::Host for MemHost<'_> {
         self.applied.extend(applied);
     }
     fn take_snapshot(&mut self) -> Result<Option<(Version, Vec<u8>)>, Self::Error> {
+        *self.built += 1;
         let ids: Vec<&str> = self.applied.iter().map(|e| e.request_id.as_str()).collect();
         Ok(Some((
             self.applied
@@ -1353,6 +1374,50 @@ fn offsets_to(net: &Net, to: NodeId) -> Vec<u64> {
         .filter(|c| c.1 == to)
         .map(|c| c.3)
         .collect()
+}
+
+#[test]
+fn the_log_is_compacted_without_snapshot_bytes_until_a_backup_needs_them() {
+    // "Compaction costs nothing until a backup needs a snapshot."
+    let mut net = Net::with(3, |c| {
+        c.snapshot_chunk_bytes = 7;
+        c.snapshot_threshold = 5;
+    });
+    net.run(2000);
+    let p = net.primary().expect("a primary");
+    for i in 0..12 {
+        net.write(p, &format!("w{i}")).unwrap();
+    }
+    net.run(500);
+    for (i, node) in net.nodes.iter().enumerate() {
+        assert!(
+            node.snapshot_version().seq >= 5,
+            "replica {} compacted",
+            i + 1
+        );
+        assert!(
+            net.disks[i].entries.len() < 12,
+            "replica {} dropped the compacted entries from its disk",
+            i + 1
+        );
+    }
+    assert_eq!(
+        net.built,
+        vec![0, 0, 0],
+        "no bytes while every backup keeps up"
+    );
+    // A backup too far behind: the primary has its driver build bytes, at
+    // what it applied by then, and sends them.
+    let mut net = lagging_backup();
+    net.run(500);
+    assert!(
+        net.built[2] >= 1,
+        "the primary built bytes for the lagging backup"
+    );
+    assert_eq!(net.built[..2], [0, 0], "the backups built none");
+    let snap = latest_snapshot(&net);
+    assert_eq!(net.installed[0].last(), Some(&snap));
+    assert_eq!(net.nodes[0].status().last, net.nodes[2].status().last);
 }
 
 #[test]

@@ -311,6 +311,9 @@ impl Replica {
         let resend = 4 * self.cfg.heartbeat_ms;
         let chunk_bytes = self.cfg.snapshot_chunk_bytes.max(1);
         let Some(snap) = self.log.snapshot() else {
+            // Compacted without bytes: the driver builds them (at what it
+            // has applied by then), and the next heartbeat sends them.
+            self.snapshot_wanted = true;
             return;
         };
         let RoleState::Primary(pr) = &mut self.role else {

@@ -1782,6 +1782,22 @@ impl Host for SimHost<'_> {
         for e in &rd.committed {
             answers.extend(self.apply(e)?);
         }
+        if let Some(v) = rd.compacted {
+            // The catalog's tables are its snapshot; this state machine
+            // lives in memory, so the disk keeps its bytes at `v` instead
+            // (durable with the next synced write, as the catalog's).
+            if self.store.last != v {
+                return Err(format!(
+                    "node {}: compacted at {v:?} with the state at {:?}",
+                    self.node + 1,
+                    self.store.last
+                ));
+            }
+            self.disk.compact(Snapshot {
+                version: v,
+                data: self.store.encode(),
+            });
+        }
         Ok(answers)
     }
 
