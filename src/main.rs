@@ -169,7 +169,7 @@ enum Cmd {
     /// Measure the store: latency with the cache on and off (Q1), the cost of invalidation (Q2),
     /// failover under load (Q3). Writes report.md, SVG plots and results.json into --out.
     #[command(
-        after_help = "Example:\n  pygmy bench --out bench-report                 # all three, on a store it starts (about 3 min)\n  pygmy bench latency --target pygmy-data/cluster.toml --out bench-report\n  pygmy bench soak --soak 3600 --out soak-report       # an hour of mixed and hostile load; memory, descriptors, snapshot over time"
+        after_help = "Example:\n  pygmy bench --out bench-report                 # all three, on a store it starts (about 3 min)\n  pygmy bench latency --target pygmy-data/cluster.toml --out bench-report\n  pygmy bench soak --soak 3600 --out soak-report       # an hour of mixed and hostile load; memory, descriptors, answers kept over time"
     )]
     Bench {
         /// What to run.
@@ -186,7 +186,7 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
         /// After the scenarios, this many seconds of steady load, hostile requests beside it, with
-        /// memory, open descriptors and snapshot size sampled and plotted (`soak` alone: default 600).
+        /// memory, open descriptors and the answers a catalog replica keeps sampled and plotted (`soak` alone: default 600).
         #[arg(long, value_name = "SECONDS")]
         soak: Option<u64>,
     },

@@ -45,7 +45,7 @@ pub enum Scenario {
     Invalidation,
     Failover,
     /// Only the soak (`--soak`, default 600 s): steady mixed and hostile
-    /// load with memory, open descriptors and snapshot size over time.
+    /// load with memory, open descriptors and the answers kept over time.
     Soak,
 }
 

@@ -233,8 +233,9 @@ async fn the_bench_measures_a_running_store_named_by_its_cluster_file() {
     assert!(skipped.contains("failover"), "{skipped}");
     // It bought on the running store, as it said.
     assert!(c.order_log_len().await > before);
-    // The soak sampled memory, descriptors and snapshots over time, beside
-    // hostile requests, none of them answered with a 5xx or not at all.
+    // The soak sampled memory, descriptors and the answers kept over time,
+    // beside hostile requests, none of them answered with a 5xx or not at
+    // all.
     let soak = &r["soak"];
     let samples = soak["samples"].as_array().unwrap();
     assert!(samples.len() >= 2, "{soak}");
@@ -242,6 +243,10 @@ async fn the_bench_measures_a_running_store_named_by_its_cluster_file() {
         assert!(x["memory_bytes"].as_u64().unwrap() > 0, "{x}");
         assert!(x["open_fds"].as_u64().unwrap() > 0, "{x}");
     }
+    assert!(
+        samples.last().unwrap()["answers_kept"].as_u64().unwrap() > 0,
+        "the soak's buys left answers kept: {soak}"
+    );
     assert_eq!(soak["errors"], 0, "{soak}");
     assert!(soak["hostile_requests"].as_u64().unwrap() > 0, "{soak}");
     assert_eq!(
