@@ -102,10 +102,10 @@ impl MemStorage {
         }
     }
 
-    /// The driver took a snapshot (see `Replica::snapshot_taken`): store it
-    /// and drop the entries it covers.
-    /// Keeps `snapshot` and drops the entries it covers; one at the
-    /// current base replaces the bytes kept for it.
+    /// The driver took a snapshot (see `Replica::snapshot_taken`), or the
+    /// log was compacted (`Ready::compacted`) and this is the state
+    /// machine at that point: store it and drop the entries it covers. One
+    /// at the current base replaces the bytes kept for it.
     pub fn compact(&mut self, snapshot: Snapshot) {
         let base = self.base_seq();
         if snapshot.version.seq < base {
