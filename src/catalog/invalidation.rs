@@ -246,12 +246,7 @@ impl Invalidator {
     /// refused; `version` is then any applied version). Returns once every
     /// frontend has it or surely stopped serving from its cache.
     pub async fn end(&self, book: BookId, version: Version) {
-        self.push(Some(Invalidation {
-            book_id: book,
-            version,
-            begin: false,
-        }))
-        .await
+        self.end_queued(book, version).await
     }
 
     /// [`Invalidator::end`], queued at once (before anything queued after

@@ -230,26 +230,21 @@ fn read_answer(r: &rusqlite::Row<'_>, request_id: &str) -> rusqlite::Result<(Out
 }
 
 /// The wrapping sums of the stored books' and answers' checksums.
-fn sums(conn: &Connection) -> rusqlite::Result<(u64, u64)> {
-    let total = |sql: &str| -> rusqlite::Result<u64> {
+/// With how many answers are kept, read in the same pass.
+fn sums(conn: &Connection) -> rusqlite::Result<(u64, u64, u64)> {
+    let total = |sql: &str| -> rusqlite::Result<(u64, u64)> {
         let mut q = conn.prepare_cached(sql)?;
         let mut rows = q.query([])?;
-        let mut t = 0u64;
+        let (mut t, mut n) = (0u64, 0u64);
         while let Some(r) = rows.next()? {
             t = t.wrapping_add(r.get::<_, i64>(0)? as u64);
+            n += 1;
         }
-        Ok(t)
+        Ok((t, n))
     };
-    Ok((
-        total("SELECT sum FROM books")?,
-        total("SELECT sum FROM applied")?,
-    ))
-}
-
-/// How many answers the store keeps.
-fn answers_kept(conn: &Connection) -> rusqlite::Result<u64> {
-    conn.query_row("SELECT count(*) FROM applied", [], |r| r.get::<_, i64>(0))
-        .map(|n| n as u64)
+    let (books, _) = total("SELECT sum FROM books")?;
+    let (answers, kept) = total("SELECT sum FROM applied")?;
+    Ok((books, answers, kept))
 }
 
 /// Computes the checksum of every row of a store written before rows had
@@ -479,8 +474,7 @@ impl Db {
         }
         state.version = self.meta("applied")?.unwrap_or_default();
         state.clock = self.meta("clock")?.unwrap_or_default();
-        (state.books_sum, state.answers_sum) = sums(&self.conn)?;
-        state.answers = answers_kept(&self.conn)?;
+        (state.books_sum, state.answers_sum, state.answers) = sums(&self.conn)?;
         Ok(state)
     }
 
@@ -682,15 +676,10 @@ impl Db {
         } else {
             state.clock
         };
-        let (books_sum, answers_sum) = if reload {
+        let (books_sum, answers_sum, answers) = if reload {
             sums(&tx)?
         } else {
-            (state.books_sum, state.answers_sum)
-        };
-        let answers = if reload {
-            answers_kept(&tx)?
-        } else {
-            state.answers
+            (state.books_sum, state.answers_sum, state.answers)
         };
         let mut tables = SqlTables {
             tx: &tx,
