@@ -16,6 +16,7 @@
 
 mod failover;
 mod load;
+mod machine;
 mod report;
 mod store;
 
@@ -31,6 +32,7 @@ use serde::Serialize;
 pub use failover::FailoverResults;
 pub use load::Stats;
 use load::{Pick, Req};
+pub use machine::MachineCheck;
 pub use store::Store;
 
 use crate::config::ClusterConfig;
@@ -75,6 +77,10 @@ pub struct Results {
     pub seconds: f64,
     pub quick: bool,
     pub cpus: usize,
+    /// The machine's own fsync and wake-up latencies, measured before the
+    /// store was started (`None`, with the reason in `skipped`, when they
+    /// could not be).
+    pub machine: Option<MachineCheck>,
     /// `started by the bench`, or the target's cluster file.
     pub store: String,
     pub latency: Option<LatencyResults>,
@@ -224,8 +230,28 @@ pub async fn run(mut opts: Options) -> anyhow::Result<Results> {
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
-    progress.set_message("starting the store");
     let scratch = std::env::temp_dir().join(format!("pygmy-bench-{}", std::process::id()));
+    // Where the store keeps its data: the bench's scratch directory, or for
+    // a running store (whose disk the bench cannot see) the report's.
+    progress.set_message("measuring the machine");
+    let disk = if opts.target.is_some() {
+        opts.out.clone()
+    } else {
+        scratch.clone()
+    };
+    let mut skipped = Vec::new();
+    let measured = tokio::task::spawn_blocking(move || machine::measure(&disk))
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|m| m);
+    let machine = match measured {
+        Ok(m) => Some(m),
+        Err(e) => {
+            skipped.push(format!("the machine's fsync and wake-up latencies: {e}"));
+            None
+        }
+    };
+    progress.set_message("starting the store");
     let (mut store, store_name) = match &opts.target {
         Some((path, cfg)) => (Store::target(cfg.clone()), path.display().to_string()),
         None => (
@@ -249,7 +275,8 @@ pub async fn run(mut opts: Options) -> anyhow::Result<Results> {
         );
     }
     store.stop(failed).await;
-    let (latency, invalidation, failover, soak, skipped) = outcome?;
+    let (latency, invalidation, failover, soak, not_run) = outcome?;
+    skipped.extend(not_run);
     progress.finish_and_clear();
     let memory_total_bytes = memory.iter().filter_map(|m| m.rss_bytes).sum();
     let memory_unique_bytes = memory.iter().map(|m| m.pss_bytes).sum::<Option<u64>>();
@@ -261,6 +288,7 @@ pub async fn run(mut opts: Options) -> anyhow::Result<Results> {
         cpus: std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1),
+        machine,
         store: store_name,
         latency,
         invalidation,

@@ -418,9 +418,24 @@ fn markdown(r: &Results) -> String {
     let _ = writeln!(m, "Made by:\n\n```sh\n{}\n```\n", r.command);
     let _ = writeln!(
         m,
-        "- store: {}\n- machine: {} CPUs; the store, and the load generator, share them\n- run took {:.0} s{}\n",
-        r.store,
-        r.cpus,
+        "- store: {}\n- machine: {} CPUs; the store, and the load generator, share them",
+        r.store, r.cpus
+    );
+    if let Some(mc) = &r.machine {
+        let _ = writeln!(
+            m,
+            "- its own latencies, measured before the store started: an fsync of 4 KiB in `{}` p50 {} (p99 {}); \
+             a sleeping thread woken and answering, through pipes, p50 {} µs (p99 {} µs)",
+            mc.disk,
+            fmt_us(mc.fsync_p50_us),
+            fmt_us(mc.fsync_p99_us),
+            mc.wake_round_trip_p50_us,
+            mc.wake_round_trip_p99_us
+        );
+    }
+    let _ = writeln!(
+        m,
+        "- run took {:.0} s{}\n",
         r.seconds,
         if r.quick {
             " (`--quick`: short cells, figures are rough)"
@@ -446,6 +461,22 @@ fn markdown(r: &Results) -> String {
         let _ = writeln!(m, "| {} | {} | {} | {met} |", t.what, t.target, t.measured);
     }
     m.push('\n');
+    if let Some(mc) = &r.machine {
+        let _ = writeln!(
+            m,
+            "What this machine allows a lone buy, before any work is done: it waits for {} fsyncs one after \
+             the other (the catalog's, on every replica of its view at once, then its order replica's log's) \
+             and for a wake-up at each of the {} messages on its path between processes and at both ends of \
+             its {} hand-offs to a disk thread, {} wake-ups in all. At this run's p50s (above) that is {} \
+             of the {} target.\n",
+            mc.buy_fsyncs_in_series,
+            mc.buy_messages_in_series,
+            mc.buy_disk_handoffs_in_series,
+            mc.buy_messages_in_series + 2 * mc.buy_disk_handoffs_in_series,
+            fmt_us(mc.buy_floor_us),
+            fmt_us(BUY_P50_TARGET_US),
+        );
+    }
 
     if let Some(l) = &r.latency {
         let _ = writeln!(m, "## Q1: latency, cache on and off\n");

@@ -166,6 +166,20 @@ fn the_whole_bench_runs_on_a_store_it_starts_and_reports_every_figure() {
     let buckets = f["timeline"].as_array().unwrap();
     assert!(buckets.len() > 10);
 
+    // The machine's own latencies, measured where the store kept its data.
+    let m = &r["machine"];
+    for k in ["fsync_p50_us", "wake_round_trip_p50_us", "buy_floor_us"] {
+        assert!(m[k].as_u64().unwrap() > 0, "{k}: {m}");
+    }
+    assert!(
+        m["fsync_p50_us"].as_u64() <= m["fsync_p99_us"].as_u64(),
+        "{m}"
+    );
+    assert!(
+        m["disk"].as_str().unwrap().contains("pygmy-bench-"),
+        "not the store's scratch directory: {m}"
+    );
+
     // Memory of all seven processes, and the targets stated.
     assert_eq!(r["memory"].as_array().unwrap().len(), 7);
     assert!(r["memory_total_bytes"].as_u64().unwrap() > 0);
@@ -184,6 +198,7 @@ fn the_whole_bench_runs_on_a_store_it_starts_and_reports_every_figure() {
         "## Q3: failover under load",
         "## Memory after the run",
         "## What the profile showed, and what changed",
+        "What this machine allows a lone buy, before any work is done",
         "pygmy bench --quick --out",
     ] {
         assert!(report.contains(section), "report.md lacks {section:?}");
@@ -257,4 +272,12 @@ async fn the_bench_measures_a_running_store_named_by_its_cluster_file() {
     assert!(report.contains("## Soak") && report.contains("(soak.svg)"));
     svg(&out, "soak.svg");
     assert_eq!(r["store"], c.config_path.to_str().unwrap());
+    // The bench cannot see a running store's disk: it measured the fsync
+    // where it writes its report.
+    assert_eq!(
+        r["machine"]["disk"].as_str(),
+        out.to_str(),
+        "{}",
+        r["machine"]
+    );
 }
