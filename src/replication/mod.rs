@@ -152,9 +152,11 @@
 //! Compaction costs nothing until a backup needs a snapshot: every
 //! `snapshot_threshold` applied entries the core drops the log it applied
 //! (`compacted`), and asks for bytes (`need_snapshot`) only for a backup
-//! whose next entry is compacted. Building bytes at every compaction
-//! encoded every answer kept (tens of thousands under load) each time, so
-//! its cost per write grew with the write rate.
+//! whose next entry is compacted and that answers; one that does not is
+//! asked, with an empty append at the compacted base, until it does.
+//! Building bytes at every compaction encoded every answer kept (tens of
+//! thousands under load) each time, so its cost per write grew with the
+//! write rate; building them for a backup that is down wasted as much.
 //!
 //! One replica alone, driven by hand (the doctest runs it):
 //!

@@ -21,6 +21,8 @@ struct Net {
     chunks: Vec<(u64, NodeId, Version, u64)>,
     /// Messages it returns false for are lost.
     deliver_if: Option<Keep>,
+    /// Every message sent, delivered or not: (to, message).
+    sent: Vec<(NodeId, Message)>,
 }
 
 /// Which messages a [`Net`] delivers.
@@ -53,6 +55,7 @@ impl Net {
             built: vec![0; n as usize],
             chunks: Vec::new(),
             deliver_if: None,
+            sent: Vec::new(),
         }
     }
 
@@ -85,6 +88,7 @@ impl Net {
                 {
                     self.chunks.push((self.now, to, *version, *offset));
                 }
+                self.sent.push((to, m.clone()));
                 if self.deliver_if.as_mut().is_some_and(|keep| !keep(&m)) {
                     continue;
                 }
@@ -1418,6 +1422,51 @@ fn the_log_is_compacted_without_snapshot_bytes_until_a_backup_needs_them() {
     let snap = latest_snapshot(&net);
     assert_eq!(net.installed[0].last(), Some(&snap));
     assert_eq!(net.nodes[0].status().last, net.nodes[2].status().last);
+}
+
+#[test]
+fn a_backup_that_is_down_costs_no_snapshot_bytes_until_it_answers() {
+    // "Bytes are built for a backup the primary heard from lately. One it
+    // did not is asked (an empty append at the primary's base) once a
+    // resend interval, and its answer makes it one it heard from."
+    let mut net = Net::with(3, |c| {
+        c.snapshot_chunk_bytes = 7;
+        c.snapshot_threshold = 5;
+    });
+    net.run(2000);
+    assert_eq!(net.primary(), Some(2));
+    net.up[0] = false;
+    net.run(500);
+    for round in 0..4 {
+        for i in 0..6 {
+            net.write(2, &format!("w{round}-{i}")).unwrap();
+        }
+        net.run(300);
+    }
+    assert!(
+        net.nodes[2].snapshot_version().seq >= 20,
+        "the primary compacted several times while the backup was down"
+    );
+    assert_eq!(net.built, vec![0, 0, 0], "no bytes built for nobody");
+    let probes = net
+        .sent
+        .iter()
+        .filter(|(to, m)| {
+            *to == 1
+                && matches!(&m.body, Body::Append(a) if a.entries.is_empty() && a.prev.seq >= 5)
+        })
+        .count();
+    assert!(probes > 0, "the down backup was probed");
+    net.restart(0);
+    net.run(500);
+    assert_eq!(net.built[2], 1, "bytes once, when it answered");
+    let snap = latest_snapshot(&net);
+    assert_eq!(net.installed[0], vec![snap], "installed once");
+    assert_eq!(net.nodes[0].status().last, net.nodes[2].status().last);
+    assert!(
+        net.nodes[2].status().view.contains(&1),
+        "caught up and in the view again"
+    );
 }
 
 #[test]

@@ -1058,26 +1058,34 @@ async fn a_catalog_stopped_cleanly_restarts_as_the_same_replica() {
 }
 
 /// A backup that is down while the primary compacts its log past it would
-/// need a snapshot: the primary sends the first chunk again every few
-/// heartbeats until the backup answers. It says so once, then every 10 s
-/// with the count, not on every send. In the backup's place, a server that
-/// answers everything 503 (as a replica still starting) counts the chunks.
+/// need a snapshot, but could not take one: the primary builds none for it.
+/// It asks instead, every few heartbeats, with an empty append at its
+/// compacted base, until the backup answers; then it builds one, once, and
+/// the backup catches up. In the backup's place meanwhile, a server that
+/// answers everything 503 (as a replica still starting) counts the asks
+/// and the chunks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_snapshot_sent_again_and_again_to_a_replica_that_is_down_is_logged_once() {
+async fn a_replica_that_is_down_is_asked_and_sent_no_snapshot_until_it_answers() {
     let mut c = TestCluster::start(Options::default()).await;
     c.set_stock(1, 1_000_000).await;
     let primary = c.primary().await;
     let victim = c.catalogs_but(&primary).remove(0);
     c.kill9(&victim);
+    let asks = Arc::new(AtomicU64::new(0));
     let chunks = Arc::new(AtomicU64::new(0));
-    let counted = chunks.clone();
+    let (asked, sent) = (asks.clone(), chunks.clone());
     let app = axum::Router::new().fallback(move |body: axum::body::Bytes| {
-        let counted = counted.clone();
+        let (asked, sent) = (asked.clone(), sent.clone());
         async move {
             if let Ok(batch) = serde_json::from_slice::<serde_json::Value>(&body) {
                 for m in batch["messages"].as_array().into_iter().flatten() {
-                    if m["body"]["SnapshotChunk"]["offset"] == 0 {
-                        counted.fetch_add(1, Ordering::Relaxed);
+                    let append = &m["body"]["Append"];
+                    let at_base = append["prev"]["seq"].as_u64().is_some_and(|s| s >= 10_000);
+                    if at_base && append["entries"].as_array().is_some_and(|e| e.is_empty()) {
+                        asked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if m["body"]["SnapshotChunk"].is_object() {
+                        sent.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
@@ -1091,31 +1099,50 @@ async fn a_snapshot_sent_again_and_again_to_a_replica_that_is_down_is_logged_onc
 
     // Past the snapshot threshold (10 000 entries): the primary compacts
     // its log beyond what the backup holds.
-    buy_at_primary(&c, 10_500).await;
+    let bought = buy_at_primary(&c, 10_500).await;
     let log_path = c.dir.join(format!("{primary}.log"));
     let log = || std::fs::read_to_string(&log_path).unwrap();
-    let to = format!("to={victim}");
     wait_until(
-        "the primary says it sends again, 10 s after the first",
-        Duration::from_secs(40),
-        || async {
+        "the primary asks the backup again and again",
+        Duration::from_secs(30),
+        || async { asks.load(Ordering::Relaxed) >= 20 },
+    )
+    .await;
+    assert!(log().contains("log compacted"), "the primary compacted");
+    assert_eq!(
+        chunks.load(Ordering::Relaxed),
+        0,
+        "a snapshot chunk went to a replica that never answered"
+    );
+    for said in ["snapshot taken", "sync sent"] {
+        assert!(
+            !log().contains(said),
+            "{said:?} for a replica that never answered:\n{}",
             log()
-                .lines()
-                .any(|l| l.contains("sync still unanswered") && l.contains(&to))
+        );
+    }
+    server.abort();
+    let _ = server.await;
+
+    // Back, it answers the next ask: one snapshot, and it catches up.
+    c.restart(&victim).await;
+    wait_until(
+        "the backup caught up and is in the primary's view",
+        Duration::from_secs(30),
+        || async {
+            let view = c.catalog(&primary).status().await.map(|s| s.view);
+            role(&c, &victim).await.as_deref() == Some("backup")
+                && view.is_ok_and(|v| v.contains(&victim))
         },
     )
     .await;
-    let sent = chunks.load(Ordering::Relaxed);
-    assert!(sent >= 20, "the first chunk was sent {sent} times");
-    let said = log()
-        .lines()
-        .filter(|l| l.contains("sync sent: snapshot") && l.contains(&to))
-        .count();
+    converged(&c).await;
+    let taken = log().matches("snapshot taken").count();
     assert_eq!(
-        said,
+        taken,
         1,
-        "said once, not on each of {sent} sends:\n{}",
+        "bytes built once, for the replica back:\n{}",
         log()
     );
-    server.abort();
+    assert_eq!(c.stock(1).await, 1_000_000 - bought as u64);
 }

@@ -64,11 +64,17 @@ pub(super) struct Progress {
     /// Its log did not match at `next - 1`: send one probe at a time (no
     /// pipelining) until an append is accepted.
     pub(super) probing: bool,
+    /// When an answer from it last arrived (our clock), however late.
+    pub(super) heard_at: Option<u64>,
+    /// When we last asked it whether it is there, while its next entry was
+    /// compacted and we had not heard from it (see `send_snapshot_chunk`).
+    pub(super) asked_at: Option<u64>,
 }
 
 impl Progress {
     /// An acknowledgement of what we sent at `sent_at_echo` arrived.
     fn acked(&mut self, sent_at_echo: u64, now: u64) {
+        self.heard_at = Some(now);
         if sent_at_echo <= now && sent_at_echo > 0 {
             self.last_ack_sent_at = Some(
                 self.last_ack_sent_at
@@ -311,9 +317,26 @@ impl Replica {
         let resend = 4 * self.cfg.heartbeat_ms;
         let chunk_bytes = self.cfg.snapshot_chunk_bytes.max(1);
         let Some(snap) = self.log.snapshot() else {
-            // Compacted without bytes: the driver builds them (at what it
-            // has applied by then), and the next heartbeat sends them.
-            self.snapshot_wanted = true;
+            // Compacted without bytes. For a backup we heard from lately
+            // (within a lease, or two resend intervals), the driver builds
+            // them (at what it has applied by then), and the next
+            // heartbeat sends them. One we did not (down, cut off) would
+            // never receive them, and they would be built again at every
+            // compaction until it is back: it is asked instead, once a
+            // resend interval, with an empty append at our base. Its
+            // answer, however late, makes it one we heard from (a
+            // refusal), or shows it holds our base and needs no snapshot.
+            let lately = self.cfg.lease_ms.max(2 * resend);
+            let heard = self
+                .primary()
+                .and_then(|pr| pr.peers.get(&id))
+                .and_then(|p| p.heard_at)
+                .is_some_and(|t| now <= t.saturating_add(lately));
+            if heard {
+                self.snapshot_wanted = true;
+            } else {
+                self.ask_at_base(id, now, resend);
+            }
             return;
         };
         let RoleState::Primary(pr) = &mut self.role else {
@@ -347,6 +370,32 @@ impl Replica {
             sent_at: now,
         };
         let msg = self.message(body);
+        self.out.send(id, msg);
+    }
+
+    /// An empty append at our base to `id`, unless one went less than
+    /// `every` ago: answered whether or not its log holds the base.
+    fn ask_at_base(&mut self, id: NodeId, now: u64, every: u64) {
+        let prev = self.log.base();
+        let commit = self.hs.commit.seq;
+        let to_inc = self.known_inc.get(&id).copied().unwrap_or(0);
+        let Some(p) = self.primary_mut().and_then(|pr| pr.peers.get_mut(&id)) else {
+            return;
+        };
+        if p.asked_at.is_some_and(|t| now < t.saturating_add(every)) {
+            return;
+        }
+        p.asked_at = Some(now);
+        let msg = self.message(Append {
+            prev,
+            entries: Vec::new(),
+            commit,
+            sent_at: now,
+            echo: None,
+            lease_ms: 0,
+            to_inc,
+            quiet: false,
+        });
         self.out.send(id, msg);
     }
 
