@@ -1343,15 +1343,21 @@ fn chunk_reply(rd: &Ready) -> Option<(Version, u64)> {
     })
 }
 
-/// Three replicas with 7-byte chunks and a snapshot every 5 entries;
-/// replica 1 was down while the primary (3) wrote and compacted, and is
-/// back up now, too far behind for appends.
-fn lagging_backup() -> Net {
+/// Three replicas with 7-byte chunks and a snapshot every 5 entries, after
+/// their first election.
+fn tiny_snapshots() -> Net {
     let mut net = Net::with(3, |c| {
         c.snapshot_chunk_bytes = 7;
         c.snapshot_threshold = 5;
     });
     net.run(2000);
+    net
+}
+
+/// [`tiny_snapshots`]; replica 1 was down while the primary (3) wrote and
+/// compacted, and is back up now, too far behind for appends.
+fn lagging_backup() -> Net {
+    let mut net = tiny_snapshots();
     assert_eq!(net.primary(), Some(2));
     net.up[0] = false;
     for i in 0..12 {
@@ -1383,11 +1389,7 @@ fn offsets_to(net: &Net, to: NodeId) -> Vec<u64> {
 #[test]
 fn the_log_is_compacted_without_snapshot_bytes_until_a_backup_needs_them() {
     // "Compaction costs nothing until a backup needs a snapshot."
-    let mut net = Net::with(3, |c| {
-        c.snapshot_chunk_bytes = 7;
-        c.snapshot_threshold = 5;
-    });
-    net.run(2000);
+    let mut net = tiny_snapshots();
     let p = net.primary().expect("a primary");
     for i in 0..12 {
         net.write(p, &format!("w{i}")).unwrap();
@@ -1429,11 +1431,7 @@ fn a_backup_that_is_down_costs_no_snapshot_bytes_until_it_answers() {
     // "Bytes are built for a backup the primary heard from lately. One it
     // did not is asked (an empty append at the primary's base) once a
     // resend interval, and its answer makes it one it heard from."
-    let mut net = Net::with(3, |c| {
-        c.snapshot_chunk_bytes = 7;
-        c.snapshot_threshold = 5;
-    });
-    net.run(2000);
+    let mut net = tiny_snapshots();
     assert_eq!(net.primary(), Some(2));
     net.up[0] = false;
     net.run(500);
