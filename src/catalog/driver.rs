@@ -895,9 +895,11 @@ impl Host for Io {
         }) = &msg.body
         {
             // The core sends the first chunk again until the replica
-            // answers, every few heartbeats: to a replica that is down that
-            // is for as long as it is down. Said once per snapshot and
-            // replica, then every SYNC_LOG_EVERY with the count.
+            // answers, every few heartbeats: to one that went down after it
+            // was last heard from, until the next compaction drops the
+            // bytes (the core then asks it whether it is back instead).
+            // Said once per snapshot and replica, then every SYNC_LOG_EVERY
+            // with the count.
             let now = Instant::now();
             let (total, version) = (*total, *version);
             let name = self.name(to);
