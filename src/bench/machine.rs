@@ -104,14 +104,8 @@ fn fsyncs(dir: &Path) -> std::io::Result<(u64, u64)> {
 }
 
 fn wakes() -> std::io::Result<(u64, u64)> {
-    let (mut to_peer, mut peer_in) = {
-        let (r, w) = std::io::pipe()?;
-        (w, r)
-    };
-    let (mut from_peer, mut peer_out) = {
-        let (r, w) = std::io::pipe()?;
-        (r, w)
-    };
+    let (mut peer_in, mut to_peer) = std::io::pipe()?;
+    let (mut from_peer, mut peer_out) = std::io::pipe()?;
     let peer = std::thread::Builder::new()
         .name("bench-wake".into())
         .spawn(move || {
