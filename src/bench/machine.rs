@@ -1,6 +1,8 @@
 //! What the machine itself allows, measured before the run: how long an
 //! fsync takes where the store keeps its data, and how long it takes to
-//! wake a sleeping thread and hear back from it.
+//! wake a sleeping thread and hear back from it, at once and after both
+//! threads slept as long as a lone buy's processes sleep between their
+//! steps (on a virtual machine an idle CPU takes longer to wake).
 //!
 //! A buy waits on both in series, whatever the code does: the catalog's
 //! fsync (on every replica of its view at once) and then its order
@@ -15,7 +17,7 @@
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -33,6 +35,10 @@ pub struct MachineCheck {
     /// two wake-ups of a sleeping thread.
     pub wake_round_trip_p50_us: u64,
     pub wake_round_trip_p99_us: u64,
+    /// The same, each round trip after both threads slept this long.
+    pub idle_before_wake_us: u64,
+    pub idle_wake_round_trip_p50_us: u64,
+    pub idle_wake_round_trip_p99_us: u64,
     /// Messages between processes on a lone buy's path, each a wake-up.
     pub buy_messages_in_series: u64,
     /// Hand-offs to a disk thread and back on it (two wake-ups each).
@@ -40,12 +46,17 @@ pub struct MachineCheck {
     /// fsyncs a lone buy waits for one after the other.
     pub buy_fsyncs_in_series: u64,
     /// What those alone add up to, before any work: fsyncs at their p50,
-    /// and a wake-up at half a round trip's p50.
+    /// and a wake-up at half the p50 of a round trip after sleeping (a
+    /// lone buy's processes sleep between their steps).
     pub buy_floor_us: u64,
 }
 
 const FSYNCS: u64 = 200;
 const WAKES: u64 = 2000;
+const IDLE_WAKES: u64 = 300;
+/// About how long each process on a lone buy's path sleeps between its
+/// steps (a timeline of one: 0.25 to 1 ms).
+const IDLE: Duration = Duration::from_micros(500);
 const BLOCK: usize = 4096;
 /// Blocks written in turn: the file is written in place, as a write-ahead
 /// log that was reset is, so no sync has to grow it.
@@ -58,15 +69,19 @@ const SERIAL_FSYNCS: u64 = 2;
 /// Measures in `dir` (a scratch file, removed after).
 pub fn measure(dir: &Path) -> std::io::Result<MachineCheck> {
     let (fsync_p50_us, fsync_p99_us) = fsyncs(dir)?;
-    let (wake_round_trip_p50_us, wake_round_trip_p99_us) = wakes()?;
+    let (wake_round_trip_p50_us, wake_round_trip_p99_us) = wakes(WAKES, None)?;
+    let (idle_wake_round_trip_p50_us, idle_wake_round_trip_p99_us) = wakes(IDLE_WAKES, Some(IDLE))?;
     let buy_floor_us =
-        SERIAL_FSYNCS * fsync_p50_us + (MESSAGES + 2 * HANDOFFS) * wake_round_trip_p50_us / 2;
+        SERIAL_FSYNCS * fsync_p50_us + (MESSAGES + 2 * HANDOFFS) * idle_wake_round_trip_p50_us / 2;
     Ok(MachineCheck {
         disk: dir.display().to_string(),
         fsync_p50_us,
         fsync_p99_us,
         wake_round_trip_p50_us,
         wake_round_trip_p99_us,
+        idle_before_wake_us: IDLE.as_micros() as u64,
+        idle_wake_round_trip_p50_us,
+        idle_wake_round_trip_p99_us,
         buy_messages_in_series: MESSAGES,
         buy_disk_handoffs_in_series: HANDOFFS,
         buy_fsyncs_in_series: SERIAL_FSYNCS,
@@ -103,7 +118,9 @@ fn fsyncs(dir: &Path) -> std::io::Result<(u64, u64)> {
     measured
 }
 
-fn wakes() -> std::io::Result<(u64, u64)> {
+/// `n` round trips through pipes to a thread blocked reading, each after
+/// sleeping `idle` if given (the peer sleeps as long, blocked).
+fn wakes(n: u64, idle: Option<Duration>) -> std::io::Result<(u64, u64)> {
     let (mut peer_in, mut to_peer) = std::io::pipe()?;
     let (mut from_peer, mut peer_out) = std::io::pipe()?;
     let peer = std::thread::Builder::new()
@@ -120,7 +137,10 @@ fn wakes() -> std::io::Result<(u64, u64)> {
     let mut h = histogram();
     let mut b = [0u8; 1];
     let measured = (|| {
-        for _ in 0..WAKES {
+        for _ in 0..n {
+            if let Some(idle) = idle {
+                std::thread::sleep(idle);
+            }
             let t = Instant::now();
             to_peer.write_all(&b)?;
             from_peer.read_exact(&mut b)?;
@@ -151,9 +171,15 @@ mod tests {
             0 < m.wake_round_trip_p50_us && m.wake_round_trip_p50_us <= m.wake_round_trip_p99_us,
             "{m:?}"
         );
+        assert!(
+            0 < m.idle_wake_round_trip_p50_us
+                && m.idle_wake_round_trip_p50_us <= m.idle_wake_round_trip_p99_us,
+            "{m:?}"
+        );
+        assert_eq!(m.idle_before_wake_us, 500, "{m:?}");
         assert_eq!(
             m.buy_floor_us,
-            2 * m.fsync_p50_us + 18 * m.wake_round_trip_p50_us / 2,
+            2 * m.fsync_p50_us + 18 * m.idle_wake_round_trip_p50_us / 2,
             "{m:?}"
         );
         let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();

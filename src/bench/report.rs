@@ -425,12 +425,16 @@ fn markdown(r: &Results) -> String {
         let _ = writeln!(
             m,
             "- its own latencies, measured before the store started: an fsync of 4 KiB in `{}` p50 {} (p99 {}); \
-             a sleeping thread woken and answering, through pipes, p50 {} µs (p99 {} µs)",
+             a sleeping thread woken and answering, through pipes, p50 {} µs (p99 {} µs) back to back, \
+             and p50 {} µs (p99 {} µs) when both had slept {} µs first",
             mc.disk,
             fmt_us(mc.fsync_p50_us),
             fmt_us(mc.fsync_p99_us),
             mc.wake_round_trip_p50_us,
-            mc.wake_round_trip_p99_us
+            mc.wake_round_trip_p99_us,
+            mc.idle_wake_round_trip_p50_us,
+            mc.idle_wake_round_trip_p99_us,
+            mc.idle_before_wake_us
         );
     }
     let _ = writeln!(
@@ -467,12 +471,14 @@ fn markdown(r: &Results) -> String {
             "What this machine allows a lone buy, before any work is done: it waits for {} fsyncs one after \
              the other (the catalog's, on every replica of its view at once, then its order replica's log's) \
              and for a wake-up at each of the {} messages on its path between processes and at both ends of \
-             its {} hand-offs to a disk thread, {} wake-ups in all. At this run's p50s (above) that is {} \
-             of the {} target.\n",
+             its {} hand-offs to a disk thread, {} wake-ups in all, each of a process that slept since its \
+             last step. At this run's p50s (above: the fsync, and half the round trip after {} µs asleep) \
+             that is {} of the {} target.\n",
             mc.buy_fsyncs_in_series,
             mc.buy_messages_in_series,
             mc.buy_disk_handoffs_in_series,
             mc.buy_messages_in_series + 2 * mc.buy_disk_handoffs_in_series,
+            mc.idle_before_wake_us,
             fmt_us(mc.buy_floor_us),
             fmt_us(BUY_P50_TARGET_US),
         );

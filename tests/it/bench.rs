@@ -168,7 +168,12 @@ fn the_whole_bench_runs_on_a_store_it_starts_and_reports_every_figure() {
 
     // The machine's own latencies, measured where the store kept its data.
     let m = &r["machine"];
-    for k in ["fsync_p50_us", "wake_round_trip_p50_us", "buy_floor_us"] {
+    for k in [
+        "fsync_p50_us",
+        "wake_round_trip_p50_us",
+        "idle_wake_round_trip_p50_us",
+        "buy_floor_us",
+    ] {
         assert!(m[k].as_u64().unwrap() > 0, "{k}: {m}");
     }
     assert!(
@@ -199,6 +204,7 @@ fn the_whole_bench_runs_on_a_store_it_starts_and_reports_every_figure() {
         "## Memory after the run",
         "## What the profile showed, and what changed",
         "What this machine allows a lone buy, before any work is done",
+        "when both had slept 500 µs first",
         "pygmy bench --quick --out",
     ] {
         assert!(report.contains(section), "report.md lacks {section:?}");
