@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::Context;
 use plotters::prelude::*;
 
-use super::{LatencyRow, Results, TargetCheck};
+use super::{LatencyRow, MachineCheck, Results, TargetCheck};
 
 /// Requests per second nginx served a static file on the reference 2-core
 /// machine: the cached lookup's target.
@@ -412,6 +412,42 @@ fn opt_ratio(x: Option<f64>) -> String {
     x.map(|x| format!("{x:.2}×")).unwrap_or_else(|| "—".into())
 }
 
+/// The machine check's pinned round trips, for the report's header:
+/// empty where threads could not be pinned.
+fn placed_wakes(mc: &MachineCheck) -> String {
+    let mut s = String::new();
+    if let (Some(p50), Some(p99)) = (
+        mc.same_cpu_wake_round_trip_p50_us,
+        mc.same_cpu_wake_round_trip_p99_us,
+    ) {
+        let _ = write!(
+            s,
+            "; after sleeping, with both threads pinned to one CPU p50 {p50} µs (p99 {p99} µs)"
+        );
+        if let (Some(p50), Some(p99)) = (
+            mc.cross_cpu_wake_round_trip_p50_us,
+            mc.cross_cpu_wake_round_trip_p99_us,
+        ) {
+            let _ = write!(s, ", and pinned to two CPUs p50 {p50} µs (p99 {p99} µs)");
+        }
+    }
+    s
+}
+
+/// The lone buy's floor with every wake-up placed, for the floor's
+/// paragraph: empty where threads could not be pinned.
+fn placed_floors(mc: &MachineCheck) -> String {
+    match (mc.buy_floor_same_cpu_us, mc.buy_floor_cross_cpu_us) {
+        (Some(same), Some(cross)) => format!(
+            "; {} with every wake-up on its waker's CPU, {} with every one on another CPU",
+            fmt_us(same),
+            fmt_us(cross)
+        ),
+        (Some(same), None) => format!("; {} with every wake-up on its waker's CPU", fmt_us(same)),
+        _ => String::new(),
+    }
+}
+
 fn markdown(r: &Results) -> String {
     let mut m = String::new();
     let _ = writeln!(m, "# pygmy bench report\n");
@@ -426,7 +462,7 @@ fn markdown(r: &Results) -> String {
             m,
             "- its own latencies, measured before the store started: an fsync of 4 KiB in `{}` p50 {} (p99 {}); \
              a sleeping thread woken and answering, through pipes, p50 {} µs (p99 {} µs) back to back, \
-             and p50 {} µs (p99 {} µs) when both had slept {} µs first",
+             and p50 {} µs (p99 {} µs) when both had slept {} µs first{}",
             mc.disk,
             fmt_us(mc.fsync_p50_us),
             fmt_us(mc.fsync_p99_us),
@@ -434,7 +470,8 @@ fn markdown(r: &Results) -> String {
             mc.wake_round_trip_p99_us,
             mc.idle_wake_round_trip_p50_us,
             mc.idle_wake_round_trip_p99_us,
-            mc.idle_before_wake_us
+            mc.idle_before_wake_us,
+            placed_wakes(mc),
         );
     }
     let _ = writeln!(
@@ -473,7 +510,7 @@ fn markdown(r: &Results) -> String {
              and for a wake-up at each of the {} messages on its path between processes and at both ends of \
              its {} hand-offs to a disk thread, {} wake-ups in all, each of a process that slept since its \
              last step. At this run's p50s (above: the fsync, and half the round trip after {} µs asleep) \
-             that is {} of the {} target.\n",
+             that is {} of the {} target{}.\n",
             mc.buy_fsyncs_in_series,
             mc.buy_messages_in_series,
             mc.buy_disk_handoffs_in_series,
@@ -481,6 +518,7 @@ fn markdown(r: &Results) -> String {
             mc.idle_before_wake_us,
             fmt_us(mc.buy_floor_us),
             fmt_us(BUY_P50_TARGET_US),
+            placed_floors(mc),
         );
     }
 

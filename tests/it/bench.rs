@@ -173,8 +173,18 @@ fn the_whole_bench_runs_on_a_store_it_starts_and_reports_every_figure() {
         "wake_round_trip_p50_us",
         "idle_wake_round_trip_p50_us",
         "buy_floor_us",
+        // Pinned on purpose, on one CPU.
+        "same_cpu_wake_round_trip_p50_us",
+        "buy_floor_same_cpu_us",
     ] {
         assert!(m[k].as_u64().unwrap() > 0, "{k}: {m}");
+    }
+    // And on two, where the tests may use two.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for k in ["cross_cpu_wake_round_trip_p50_us", "buy_floor_cross_cpu_us"] {
+        if cpus >= 2 {
+            assert!(m[k].as_u64().unwrap() > 0, "{k}: {m}");
+        }
     }
     assert!(
         m["fsync_p50_us"].as_u64() <= m["fsync_p99_us"].as_u64(),
@@ -205,6 +215,8 @@ fn the_whole_bench_runs_on_a_store_it_starts_and_reports_every_figure() {
         "## What the profile showed, and what changed",
         "What this machine allows a lone buy, before any work is done",
         "when both had slept 500 µs first",
+        "with both threads pinned to one CPU",
+        "with every wake-up on its waker's CPU",
         "pygmy bench --quick --out",
     ] {
         assert!(report.contains(section), "report.md lacks {section:?}");
