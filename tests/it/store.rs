@@ -225,12 +225,19 @@ async fn fifty_concurrent_buys_of_a_book_with_stock_ten_sell_exactly_ten() {
 }
 
 /// Buys that reach the catalog primary while others are in flight wait for
-/// those, then are proposed together. Each is still applied once: 32
+/// those, then are proposed together. Each is still applied once.
+///
+/// A first buy is held in flight: one backup is paused, so the buy cannot
+/// commit until that backup's lease has surely run out. Meanwhile 32
 /// writers each send 4 buys in turn straight to the primary (past the
-/// batching of the tiers in front, so they arrive one request each, while
-/// others are in flight), each buy twice at once with its request id; that
-/// makes 128 orders, each request id one order id, and the stock falls by
-/// 128.
+/// batching of the tiers in front, so they arrive one request each), each
+/// buy twice at once with its request id; at least the first turn's reach
+/// the primary while the held buy is in flight. That makes 129 orders,
+/// each request id one order id, and the stock falls by 129.
+///
+/// Without the hold, the writers' requests could all reach the primary on
+/// the turn its driver took the first of them, turn after turn, and go in
+/// one step without ever waiting: whether any waited was up to timing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn buys_arriving_together_are_proposed_together_and_each_applied_once() {
     let c = TestCluster::start(Options::default()).await;
@@ -240,6 +247,39 @@ async fn buys_arriving_together_are_proposed_together_and_each_applied_once() {
     let queued = c
         .metric(&primary, "pygmy_catalog_writes_queued_total")
         .await;
+    let buy = |key: &str| CatalogWrite {
+        request_id: RequestId::parse(key).unwrap(),
+        op: CatalogOp::Buy {
+            book_id: BookId::new(5).unwrap(),
+        },
+    };
+    let order = |key: &str, r: Result<WriteResult, ClientError>| match r {
+        Ok(WriteResult {
+            outcome: Outcome::Bought { order_id, .. },
+            ..
+        }) => order_id,
+        other => panic!("{key}: {other:?}"),
+    };
+
+    // The held buy: in flight at the primary (its task running there)
+    // until the paused backup's lease has run out.
+    let paused = c.catalogs_but(&primary)[0].clone();
+    let signal = |sig: i32| {
+        // SAFETY: a plain syscall on a child this test started.
+        assert_eq!(unsafe { libc::kill(c.pid(&paused) as i32, sig) }, 0);
+    };
+    signal(libc::SIGSTOP);
+    let held = {
+        let at = c.catalog(&primary);
+        tokio::spawn(async move { at.write(&buy("k:together-held")).await })
+    };
+    common::wait_until(
+        "the held buy runs at the primary",
+        Duration::from_secs(10),
+        || async { c.metric(&primary, "pygmy_work_running").await >= 1.0 },
+    )
+    .await;
+
     let tasks: Vec<_> = (0..32)
         .map(|writer| {
             let at = c.catalog(&primary);
@@ -247,21 +287,9 @@ async fn buys_arriving_together_are_proposed_together_and_each_applied_once() {
                 let mut orders = Vec::new();
                 for turn in 0..4 {
                     let key = format!("k:together-{writer}-{turn}");
-                    let w = CatalogWrite {
-                        request_id: RequestId::parse(&key).unwrap(),
-                        op: CatalogOp::Buy {
-                            book_id: BookId::new(5).unwrap(),
-                        },
-                    };
+                    let w = buy(&key);
                     let (one, two) = tokio::join!(at.write(&w), at.write(&w));
-                    let order = |r: Result<WriteResult, ClientError>| match r {
-                        Ok(WriteResult {
-                            outcome: Outcome::Bought { order_id, .. },
-                            ..
-                        }) => order_id,
-                        other => panic!("{key}: {other:?}"),
-                    };
-                    let (one, two) = (order(one), order(two));
+                    let (one, two) = (order(&key, one), order(&key, two));
                     assert_eq!(one, two, "{key} got two order ids");
                     orders.push(one);
                 }
@@ -270,11 +298,13 @@ async fn buys_arriving_together_are_proposed_together_and_each_applied_once() {
         })
         .collect();
     let mut ids = HashSet::new();
+    ids.insert(order("k:together-held", held.await.unwrap()));
     for t in tasks {
         ids.extend(t.await.unwrap());
     }
-    assert_eq!(ids.len(), 128, "one order per request id");
-    assert_eq!(c.stock(5).await, 1000 - 128);
+    signal(libc::SIGCONT);
+    assert_eq!(ids.len(), 129, "one order per request id");
+    assert_eq!(c.stock(5).await, 1000 - 129);
     let groups = c.metric(&primary, "pygmy_catalog_write_groups_total").await - groups;
     let queued = c
         .metric(&primary, "pygmy_catalog_writes_queued_total")
