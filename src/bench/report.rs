@@ -162,7 +162,13 @@ catalog replica built snapshot bytes that encode every kept answer (180 000 at 6
 replica that lags, and none did. The core now compacts its log without bytes (the replica's tables are the \
 snapshot) and has bytes built only for a backup that needs them: nine alternating pairs at 32 \
 connections, +3.5 to +16% buys/s (median +9%), CPU per buy −4 to −19% (median −14%); at 64 connections +12 \
-and +18%; the stores held 72 MB (PSS) before and 48 MB after the same load.\n\n\
+and +18%; the stores held 72 MB (PSS) before and 48 MB after the same load;\n\
+- the frontend's profile under cached lookups spread its samples over a dozen crates' small functions \
+(tokio, hyper, axum, serde and ours), with no hot spot: the release build is now optimised as one unit \
+(`lto = \"fat\"`, `codegen-units = 1`), so calls between crates can be inlined. Two stores alternating, the \
+builds' places swapped between two sets: CPU per cached lookup −13 to −34% in eight pairs (median −23%), \
+lookups per second +12 to +52%, the floor +3 to +21%; CPU per buy at 32 connections −3% in the median of \
+20 pairs; one connection unchanged. A clean release build takes about a minute longer.\n\n\
 Where a buy's time and CPU go, from the nodes' metrics around one 8 s `wrk -c32` run before the last four changes \
 (3 685 buys/s, p50 8.3 ms):\n\n\
 - the frontend's `/buy` averaged 8.1 ms: 4.8 ms in its batch's call to an order replica (10.2 buys a batch), \
@@ -205,7 +211,12 @@ but the simulator found a cache serving a value from before an acknowledged writ
 first;\n\
 - heartbeats only to backups sent nothing else within the interval (entries renew the leases as heartbeats \
 do): another 0.4 replication messages per buy at one connection, but with those schedules the simulator no \
-longer found the stale cached read above in 40 000 tries, and that rule's teeth matter more.\n";
+longer found the stale cached read above in 40 000 tries, and that rule's teeth matter more;\n\
+- CPUs kept from halting (a busy loop per CPU at `SCHED_IDLE`, which gives way to any thread at once), \
+since on this virtual machine waking a halted CPU is what a wake-up costs: a pipe round trip after 0.5 ms \
+asleep fell from 91–101 to 36–38 µs (p50), but a lone buy's p50 rose from 3.2–3.3 to 4.1–4.4 ms and buys at \
+32 connections fell from 1 700–2 100 to about 1 500 /s (alternating runs): the host shares a busy CPU with \
+its other guests, so the work slowed more than the wake-ups sped up.\n";
 
 type PlotResult = Result<(), Box<dyn std::error::Error>>;
 
