@@ -179,8 +179,7 @@ async fn an_order_replica_told_to_stop_records_the_buy_its_client_gave_up_on_fir
     let catalogs = c.names(pygmy::config::Role::Catalog);
     let signal = |c: &TestCluster, sig: i32| {
         for name in &catalogs {
-            // SAFETY: a plain syscall on a child this test started.
-            assert_eq!(unsafe { libc::kill(c.pid(name) as i32, sig) }, 0);
+            c.signal(name, sig);
         }
     };
     // The catalog holds the buy: every replica paused.

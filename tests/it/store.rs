@@ -264,11 +264,7 @@ async fn buys_arriving_together_are_proposed_together_and_each_applied_once() {
     // The held buy: in flight at the primary (its task running there)
     // until the paused backup's lease has run out.
     let paused = c.catalogs_but(&primary)[0].clone();
-    let signal = |sig: i32| {
-        // SAFETY: a plain syscall on a child this test started.
-        assert_eq!(unsafe { libc::kill(c.pid(&paused) as i32, sig) }, 0);
-    };
-    signal(libc::SIGSTOP);
+    c.signal(&paused, libc::SIGSTOP);
     let held = {
         let at = c.catalog(&primary);
         tokio::spawn(async move { at.write(&buy("k:together-held")).await })
@@ -302,7 +298,7 @@ async fn buys_arriving_together_are_proposed_together_and_each_applied_once() {
     for t in tasks {
         ids.extend(t.await.unwrap());
     }
-    signal(libc::SIGCONT);
+    c.signal(&paused, libc::SIGCONT);
     assert_eq!(ids.len(), 129, "one order per request id");
     assert_eq!(c.stock(5).await, 1000 - 129);
     let groups = c.metric(&primary, "pygmy_catalog_write_groups_total").await - groups;

@@ -322,6 +322,13 @@ impl TestCluster {
         self.procs[name].id()
     }
 
+    /// Sends `sig` to `name`'s process (`SIGSTOP` pauses it, `SIGCONT`
+    /// lets it go on).
+    pub fn signal(&self, name: &str, sig: i32) {
+        // SAFETY: a plain syscall on a child this harness started.
+        assert_eq!(unsafe { libc::kill(self.pid(name) as i32, sig) }, 0);
+    }
+
     /// Whether `name`'s process is running (as far as this harness knows).
     pub fn is_running(&self, name: &str) -> bool {
         self.procs.contains_key(name)
