@@ -189,6 +189,11 @@ enum Cmd {
         /// memory, open descriptors and the answers a catalog replica keeps sampled and plotted (`soak` alone: default 600).
         #[arg(long, value_name = "SECONDS")]
         soak: Option<u64>,
+        /// Also measure the targets' anchors on this machine, with the same load generator, once
+        /// the store stopped: nginx serving a static file, and a three-member etcd's durable put
+        /// (each if installed).
+        #[arg(long)]
+        anchors: bool,
     },
     /// Print shell completions.
     #[command(
@@ -353,6 +358,7 @@ async fn run(cmd: Cmd) -> Result<(), Fail> {
             target,
             quick,
             soak,
+            anchors,
         } => {
             let target = match target {
                 Some(path) => Some(ConfigArg::file(path).load_as_operator()?),
@@ -368,6 +374,7 @@ async fn run(cmd: Cmd) -> Result<(), Fail> {
                 target,
                 quick,
                 soak: soak.map(std::time::Duration::from_secs),
+                anchors,
                 command,
             })
             .await

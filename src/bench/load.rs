@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
@@ -28,12 +28,13 @@ use tokio::time::Instant;
 /// One request's answer wait at most this long; then it counts as an error.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A request the generator sends: method and path (no body, no headers
-/// beyond `Host`).
+/// A request the generator sends: method, path, and a JSON body if any (no
+/// headers beyond `Host`, and `Content-Type` with a body).
 #[derive(Debug, Clone)]
 pub struct Req {
     pub method: hyper::Method,
     pub path: String,
+    pub json: Option<Bytes>,
 }
 
 impl Req {
@@ -41,12 +42,21 @@ impl Req {
         Self {
             method: hyper::Method::GET,
             path: path.into(),
+            json: None,
         }
     }
     pub fn post(path: impl Into<String>) -> Self {
         Self {
             method: hyper::Method::POST,
             path: path.into(),
+            json: None,
+        }
+    }
+    /// A POST with a JSON body.
+    pub fn post_json(path: impl Into<String>, body: impl Into<Bytes>) -> Self {
+        Self {
+            json: Some(body.into()),
+            ..Self::post(path)
         }
     }
 }
@@ -61,7 +71,7 @@ pub fn histogram() -> Histogram<u64> {
 
 /// One keep-alive connection.
 struct Conn {
-    send: SendRequest<Empty<Bytes>>,
+    send: SendRequest<Full<Bytes>>,
 }
 
 async fn connect(addr: SocketAddr) -> Result<Conn, String> {
@@ -94,12 +104,15 @@ impl Conn {
     /// Sends `req`, reads the whole answer. The connection is unusable
     /// afterwards unless the outcome is an answer.
     async fn send(&mut self, addr: SocketAddr, req: &Req) -> Outcome {
-        let request = match hyper::Request::builder()
+        let mut builder = hyper::Request::builder()
             .method(req.method.clone())
             .uri(&req.path)
-            .header(hyper::header::HOST, addr.to_string())
-            .body(Empty::<Bytes>::new())
-        {
+            .header(hyper::header::HOST, addr.to_string());
+        if req.json.is_some() {
+            builder = builder.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        let body = Full::new(req.json.clone().unwrap_or_default());
+        let request = match builder.body(body) {
             Ok(r) => r,
             Err(_) => return Outcome::Failed,
         };

@@ -14,6 +14,7 @@
 //! SVG plots and `results.json` into `--out`. The speed targets are figures
 //! of the report, never assertions of a test.
 
+mod anchors;
 mod failover;
 mod load;
 mod machine;
@@ -29,6 +30,7 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
+pub use anchors::Anchors;
 pub use failover::FailoverResults;
 pub use load::Stats;
 use load::{Pick, Req};
@@ -65,6 +67,9 @@ pub struct Options {
     /// After the scenarios, this much steady load with resident memory
     /// sampled (plotted over time).
     pub soak: Option<Duration>,
+    /// Also measure the targets' anchors (nginx serving a static file, a
+    /// three-member etcd's put) on this machine, once the store stopped.
+    pub anchors: bool,
     /// The command line, written into the report.
     pub command: String,
 }
@@ -96,6 +101,8 @@ pub struct Results {
     /// Sum of the nodes' proportional set sizes: each shared page once.
     pub memory_unique_bytes: Option<u64>,
     pub soak: Option<SoakResults>,
+    /// The targets' anchors measured in this run (`--anchors`).
+    pub anchors: Option<Anchors>,
     pub targets: Vec<TargetCheck>,
 }
 
@@ -192,6 +199,10 @@ pub struct TargetCheck {
     pub target: String,
     pub measured: String,
     pub met: Option<bool>,
+    /// What the target's anchor did in this run (`--anchors`), and the
+    /// run's figure against it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub anchor: Option<String>,
 }
 
 /// How long after the last load the store's memory is read: longer than
@@ -223,7 +234,8 @@ pub async fn run(mut opts: Options) -> anyhow::Result<Results> {
         u64::from(runs(Scenario::Latency)) * (LEVELS.len() as u64 * 8 + 3)
             + u64::from(runs(Scenario::Invalidation))
             + u64::from(runs(Scenario::Failover)) * 7
-            + u64::from(opts.soak.is_some()),
+            + u64::from(opts.soak.is_some())
+            + u64::from(opts.anchors),
     );
     progress.set_style(
         ProgressStyle::with_template("{elapsed:>4} [{bar:30}] {pos}/{len} {msg}")
@@ -277,6 +289,17 @@ pub async fn run(mut opts: Options) -> anyhow::Result<Results> {
     store.stop(failed).await;
     let (latency, invalidation, failover, soak, not_run) = outcome?;
     skipped.extend(not_run);
+    let anchors = if opts.anchors {
+        // With the store stopped, the machine is the anchors' alone (a
+        // target's store is still there, idle).
+        progress.set_message("anchors: nginx and etcd on this machine");
+        let stopped = opts.target.is_none();
+        let a = anchors::measure(&scratch.join("anchors"), anchor_file(), cell, stopped).await;
+        progress.inc(1);
+        Some(a)
+    } else {
+        None
+    };
     progress.finish_and_clear();
     let memory_total_bytes = memory.iter().filter_map(|m| m.rss_bytes).sum();
     let memory_unique_bytes = memory.iter().map(|m| m.pss_bytes).sum::<Option<u64>>();
@@ -298,6 +321,7 @@ pub async fn run(mut opts: Options) -> anyhow::Result<Results> {
         memory_total_bytes,
         memory_unique_bytes,
         soak,
+        anchors,
         targets: Vec::new(),
     };
     results.targets = report::targets(&results);
@@ -377,6 +401,21 @@ async fn scenarios(
         progress.inc(1);
     }
     Ok((latency, invalidation, fail, soak, skipped))
+}
+
+/// What nginx serves as the cached lookup's anchor: a lookup's answer, of
+/// the first book of the default catalog.
+fn anchor_file() -> bytes::Bytes {
+    let books = crate::catalog::seed::default_books();
+    let version = crate::api::Version {
+        epoch: 1,
+        seq: 100_000,
+    };
+    books
+        .first()
+        .and_then(|b| serde_json::to_vec(&crate::api::LookupResponse::new(b, version)).ok())
+        .unwrap_or_default()
+        .into()
 }
 
 fn pick_floor() -> Pick {
@@ -671,6 +710,7 @@ fn pick_hostile() -> Pick {
         _ => Req {
             method: hyper::Method::from_bytes(b"FROBNICATE").expect("a valid token"),
             path: "/lookup/1".into(),
+            json: None,
         },
     })
 }

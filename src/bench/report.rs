@@ -235,6 +235,60 @@ fn find<'a>(
     })
 }
 
+/// Puts next to the targets with an anchor what that anchor did in this
+/// run, and the run's figure as a multiple of it (above 1 is better for
+/// throughput, below 1 for latency).
+fn anchor_targets(
+    out: &mut [TargetCheck],
+    a: &super::Anchors,
+    cached64: Option<f64>,
+    buy1: Option<u64>,
+    buy32: Option<f64>,
+) {
+    use super::anchors::{ETCD, NGINX};
+    type Show = fn(f64) -> String;
+    let rows: [(&str, Option<f64>, Option<f64>, Show); 3] = [
+        (
+            CACHED_TARGET,
+            a.find(NGINX, 64).map(|s| s.per_second),
+            cached64,
+            |n| format!("nginx: {n:.0} req/s"),
+        ),
+        (
+            BUY_P50_TARGET,
+            a.find(ETCD, 1).map(|s| s.p50_us as f64),
+            buy1.map(|b| b as f64),
+            |e| format!("etcd put, 1 connection: p50 {}", fmt_us(e as u64)),
+        ),
+        (
+            BUYS_TARGET,
+            a.find(ETCD, 32).map(|s| s.per_second),
+            buy32,
+            |e| format!("etcd puts, 32 connections: {e:.0} /s"),
+        ),
+    ];
+    for (what, anchor, run, show) in rows {
+        let Some(t) = out.iter_mut().find(|t| t.what == what) else {
+            continue;
+        };
+        t.anchor = Some(match anchor {
+            None => "not measured".into(),
+            Some(x) => format!(
+                "{}{}",
+                show(x),
+                run.map_or(String::new(), |r| format!(
+                    "; this run {:.2} × it",
+                    r / x.max(1e-9)
+                ))
+            ),
+        });
+    }
+}
+
+const CACHED_TARGET: &str = "cached lookup, 64 connections";
+const BUY_P50_TARGET: &str = "durable replicated buy, one at a time (1 connection), p50";
+const BUYS_TARGET: &str = "buys, 32 connections";
+
 /// Each speed target and where the run stands.
 pub fn targets(r: &Results) -> Vec<TargetCheck> {
     let mut out = Vec::new();
@@ -247,9 +301,10 @@ pub fn targets(r: &Results) -> Vec<TargetCheck> {
             target,
             measured: measured.unwrap_or_else(|| "not measured".into()),
             met,
+            anchor: None,
         };
     out.push(check(
-        "cached lookup, 64 connections",
+        CACHED_TARGET,
         format!(
             "≥ {:.0} req/s (nginx, static file)",
             NGINX_STATIC_PER_SECOND
@@ -273,14 +328,14 @@ pub fn targets(r: &Results) -> Vec<TargetCheck> {
     ));
     let buy1 = find(r, "buy", true, "closed", 1).map(|b| b.stats.p50_us);
     out.push(check(
-        "durable replicated buy, one at a time (1 connection), p50",
+        BUY_P50_TARGET,
         format!("≤ {}", fmt_us(BUY_P50_TARGET_US)),
         buy1.map(fmt_us),
         buy1.map(|b| b <= BUY_P50_TARGET_US),
     ));
     let buy32 = find(r, "buy", true, "closed", 32).map(|b| b.stats.per_second);
     out.push(check(
-        "buys, 32 connections",
+        BUYS_TARGET,
         format!("≥ {BUYS_PER_SECOND_TARGET:.0} /s"),
         buy32.map(|b| format!("{b:.0} /s ({:.0}%)", 100.0 * b / BUYS_PER_SECOND_TARGET)),
         buy32.map(|b| b >= BUYS_PER_SECOND_TARGET),
@@ -366,6 +421,9 @@ pub fn targets(r: &Results) -> Vec<TargetCheck> {
             &|x| x.answers_kept,
             &|n| n.to_string(),
         ));
+    }
+    if let Some(a) = &r.anchors {
+        anchor_targets(&mut out, a, cached64, buy1, buy32);
     }
     out
 }
@@ -459,6 +517,53 @@ fn placed_floors(mc: &MachineCheck) -> String {
     }
 }
 
+/// The anchors' own figures, the programs measured, and what was not.
+fn anchors_section(m: &mut String, a: &super::Anchors) {
+    let _ = writeln!(m, "### The anchors\n");
+    let _ = writeln!(
+        m,
+        "Measured {}, with the bench's own load generator (closed loop, keep-alive \
+         connections; the faster of two cells for nginx): nginx serving a file the size and shape of a \
+         lookup's answer, as many workers as CPUs; three etcd members on loopback, each fsyncing every \
+         write before it answers, taking puts of small values at the leader's JSON gateway.\n",
+        if a.store_stopped {
+            "after the store stopped"
+        } else {
+            "while the target store ran, idle"
+        }
+    );
+    for v in &a.versions {
+        let _ = writeln!(m, "- `{v}`");
+    }
+    for s in &a.skipped {
+        let _ = writeln!(m, "- not measured: {s}");
+    }
+    if !a.versions.is_empty() || !a.skipped.is_empty() {
+        m.push('\n');
+    }
+    if !a.rows.is_empty() {
+        let _ = writeln!(
+            m,
+            "| anchor | conns | req/s | p50 | p90 | p99 | max | errors |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for x in &a.rows {
+            let _ = writeln!(
+                m,
+                "| {} | {} | {:.0} | {} | {} | {} | {} | {} |",
+                x.anchor,
+                x.connections,
+                x.stats.per_second,
+                fmt_us(x.stats.p50_us),
+                fmt_us(x.stats.p90_us),
+                fmt_us(x.stats.p99_us),
+                fmt_us(x.stats.max_us),
+                x.stats.non_2xx + x.stats.failed,
+            );
+        }
+        m.push('\n');
+    }
+}
+
 fn markdown(r: &Results) -> String {
     let mut m = String::new();
     let _ = writeln!(m, "# pygmy bench report\n");
@@ -503,16 +608,35 @@ fn markdown(r: &Results) -> String {
     }
 
     let _ = writeln!(m, "## Speed targets\n");
-    let _ = writeln!(m, "| | target | this run | met |\n|---|---|---|---|");
+    if r.anchors.is_some() {
+        let _ = writeln!(
+            m,
+            "The targets are fixed figures, from one day on a reference machine; the anchors beside them \
+             were measured on this machine in this run (see \"The anchors\", below).\n"
+        );
+        let _ = writeln!(
+            m,
+            "| | target | this run | met | the anchor, this run |\n|---|---|---|---|---|"
+        );
+    } else {
+        let _ = writeln!(m, "| | target | this run | met |\n|---|---|---|---|");
+    }
     for t in &r.targets {
         let met = match t.met {
             Some(true) => "yes",
             Some(false) => "**no**",
             None => "—",
         };
-        let _ = writeln!(m, "| {} | {} | {} | {met} |", t.what, t.target, t.measured);
+        let _ = write!(m, "| {} | {} | {} | {met} |", t.what, t.target, t.measured);
+        if r.anchors.is_some() {
+            let _ = write!(m, " {} |", t.anchor.as_deref().unwrap_or("—"));
+        }
+        m.push('\n');
     }
     m.push('\n');
+    if let Some(a) = &r.anchors {
+        anchors_section(&mut m, a);
+    }
     if let Some(mc) = &r.machine {
         let _ = writeln!(
             m,
@@ -1076,4 +1200,64 @@ fn soak_plot(path: &Path, s: &super::SoakResults) -> PlotResult {
     }
     root.present()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::anchors::{AnchorRow, Anchors, ETCD, NGINX};
+
+    fn stats(per_second: f64, p50_us: u64) -> crate::bench::Stats {
+        let mut h = crate::bench::load::histogram();
+        h.record(p50_us).unwrap();
+        let mut s = crate::bench::Stats::of_histogram(&h, 0);
+        s.per_second = per_second;
+        s
+    }
+
+    fn target(what: &str) -> TargetCheck {
+        TargetCheck {
+            what: what.into(),
+            target: String::new(),
+            measured: String::new(),
+            met: None,
+            anchor: None,
+        }
+    }
+
+    #[test]
+    fn each_anchored_target_shows_its_anchor_and_the_run_as_a_multiple_of_it() {
+        let mut out = vec![
+            target(CACHED_TARGET),
+            target(BUY_P50_TARGET),
+            target(BUYS_TARGET),
+            target("memory"),
+        ];
+        let row = |anchor: &str, connections, stats| AnchorRow {
+            anchor: anchor.into(),
+            connections,
+            stats,
+        };
+        let a = Anchors {
+            store_stopped: true,
+            versions: Vec::new(),
+            rows: vec![
+                row(NGINX, 64, stats(50_000.0, 1_000)),
+                row(ETCD, 1, stats(700.0, 1_400)),
+            ],
+            skipped: Vec::new(),
+        };
+        anchor_targets(&mut out, &a, Some(40_000.0), Some(2_800), Some(3_000.0));
+        assert_eq!(
+            out[0].anchor.as_deref(),
+            Some("nginx: 50000 req/s; this run 0.80 × it")
+        );
+        let buy = out[1].anchor.as_deref().unwrap();
+        assert!(buy.starts_with("etcd put, 1 connection: p50 1.4"), "{buy}");
+        assert!(buy.ends_with("; this run 2.00 × it"), "{buy}");
+        // No etcd cell at 32 connections: said, not made up.
+        assert_eq!(out[2].anchor.as_deref(), Some("not measured"));
+        // A target without an anchor gets no column entry.
+        assert_eq!(out[3].anchor, None);
+    }
 }

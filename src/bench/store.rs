@@ -338,7 +338,7 @@ fn gauge(page: &str, name: &str) -> Option<u64> {
         .map(|v| v as u64)
 }
 
-fn free_port() -> std::io::Result<u16> {
+pub(super) fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())

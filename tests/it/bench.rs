@@ -107,7 +107,7 @@ fn every_cell_measured(r: &Value, caches: &[bool]) {
 #[test]
 fn the_whole_bench_runs_on_a_store_it_starts_and_reports_every_figure() {
     let out = common::temp_dir("bench");
-    let r = bench(&["--quick"], &out);
+    let r = bench(&["--quick", "--anchors"], &out);
 
     every_cell_measured(&r, &[true, false]);
 
@@ -205,9 +205,53 @@ fn the_whole_bench_runs_on_a_store_it_starts_and_reports_every_figure() {
         "{targets:?}"
     );
 
+    // The anchors, measured on this machine (`.ci/run` installs nginx and
+    // etcd): each without an error, each beside its target.
+    let a = &r["anchors"];
+    assert_eq!(a["skipped"], serde_json::json!([]), "{a}");
+    for (anchor, conns) in [
+        ("nginx, static file", 64),
+        ("etcd, 3-member durable put", 1),
+        ("etcd, 3-member durable put", 32),
+    ] {
+        let row = a["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["anchor"] == anchor && x["connections"] == conns)
+            .unwrap_or_else(|| panic!("no {anchor} at {conns}: {a}"));
+        assert!(row["requests"].as_u64().unwrap() > 0, "{row}");
+        assert_eq!(row["failed"], 0, "{row}");
+        assert_eq!(row["non_2xx"], 0, "{row}");
+    }
+    for what in [
+        "cached lookup, 64 connections",
+        "durable replicated buy, one at a time (1 connection), p50",
+        "buys, 32 connections",
+    ] {
+        let t = targets.iter().find(|t| t["what"] == what).unwrap();
+        assert!(
+            t["anchor"].as_str().unwrap().contains("this run"),
+            "no anchor beside {what}: {t}"
+        );
+    }
+    // Both stopped: nothing of theirs is left in the bench's folder.
+    assert!(
+        !std::process::Command::new("pgrep")
+            .args(["-f", "pygmy-bench-.*/anchors"])
+            .status()
+            .unwrap()
+            .success(),
+        "an anchor's process outlived the bench"
+    );
+
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
     for section in [
         "## Speed targets",
+        "### The anchors",
+        "| the anchor, this run |",
+        "nginx version: nginx/",
+        "etcd Version: ",
         "## Q1: latency, cache on and off",
         "## Q2: the cost of invalidation",
         "## Q3: failover under load",
@@ -217,7 +261,7 @@ fn the_whole_bench_runs_on_a_store_it_starts_and_reports_every_figure() {
         "when both had slept 500 µs first",
         "with both threads pinned to one CPU",
         "with every wake-up on its waker's CPU",
-        "pygmy bench --quick --out",
+        "pygmy bench --quick --anchors --out",
     ] {
         assert!(report.contains(section), "report.md lacks {section:?}");
     }

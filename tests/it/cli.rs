@@ -706,8 +706,8 @@ const README_NOT_RUN: &[(&str, &str)] = &[
     ),
     ("cargo test", "the suite this test is part of"),
     (
-        "pygmy bench --out",
-        "the full bench, three minutes; tests/it/bench.rs runs it with --quick",
+        "pygmy bench --anchors --out",
+        "the full bench and its anchors, three minutes; tests/it/bench.rs runs it with --quick --anchors",
     ),
     (
         "cargo install cargo-fuzz",
