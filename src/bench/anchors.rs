@@ -11,8 +11,9 @@
 //! what the anchors do on the same machine in the same few minutes says how
 //! much of a run's distance from a target is the machine's. Each anchor is
 //! measured only if its program is installed (`nginx`, `etcd`; Debian's
-//! packages `nginx` and `etcd-server`); otherwise the report says so. Both run on free loopback ports in the
-//! bench's scratch folder, and are stopped (by PID) before the bench goes on.
+//! packages `nginx` and `etcd-server`); otherwise the report says so. Both
+//! run on free loopback ports in the bench's scratch folder, and are
+//! stopped (each process group killed) before the bench goes on.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -557,7 +557,7 @@ fn anchors_section(m: &mut String, a: &super::Anchors) {
                 fmt_us(x.stats.p90_us),
                 fmt_us(x.stats.p99_us),
                 fmt_us(x.stats.max_us),
-                x.stats.non_2xx + x.stats.failed,
+                x.stats.errors(),
             );
         }
         m.push('\n');
