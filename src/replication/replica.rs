@@ -392,7 +392,13 @@ impl Replica {
             rd.committed = self.log.slice(self.applied.seq + 1, self.hs.commit.seq);
             self.applied = self.hs.commit;
         }
-        if std::mem::take(&mut self.snapshot_wanted) && !self.snapshot_requested {
+        // A want is for bytes to send. It may have been noted before bytes
+        // built beside the driver were handed over (between the step that
+        // noted it and this one): those meet it.
+        if std::mem::take(&mut self.snapshot_wanted)
+            && !self.snapshot_requested
+            && self.log.snapshot().is_none()
+        {
             rd.need_snapshot = true;
             self.snapshot_requested = true;
         }

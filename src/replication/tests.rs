@@ -23,6 +23,10 @@ struct Net {
     deliver_if: Option<Keep>,
     /// Every message sent, delivered or not: (to, message).
     sent: Vec<(NodeId, Message)>,
+    /// Snapshot bytes are built beside the driver (as the catalog's are):
+    /// asked for, they wait here until [`Net::hand_over`].
+    defer_snapshots: bool,
+    built_aside: Vec<Option<(Version, Vec<u8>)>>,
 }
 
 /// Which messages a [`Net`] delivers.
@@ -56,7 +60,24 @@ impl Net {
             chunks: Vec::new(),
             deliver_if: None,
             sent: Vec::new(),
+            defer_snapshots: false,
+            built_aside: vec![None; n as usize],
         }
+    }
+
+    /// Hands node `i` the bytes built beside its driver, as the catalog's
+    /// driver does at the start of a step, before the core is advanced.
+    fn hand_over(&mut self, i: usize) {
+        let (version, data) = self.built_aside[i].take().expect("bytes built aside");
+        let mut host = MemHost {
+            disk: &mut self.disks[i],
+            applied: &mut self.applied[i],
+            installed: &mut self.installed[i],
+            built: &mut self.built[i],
+            aside: None,
+            out: Vec::new(),
+        };
+        let Ok(()) = drive::snapshot_built(&mut self.nodes[i], &mut host, version, data);
     }
 
     fn pump(&mut self) {
@@ -71,6 +92,7 @@ impl Net {
                     applied: &mut self.applied[i],
                     installed: &mut self.installed[i],
                     built: &mut self.built[i],
+                    aside: self.defer_snapshots.then_some(&mut self.built_aside[i]),
                     out: Vec::new(),
                 };
                 let Ok(_) = drive::advance(&mut self.nodes[i], &mut host);
@@ -148,6 +170,8 @@ struct MemHost<'a> {
     applied: &'a mut Vec<Entry>,
     installed: &'a mut Vec<Snapshot>,
     built: &'a mut usize,
+    /// Where bytes built beside the driver wait (none: built at once).
+    aside: Option<&'a mut Option<(Version, Vec<u8>)>>,
     out: Vec<(NodeId, Message)>,
 }
 
@@ -184,12 +208,19 @@ impl drive::Host for MemHost<'_> {
     fn take_snapshot(&mut self) -> Result<Option<(Version, Vec<u8>)>, Self::Error> {
         *self.built += 1;
         let ids: Vec<&str> = self.applied.iter().map(|e| e.request_id.as_str()).collect();
-        Ok(Some((
+        let bytes = (
             self.applied
                 .last()
                 .map_or(Version::default(), |e| e.version),
             ids.join(",").into_bytes(),
-        )))
+        );
+        match &mut self.aside {
+            Some(aside) => {
+                **aside = Some(bytes);
+                Ok(None)
+            }
+            None => Ok(Some(bytes)),
+        }
     }
     fn store_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), Self::Error> {
         self.disk.compact(snapshot.clone());
@@ -1465,6 +1496,35 @@ fn a_backup_that_is_down_costs_no_snapshot_bytes_until_it_answers() {
         net.nodes[2].status().view.contains(&1),
         "caught up and in the view again"
     );
+}
+
+#[test]
+fn bytes_built_beside_the_driver_are_asked_for_once() {
+    // "A primary asks its driver for snapshot bytes once for a backup that
+    // needs them": a heartbeat that found none while they were built, just
+    // before they were handed over, is answered by them, not by building
+    // them again.
+    let mut net = lagging_backup();
+    net.defer_snapshots = true;
+    let mut waited = 0;
+    while net.built[2] == 0 {
+        assert!(waited < 2_000, "the primary never asked for bytes");
+        net.run(5);
+        waited += 5;
+    }
+    // Heartbeats while the bytes are built (the core, not yet advanced,
+    // finds none to send), then the bytes, then the step.
+    for _ in 0..20 {
+        net.now += 5;
+        net.nodes[2].tick(net.now);
+    }
+    net.hand_over(2);
+    net.pump();
+    net.run(500);
+    assert_eq!(net.built[2], 1, "the bytes were built again");
+    let snap = latest_snapshot(&net);
+    assert_eq!(net.installed[0], vec![snap], "installed once");
+    assert_eq!(net.nodes[0].status().last, net.nodes[2].status().last);
 }
 
 #[test]
